@@ -1,0 +1,332 @@
+"""The experiment configuration: one ``experiment.toml`` per experiment, validated on load.
+
+Every field has a documented default; :func:`write_default_config` writes a commented file with
+them (``closedloop init DIR``). Unknown keys, wrong types, out-of-range values and missing paths
+are refused with a message naming the key, the bad value and what is allowed. Relative paths in
+the file are relative to the folder that holds it.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = ["ExperimentConfig", "read_config", "write_default_config", "PRESETS", "CONFIG_NAME"]
+
+CONFIG_NAME = "experiment.toml"
+EMBEDDED = "embedded"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ExperimentSection(_Section):
+    """[experiment]: names and seeds."""
+
+    name: str = Field("experiment", min_length=1, description="Name of the experiment; used in logs and reports.")
+    seed: int = Field(0, ge=0, description="Master seed; every stage of every day derives its own seed from it.")
+
+
+class ImagesSection(_Section):
+    """[images]: where clean images come from."""
+
+    source: str = Field(
+        EMBEDDED,
+        description='"embedded" (natural photographs shipped with scikit-image, no download) or a folder '
+        "in ImageFolder layout (one sub-folder per category, e.g. ImageNet's train/).",
+    )
+    n_clean_day0: int = Field(1000, ge=1, description="Day 0: clean images, one per category, up to this many.")
+    n_clean_per_day: int = Field(42, ge=1, description="Later days: new clean images per targeted site and budget.")
+    embedded_per_photo: int = Field(
+        40, ge=1, le=500, description="Embedded source only: random crops/flips/scales made from each photograph."
+    )
+
+
+class ModelSection(_Section):
+    """[model]: the IT model (backbone cut at a layer + factorized readout)."""
+
+    backbone: str = Field(
+        "resnet50",
+        description="A registered name (resnet50, wide_resnet50_2, resnet_tiny; random weights) or a checkpoint "
+        "path: a robustness-library .pt, a torchvision state dict, or a closedloop .safetensors.",
+    )
+    layer: str = Field("layer4.0", description="Backbone layer whose feature map feeds the readout.")
+    trust_checkpoint: bool = Field(
+        False, description="Allow full unpickling of a .pt checkpoint (runs code from the file: only for files you trust)."
+    )
+    readout_positive: bool = Field(False, description="Constrain readout channel and spatial weights to be >= 0.")
+    readout_l1: float = Field(0.0, ge=0.0, description="Weight of the L1 penalty on the readout's mask x channel product.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description='"auto" uses CUDA when available.')
+
+
+class SitesSection(_Section):
+    """[sites]: the recorded sites."""
+
+    n_sites: int = Field(21, ge=1, description="Number of recorded sites the model predicts.")
+    site_map: str = Field(
+        "",
+        description='CSV with columns site,array,electrode,unit,label mapping Blackrock units to sites; "" means '
+        "one site per electrode, all units merged.",
+    )
+    targets: list[int] = Field([], description="Sites to attack (0-based); [] attacks every site.")
+
+
+class AttackSection(_Section):
+    """[attack]: per-site L2 PGD attacks (Guo et al.)."""
+
+    budgets: list[float] = Field(
+        [1.0, 2.0, 4.0, 6.0, 10.0],
+        min_length=1,
+        description="L2 budgets eps in [0,1] pixel units over 3x224x224 values (one pixel black->white = 1.73).",
+    )
+    steps: int = Field(100, ge=1, description="PGD iterations per attack.")
+    step_ratio: float = Field(1 / 3, gt=0.0, le=2.0, description="PGD step size as a fraction of eps (paper: eps/3).")
+    random_start: bool = Field(True, description="Start each attack from a random point in the eps-ball.")
+    restarts: int = Field(1, ge=1, description="Random restarts per attack; the best is kept.")
+    baselines: list[Literal["gaussian", "interpolation"]] = Field(
+        ["gaussian", "interpolation"], description="Model-free baselines made at the same budgets."
+    )
+    batch_size: int = Field(0, ge=0, description="Images per attack batch; 0 sizes batches to the device memory.")
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive_budgets(cls, budgets: list[float]) -> list[float]:
+        bad = [b for b in budgets if not (math.isfinite(b) and b > 0)]
+        if bad:
+            raise ValueError(f"every budget must be a finite number > 0; bad values: {bad}")
+        return sorted(set(budgets))
+
+
+class RSVPSection(_Section):
+    """[rsvp]: rapid serial visual presentation."""
+
+    on_s: float = Field(0.1, gt=0.0, le=5.0, description="Image on time, s.")
+    off_s: float = Field(0.1, ge=0.0, le=5.0, description="Grey screen between images, s.")
+    image_size_deg: float = Field(8.0, gt=0.0, le=60.0, description="Image size on the screen, degrees of visual angle.")
+    repetitions: int = Field(2, ge=1, description="Valid (fixation held) presentations required per stimulus.")
+
+
+class ResponseSection(_Section):
+    """[response]: how spikes become a response."""
+
+    window_s: tuple[float, float] = Field(
+        (0.07, 0.17), description="Spike-count window [start, stop) after image onset, s."
+    )
+
+    @field_validator("window_s")
+    @classmethod
+    def _ordered_window(cls, window: tuple[float, float]) -> tuple[float, float]:
+        start, stop = window
+        if not (0.0 <= start < stop <= 5.0):
+            raise ValueError(f"need 0 <= start < stop <= 5 s; got [{start}, {stop}]")
+        return window
+
+
+class RigSection(_Section):
+    """[rig]: the link to the rig."""
+
+    kind: Literal["sim", "zmq"] = Field(
+        "zmq", description='"zmq": a rig agent at `address`; "sim": start the simulated IT rig on loopback.'
+    )
+    address: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint of the rig agent's command socket.")
+    security: Literal["curve", "plain"] = Field(
+        "curve", description='"curve": encrypted and authenticated (default); "plain": unencrypted TCP, trusted networks only.'
+    )
+    keys_dir: str = Field("keys", description="Folder with this side's CURVE key pair and the allowed rig public keys.")
+    heartbeat_s: float = Field(1.0, gt=0.0, le=60.0, description="Heartbeat interval, s.")
+    timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="A peer silent this long is considered dead, s.")
+
+
+class FitSection(_Section):
+    """[fit]: end-to-end refitting of the IT model after each day."""
+
+    loss: Literal["poisson", "mse"] = Field("poisson", description="Training loss on spike counts.")
+    epochs: int = Field(30, ge=1, description="Maximum passes over the data.")
+    learning_rate: float = Field(1e-3, gt=0.0, description="Adam learning rate of the readout.")
+    backbone_learning_rate: float = Field(1e-5, ge=0.0, description="Adam learning rate of the backbone.")
+    batch_size: int = Field(32, ge=1, description="Images per training step.")
+    held_out_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of images held out for early stopping.")
+    patience: int = Field(5, ge=1, description="Epochs without held-out improvement before stopping.")
+    freeze_backbone: bool = Field(False, description="Train only the readout.")
+
+
+class ExperimentConfig(_Section):
+    """The whole experiment configuration (one TOML file)."""
+
+    experiment: ExperimentSection = ExperimentSection()
+    images: ImagesSection = ImagesSection()
+    model: ModelSection = ModelSection()
+    sites: SitesSection = SitesSection()
+    attack: AttackSection = AttackSection()
+    rsvp: RSVPSection = RSVPSection()
+    response: ResponseSection = ResponseSection()
+    rig: RigSection = RigSection()
+    fit: FitSection = FitSection()
+
+    @model_validator(mode="after")
+    def _targets_exist(self) -> ExperimentConfig:
+        bad = [t for t in self.sites.targets if not 0 <= t < self.sites.n_sites]
+        if bad:
+            raise ValueError(
+                f"[sites] targets: sites {bad} do not exist; allowed are 0..{self.sites.n_sites - 1} "
+                f"(n_sites = {self.sites.n_sites})"
+            )
+        return self
+
+    def to_dict(self) -> dict:
+        """The configuration as plain TOML-ready data."""
+        return self.model_dump(mode="json")
+
+
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "demo": {
+        "images": {"n_clean_day0": 48, "n_clean_per_day": 4, "embedded_per_photo": 24},
+        "model": {"backbone": "resnet_tiny"},
+        "sites": {"n_sites": 8},
+        "attack": {"budgets": [1.0, 3.0, 10.0], "steps": 20},
+        "rig": {"kind": "sim"},
+        "fit": {"epochs": 8, "batch_size": 32, "backbone_learning_rate": 1e-4},
+    },
+}
+
+
+def _format_error(source: str, error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        if item["type"] == "extra_forbidden":
+            section = item["loc"][:-1]
+            allowed = _allowed_keys(section)
+            parts.append(f"unknown key '{key}'; allowed keys here are: {', '.join(allowed)}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            shown = "" if item["type"] == "missing" else f" = {item['input']!r}"
+            parts.append(f"'{key}'{shown}: {message}")
+    return f"{source}: invalid configuration: " + "; ".join(parts)
+
+
+def _allowed_keys(section: tuple) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for name in section:
+        annotation = model.model_fields[name].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _check_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Resolve relative paths against ``base`` and check that the named files and folders exist."""
+    from models.backbones import registered_backbones
+
+    def resolve(text: str) -> str:
+        return str((base / Path(text).expanduser()).resolve())
+
+    updates: dict[str, dict] = {}
+    if config.images.source != EMBEDDED:
+        folder = resolve(config.images.source)
+        if not Path(folder).is_dir():
+            raise FileNotFoundError(
+                f"[images] source = {config.images.source!r}: no such folder ({folder}); "
+                'give "embedded" or a folder in ImageFolder layout'
+            )
+        updates["images"] = {"source": folder}
+    if config.model.backbone not in registered_backbones():
+        path = resolve(config.model.backbone)
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"[model] backbone = {config.model.backbone!r}: neither a registered name "
+                f"({', '.join(registered_backbones())}) nor an existing checkpoint file ({path})"
+            )
+        updates["model"] = {"backbone": path}
+    if config.sites.site_map:
+        path = resolve(config.sites.site_map)
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"[sites] site_map = {config.sites.site_map!r}: no such file ({path})")
+        updates["sites"] = {"site_map": path}
+    updates["rig"] = {"keys_dir": resolve(config.rig.keys_dir)}
+    sections = {name: getattr(config, name).model_copy(update=values) for name, values in updates.items()}
+    return config.model_copy(update=sections)
+
+
+def read_config(path: str | Path, *, check_paths: bool = True) -> ExperimentConfig:
+    """Read and validate an ``experiment.toml`` (or the one inside a folder).
+
+    Raises ``ValueError`` naming the key, the bad value and what is allowed; ``FileNotFoundError``
+    when the file or a path it names does not exist.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no experiment config at {str(path)!r}; create one with `closedloop init DIR`")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from None
+    config = build_config(data, source=str(path))
+    return _check_paths(config, path.parent) if check_paths else config
+
+
+def build_config(data: dict, *, source: str = "config") -> ExperimentConfig:
+    """Validate a plain dict (as parsed from TOML) into an :class:`ExperimentConfig`."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(_format_error(source, error)) from None
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def render_config(config: ExperimentConfig) -> str:
+    """The configuration as a commented TOML document (every key with its description)."""
+    lines = [
+        "# closedloop experiment configuration.",
+        "# Every key is optional; a missing key takes the default shown here.",
+        "# Relative paths are relative to this file's folder.",
+    ]
+    for section_name, section_field in ExperimentConfig.model_fields.items():
+        section = getattr(config, section_name)
+        lines += ["", f"# {section_field.annotation.__doc__}", f"[{section_name}]"]
+        for key, field in type(section).model_fields.items():
+            lines.append(f"# {field.description}")
+            lines.append(f"{key} = {_toml_value(getattr(section, key))}")
+    return "\n".join(lines) + "\n"
+
+
+def write_default_config(folder: str | Path, *, preset: str = "paper", overwrite: bool = False) -> Path:
+    """Write a commented ``experiment.toml`` with the defaults of ``preset`` into ``folder``.
+
+    Returns the path written. Refuses to overwrite an existing file unless ``overwrite``.
+    """
+    from closedloop.validation import check_option
+
+    check_option("preset", preset, PRESETS)
+    folder = Path(folder).expanduser()
+    path = folder / CONFIG_NAME
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+    data = {section: dict(values) for section, values in PRESETS[preset].items()}
+    data.setdefault("experiment", {})["name"] = folder.resolve().name
+    text = render_config(build_config(data, source=f"preset {preset!r}"))
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".toml.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
+    return path

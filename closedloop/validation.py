@@ -1,0 +1,124 @@
+"""Shared input checks for the public boundary (CLI, config, public functions, files).
+
+Every check raises ``ValueError`` or ``TypeError`` with a message that names the parameter,
+the value received, what is allowed, and where useful the fix, e.g.::
+
+    Invalid value for 'kind': allowed values are 'attack', 'gaussian', but got 'atack'.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "check_option",
+    "check_number",
+    "check_integer",
+    "check_file",
+    "check_dir",
+    "check_image_batch",
+    "check_indices",
+]
+
+
+def check_option(name: str, value, allowed: Iterable) -> object:
+    """Return ``value`` if it is one of ``allowed``; raise ``ValueError`` naming both otherwise."""
+    allowed = list(allowed)
+    if value not in allowed:
+        shown = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"Invalid value for '{name}': allowed values are {shown}, but got {value!r}.")
+    return value
+
+
+def check_number(
+    name: str,
+    value,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    inclusive: bool = True,
+) -> float:
+    """Return ``value`` as float if it is a finite real number inside the given bounds.
+
+    ``inclusive`` applies to both bounds. Booleans are refused (``True`` is not a budget).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"'{name}' must be a real number, but got {value!r} of type {type(value).__name__}.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"'{name}' must be finite, but got {value!r}.")
+    low_ok = minimum is None or (value >= minimum if inclusive else value > minimum)
+    high_ok = maximum is None or (value <= maximum if inclusive else value < maximum)
+    if not (low_ok and high_ok):
+        lo = "-inf" if minimum is None else f"{minimum:g}"
+        hi = "inf" if maximum is None else f"{maximum:g}"
+        brackets = "[]" if inclusive else "()"
+        raise ValueError(
+            f"'{name}' must lie in {brackets[0]}{lo}, {hi}{brackets[1]}, but got {value:g}."
+        )
+    return value
+
+
+def check_integer(name: str, value, *, minimum: int | None = None, maximum: int | None = None) -> int:
+    """Return ``value`` as int if it is an integer inside ``[minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"'{name}' must be an integer, but got {value!r} of type {type(value).__name__}.")
+    value = int(value)
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        lo = "-inf" if minimum is None else str(minimum)
+        hi = "inf" if maximum is None else str(maximum)
+        raise ValueError(f"'{name}' must lie in [{lo}, {hi}], but got {value}.")
+    return value
+
+
+def check_file(name: str, path) -> Path:
+    """Return ``path`` as a ``Path`` if it names an existing regular file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"'{name}': the file {str(path)!r} {what}; give the path of an existing file.")
+    return path
+
+
+def check_dir(name: str, path) -> Path:
+    """Return ``path`` as a ``Path`` if it names an existing directory."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"'{name}': the directory {str(path)!r} {what}; give the path of an existing directory.")
+    return path
+
+
+def check_image_batch(name: str, images, *, size: int | None = None):
+    """Check a batch of images in [0, 1] with shape (n_images, 3, H, W); return it unchanged.
+
+    Works for numpy arrays and torch tensors. ``size`` fixes H = W when given.
+    Refuses NaN/inf values and values outside [0, 1].
+    """
+    shape = tuple(images.shape)
+    if len(shape) != 4 or shape[1] != 3 or (size is not None and shape[2:] != (size, size)):
+        want = f"(n_images, 3, {size}, {size})" if size else "(n_images, 3, H, W)"
+        raise ValueError(f"'{name}' must have shape {want}, but got {shape}.")
+    values = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if not np.isfinite(values).all():
+        raise ValueError(f"'{name}' contains NaN or infinite values; images must be finite and in [0, 1].")
+    low, high = float(values.min(initial=0.0)), float(values.max(initial=0.0))
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"'{name}' must have values in [0, 1], but got values in [{low:g}, {high:g}].")
+    return images
+
+
+def check_indices(name: str, indices, n: int) -> np.ndarray:
+    """Return ``indices`` as an int64 array if every entry lies in ``[0, n)``."""
+    indices = np.asarray(indices)
+    if indices.size and not np.issubdtype(indices.dtype, np.integer):
+        raise TypeError(f"'{name}' must hold integers, but got dtype {indices.dtype}.")
+    indices = indices.astype(np.int64)
+    bad = indices[(indices < 0) | (indices >= n)]
+    if bad.size:
+        raise ValueError(f"'{name}' must lie in [0, {n - 1}], but got {bad[:5].tolist()}.")
+    return indices

@@ -1,0 +1,1 @@
+"""Neural-network models: backbones and checkpoint loading, the factorized readout, the IT model."""
