@@ -9,6 +9,7 @@ the file are relative to the folder that holds it.
 from __future__ import annotations
 
 import math
+import textwrap
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -305,7 +306,7 @@ def render_config(config: ExperimentConfig) -> str:
         section = getattr(config, section_name)
         lines += ["", f"# {section_field.annotation.__doc__}", f"[{section_name}]"]
         for key, field in type(section).model_fields.items():
-            lines.append(f"# {field.description}")
+            lines += textwrap.wrap(field.description, 96, initial_indent="# ", subsequent_indent="# ")
             lines.append(f"{key} = {_toml_value(getattr(section, key))}")
     return "\n".join(lines) + "\n"
 
