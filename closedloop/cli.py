@@ -54,9 +54,11 @@ def init(folder: Path, preset: str, force: bool) -> None:
 def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
     """Build the configured IT model and run a few clean images through it (a smoke check)."""
     from closedloop.config import read_config
+
+    config = read_config(experiment)
     from closedloop.smoke import compute_model_check
 
-    result = compute_model_check(read_config(experiment), n_images=n_images)
+    result = compute_model_check(config, n_images=n_images)
     text = "\n".join(f"{key:>16}: {value}" for key, value in result.items())
     _emit(result, as_json, text)
 
