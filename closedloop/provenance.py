@@ -1,0 +1,117 @@
+"""Provenance of every artifact: versions, git commit, seeds, input hashes, atomic JSON files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "derive_seed",
+    "compute_file_digest",
+    "compute_provenance",
+    "read_json",
+    "write_json",
+    "PACKAGES",
+]
+
+PACKAGES = ("closedloop", "torch", "torchvision", "numpy", "scipy", "zarr", "h5py", "neo", "pyzmq", "safetensors")
+
+
+def _text_entropy(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def derive_seed(master: int, *keys: int | str) -> int:
+    """A 32-bit seed derived from the experiment's master seed and any keys (day, stage name…).
+
+    Deterministic, and independent streams for different keys (numpy ``SeedSequence``).
+    """
+    entropy = [int(master)] + [k if isinstance(k, int) else _text_entropy(k) for k in keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def compute_file_digest(path: str | Path, *, chunk_bytes: int = 1 << 22) -> str:
+    """sha256 hex digest of a file's bytes (read in chunks, any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _git_commit() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if commit.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        module = sys.modules.get(package)
+        return getattr(module, "__version__", None)
+
+
+def compute_provenance(*, seeds: dict | None = None, inputs: dict | None = None) -> dict:
+    """Where and with what an artifact was made.
+
+    ``seeds``: name → seed used; ``inputs``: name → digest (or any JSON value) of each input.
+    Returns a JSON-able dict with time (UTC, ISO 8601), host, Python and package versions, the
+    git commit of the code (and whether the checkout had uncommitted changes), seeds and inputs.
+    """
+    return {
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "git": _git_commit(),
+        "seeds": dict(seeds or {}),
+        "inputs": dict(inputs or {}),
+    }
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Write ``data`` as indented JSON atomically (temporary file in the same folder, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=2, allow_nan=False)
+            stream.write("\n")
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_json(path: str | Path):
+    """Read a JSON file, naming the file in the error if it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); the file may be damaged") from None
