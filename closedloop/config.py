@@ -41,8 +41,15 @@ class ImagesSection(_Section):
         description='"embedded" (natural photographs shipped with scikit-image, no download) or a folder '
         "in ImageFolder layout (one sub-folder per category, e.g. ImageNet's train/).",
     )
-    n_clean_day0: int = Field(1000, ge=1, description="Day 0: clean images, one per category, up to this many.")
-    n_clean_per_day: int = Field(42, ge=1, description="Later days: new clean images per targeted site and budget.")
+    n_clean_day0: int = Field(
+        1000, ge=1, description="Day 0: clean images shown, one per category in turn (round robin), up to this many."
+    )
+    n_clean_per_day: int = Field(
+        42,
+        ge=1,
+        description="Clean images attacked each day, every targeted site at every budget; later days show only "
+        "these (never reusing an earlier day's clean image).",
+    )
     embedded_per_photo: int = Field(
         40, ge=1, le=500, description="Embedded source only: random crops/flips/scales made from each photograph."
     )
