@@ -30,8 +30,8 @@ class Recording:
     (Blackrock electrode id ≥ 1); ``spike_units`` int ``(n_spikes,)`` (unit class 0–255);
     ``event_times_s`` float64 ``(n_events,)``; ``event_words`` uint16 ``(n_events,)`` (digital
     input port); ``electrodes``: every electrode the recording has, spikes or not;
-    ``sampling_rate_hz``: the clock, Hz. Times are rounded to the nearest clock tick;
-    ``spike_ticks`` and ``event_ticks`` hold them as int64.
+    ``sampling_rate_hz``: the clock, Hz; ``source``: the file it came from (for messages). Times
+    are rounded to the nearest clock tick; ``spike_ticks`` and ``event_ticks`` hold them as int64.
     """
 
     spike_times_s: np.ndarray
@@ -41,6 +41,7 @@ class Recording:
     event_words: np.ndarray
     electrodes: tuple[int, ...]
     sampling_rate_hz: float = NSP_CLOCK_HZ
+    source: str = ""
     spike_ticks: np.ndarray = field(init=False, repr=False)
     event_ticks: np.ndarray = field(init=False, repr=False)
 
@@ -87,7 +88,7 @@ class Recording:
 
     @classmethod
     def from_ticks(cls, spike_ticks, spike_electrodes, spike_units, event_ticks, event_words, electrodes,
-                   sampling_rate_hz: float = NSP_CLOCK_HZ) -> Recording:
+                   sampling_rate_hz: float = NSP_CLOCK_HZ, source: str = "") -> Recording:
         """Build a recording from integer clock ticks (exact)."""
         return cls(
             spike_times_s=np.asarray(spike_ticks, dtype=np.int64) / sampling_rate_hz,
@@ -97,4 +98,5 @@ class Recording:
             event_words=event_words,
             electrodes=tuple(electrodes),
             sampling_rate_hz=sampling_rate_hz,
+            source=source,
         )
