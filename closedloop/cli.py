@@ -97,7 +97,8 @@ def _report_text(report: dict) -> str:
     ]
     lines += [
         f"  {m['kind']}: presentation {m['presentation']}, code {m['code']}, log {m['log_onset_s']} s, "
-        f"nev {m['nev_onset_s']} s" for m in report["mismatches"]
+        f"nev {m['nev_onset_s']} s" + (f", recorded code {m['nev_code']}" if "nev_code" in m else "")
+        for m in report["mismatches"]
     ]
     lines.append(f"written to {report['store']}" if report["written"] else "nothing written")
     return "\n".join(lines)
