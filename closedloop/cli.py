@@ -117,9 +117,11 @@ def _report_text(report: dict) -> str:
               help="Largest onset difference, s, between the day's log and the recording.")
 @click.option("--ignore-unmapped", is_flag=True, help="Ignore spikes on electrodes missing from the site map.")
 @click.option("--allow-mismatch", is_flag=True, help="Store counts of matched presentations despite mismatches.")
+@click.option("--engine", type=click.Choice(["neo", "stream"]), default="neo", show_default=True,
+              help="neo: read with neo's BlackrockRawIO; stream: one constant-memory pass (long recordings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
-           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, as_json: bool) -> None:
+           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, as_json: bool) -> None:
     """Read a Blackrock RECORDING.nev: summarise it, or count spikes into a day's store."""
     from closedloop.ingest import compute_summary, read_nev, write_day_counts
     from closedloop.store import STORE_NAME
@@ -130,13 +132,14 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
     unmapped = "ignore" if ignore_unmapped else "error"
     result = {}
     if experiment is None or summary:
-        result = compute_summary(read_nev(recording), window_s=window, sites=sites, unmapped=unmapped)
+        source = read_nev(recording) if engine == "neo" else recording
+        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped)
     if experiment is None:
         _emit(result, as_json, _summary_text(result))
         return
     store = experiment / f"day_{day:03d}" / STORE_NAME
     report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
-                              unmapped=unmapped, allow_mismatch=allow_mismatch)
+                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine)
     text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
     _emit(report | ({"summary": result} if result else {}), as_json, text)
     if not report["written"]:

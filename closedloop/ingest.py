@@ -35,23 +35,26 @@ __all__ = [
     "read_nev",
     "compute_onsets",
     "compute_counts",
+    "compute_nev_counts",
     "compute_summary",
     "compute_reconciliation",
     "compute_file_digest",
     "write_day_counts",
     "DEFAULT_WINDOW_S",
     "DEFAULT_TOLERANCE_S",
+    "ENGINES",
 ]
 
 DEFAULT_WINDOW_S = (0.07, 0.17)
 DEFAULT_TOLERANCE_S = 0.010
+ENGINES = ("neo", "stream")
 SHIFT_SEARCH_S = 1.0
 NEV_VERSIONS = ("2.2", "2.3", "3.0")
 _NEV_MAGIC = (b"NEURALEV", b"BREVENTS")
 _BASIC_HEADER_BYTES = 336
 _EXTENDED_HEADER_BYTES = 32
 _SYSTEM_PACKET_IDS = np.arange(0xFFFB, 0x10000)  # comments, video sync, tracking, button, config
-_SCAN_PACKETS = 1 << 20
+_SCAN_PACKETS = 1 << 18
 _KEY = 256  # spike key = electrode * 256 + unit class
 
 
@@ -109,35 +112,38 @@ def _read_nev_header(path: Path, allow_truncated: bool) -> dict:
             "n_packets": (size - header_bytes) // packet_bytes}
 
 
-def _scan_nev_packets(path: Path, facts: dict) -> None:
-    """Check every packet id and the time order, a chunk at a time (memory independent of length)."""
-    timestamp = "<u8" if facts["version"] == "3.0" else "<u4"
-    dtype = np.dtype({"names": ["timestamp", "packet_id"], "formats": [timestamp, "<u2"],
-                      "offsets": [0, np.dtype(timestamp).itemsize], "itemsize": facts["packet_bytes"]})
-    packets = np.memmap(path, dtype=dtype, mode="r", offset=facts["header_bytes"], shape=(facts["n_packets"],))
+def _iterate_packets(path: Path, facts: dict):
+    """Yield the data packets a window at a time (memory independent of the file's length) as
+    ``(ticks int64, packet ids, unit-or-reason bytes, first payload word)``, after checking every
+    packet id and that time never goes backwards."""
+    prefix = 12 if facts["version"] == "3.0" else 8
+    stamp = "<u8" if facts["version"] == "3.0" else "<u4"
+    dtype = np.dtype({"names": ["timestamp", "packet_id", "unit_or_reason", "word"],
+                      "formats": [stamp, "<u2", "u1", "<u2"], "offsets": [0, prefix - 4, prefix - 2, prefix],
+                      "itemsize": facts["packet_bytes"]})
     allowed = np.concatenate([[0], facts["electrodes"], _SYSTEM_PACKET_IDS if facts["version"] != "2.2" else []])
     previous = 0
-    try:
-        for start in range(0, facts["n_packets"], _SCAN_PACKETS):
-            chunk = packets[start : start + _SCAN_PACKETS]
-            ids, times = chunk["packet_id"], chunk["timestamp"].astype(np.int64)
-            unknown = ~np.isin(ids, allowed)
-            if unknown.any():
-                first = start + int(np.flatnonzero(unknown)[0])
-                raise ValueError(
-                    f"recording {str(path)!r}: data packet {first} has packet id {int(ids[unknown][0])}, neither an "
-                    f"electrode listed in the header nor a known event type (corrupt file, or spikes on electrodes "
-                    f"missing from the NEUEVWAV headers)."
-                )
-            backwards = np.flatnonzero(np.diff(np.concatenate([[previous], times])) < 0)
-            if backwards.size:
-                raise ValueError(
-                    f"recording {str(path)!r}: time goes backwards at data packet {start + int(backwards[0])} "
-                    "(corrupt file, or a clock reset: ingest each continuous part separately)."
-                )
-            previous = int(times[-1]) if len(times) else previous
-    finally:
-        del packets
+    for first in range(0, facts["n_packets"], _SCAN_PACKETS):
+        window = np.memmap(path, dtype=dtype, mode="r", offset=facts["header_bytes"] + first * facts["packet_bytes"],
+                           shape=(min(_SCAN_PACKETS, facts["n_packets"] - first),))
+        ticks, ids = window["timestamp"].astype(np.int64), np.array(window["packet_id"])
+        units, words = np.array(window["unit_or_reason"]), np.array(window["word"])
+        del window
+        unknown = ~np.isin(ids, allowed)
+        if unknown.any():
+            raise ValueError(
+                f"recording {str(path)!r}: data packet {first + int(np.flatnonzero(unknown)[0])} has packet id "
+                f"{int(ids[unknown][0])}, neither an electrode listed in the header nor a known event type (corrupt "
+                "file, or spikes on electrodes missing from the NEUEVWAV headers)."
+            )
+        backwards = np.flatnonzero(np.diff(np.concatenate([[previous], ticks])) < 0)
+        if backwards.size:
+            raise ValueError(
+                f"recording {str(path)!r}: time goes backwards at data packet {first + int(backwards[0])} "
+                "(corrupt file, or a clock reset: ingest each continuous part separately)."
+            )
+        previous = int(ticks[-1])
+        yield ticks, ids, units, words
 
 
 def _release(reader) -> None:
@@ -188,11 +194,10 @@ def read_nev(path: str | Path, *, allow_truncated: bool = False) -> Recording:
     """
     from neo.rawio import BlackrockRawIO
 
-    path = check_file("recording", path).resolve()
-    if path.suffix != ".nev":
-        raise ValueError(f"recording {str(path)!r} must be a Blackrock .nev file (name ending in .nev).")
+    path = _check_nev_path(path)
     facts = _read_nev_header(path, allow_truncated)
-    _scan_nev_packets(path, facts)
+    for _ in _iterate_packets(path, facts):
+        pass
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reader = BlackrockRawIO(filename=str(path))
@@ -248,15 +253,19 @@ def _window_ticks(window: tuple[float, float], rate: float) -> tuple[int, int]:
     return tuple(math.ceil(edge * rate - 1e-6) for edge in window)
 
 
-def _check_unmapped(recording: Recording, sites: SiteTable, unmapped: str) -> None:
+def _spikes_per_electrode(recording: Recording) -> dict[int, int]:
+    electrodes, n_spikes = np.unique(recording.spike_electrodes, return_counts=True)
+    return dict(zip(electrodes.tolist(), n_spikes.tolist()))
+
+
+def _check_unmapped(source: str, spikes_per_electrode: dict[int, int], sites: SiteTable, unmapped: str) -> None:
     check_option("unmapped", unmapped, ("error", "ignore"))
-    missing = np.setdiff1d(np.unique(recording.spike_electrodes), sites.electrode)
-    if missing.size and unmapped == "error":
-        n_spikes = int(np.isin(recording.spike_electrodes, missing).sum())
+    missing = sorted(set(spikes_per_electrode) - set(sites.electrode.tolist()))
+    if missing and unmapped == "error":
+        n_spikes = sum(spikes_per_electrode[e] for e in missing)
         raise ValueError(
-            f"recording {recording.source or '(in memory)'!r}: {n_spikes} spikes on electrodes {missing[:10].tolist()} "
-            "that are missing from the site map; add them to the site map, or ignore them (unmapped='ignore', "
-            "--ignore-unmapped)."
+            f"recording {source or '(in memory)'!r}: {n_spikes} spikes on electrodes {missing[:10]} that are missing "
+            "from the site map; add them to the site map, or ignore them (unmapped='ignore', --ignore-unmapped)."
         )
 
 
@@ -277,7 +286,7 @@ def compute_counts(
     """
     window = _check_window(window_s)
     sites = make_default_sites(recording.electrodes) if sites is None else sites
-    _check_unmapped(recording, sites, unmapped)
+    _check_unmapped(recording.source, _spikes_per_electrode(recording), sites, unmapped)
     onsets = check_array("onset_times_s", onset_times_s, shape=(None,)).astype(np.float64)
     if not np.isfinite(onsets).all():
         raise ValueError("'onset_times_s' must be finite times in s on the recording clock.")
@@ -294,31 +303,122 @@ def compute_counts(
         ticks = sorted_ticks[first[key_index] : last[key_index]]
         found = np.searchsorted(ticks, onset_ticks + stop) - np.searchsorted(ticks, onset_ticks + start)
         counts[:, membership[key_index]] += found[:, None]
+    return _as_uint16(counts)
+
+
+def _check_nev_path(path) -> Path:
+    path = check_file("recording", path).resolve()
+    if path.suffix != ".nev":
+        raise ValueError(f"recording {str(path)!r} must be a Blackrock .nev file (name ending in .nev).")
+    return path
+
+
+class _GrowingCounts:
+    """Onset ticks, codes and a counts table that grow as onsets stream in."""
+
+    def __init__(self, n_sites: int) -> None:
+        self.ticks, self.codes = np.zeros(1024, np.int64), np.zeros(1024, np.uint16)
+        self.counts = np.zeros((1024, n_sites), np.int64)
+        self.n = 0
+
+    def add(self, ticks: np.ndarray, codes: np.ndarray) -> None:
+        while self.n + len(ticks) > len(self.ticks):
+            size = 2 * len(self.ticks)
+            self.ticks, self.codes = np.resize(self.ticks, size), np.resize(self.codes, size)
+            self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
+        self.ticks[self.n : self.n + len(ticks)], self.codes[self.n : self.n + len(ticks)] = ticks, codes
+        self.n += len(ticks)
+
+
+def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | None, allow_truncated: bool):
+    """One pass over the packets: onsets, int64 counts per site, spikes per electrode, header facts."""
+    facts = _read_nev_header(path, allow_truncated)
+    sites = make_default_sites(facts["electrodes"]) if sites is None else sites
+    start, stop = _window_ticks(window, facts["resolution"])
+    table, spikes_per_electrode = _GrowingCounts(sites.n_sites), {}
+    for ticks, ids, units, words in _iterate_packets(path, facts):
+        onset = (ids == 0) & ((units & 0x81) == 1) & (words != 0)  # digital input port, non-zero word
+        table.add(ticks[onset], words[onset])
+        spike = (ids > 0) & (ids < _SYSTEM_PACKET_IDS[0])
+        keys = ids[spike].astype(np.int64) * _KEY + units[spike]
+        if not keys.size:
+            continue
+        spike_ticks = ticks[spike]
+        unique_keys, inverse = np.unique(keys, return_inverse=True)
+        n_per_key = np.bincount(inverse, minlength=len(unique_keys))
+        for key, n in zip((unique_keys // _KEY).tolist(), n_per_key.tolist()):
+            spikes_per_electrode[key] = spikes_per_electrode.get(key, 0) + n
+        bounds = np.concatenate([[0], np.cumsum(n_per_key)])
+        by_key = spike_ticks[np.argsort(inverse, kind="stable")]  # grouped by key, time order kept
+        membership = sites.compute_membership(unique_keys // _KEY, unique_keys % _KEY)
+        onsets = table.ticks[: table.n]
+        low, high = np.searchsorted(onsets, [spike_ticks[0] - stop, spike_ticks[-1] - start], side="right")
+        for key_index in np.flatnonzero(membership.any(axis=1)):
+            found = by_key[bounds[key_index] : bounds[key_index + 1]]
+            in_window = np.searchsorted(found, onsets[low:high] + stop) - np.searchsorted(found, onsets[low:high] + start)
+            table.counts[low:high, membership[key_index]] += in_window[:, None]
+    onsets = Onsets(times_s=table.ticks[: table.n] / facts["resolution"], codes=table.codes[: table.n].copy())
+    return onsets, table.counts[: table.n], spikes_per_electrode, facts
+
+
+def _as_uint16(counts: np.ndarray) -> np.ndarray:
     if counts.max(initial=0) > np.iinfo(np.uint16).max:
         raise ValueError("a site has more than 65535 spikes in one window; check the window and the recording.")
     return counts.astype(np.uint16)
 
 
-def compute_summary(recording: Recording, *, window_s=DEFAULT_WINDOW_S, sites: SiteTable | None = None,
+def compute_nev_counts(
+    path: str | Path,
+    *,
+    window_s=DEFAULT_WINDOW_S,
+    sites: SiteTable | None = None,
+    unmapped: str = "error",
+    allow_truncated: bool = False,
+) -> tuple[Onsets, np.ndarray]:
+    """Onsets and spike counts straight from a ``.nev`` in one streaming pass (no neo).
+
+    The same result as ``compute_counts(read_nev(path), compute_onsets(...).times_s, ...)``, with
+    memory that grows with the number of presentations, not with the file's length: for
+    recordings too long to hold in memory. Returns ``(onsets, counts)``, counts uint16
+    ``(n_presentations, n_sites)``; ``sites`` default: one per electrode in the file's header.
+    """
+    window = _check_window(window_s)
+    check_option("unmapped", unmapped, ("error", "ignore"))
+    path = _check_nev_path(path)
+    onsets, counts, spikes_per_electrode, facts = _stream_counts(path, window, sites, allow_truncated)
+    _check_unmapped(str(path), spikes_per_electrode, sites or make_default_sites(facts["electrodes"]), unmapped)
+    return onsets, _as_uint16(counts)
+
+
+def compute_summary(recording: Recording | str | Path, *, window_s=DEFAULT_WINDOW_S, sites: SiteTable | None = None,
                     unmapped: str = "error") -> dict:
     """The operator's first check of a recording, JSON-ready.
 
     ``{"n_presentations", "electrodes", "window_s", "counts": {"<electrode>": in-window spikes
     over all presentations, units merged}, "codes": {"<code>": number of onsets}}``. ``sites``
-    (optional) only checks that every spiking electrode is mapped.
+    (optional) only checks that every spiking electrode is mapped. ``recording`` is a
+    :class:`Recording` or the path of a ``.nev``, which is then streamed (see
+    :func:`compute_nev_counts`).
     """
     window = _check_window(window_s)
+    check_option("unmapped", unmapped, ("error", "ignore"))
+    if isinstance(recording, Recording):
+        electrodes, source, spikes_per_electrode = recording.electrodes, recording.source, _spikes_per_electrode(recording)
+        onsets = compute_onsets(recording)
+        counts = compute_counts(recording, onsets.times_s, window_s=window, sites=make_default_sites(electrodes))
+    else:
+        source = str(_check_nev_path(recording))
+        onsets, counts, spikes_per_electrode, facts = _stream_counts(Path(source), window, None, False)
+        electrodes = facts["electrodes"]
     if sites is not None:
-        _check_unmapped(recording, sites, unmapped)
-    onsets = compute_onsets(recording)
-    per_electrode = make_default_sites(recording.electrodes)
-    totals = compute_counts(recording, onsets.times_s, window_s=window, sites=per_electrode).sum(axis=0, dtype=np.int64)
+        _check_unmapped(source, spikes_per_electrode, sites, unmapped)
+    totals = counts.sum(axis=0, dtype=np.int64)
     codes, n_onsets = np.unique(onsets.codes, return_counts=True)
     return {
         "n_presentations": len(onsets.times_s),
-        "electrodes": list(recording.electrodes),
+        "electrodes": list(electrodes),
         "window_s": list(window),
-        "counts": {str(e): int(n) for e, n in zip(recording.electrodes, totals.tolist())},
+        "counts": {str(e): int(n) for e, n in zip(electrodes, totals.tolist())},
         "codes": {str(c): int(n) for c, n in zip(codes.tolist(), n_onsets.tolist())},
     }
 
@@ -408,6 +508,7 @@ def write_day_counts(
     sites: SiteTable | None = None,
     unmapped: str = "error",
     allow_mismatch: bool = False,
+    engine: str = "neo",
 ) -> dict:
     """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
 
@@ -415,18 +516,26 @@ def write_day_counts(
     nothing is written unless ``allow_mismatch``, in which case matched presentations get their
     ``.nev`` counts and the rest are marked unmatched. Returns a JSON-ready report:
     ``n_presentations`` (logged), ``n_onsets`` (recorded), ``n_matched``, ``n_mismatches``,
-    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``.
+    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``. ``engine``: "neo" reads
+    the file with :func:`read_nev`; "stream" counts with :func:`compute_nev_counts` (same result,
+    memory independent of the recording's length).
     """
     window = _check_window(window_s)
-    recording = read_nev(nev_path)
+    check_option("engine", engine, ENGINES)
+    check_option("unmapped", unmapped, ("error", "ignore"))
     store = open_store(store_path, mode="a")
     if sites is not None and sites != store.sites:
         raise ValueError(
             f"the site map ({sites.n_sites} sites) differs from the sites of day store {str(store.path)!r} "
             f"({store.n_sites} sites); use the site map the day was recorded with."
         )
-    _check_unmapped(recording, store.sites, unmapped)
-    onsets = compute_onsets(recording)
+    if engine == "neo":
+        recording = read_nev(nev_path)
+        _check_unmapped(recording.source, _spikes_per_electrode(recording), store.sites, unmapped)
+        onsets = compute_onsets(recording)
+        nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped="ignore")
+    else:
+        onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped)
     log = store.read_presentations()
     stimulus_codes = store.read_stimuli(pixels=False)["code"]
     reconciliation = compute_reconciliation(onsets, stimulus_codes[log["stimulus"]], log["onset"], stimulus_codes,
@@ -438,6 +547,7 @@ def write_day_counts(
         "store": str(store.path),
         "window_s": list(window),
         "tolerance_s": float(tolerance_s),
+        "engine": engine,
         "n_presentations": store.n_presentations,
         "n_onsets": len(onsets.times_s),
         "n_matched": int(matched.sum()),
@@ -449,7 +559,6 @@ def write_day_counts(
         logger.warning("%s: %d mismatches with the day's log; nothing written", Path(nev_path).name,
                        len(reconciliation.mismatches))
         return report
-    nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped="ignore")
     counts = np.zeros((store.n_presentations, store.n_sites), dtype=np.uint16)
     counts[matched] = nev_counts[reconciliation.onset_index[matched]]
     onset = np.full(store.n_presentations, np.nan)

@@ -191,6 +191,9 @@ def test_day_counts_are_reconciled_and_stored(tmp_path):
     after = open_store(store.path).read_presentations()
     for name, values in live.items():
         np.testing.assert_array_equal(after[name], values)
+    streamed = write_day_counts(nev, store.path, engine="stream")
+    assert streamed["written"] and streamed["engine"] == "stream"
+    np.testing.assert_array_equal(open_store(store.path).read_ingest()["counts"], stored["counts"])
     store.finish()
     again = write_day_counts(nev, store.path, window_s=(0.05, 0.1))
     assert again["written"] and open_store(store.path).read_ingest()["attrs"]["window_s"] == [0.05, 0.1]
@@ -248,6 +251,8 @@ def test_cli_summary_json(tmp_path):
     result = _run("ingest", nev, "--summary", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == compute_summary(_edge_recording())
+    streamed = _run("ingest", nev, "--json", "--engine", "stream")
+    assert json.loads(streamed.stdout) == json.loads(result.stdout) == compute_summary(nev)
     result = _run("ingest", nev, "--json", "--window", "0.07", "0.1701")
     assert json.loads(result.stdout)["counts"]["1"] == 6 and json.loads(result.stdout)["window_s"] == [0.07, 0.1701]
 
@@ -292,3 +297,23 @@ def test_cli_errors_are_one_line(tmp_path):
     assert _snapshot(store.path) == before
     result = _run("ingest", nev, "--day", 1)
     assert result.returncode == 2 and "--experiment and --day go together" in result.stderr
+
+
+@pytest.mark.parametrize("version", ["2.2", "2.3", "3.0"])
+def test_streaming_counts_equal_the_neo_path(tmp_path, version, monkeypatch):
+    import closedloop.ingest as ingest
+
+    monkeypatch.setattr(ingest, "_SCAN_PACKETS", 1000)  # many windows, onsets and spikes across their edges
+    store, recording = _make_day(tmp_path, n_stimuli=20, n_repeats=3, seed=3)
+    nev = write_nev(tmp_path / "day.nev", recording, version=version)
+    for window in [(0.07, 0.17), (0.0, 0.5), (0.1, 1.3)]:
+        onsets, counts = ingest.compute_nev_counts(nev, window_s=window)
+        from_neo = read_nev(nev)
+        expected = compute_onsets(from_neo)
+        np.testing.assert_array_equal(onsets.times_s, expected.times_s)
+        np.testing.assert_array_equal(onsets.codes, expected.codes)
+        np.testing.assert_array_equal(counts, compute_counts(from_neo, expected.times_s, window_s=window))
+    edges = write_nev(tmp_path / "edges.nev", _edge_recording(), version=version)
+    assert ingest.compute_nev_counts(edges)[1].tolist() == [[2, 4, 0, 0], [2, 4, 1, 0]]
+    with pytest.raises(ValueError, match=r"edges.nev': 2 spikes on electrodes \[3\] that are missing"):
+        ingest.compute_nev_counts(edges, sites=make_default_sites([1, 2]))
