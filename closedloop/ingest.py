@@ -330,33 +330,47 @@ class _GrowingCounts:
         self.n += len(ticks)
 
 
+def _add_spikes(table: _GrowingCounts, sites: SiteTable, keys: np.ndarray, spike_ticks: np.ndarray,
+                edges: tuple[int, int], spikes_per_electrode: dict) -> None:
+    """Add time-ordered spikes (keys = electrode * 256 + unit) to the counts of the onsets seen so far."""
+    if not keys.size:
+        return
+    start, stop = edges
+    unique_keys, inverse = np.unique(keys, return_inverse=True)
+    n_per_key = np.bincount(inverse, minlength=len(unique_keys))
+    for electrode, n in zip((unique_keys // _KEY).tolist(), n_per_key.tolist()):
+        spikes_per_electrode[electrode] = spikes_per_electrode.get(electrode, 0) + n
+    bounds = np.concatenate([[0], np.cumsum(n_per_key)])
+    by_key = spike_ticks[np.argsort(inverse, kind="stable")]  # grouped by key, time order kept
+    membership = sites.compute_membership(unique_keys // _KEY, unique_keys % _KEY)
+    onsets = table.ticks[: table.n]
+    low, high = np.searchsorted(onsets, [spike_ticks[0] - stop, spike_ticks[-1] - start], side="right")
+    for key_index in np.flatnonzero(membership.any(axis=1)):
+        found = by_key[bounds[key_index] : bounds[key_index + 1]]
+        in_window = np.searchsorted(found, onsets[low:high] + stop) - np.searchsorted(found, onsets[low:high] + start)
+        table.counts[low:high, membership[key_index]] += in_window[:, None]
+
+
 def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | None, allow_truncated: bool):
-    """One pass over the packets: onsets, int64 counts per site, spikes per electrode, header facts."""
+    """One pass over the packets: onsets, int64 counts per site, spikes per electrode, header facts.
+
+    Spikes at a window's last tick wait for the next window, whose onsets may share that tick.
+    """
     facts = _read_nev_header(path, allow_truncated)
     sites = make_default_sites(facts["electrodes"]) if sites is None else sites
-    start, stop = _window_ticks(window, facts["resolution"])
+    edges = _window_ticks(window, facts["resolution"])
     table, spikes_per_electrode = _GrowingCounts(sites.n_sites), {}
+    waiting_keys, waiting_ticks = np.zeros(0, np.int64), np.zeros(0, np.int64)
     for ticks, ids, units, words in _iterate_packets(path, facts):
         onset = (ids == 0) & ((units & 0x81) == 1) & (words != 0)  # digital input port, non-zero word
         table.add(ticks[onset], words[onset])
         spike = (ids > 0) & (ids < _SYSTEM_PACKET_IDS[0])
-        keys = ids[spike].astype(np.int64) * _KEY + units[spike]
-        if not keys.size:
-            continue
-        spike_ticks = ticks[spike]
-        unique_keys, inverse = np.unique(keys, return_inverse=True)
-        n_per_key = np.bincount(inverse, minlength=len(unique_keys))
-        for key, n in zip((unique_keys // _KEY).tolist(), n_per_key.tolist()):
-            spikes_per_electrode[key] = spikes_per_electrode.get(key, 0) + n
-        bounds = np.concatenate([[0], np.cumsum(n_per_key)])
-        by_key = spike_ticks[np.argsort(inverse, kind="stable")]  # grouped by key, time order kept
-        membership = sites.compute_membership(unique_keys // _KEY, unique_keys % _KEY)
-        onsets = table.ticks[: table.n]
-        low, high = np.searchsorted(onsets, [spike_ticks[0] - stop, spike_ticks[-1] - start], side="right")
-        for key_index in np.flatnonzero(membership.any(axis=1)):
-            found = by_key[bounds[key_index] : bounds[key_index + 1]]
-            in_window = np.searchsorted(found, onsets[low:high] + stop) - np.searchsorted(found, onsets[low:high] + start)
-            table.counts[low:high, membership[key_index]] += in_window[:, None]
+        keys = np.concatenate([waiting_keys, ids[spike].astype(np.int64) * _KEY + units[spike]])
+        spike_ticks = np.concatenate([waiting_ticks, ticks[spike]])
+        ready = spike_ticks < ticks[-1]
+        _add_spikes(table, sites, keys[ready], spike_ticks[ready], edges, spikes_per_electrode)
+        waiting_keys, waiting_ticks = keys[~ready], spike_ticks[~ready]
+    _add_spikes(table, sites, waiting_keys, waiting_ticks, edges, spikes_per_electrode)
     onsets = Onsets(times_s=table.ticks[: table.n] / facts["resolution"], codes=table.codes[: table.n].copy())
     return onsets, table.counts[: table.n], spikes_per_electrode, facts
 

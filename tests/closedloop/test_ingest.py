@@ -317,3 +317,19 @@ def test_streaming_counts_equal_the_neo_path(tmp_path, version, monkeypatch):
     assert ingest.compute_nev_counts(edges)[1].tolist() == [[2, 4, 0, 0], [2, 4, 1, 0]]
     with pytest.raises(ValueError, match=r"edges.nev': 2 spikes on electrodes \[3\] that are missing"):
         ingest.compute_nev_counts(edges, sites=make_default_sites([1, 2]))
+
+
+def test_streaming_counts_a_spike_written_just_before_its_onset_at_the_same_tick(tmp_path, monkeypatch):
+    import closedloop.ingest as ingest
+
+    path = write_nev(tmp_path / "tie.nev", Recording.from_ticks([3000, 3100], [1, 1], [0, 0], [3000], [8], (1,)))
+    data = bytearray(path.read_bytes())
+    header_bytes = int.from_bytes(data[12:16], "little")
+    event, spike = data[header_bytes : header_bytes + 104], data[header_bytes + 104 : header_bytes + 208]
+    data[header_bytes : header_bytes + 208] = spike + event  # same tick: the spike packet comes first
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(ingest, "_SCAN_PACKETS", 1)
+    assert ingest.compute_nev_counts(path, window_s=(0.0, 0.001))[1].tolist() == [[1]]
+    assert ingest.compute_nev_counts(path, window_s=(0.0, 0.01))[1].tolist() == [[2]]
+    recording = read_nev(path)
+    assert compute_counts(recording, [0.1], window_s=(0.0, 0.001)).tolist() == [[1]]
