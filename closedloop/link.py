@@ -224,7 +224,7 @@ class RigClient:
             try:
                 self._send("hello", id=request_id, client=self.name, window_s=list(self.window_s),
                            stream_from=self._next_seq)
-                self.rig = self._await(request_id, self.timeout_s)
+                self.rig = self._await(request_id, self.timeout_s, "hello")
                 break
             except _LinkDown:
                 if time.monotonic() + delay > deadline:
@@ -277,7 +277,7 @@ class RigClient:
             try:
                 self._ensure_session()
                 self._send(message_type, payload, id=request_id, **fields)
-                return self._await(request_id, timeout_s or self.timeout_s)
+                return self._await(request_id, timeout_s or self.timeout_s, message_type)
             except _LinkDown:
                 logger.warning("no answer to %s (try %d of %d)", message_type, attempt + 1, self.retries)
                 self._drop_session()
@@ -286,7 +286,7 @@ class RigClient:
             f"{timeout_s or self.timeout_s:g} s."
         )
 
-    def _await(self, request_id: str, timeout_s: float) -> dict:
+    def _await(self, request_id: str, timeout_s: float, message_type: str) -> dict:
         self._awaiting[request_id] = None
         try:
             self._pump(timeout_s, until=lambda: self._awaiting[request_id] is not None)
@@ -296,7 +296,7 @@ class RigClient:
         if reply is None:
             raise _LinkDown
         if not reply["ok"]:
-            raise RigRefusedError(f"the rig refused the request: {reply.get('error', 'no reason given')}")
+            raise RigRefusedError(f"the rig refused {message_type!r}: {reply.get('error', 'no reason given')}")
         return reply.get("data", {})
 
     def _pump(self, timeout_s: float, until=lambda: False) -> None:
