@@ -1,0 +1,453 @@
+"""Blackrock ingest: read a ``.nev`` with neo, find stimulus onsets, count spikes per site.
+
+The ``.nev`` is the authoritative record of a day. Each non-zero word on the digital input port
+is a stimulus onset carrying that stimulus's event code; a zero word clears the strobe. A site's
+response to a presentation is its number of spikes in ``[onset + start, onset + stop)``
+(``window_s``, default 0.07–0.17 s), computed in integer clock ticks so that edges are exact.
+
+:func:`write_day_counts` reconciles a recording with the day's presentation log in the day
+store (codes, order, onset times within a tolerance) and stores the ``.nev`` counts next to the
+live ones, reporting every mismatch instead of guessing.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import math
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from closedloop.logs import logger
+from closedloop.recording import Recording, compute_ticks
+from closedloop.sites import SiteTable, make_default_sites
+from closedloop.store import open_store
+from closedloop.validation import check_array, check_file, check_number, check_option
+
+__all__ = [
+    "Recording",
+    "Onsets",
+    "Reconciliation",
+    "read_nev",
+    "compute_onsets",
+    "compute_counts",
+    "compute_summary",
+    "compute_reconciliation",
+    "compute_file_digest",
+    "write_day_counts",
+    "DEFAULT_WINDOW_S",
+    "DEFAULT_TOLERANCE_S",
+]
+
+DEFAULT_WINDOW_S = (0.07, 0.17)
+DEFAULT_TOLERANCE_S = 0.010
+SHIFT_SEARCH_S = 1.0
+NEV_VERSIONS = ("2.2", "2.3", "3.0")
+_NEV_MAGIC = (b"NEURALEV", b"BREVENTS")
+_BASIC_HEADER_BYTES = 336
+_EXTENDED_HEADER_BYTES = 32
+_SYSTEM_PACKET_IDS = np.arange(0xFFFB, 0x10000)  # comments, video sync, tracking, button, config
+_SCAN_PACKETS = 1 << 20
+_KEY = 256  # spike key = electrode * 256 + unit class
+
+
+class Onsets(NamedTuple):
+    """Stimulus onsets: ``times_s`` float64 ``(n,)`` (s, recording clock), ``codes`` uint16 ``(n,)``."""
+
+    times_s: np.ndarray
+    codes: np.ndarray
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _read_nev_header(path: Path, allow_truncated: bool) -> dict:
+    """Check the published NEV layout (magic, version, sizes, packets) without neo; return header facts."""
+    size = path.stat().st_size
+    basic = np.dtype([("magic", "S8"), ("major", "u1"), ("minor", "u1"), ("flags", "<u2"), ("header_bytes", "<u4"),
+                      ("packet_bytes", "<u4"), ("resolution", "<u4")])
+    with path.open("rb") as handle:
+        raw = handle.read(_BASIC_HEADER_BYTES)
+    if len(raw) < basic.itemsize or np.frombuffer(raw[:basic.itemsize], dtype=basic)[0]["magic"] not in _NEV_MAGIC:
+        raise ValueError(
+            f"recording {str(path)!r} is not a Blackrock NEV file (it does not start with NEURALEV or BREVENTS); "
+            "give the .nev the NSP wrote."
+        )
+    header = np.frombuffer(raw[:basic.itemsize], dtype=basic)[0]
+    version = f"{header['major']}.{header['minor']}"
+    problem = None
+    if version not in NEV_VERSIONS:
+        problem = f"file specification {version} is not supported (allowed: {', '.join(NEV_VERSIONS)})"
+    elif size < _BASIC_HEADER_BYTES:
+        problem = f"the file ends after {size} bytes, inside the 336-byte basic header (truncated)"
+    packet_bytes, header_bytes = int(header["packet_bytes"]), int(header["header_bytes"])
+    n_extended = (header_bytes - _BASIC_HEADER_BYTES) // _EXTENDED_HEADER_BYTES
+    if problem is None and (packet_bytes < 20 or packet_bytes > 1024 or packet_bytes % 2):
+        problem = f"the header gives {packet_bytes} bytes per data packet (corrupt header)"
+    elif problem is None and (header_bytes < _BASIC_HEADER_BYTES or (header_bytes - _BASIC_HEADER_BYTES) % 32):
+        problem = f"the header size {header_bytes} is not 336 + 32 × n (corrupt header)"
+    elif problem is None and header_bytes > size:
+        problem = f"the headers need {header_bytes} bytes but the file has {size} (truncated)"
+    elif problem is None and (size - header_bytes) % packet_bytes:
+        leftover = (size - header_bytes) % packet_bytes
+        if not allow_truncated:
+            problem = (
+                f"the file ends {leftover} bytes into a {packet_bytes}-byte data packet (truncated or corrupt); "
+                "pass allow_truncated=True to drop the partial packet"
+            )
+    if problem:
+        raise ValueError(f"recording {str(path)!r}: {problem}.")
+    if header["resolution"] == 0:
+        raise ValueError(f"recording {str(path)!r}: the header gives a 0 Hz clock (corrupt header).")
+    extended = np.fromfile(path, dtype=[("id", "S8"), ("electrode", "<u2"), ("rest", "S22")], count=n_extended,
+                           offset=_BASIC_HEADER_BYTES)
+    electrodes = tuple(sorted(int(e) for e in extended["electrode"][extended["id"] == b"NEUEVWAV"]))
+    return {"version": version, "header_bytes": header_bytes, "packet_bytes": packet_bytes,
+            "resolution": float(header["resolution"]), "electrodes": electrodes,
+            "n_packets": (size - header_bytes) // packet_bytes}
+
+
+def _scan_nev_packets(path: Path, facts: dict) -> None:
+    """Check every packet id and the time order, a chunk at a time (memory independent of length)."""
+    timestamp = "<u8" if facts["version"] == "3.0" else "<u4"
+    dtype = np.dtype({"names": ["timestamp", "packet_id"], "formats": [timestamp, "<u2"],
+                      "offsets": [0, np.dtype(timestamp).itemsize], "itemsize": facts["packet_bytes"]})
+    packets = np.memmap(path, dtype=dtype, mode="r", offset=facts["header_bytes"], shape=(facts["n_packets"],))
+    allowed = np.concatenate([[0], facts["electrodes"], _SYSTEM_PACKET_IDS if facts["version"] != "2.2" else []])
+    previous = 0
+    try:
+        for start in range(0, facts["n_packets"], _SCAN_PACKETS):
+            chunk = packets[start : start + _SCAN_PACKETS]
+            ids, times = chunk["packet_id"], chunk["timestamp"].astype(np.int64)
+            unknown = ~np.isin(ids, allowed)
+            if unknown.any():
+                first = start + int(np.flatnonzero(unknown)[0])
+                raise ValueError(
+                    f"recording {str(path)!r}: data packet {first} has packet id {int(ids[unknown][0])}, neither an "
+                    f"electrode listed in the header nor a known event type (corrupt file, or spikes on electrodes "
+                    f"missing from the NEUEVWAV headers)."
+                )
+            backwards = np.flatnonzero(np.diff(np.concatenate([[previous], times])) < 0)
+            if backwards.size:
+                raise ValueError(
+                    f"recording {str(path)!r}: time goes backwards at data packet {start + int(backwards[0])} "
+                    "(corrupt file, or a clock reset: ingest each continuous part separately)."
+                )
+            previous = int(times[-1]) if len(times) else previous
+    finally:
+        del packets
+
+
+def _release(reader) -> None:
+    """Close what neo's reader holds open (cached .nsX handles, memory maps)."""
+    for handle in getattr(reader, "_nsx_fids", {}).values():  # neo caches .nsX handles without closing them
+        handle.close()
+
+
+def _extract(reader, facts: dict, path: Path) -> Recording:
+    if reader.header["nb_segment"][0] != 1:
+        raise ValueError(
+            f"recording {str(path)!r} has {reader.header['nb_segment'][0]} segments (the recording was paused or "
+            "reset); closedloop ingests one continuous segment per file."
+        )
+    segment = reader.raw_annotations["blocks"][0]["segments"][0]
+    ticks, electrodes, units = [], [], []
+    for index in range(reader.spike_channels_count()):
+        found = np.asarray(reader.get_spike_timestamps(block_index=0, seg_index=0, spike_channel_index=index),
+                           dtype=np.int64)
+        annotation = segment["spikes"][index]
+        ticks.append(found)
+        electrodes.append(np.full(found.shape, int(annotation["channel_id"]), dtype=np.int64))
+        units.append(np.full(found.shape, int(annotation["unit_id"]), dtype=np.int64))
+    names = list(reader.header["event_channels"]["name"])
+    event_ticks, words = np.zeros(0, np.int64), np.zeros(0, np.uint16)
+    if "digital_input_port" in names:
+        found, _, labels = reader.get_event_timestamps(block_index=0, seg_index=0,
+                                                       event_channel_index=names.index("digital_input_port"))
+        event_ticks, words = np.asarray(found, dtype=np.int64), np.asarray(labels).astype(np.int64).astype(np.uint16)
+    spike_ticks = np.concatenate(ticks) if ticks else np.zeros(0, np.int64)
+    order = np.argsort(spike_ticks, kind="stable")
+    return Recording.from_ticks(
+        spike_ticks[order],
+        (np.concatenate(electrodes) if electrodes else np.zeros(0, np.int64))[order],
+        (np.concatenate(units) if units else np.zeros(0, np.int64))[order],
+        event_ticks, words, facts["electrodes"], sampling_rate_hz=facts["resolution"], source=str(path),
+    )
+
+
+def read_nev(path: str | Path, *, allow_truncated: bool = False) -> Recording:
+    """Read a Blackrock ``.nev`` (spec 2.2, 2.3 or 3.0) through ``neo.rawio.BlackrockRawIO``.
+
+    ``.nsX`` files next to it are used by neo to check segments; they are not required. File
+    handles are released before returning. A file that is not a NEV, a truncated or corrupt one
+    (partial last packet, unknown packet ids, time going backwards) or one with several segments
+    raises ``ValueError`` naming the file and the problem. ``allow_truncated`` drops a partial last
+    packet instead (Blackrock's own tools do so).
+    """
+    from neo.rawio import BlackrockRawIO
+
+    path = check_file("recording", path).resolve()
+    if path.suffix != ".nev":
+        raise ValueError(f"recording {str(path)!r} must be a Blackrock .nev file (name ending in .nev).")
+    facts = _read_nev_header(path, allow_truncated)
+    _scan_nev_packets(path, facts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reader = BlackrockRawIO(filename=str(path))
+        try:
+            reader.parse_header()
+            recording = _extract(reader, facts, path)
+        except ValueError:
+            raise
+        except Exception as error:  # neo raises many types for bad files; report them as bad input
+            raise ValueError(f"recording {str(path)!r}: neo could not read it ({type(error).__name__}: {error}).") from None
+        finally:
+            _release(reader)
+            del reader
+            gc.collect()
+    for warning in caught:
+        logger.warning("%s: %s", path.name, warning.message)
+    logger.info("read %s: NEV %s, %d electrodes, %d spikes, %d digital events", path.name, facts["version"],
+                len(recording.electrodes), recording.n_spikes, recording.n_events)
+    return recording
+
+
+def compute_file_digest(path: str | Path) -> str:
+    """sha256 hex digest of a file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with check_file("path", path).open("rb") as handle:
+        for block in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- onsets and counts ------------------------------------------------------------------------
+def compute_onsets(recording: Recording) -> Onsets:
+    """Stimulus onsets: every non-zero word on the digital input port, in time order."""
+    keep = recording.event_words != 0
+    order = np.argsort(recording.event_ticks[keep], kind="stable")
+    ticks = recording.event_ticks[keep][order]
+    return Onsets(times_s=ticks / recording.sampling_rate_hz, codes=recording.event_words[keep][order])
+
+
+def _check_window(window_s) -> tuple[float, float]:
+    window = tuple(window_s)
+    if len(window) != 2:
+        raise ValueError(f"'window_s' must be (start, stop) in s, but got {window_s!r}.")
+    start = check_number("window_s start", window[0], minimum=0.0, maximum=5.0)
+    stop = check_number("window_s stop", window[1], minimum=0.0, maximum=5.0)
+    if not start < stop:
+        raise ValueError(f"'window_s' needs start < stop (s after onset), but got [{start:g}, {stop:g}].")
+    return start, stop
+
+
+def _window_ticks(window: tuple[float, float], rate: float) -> tuple[int, int]:
+    """Window edges in whole ticks: a spike at tick k counts iff start ≤ (k − onset) / rate < stop."""
+    return tuple(math.ceil(edge * rate - 1e-6) for edge in window)
+
+
+def _check_unmapped(recording: Recording, sites: SiteTable, unmapped: str) -> None:
+    check_option("unmapped", unmapped, ("error", "ignore"))
+    missing = np.setdiff1d(np.unique(recording.spike_electrodes), sites.electrode)
+    if missing.size and unmapped == "error":
+        n_spikes = int(np.isin(recording.spike_electrodes, missing).sum())
+        raise ValueError(
+            f"recording {recording.source or '(in memory)'!r}: {n_spikes} spikes on electrodes {missing[:10].tolist()} "
+            "that are missing from the site map; add them to the site map, or ignore them (unmapped='ignore', "
+            "--ignore-unmapped)."
+        )
+
+
+def compute_counts(
+    recording: Recording,
+    onset_times_s,
+    *,
+    window_s=DEFAULT_WINDOW_S,
+    sites: SiteTable | None = None,
+    unmapped: str = "error",
+) -> np.ndarray:
+    """Spikes per site in ``[onset + start, onset + stop)``: uint16 ``(n_presentations, n_sites)``.
+
+    ``onset_times_s`` ``(n_presentations,)`` s on the recording clock (rounded to clock ticks);
+    ``window_s`` (start, stop) s after onset; ``sites`` default: one site per electrode of the
+    recording, units merged. Spikes on electrodes no site names raise ``ValueError`` unless
+    ``unmapped="ignore"``.
+    """
+    window = _check_window(window_s)
+    sites = make_default_sites(recording.electrodes) if sites is None else sites
+    _check_unmapped(recording, sites, unmapped)
+    onsets = check_array("onset_times_s", onset_times_s, shape=(None,)).astype(np.float64)
+    if not np.isfinite(onsets).all():
+        raise ValueError("'onset_times_s' must be finite times in s on the recording clock.")
+    onset_ticks = compute_ticks(onsets, recording.sampling_rate_hz)
+    start, stop = _window_ticks(window, recording.sampling_rate_hz)
+    keys = recording.spike_electrodes * _KEY + recording.spike_units
+    order = np.lexsort((recording.spike_ticks, keys))
+    sorted_keys, sorted_ticks = keys[order], recording.spike_ticks[order]
+    unique_keys, first = np.unique(sorted_keys, return_index=True)
+    last = np.append(first[1:], len(sorted_keys))
+    membership = sites.compute_membership(unique_keys // _KEY, unique_keys % _KEY)
+    counts = np.zeros((len(onsets), sites.n_sites), dtype=np.int64)
+    for key_index in np.flatnonzero(membership.any(axis=1)):
+        ticks = sorted_ticks[first[key_index] : last[key_index]]
+        found = np.searchsorted(ticks, onset_ticks + stop) - np.searchsorted(ticks, onset_ticks + start)
+        counts[:, membership[key_index]] += found[:, None]
+    if counts.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError("a site has more than 65535 spikes in one window; check the window and the recording.")
+    return counts.astype(np.uint16)
+
+
+def compute_summary(recording: Recording, *, window_s=DEFAULT_WINDOW_S, sites: SiteTable | None = None,
+                    unmapped: str = "error") -> dict:
+    """The operator's first check of a recording, JSON-ready.
+
+    ``{"n_presentations", "electrodes", "window_s", "counts": {"<electrode>": in-window spikes
+    over all presentations, units merged}, "codes": {"<code>": number of onsets}}``. ``sites``
+    (optional) only checks that every spiking electrode is mapped.
+    """
+    window = _check_window(window_s)
+    if sites is not None:
+        _check_unmapped(recording, sites, unmapped)
+    onsets = compute_onsets(recording)
+    per_electrode = make_default_sites(recording.electrodes)
+    totals = compute_counts(recording, onsets.times_s, window_s=window, sites=per_electrode).sum(axis=0, dtype=np.int64)
+    codes, n_onsets = np.unique(onsets.codes, return_counts=True)
+    return {
+        "n_presentations": len(onsets.times_s),
+        "electrodes": list(recording.electrodes),
+        "window_s": list(window),
+        "counts": {str(e): int(n) for e, n in zip(recording.electrodes, totals.tolist())},
+        "codes": {str(c): int(n) for c, n in zip(codes.tolist(), n_onsets.tolist())},
+    }
+
+
+# -- reconciliation with the day store --------------------------------------------------------
+class Reconciliation(NamedTuple):
+    """``onset_index`` int64 ``(n_presentations,)``: the matching onset of each logged
+    presentation, −1 if none; ``mismatches``: one dict per problem found."""
+
+    onset_index: np.ndarray
+    mismatches: list[dict]
+
+
+def _mismatch(kind: str, presentation, code, log_s, nev_s) -> dict:
+    shift = None if log_s is None or nev_s is None else round(nev_s - log_s, 6)
+    return {"kind": kind, "presentation": presentation, "code": int(code),
+            "log_onset_s": None if log_s is None else float(log_s),
+            "nev_onset_s": None if nev_s is None else float(nev_s), "shift_s": shift}
+
+
+def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes, *,
+                           tolerance_s: float = DEFAULT_TOLERANCE_S) -> Reconciliation:
+    """Match logged presentations to recorded onsets by code and time; list every mismatch.
+
+    ``log_codes``, ``log_onsets_s`` ``(n_presentations,)``: event code and onset (s) of each
+    logged presentation; ``known_codes``: every code of the day's stimuli. A presentation matches
+    the recorded onset with the same code nearest in time within ``tolerance_s``. Mismatch kinds:
+    ``code_mismatch`` (an onset within tolerance carries another code), ``shifted_timing`` (the
+    code is recorded, but further than the tolerance and within 1 s), ``missing_onset`` (not
+    recorded), ``unknown_code`` (a recorded code no stimulus has), ``extra_onset`` (a recorded
+    known code with no logged presentation), ``order`` (matches out of order).
+    """
+    tolerance = check_number("tolerance_s", tolerance_s, minimum=0.0)
+    log_codes = np.asarray(log_codes, dtype=np.int64)
+    log_onsets = check_array("log_onsets_s", log_onsets_s, shape=(len(log_codes),)).astype(np.float64)
+    times, codes = onsets.times_s, onsets.codes.astype(np.int64)
+    used = np.zeros(len(times), dtype=bool)
+    onset_index = np.full(len(log_codes), -1, dtype=np.int64)
+    mismatches = []
+    for presentation in np.argsort(log_onsets, kind="stable"):
+        log_s, code = log_onsets[presentation], log_codes[presentation]
+        low, high = np.searchsorted(times, [log_s - SHIFT_SEARCH_S, log_s + SHIFT_SEARCH_S + 1e-9])
+        candidates = np.arange(low, high)[~used[low:high]]
+        distance = np.abs(times[candidates] - log_s)
+        same = candidates[codes[candidates] == code]
+        best = same[np.argmin(np.abs(times[same] - log_s))] if same.size else None
+        if best is not None and abs(times[best] - log_s) <= tolerance:
+            onset_index[presentation], used[best] = best, True
+        elif candidates.size and distance.min() <= tolerance:
+            other = candidates[np.argmin(distance)]
+            used[other] = True
+            mismatches.append(_mismatch("code_mismatch", int(presentation), code, log_s, times[other])
+                              | {"nev_code": int(codes[other])})
+        elif best is not None:
+            used[best] = True
+            mismatches.append(_mismatch("shifted_timing", int(presentation), code, log_s, times[best]))
+        else:
+            mismatches.append(_mismatch("missing_onset", int(presentation), code, log_s, None))
+    known = np.isin(codes, np.asarray(known_codes, dtype=np.int64))
+    for index in np.flatnonzero(~used):
+        kind = "extra_onset" if known[index] else "unknown_code"
+        mismatches.append(_mismatch(kind, None, codes[index], None, times[index]))
+    matched = onset_index[np.argsort(log_onsets, kind="stable")]
+    matched = matched[matched >= 0]
+    for position in np.flatnonzero(np.diff(matched) < 0):
+        index = int(matched[position + 1])
+        mismatches.append(_mismatch("order", int(np.flatnonzero(onset_index == index)[0]), codes[index], None,
+                                    times[index]))
+    return Reconciliation(onset_index=onset_index, mismatches=mismatches)
+
+
+def write_day_counts(
+    nev_path: str | Path,
+    store_path: str | Path,
+    *,
+    window_s=DEFAULT_WINDOW_S,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    sites: SiteTable | None = None,
+    unmapped: str = "error",
+    allow_mismatch: bool = False,
+) -> dict:
+    """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
+
+    Counts use the store's site table (``sites``, when given, must equal it). With any mismatch
+    nothing is written unless ``allow_mismatch``, in which case matched presentations get their
+    ``.nev`` counts and the rest are marked unmatched. Returns a JSON-ready report:
+    ``n_presentations`` (logged), ``n_onsets`` (recorded), ``n_matched``, ``n_mismatches``,
+    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``.
+    """
+    window = _check_window(window_s)
+    recording = read_nev(nev_path)
+    store = open_store(store_path, mode="a")
+    if sites is not None and sites != store.sites:
+        raise ValueError(
+            f"the site map ({sites.n_sites} sites) differs from the sites of day store {str(store.path)!r} "
+            f"({store.n_sites} sites); use the site map the day was recorded with."
+        )
+    _check_unmapped(recording, store.sites, unmapped)
+    onsets = compute_onsets(recording)
+    log = store.read_presentations()
+    stimulus_codes = store.read_stimuli(pixels=False)["code"]
+    reconciliation = compute_reconciliation(onsets, stimulus_codes[log["stimulus"]], log["onset"], stimulus_codes,
+                                            tolerance_s=tolerance_s)
+    matched = reconciliation.onset_index >= 0
+    report = {
+        "source": str(Path(nev_path).resolve()),
+        "sha256": compute_file_digest(nev_path),
+        "store": str(store.path),
+        "window_s": list(window),
+        "tolerance_s": float(tolerance_s),
+        "n_presentations": store.n_presentations,
+        "n_onsets": len(onsets.times_s),
+        "n_matched": int(matched.sum()),
+        "n_mismatches": len(reconciliation.mismatches),
+        "mismatches": reconciliation.mismatches,
+        "written": False,
+    }
+    if reconciliation.mismatches and not allow_mismatch:
+        logger.warning("%s: %d mismatches with the day's log; nothing written", Path(nev_path).name,
+                       len(reconciliation.mismatches))
+        return report
+    nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped="ignore")
+    counts = np.zeros((store.n_presentations, store.n_sites), dtype=np.uint16)
+    counts[matched] = nev_counts[reconciliation.onset_index[matched]]
+    onset = np.full(store.n_presentations, np.nan)
+    onset[matched] = onsets.times_s[reconciliation.onset_index[matched]]
+    report["written"] = True
+    attrs = {key: value for key, value in report.items() if key != "store"}
+    store.write_ingest(counts, matched, onset,
+                       attrs=attrs | {"ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    return report
+
