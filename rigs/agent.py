@@ -209,7 +209,10 @@ class RigAgent:
         """Stop serving: the presentation in progress finishes and is journaled, the queue is dropped.
 
         Nothing is said to the control side, exactly as if the process died between two images.
+        Closing twice does nothing.
         """
+        if self._journal.closed:
+            return
         self._halt.set()
         with self._lock:
             self._lock.notify_all()
