@@ -117,3 +117,50 @@ def test_session_against_the_simulated_rig_with_faults(tmp_path):
     live_counts = np.array([o["counts"] for o in by_onset])
     assert nev_counts.shape == live_counts.shape and np.array_equal(nev_counts, live_counts)
     assert live_counts.sum() > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_python_m_rigs_sim_serves_a_session(tmp_path):
+    """`python -m rigs.sim` (= `closedloop rig-sim`) from an experiment config, stopped with Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    port = _free_port()
+    (tmp_path / "experiment.toml").write_text(
+        f'[rig]\naddress = "tcp://127.0.0.1:{port}"\nsecurity = "plain"\n[sites]\nn_sites = 3\n'
+    )
+    write_bundle(tmp_path / "stimuli.h5", _images(2, 3), [5, 6], make_event_codes(2))
+    root = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "rigs.sim", "--experiment", str(tmp_path), "--time-scale", "0.01"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().startswith("serving on tcp://127.0.0.1:")
+        with RigClient(f"tcp://127.0.0.1:{port}", security="plain", heartbeat_s=0.1, timeout_s=2.0) as client:
+            assert client.connect()["sites"] == ["sim000", "sim001", "sim002"]
+            client.load_bundle(tmp_path / "stimuli.h5")
+            client.queue([(0, 5), (1, 6), (2, 5)])
+            outcomes = []
+            for _ in range(50):
+                outcomes += client.read_outcomes(0.1)
+                if len(outcomes) == 3:
+                    break
+            assert [o["presentation_id"] for o in outcomes] == [0, 1, 2]
+            assert client.stop()["recording"] == str(tmp_path / "rig-sim" / "recording.nev")
+        assert len(compute_onsets(read_nev(tmp_path / "rig-sim" / "recording.nev")).times_s) == 3
+    finally:
+        process.send_signal(signal.SIGINT)
+        assert process.wait(20) == 0, process.stderr.read()
