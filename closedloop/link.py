@@ -213,22 +213,22 @@ class RigClient:
             self._socket = self._monitor = None
 
     def _ensure_session(self) -> None:
-        """Connect and say hello (with back-off) unless in session; then reconcile."""
+        """Unless in session: connect, say hello and reconcile, retrying with back-off up to ``reconnect_s``."""
         if self._in_session:
             return
         deadline, delay = time.monotonic() + self.reconnect_s, 0.05
         while True:
             self._drop_session()
             self._open_socket()
-            request_id = self._new_id()
             try:
-                self._send("hello", id=request_id, client=self.name, window_s=list(self.window_s),
-                           stream_from=self._next_seq)
-                self.rig = self._await(request_id, self.timeout_s, "hello")
-                break
+                self.rig = self._request("hello", client=self.name, window_s=list(self.window_s),
+                                         stream_from=self._next_seq)
+                self._in_session = True
+                self._reconcile()
+                return
             except _LinkDown:
+                self._drop_session()
                 if time.monotonic() + delay > deadline:
-                    self._drop_session()
                     raise RigLinkError(
                         f"no answer from the rig at {self.address} for {self.reconnect_s:g} s: check that the rig "
                         "agent runs and listens there, and (CURVE) that keys_dir/rig.key is that rig's public key."
@@ -236,31 +236,30 @@ class RigClient:
                 logger.warning("rig at %s not answering; retrying in %.2f s", self.address, delay)
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
-        self._in_session = True
+
+    def _reconcile(self) -> None:
+        """Catch up on the stream, adopt the rig's pending presentations, re-queue lost ones."""
         logger.info("in session with rig %r (%d sites)", self.rig["rig_id"], len(self.rig["sites"]))
         if self._bundle_sha256 and self.rig["bundle_sha256"] != self._bundle_sha256:
+            self._drop_session()
             raise RigLinkError(
                 f"the rig now holds bundle {self.rig['bundle_sha256'][:12] or 'none'} instead of "
                 f"{self._bundle_sha256[:12]}: its session was lost; load the bundle again to start a new one."
             )
-        self._reconcile()
-
-    def _reconcile(self) -> None:
-        """Catch up on the stream, adopt the rig's pending presentations, re-queue lost ones."""
-        status = self._call("status")
+        status = self._request("status")
         self._rig_n_sent = status["n_sent"]
-        deadline = time.monotonic() + self.timeout_s * self.retries
         while self._next_seq < status["n_sent"]:
-            if time.monotonic() > deadline:
-                raise _LinkDown
             self._send("resend", id=self._new_id(), start=self._next_seq, stop=status["n_sent"])
+            before = self._next_seq
             self._pump(self.timeout_s, until=lambda: self._next_seq >= status["n_sent"])
+            if self._next_seq == before:
+                raise _LinkDown
         pending = {pid: sid for pid, sid in status["pending"]}
         lost = [[pid, sid] for pid, sid in self.outstanding.items() if pid not in pending]
         self.outstanding.update(pending)
         if lost and not status["stopped"]:
             logger.warning("re-queueing %d presentations the rig no longer holds", len(lost))
-            self._call("queue", presentations=lost)
+            self._request("queue", presentations=lost)
 
     # ----- messages -----------------------------------------------------------------------------
 
@@ -276,8 +275,7 @@ class RigClient:
         for attempt in range(self.retries):
             try:
                 self._ensure_session()
-                self._send(message_type, payload, id=request_id, **fields)
-                return self._await(request_id, timeout_s or self.timeout_s, message_type)
+                return self._request(message_type, payload, request_id=request_id, timeout_s=timeout_s, **fields)
             except _LinkDown:
                 logger.warning("no answer to %s (try %d of %d)", message_type, attempt + 1, self.retries)
                 self._drop_session()
@@ -285,6 +283,13 @@ class RigClient:
             f"the rig at {self.address} did not answer {message_type!r} after {self.retries} tries of "
             f"{timeout_s or self.timeout_s:g} s."
         )
+
+    def _request(self, message_type: str, payload=(), *, request_id: str | None = None,
+                 timeout_s: float | None = None, **fields) -> dict:
+        """Send one command and wait for its reply once; raises _LinkDown when none comes in time."""
+        request_id = request_id or self._new_id()
+        self._send(message_type, payload, id=request_id, **fields)
+        return self._await(request_id, timeout_s or self.timeout_s, message_type)
 
     def _await(self, request_id: str, timeout_s: float, message_type: str) -> dict:
         self._awaiting[request_id] = None

@@ -38,7 +38,7 @@ import zmq
 
 from closedloop.keys import load_curve_keys, make_authenticator
 from closedloop.logs import logger
-from closedloop.protocol import PROTOCOL_VERSION, ProtocolError, decode_message, encode_message
+from closedloop.protocol import COMMANDS, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message
 from closedloop.validation import check_number, check_option
 
 __all__ = ["Outcome", "StreamFaults", "RigAgent"]
@@ -335,7 +335,7 @@ class RigAgent:
             else:
                 self._send(peer, "heartbeat", time_s=time.time(), in_session=False)
             return
-        if message.type in ("reply", "outcome"):
+        if message.type not in COMMANDS:
             logger.warning("rig %s: ignoring a %r message (rig to control only)", self.rig_id, message.type)
             return
         request_id = message["id"]

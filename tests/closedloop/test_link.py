@@ -297,3 +297,20 @@ def test_client_checks_its_arguments(tmp_path):
         run_presentations(None, [1, 1], repetitions=1, seed=0, on_result=print)
     with pytest.raises(ValueError, match="'already_recorded' arrays must have equal lengths"):
         run_presentations(None, [1], repetitions=1, seed=0, on_result=print, already_recorded=([1], [1, 2], [True]))
+
+
+def test_client_from_config_runs_a_session(tmp_path):
+    from closedloop.config import build_config
+    from closedloop.link import make_rig_client
+
+    agent = _agent(tmp_path, CountingPresenter())
+    config = build_config({"rig": {"address": agent.address, "security": "plain", "heartbeat_s": 0.05,
+                                   "timeout_s": 0.5, "retries": 2, "reconnect_s": 2.0}})
+    try:
+        with make_rig_client(config.rig, window_s=(0.05, 0.15)) as client:
+            assert (client.retries, client.reconnect_s, client.window_s) == (2, 2.0, (0.05, 0.15))
+            client.load_bundle(_bundle(tmp_path, [4]))
+            client.queue([(0, 4)])
+            assert [o["presentation_id"] for o in client.read_outcomes(2.0)] == [0]
+    finally:
+        agent.close()
