@@ -61,6 +61,91 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
     _emit(result, as_json, text)
 
 
+# -- recording: Blackrock ingest ---------------------------------------------------------------
+def _ingest_settings(experiment: Path | None, window: tuple | None, site_map: Path | None):
+    """Window (s) and site table for ingest: options first, then experiment.toml, then defaults."""
+    from closedloop.config import CONFIG_NAME, read_config
+    from closedloop.ingest import DEFAULT_WINDOW_S
+    from closedloop.sites import read_site_map
+
+    config = None
+    if experiment is not None and (experiment / CONFIG_NAME).is_file():
+        config = read_config(experiment, check_paths=False)
+    if window is None:
+        window = tuple(config.response.window_s) if config else DEFAULT_WINDOW_S
+    if site_map is None and config is not None and config.sites.site_map:
+        site_map = experiment / Path(config.sites.site_map).expanduser()
+    return window, (read_site_map(site_map) if site_map is not None else None)
+
+
+def _summary_text(summary: dict) -> str:
+    start, stop = summary["window_s"]
+    busiest = sorted(summary["counts"].items(), key=lambda item: -item[1])[:5]
+    return "\n".join([
+        f"presentations: {summary['n_presentations']}",
+        f"electrodes:    {len(summary['electrodes'])}",
+        f"window:        [{start:g}, {stop:g}) s after onset",
+        f"spikes in window (top electrodes): {', '.join(f'e{e}: {n}' for e, n in busiest) or 'none'}",
+        f"distinct codes: {len(summary['codes'])}",
+    ])
+
+
+def _report_text(report: dict) -> str:
+    lines = [
+        f"{report['n_matched']} of {report['n_presentations']} logged presentations matched "
+        f"{report['n_onsets']} recorded onsets; {report['n_mismatches']} mismatches",
+    ]
+    lines += [
+        f"  {m['kind']}: presentation {m['presentation']}, code {m['code']}, log {m['log_onset_s']} s, "
+        f"nev {m['nev_onset_s']} s" + (f", recorded code {m['nev_code']}" if "nev_code" in m else "")
+        for m in report["mismatches"]
+    ]
+    lines.append(f"written to {report['store']}" if report["written"] else "nothing written")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("recording", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--summary", is_flag=True, help="Print the recording summary (the default without --experiment).")
+@click.option("--experiment", type=click.Path(file_okay=False, path_type=Path), default=None, help=EXPERIMENT_HELP)
+@click.option("--day", type=click.IntRange(0, 999), default=None, help="Day number N: the store DIR/day_NNN/store.zarr.")
+@click.option("--window", type=(float, float), default=None, metavar="START STOP",
+              help="Response window [START, STOP) in s after onset (default: experiment.toml, else 0.07 0.17).")
+@click.option("--site-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV site,array,electrode,unit,label (default: experiment.toml, else one site per electrode).")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.010, show_default=True,
+              help="Largest onset difference, s, between the day's log and the recording.")
+@click.option("--ignore-unmapped", is_flag=True, help="Ignore spikes on electrodes missing from the site map.")
+@click.option("--allow-mismatch", is_flag=True, help="Store counts of matched presentations despite mismatches.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
+           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, as_json: bool) -> None:
+    """Read a Blackrock RECORDING.nev: summarise it, or count spikes into a day's store."""
+    from closedloop.ingest import compute_summary, read_nev, write_day_counts
+    from closedloop.store import STORE_NAME
+
+    if (experiment is None) != (day is None):
+        raise click.UsageError("--experiment and --day go together")
+    window, sites = _ingest_settings(experiment, window, site_map)
+    unmapped = "ignore" if ignore_unmapped else "error"
+    result = {}
+    if experiment is None or summary:
+        result = compute_summary(read_nev(recording), window_s=window, sites=sites, unmapped=unmapped)
+    if experiment is None:
+        _emit(result, as_json, _summary_text(result))
+        return
+    store = experiment / f"day_{day:03d}" / STORE_NAME
+    report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
+                              unmapped=unmapped, allow_mismatch=allow_mismatch)
+    text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
+    _emit(report | ({"summary": result} if result else {}), as_json, text)
+    if not report["written"]:
+        raise ValueError(
+            f"{report['n_mismatches']} mismatches between {recording} and the log of {store}; nothing written; "
+            "fix the day's log or recording, or pass --allow-mismatch to store the matched presentations"
+        )
+
+
 # ----- rig link (keys, simulated rig) ------------------------------------------------------------
 
 

@@ -345,39 +345,48 @@ def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes,
 
     ``log_codes``, ``log_onsets_s`` ``(n_presentations,)``: event code and onset (s) of each
     logged presentation; ``known_codes``: every code of the day's stimuli. A presentation matches
-    the recorded onset with the same code nearest in time within ``tolerance_s``. Mismatch kinds:
-    ``code_mismatch`` (an onset within tolerance carries another code), ``shifted_timing`` (the
-    code is recorded, but further than the tolerance and within 1 s), ``missing_onset`` (not
-    recorded), ``unknown_code`` (a recorded code no stimulus has), ``extra_onset`` (a recorded
-    known code with no logged presentation), ``order`` (matches out of order).
+    the recorded onset with the same code nearest in time within ``tolerance_s``; what is left
+    unmatched is then explained. Mismatch kinds: ``code_mismatch`` / ``unknown_code`` (an onset
+    within tolerance carries another stimulus's code / a code no stimulus has),
+    ``shifted_timing`` (the code is recorded further than the tolerance but within 1 s),
+    ``missing_onset`` (not recorded), ``unknown_code`` or ``extra_onset`` for recorded onsets no
+    presentation explains, ``order`` (matches out of order).
     """
     tolerance = check_number("tolerance_s", tolerance_s, minimum=0.0)
     log_codes = np.asarray(log_codes, dtype=np.int64)
     log_onsets = check_array("log_onsets_s", log_onsets_s, shape=(len(log_codes),)).astype(np.float64)
     times, codes = onsets.times_s, onsets.codes.astype(np.int64)
+    known = np.isin(codes, np.asarray(known_codes, dtype=np.int64))
     used = np.zeros(len(times), dtype=bool)
     onset_index = np.full(len(log_codes), -1, dtype=np.int64)
-    mismatches = []
-    for presentation in np.argsort(log_onsets, kind="stable"):
-        log_s, code = log_onsets[presentation], log_codes[presentation]
-        low, high = np.searchsorted(times, [log_s - SHIFT_SEARCH_S, log_s + SHIFT_SEARCH_S + 1e-9])
+    by_time = np.argsort(log_onsets, kind="stable")
+
+    def unused_near(log_s: float, reach: float) -> np.ndarray:
+        low, high = np.searchsorted(times, [log_s - reach, log_s + reach + 1e-9])
         candidates = np.arange(low, high)[~used[low:high]]
-        distance = np.abs(times[candidates] - log_s)
-        same = candidates[codes[candidates] == code]
-        best = same[np.argmin(np.abs(times[same] - log_s))] if same.size else None
-        if best is not None and abs(times[best] - log_s) <= tolerance:
-            onset_index[presentation], used[best] = best, True
-        elif candidates.size and distance.min() <= tolerance:
-            other = candidates[np.argmin(distance)]
-            used[other] = True
-            mismatches.append(_mismatch("code_mismatch", int(presentation), code, log_s, times[other])
-                              | {"nev_code": int(codes[other])})
-        elif best is not None:
-            used[best] = True
-            mismatches.append(_mismatch("shifted_timing", int(presentation), code, log_s, times[best]))
+        return candidates[np.argsort(np.abs(times[candidates] - log_s), kind="stable")]
+
+    for presentation in by_time:  # first pass: same code within the tolerance
+        same = [j for j in unused_near(log_onsets[presentation], tolerance) if codes[j] == log_codes[presentation]]
+        if same:
+            onset_index[presentation], used[same[0]] = same[0], True
+    mismatches = []
+    for presentation in by_time[onset_index[by_time] < 0]:  # second pass: explain what is left
+        log_s, code = log_onsets[presentation], log_codes[presentation]
+        near = unused_near(log_s, tolerance)
+        shifted = [j for j in unused_near(log_s, SHIFT_SEARCH_S) if codes[j] == code]
+        if near.size:
+            other = near[0]
+            kind = "code_mismatch" if known[other] else "unknown_code"
+            found = _mismatch(kind, int(presentation), code, log_s, times[other]) | {"nev_code": int(codes[other])}
+        elif shifted:
+            other = shifted[0]
+            found = _mismatch("shifted_timing", int(presentation), code, log_s, times[other])
         else:
-            mismatches.append(_mismatch("missing_onset", int(presentation), code, log_s, None))
-    known = np.isin(codes, np.asarray(known_codes, dtype=np.int64))
+            other, found = None, _mismatch("missing_onset", int(presentation), code, log_s, None)
+        if other is not None:
+            used[other] = True
+        mismatches.append(found)
     for index in np.flatnonzero(~used):
         kind = "extra_onset" if known[index] else "unknown_code"
         mismatches.append(_mismatch(kind, None, codes[index], None, times[index]))
