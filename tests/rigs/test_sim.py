@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from closedloop.bundle import make_event_codes, write_bundle
+from closedloop.cli import main
 from closedloop.ingest import compute_counts, compute_onsets, read_nev
 from closedloop.keys import make_keys
 from closedloop.link import RigClient
@@ -63,7 +65,7 @@ def test_simulated_spikes_follow_the_rates(tmp_path):
         SimulatedPresenter(make_hidden_sites(1, 0), recording_path=tmp_path / "x.nev", fixation_break_rate=2)
 
 
-def test_session_against_the_simulated_rig_with_faults(tmp_path):
+def test_session_against_the_simulated_rig_with_faults(tmp_path, capsys):
     """CURVE, stream faults and a rig crash on; every stimulus gets its valid repetitions, every
     presentation is recorded once, and the live counts equal the rig's and the .nev's."""
     keys = tmp_path / "keys"
@@ -117,6 +119,10 @@ def test_session_against_the_simulated_rig_with_faults(tmp_path):
     live_counts = np.array([o["counts"] for o in by_onset])
     assert nev_counts.shape == live_counts.shape and np.array_equal(nev_counts, live_counts)
     assert live_counts.sum() > 0
+    main(["ingest", recording, "--json"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_presentations"] == len(store)
+    assert summary["counts"] == {str(site + 1): int(n) for site, n in enumerate(live_counts.sum(axis=0))}
 
 
 def _free_port() -> int:
