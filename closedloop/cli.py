@@ -151,6 +151,68 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
         )
 
 
+# ----- rig link (keys, simulated rig) ------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace existing key pairs (every peer then needs the new public keys).")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
+def keys(folder: Path, force: bool, as_json: bool) -> None:
+    """Make CURVE key pairs for the control PC and the rig in FOLDER, and allow the control key on the rig."""
+    from closedloop.keys import make_keys
+
+    written = {name: str(path) for name, path in make_keys(folder, overwrite=force).items()}
+    text = "\n".join(f"{name:>8}: {path}" for name, path in written.items())
+    _emit(written, as_json, text + "\ncopy rig.key_secret and allowed/ to the rig; keep control.key_secret here")
+
+
+@cli.command("rig-sim")
+@click.option("--experiment", "experiment", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP + " Its [rig], [sites] and [rsvp] sections are used.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the rig's session state and .nev [default: EXPERIMENT/rig-sim].")
+@click.option("--seed", type=click.IntRange(0), default=None,
+              help="Seed of the hidden sites and spikes [default: the experiment seed + 1].")
+@click.option("--time-scale", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Real seconds per recording-clock second (0.01 runs 100x faster).")
+@click.option("--fixation-break-rate", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+              help="Probability that a presentation ends in a fixation break.")
+@click.option("--drop", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fault injection: probability of dropping a stream message.")
+@click.option("--duplicate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fault injection: probability of sending a stream message twice.")
+@click.option("--reorder", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fault injection: probability of holding a stream message back behind the next.")
+@click.option("--crash-after", type=click.IntRange(1), default=None,
+              help="Fault injection: crash after this many presentations and restart once.")
+def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_scale: float,
+            fixation_break_rate: float, drop: float, duplicate: float, reorder: float,
+            crash_after: int | None) -> None:
+    """Run the simulated IT rig on the configured [rig] address until interrupted (Ctrl-C)."""
+    import threading
+
+    from closedloop.config import read_config
+    from rigs.agent import StreamFaults
+    from rigs.sim import run_sim_rig
+
+    config = read_config(experiment)
+    rig = config.rig
+    stop = threading.Event()
+    arguments = dict(
+        address=rig.address, state_dir=state_dir or Path(experiment) / "rig-sim", n_sites=config.sites.n_sites,
+        seed=config.experiment.seed + 1 if seed is None else seed, time_scale=time_scale,
+        on_s=config.rsvp.on_s, off_s=config.rsvp.off_s, fixation_break_rate=fixation_break_rate,
+        faults=StreamFaults(drop=drop, duplicate=duplicate, reorder=reorder, seed=config.experiment.seed),
+        security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s, timeout_s=rig.timeout_s,
+    )
+    try:
+        run_sim_rig(stop, crash_after=crash_after, on_start=lambda agent: click.echo(f"serving on {agent.address}"),
+                    **arguments)
+    except KeyboardInterrupt:
+        stop.set()
+
+
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 

@@ -148,6 +148,10 @@ class RigSection(_Section):
     keys_dir: str = Field("keys", description="Folder with this side's CURVE key pair and the allowed rig public keys.")
     heartbeat_s: float = Field(1.0, gt=0.0, le=60.0, description="Heartbeat interval, s.")
     timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="A peer silent this long is considered dead, s.")
+    retries: int = Field(3, ge=1, le=100, description="Tries per command (same request id; the rig answers a repeat once).")
+    reconnect_s: float = Field(
+        60.0, ge=0.0, le=3600.0, description="Keep reconnecting (with back-off) to a vanished rig this long before giving up, s."
+    )
 
 
 class FitSection(_Section):
