@@ -15,13 +15,13 @@ Root attributes: ``sha256`` (hex digest of the ``pixels`` bytes in C order, see
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from closedloop.files import atomic_path
 from closedloop.validation import check_array, check_file, check_integer, check_integer_array
 
 __all__ = [
@@ -121,24 +121,17 @@ def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict |
     converted = {str(key): _as_hdf5_attr(str(key), value) for key, value in attrs.items()}
     digest = compute_bundle_digest(pixels)
 
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(temporary, "w") as handle:
-            handle.create_dataset(
-                "pixels", data=pixels, chunks=(1, *FRAME_SHAPE) if n else None, compression="gzip" if n else None
-            )
-            handle.create_dataset("stimulus_ids", data=stimulus_ids, dtype=np.int64)
-            handle.create_dataset("codes", data=codes, dtype=np.uint16)
-            handle.attrs["sha256"] = np.bytes_(digest)
-            handle.attrs["n_stimuli"] = np.int64(n)
-            handle.attrs["format_version"] = np.int64(BUNDLE_FORMAT_VERSION)
-            for key, value in converted.items():
-                handle.attrs[key] = value
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
+        handle.create_dataset(
+            "pixels", data=pixels, chunks=(1, *FRAME_SHAPE) if n else None, compression="gzip" if n else None
+        )
+        handle.create_dataset("stimulus_ids", data=stimulus_ids, dtype=np.int64)
+        handle.create_dataset("codes", data=codes, dtype=np.uint16)
+        handle.attrs["sha256"] = np.bytes_(digest)
+        handle.attrs["n_stimuli"] = np.int64(n)
+        handle.attrs["format_version"] = np.int64(BUNDLE_FORMAT_VERSION)
+        for key, value in converted.items():
+            handle.attrs[key] = value
     return digest
 
 

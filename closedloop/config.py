@@ -327,6 +327,7 @@ def write_default_config(folder: str | Path, *, preset: str = "paper", overwrite
 
     Returns the path written. Refuses to overwrite an existing file unless ``overwrite``.
     """
+    from closedloop.files import write_text
     from closedloop.validation import check_option
 
     check_option("preset", preset, PRESETS)
@@ -337,8 +338,4 @@ def write_default_config(folder: str | Path, *, preset: str = "paper", overwrite
     data = {section: dict(values) for section, values in PRESETS[preset].items()}
     data.setdefault("experiment", {})["name"] = folder.resolve().name
     text = render_config(build_config(data, source=f"preset {preset!r}"))
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".toml.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return write_text(path, text)

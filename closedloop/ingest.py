@@ -13,15 +13,15 @@ live ones, reporting every mismatch instead of guessing.
 from __future__ import annotations
 
 import gc
-import hashlib
 import math
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from closedloop.files import compute_file_digest
 from closedloop.logs import logger
 from closedloop.recording import Recording, compute_ticks
 from closedloop.sites import SiteTable, make_default_sites
@@ -38,7 +38,6 @@ __all__ = [
     "compute_nev_counts",
     "compute_summary",
     "compute_reconciliation",
-    "compute_file_digest",
     "write_day_counts",
     "DEFAULT_WINDOW_S",
     "DEFAULT_TOLERANCE_S",
@@ -217,15 +216,6 @@ def read_nev(path: str | Path, *, allow_truncated: bool = False) -> Recording:
     logger.info("read %s: NEV %s, %d electrodes, %d spikes, %d digital events", path.name, facts["version"],
                 len(recording.electrodes), recording.n_spikes, recording.n_events)
     return recording
-
-
-def compute_file_digest(path: str | Path) -> str:
-    """sha256 hex digest of a file, read in 8 MiB blocks."""
-    digest = hashlib.sha256()
-    with check_file("path", path).open("rb") as handle:
-        for block in iter(lambda: handle.read(8 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- onsets and counts ------------------------------------------------------------------------
@@ -580,6 +570,6 @@ def write_day_counts(
     report["written"] = True
     attrs = {key: value for key, value in report.items() if key != "store"}
     store.write_ingest(counts, matched, onset,
-                       attrs=attrs | {"ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+                       attrs=attrs | {"ingested_at": datetime.now(UTC).isoformat(timespec="seconds")})
     return report
 

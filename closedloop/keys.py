@@ -15,14 +15,13 @@ matching secret key cannot complete the handshake. Secret key files are written 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
 import zmq.auth
 
+from closedloop.files import write_text
 from closedloop.validation import check_dir, check_file, check_option
 
 __all__ = [
@@ -53,21 +52,10 @@ class KeyPair(tuple):
         return self[1]
 
 
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(handle, mode)
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
 
 def _certificate(public: bytes, secret: bytes | None) -> str:
     lines = [
-        f"#   closedloop CURVE certificate, written {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"#   closedloop CURVE certificate, written {datetime.now(UTC).isoformat(timespec='seconds')}",
         "#   " + ("SECRET: never copy this file off the machine it belongs to" if secret else "public key"),
         "metadata",
         "curve",
@@ -91,8 +79,8 @@ def make_key_pair(folder: str | Path, name: str, *, overwrite: bool = False) -> 
             "to replace them, then copy the new public key to every peer."
         )
     public, secret = zmq.curve_keypair()
-    _write_atomic(secret_path, _certificate(public, secret), 0o600)
-    _write_atomic(public_path, _certificate(public, None), 0o644)
+    write_text(secret_path, _certificate(public, secret), mode=0o600)
+    write_text(public_path, _certificate(public, None), mode=0o644)
     return KeyPair((public, secret))
 
 
@@ -107,7 +95,7 @@ def make_keys(folder: str | Path, *, overwrite: bool = False) -> dict[str, Path]
         make_key_pair(folder, side, overwrite=overwrite)
     control = load_public_key(folder / "control.key")
     allowed = folder / ALLOWED_DIR / "control.key"
-    _write_atomic(allowed, _certificate(control, None), 0o644)
+    write_text(allowed, _certificate(control, None), mode=0o644)
     return {"control": folder / "control.key_secret", "rig": folder / "rig.key_secret", "allowed": allowed.parent}
 
 

@@ -1,15 +1,12 @@
-"""Provenance of every artifact: versions, git commit, seeds, input hashes, atomic JSON files."""
+"""Provenance of every artifact: versions, git commit, seeds and input hashes."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -18,10 +15,7 @@ import numpy as np
 
 __all__ = [
     "derive_seed",
-    "compute_file_digest",
     "compute_provenance",
-    "read_json",
-    "write_json",
     "PACKAGES",
 ]
 
@@ -40,14 +34,6 @@ def derive_seed(master: int, *keys: int | str) -> int:
     entropy = [int(master)] + [k if isinstance(k, int) else _text_entropy(k) for k in keys]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
-
-def compute_file_digest(path: str | Path, *, chunk_bytes: int = 1 << 22) -> str:
-    """sha256 hex digest of a file's bytes (read in chunks, any size)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _git_commit() -> dict:
@@ -88,30 +74,3 @@ def compute_provenance(*, seeds: dict | None = None, inputs: dict | None = None)
         "seeds": dict(seeds or {}),
         "inputs": dict(inputs or {}),
     }
-
-
-def write_json(path: str | Path, data) -> Path:
-    """Write ``data`` as indented JSON atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=2, allow_nan=False)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_json(path: str | Path):
-    """Read a JSON file, naming the file in the error if it is not valid JSON."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); the file may be damaged") from None

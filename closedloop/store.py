@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -341,7 +341,7 @@ class DayStore:
             if array.shape[0] != n:
                 array.resize((n, *array.shape[1:]))
         self._root.attrs["finished"] = True
-        self._root.attrs["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._root.attrs["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         _consolidate(self.path)
 
 
@@ -373,7 +373,7 @@ def create_store(path: str | Path, *, sites: SiteTable | int, overwrite: bool = 
         "schema_version": SCHEMA_VERSION,
         "n_sites": sites.n_sites,
         "finished": False,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     })
     return DayStore(path, root, "a")
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import zmq
 
+from closedloop.files import write_json
 from closedloop.keys import load_curve_keys, make_authenticator
 from closedloop.logs import logger
 from closedloop.protocol import COMMANDS, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message
@@ -84,12 +85,6 @@ class StreamFaults:
             raise ValueError(
                 f"'drop' + 'duplicate' + 'reorder' must be <= 1, but got {self.drop + self.duplicate + self.reorder:g}."
             )
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _read_journal(path: Path) -> list[dict]:
@@ -188,7 +183,7 @@ class RigAgent:
                 old.replace(self.state_dir / f"stream-{self._session['sha256'][:12]}-{time.time_ns()}.jsonl")
             self._journal = open(old, "w", encoding="utf-8")  # noqa: SIM115
             self._session = {"sha256": sha256, "bundle": bundle.name, "stopped": False}
-            _write_json_atomic(self.state_dir / _SESSION, self._session)
+            write_json(self.state_dir / _SESSION, self._session)
             self._stimuli, self._outcomes, self._shown = stimuli, [], set()
             self._queue.clear()
 
@@ -445,7 +440,7 @@ class RigAgent:
         self._flush_stream()
         recording = self.presenter.finish(outcomes) if self._session["sha256"] else ""
         self._session = {**self._session, "stopped": True}
-        _write_json_atomic(self.state_dir / _SESSION, self._session)
+        write_json(self.state_dir / _SESSION, self._session)
         return {"n_cancelled": len(cancelled), "cancelled": cancelled, "recording": str(recording)}
 
 

@@ -18,12 +18,12 @@ recordings with known spikes and codes.
 
 from __future__ import annotations
 
-import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from closedloop.files import atomic_path
 from closedloop.recording import Recording
 from closedloop.validation import check_integer, check_option
 
@@ -115,13 +115,8 @@ def _check_recording(recording: Recording, version: str) -> None:
 
 
 def _write_atomically(path: Path, write) -> Path:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("wb") as handle:
-            write(handle)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, temporary.open("wb") as handle:
+        write(handle)
     return path
 
 
@@ -175,7 +170,7 @@ def write_nev(
     if path.suffix != ".nev":
         raise ValueError(f"'path' {str(path)!r} must end in .nev (Blackrock readers find files by extension).")
     _check_recording(recording, version)
-    when = recorded_at or datetime.now(timezone.utc)
+    when = recorded_at or datetime.now(UTC)
     dtype = _packet_dtype(version)
     ticks = np.concatenate([recording.event_ticks, recording.spike_ticks])
     order = np.argsort(ticks, kind="stable")  # time order; at equal ticks an event precedes spikes
@@ -220,7 +215,7 @@ def write_nsx(path: str | Path, recording: Recording, *, version: str = "2.3", r
     basic["label"] = b"1 kS/s"
     basic["period"] = NS2_PERIOD
     basic["timestamp_resolution"] = 30000
-    _systemtime(basic, recorded_at or datetime.now(timezone.utc))
+    _systemtime(basic, recorded_at or datetime.now(UTC))
     basic["channel_count"] = len(electrodes)
     channels = np.zeros(len(electrodes), dtype=_NSX_CHANNEL)
     channels["type"] = b"CC"

@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 import zarr
 
-from closedloop.ingest import (compute_counts, compute_onsets, compute_reconciliation, compute_summary, read_nev,
-                               write_day_counts)
+from closedloop.ingest import (
+    compute_counts,
+    compute_onsets,
+    compute_reconciliation,
+    compute_summary,
+    read_nev,
+    write_day_counts,
+)
 from closedloop.recording import Recording
 from closedloop.sites import SiteTable, make_default_sites
 from closedloop.store import create_store, open_store

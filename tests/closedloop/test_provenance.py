@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from closedloop.provenance import compute_file_digest, compute_provenance, derive_seed, read_json, write_json
+from closedloop.files import compute_file_digest, read_json, write_json
+from closedloop.provenance import compute_provenance, derive_seed
 
 
 def test_derived_seeds_are_stable_and_distinct():
