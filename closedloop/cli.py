@@ -173,11 +173,11 @@ def keys(folder: Path, force: bool, as_json: bool) -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the rig's session state and .nev [default: EXPERIMENT/rig-sim].")
 @click.option("--seed", type=click.IntRange(0), default=None,
-              help="Seed of the hidden sites and spikes [default: the experiment seed + 1].")
-@click.option("--time-scale", type=click.FloatRange(0), default=1.0, show_default=True,
-              help="Real seconds per recording-clock second (0.01 runs 100x faster).")
-@click.option("--fixation-break-rate", type=click.FloatRange(0, 1), default=0.05, show_default=True,
-              help="Probability that a presentation ends in a fixation break.")
+              help="Seed of the hidden sites and spikes [default: [sim] seed].")
+@click.option("--time-scale", type=click.FloatRange(0), default=None,
+              help="Real seconds per recording-clock second (0.01 runs 100x faster) [default: [sim] time_scale].")
+@click.option("--fixation-break-rate", type=click.FloatRange(0, 1), default=None,
+              help="Probability that a presentation ends in a fixation break [default: [sim] fixation_break_rate].")
 @click.option("--drop", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Fault injection: probability of dropping a stream message.")
 @click.option("--duplicate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
@@ -201,8 +201,10 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
     stop = threading.Event()
     arguments = dict(
         address=rig.address, state_dir=state_dir or Path(experiment) / "rig-sim", n_sites=config.sites.n_sites,
-        seed=config.experiment.seed + 1 if seed is None else seed, time_scale=time_scale,
-        on_s=config.rsvp.on_s, off_s=config.rsvp.off_s, fixation_break_rate=fixation_break_rate,
+        seed=config.sim.seed if seed is None else seed,
+        time_scale=config.sim.time_scale if time_scale is None else time_scale,
+        on_s=config.rsvp.on_s, off_s=config.rsvp.off_s,
+        fixation_break_rate=config.sim.fixation_break_rate if fixation_break_rate is None else fixation_break_rate,
         faults=StreamFaults(drop=drop, duplicate=duplicate, reorder=reorder, seed=config.experiment.seed),
         security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s, timeout_s=rig.timeout_s,
     )

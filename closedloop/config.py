@@ -154,6 +154,20 @@ class RigSection(_Section):
     )
 
 
+class SimSection(_Section):
+    """[sim]: the simulated IT rig (used when [rig] kind = "sim", by `closedloop rig-sim` and the demo)."""
+
+    seed: int = Field(1, ge=0, description="Seed of the simulated monkey's hidden sites (the same every day).")
+    time_scale: float = Field(
+        1.0, ge=0.0, le=10.0, description="Real seconds per recording-clock second (0.01 runs 100x faster than real time)."
+    )
+    fixation_break_rate: float = Field(0.05, ge=0.0, le=0.9, description="Probability that a presentation ends in a fixation break.")
+    truth_starts: int = Field(
+        4, ge=1, description="Validation only: random starts per direction of the white-box solver giving each site's true sensitivity."
+    )
+    truth_steps: int = Field(60, ge=2, description="Validation only: steps of that solver.")
+
+
 class FitSection(_Section):
     """[fit]: end-to-end refitting of the IT model after each day."""
 
@@ -178,6 +192,7 @@ class ExperimentConfig(_Section):
     rsvp: RSVPSection = RSVPSection()
     response: ResponseSection = ResponseSection()
     rig: RigSection = RigSection()
+    sim: SimSection = SimSection()
     fit: FitSection = FitSection()
 
     @model_validator(mode="after")
@@ -203,6 +218,7 @@ PRESETS: dict[str, dict] = {
         "sites": {"n_sites": 8},
         "attack": {"budgets": [1.0, 3.0, 10.0], "steps": 20},
         "rig": {"kind": "sim"},
+        "sim": {"time_scale": 0.0, "fixation_break_rate": 0.05},
         "fit": {"epochs": 8, "batch_size": 32, "backbone_learning_rate": 1e-4},
     },
 }

@@ -97,6 +97,11 @@ class RigClient:
 
     # ----- public commands ---------------------------------------------------------------------
 
+    @property
+    def seconds_since_heard(self) -> float:
+        """Seconds since the last message from the rig (link health for the operator display)."""
+        return time.monotonic() - self._last_heard if self._last_heard else float("inf")
+
     def connect(self) -> dict:
         """Say hello and reconcile with the rig; returns the rig's hello data (rig_id, sites, ...)."""
         self._ensure_session()
