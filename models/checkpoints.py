@@ -18,6 +18,7 @@ The architecture of a ``.pt`` file is recognised from its weight names and shape
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import re
@@ -182,8 +183,7 @@ def _detect_architecture(state: Mapping[str, torch.Tensor], num_classes: int, pa
     found = {key: tuple(value.shape) for key, value in state.items()}
     best, best_score, best_expected = None, -1, {}
     for architecture in ARCHITECTURES:
-        network = make_network(architecture, num_classes=num_classes, seed=None)
-        expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+        expected = _weight_shapes(architecture, num_classes)
         conflicts = [key for key, shape in found.items() if expected.get(key) != shape]
         score = len(found) - len(conflicts)
         if not conflicts:
@@ -194,6 +194,12 @@ def _detect_architecture(state: Mapping[str, torch.Tensor], num_classes: int, pa
         f"checkpoint {str(path)!r}: its weights fit none of the known architectures "
         f"({', '.join(ARCHITECTURES)}). Closest is {best}: {describe_key_mismatch(best_expected, found)}"
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _weight_shapes(architecture: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    network = make_network(architecture, num_classes=num_classes, seed=None)
+    return {key: tuple(value.shape) for key, value in network.state_dict().items()}
 
 
 def describe_key_mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str:

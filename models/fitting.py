@@ -229,7 +229,7 @@ def _train(
             optimizer.zero_grad(set_to_none=True)
             (fit_loss + l1 * model.readout.l1_penalty()).backward()
             optimizer.step()
-            total += float(fit_loss) * chosen.size
+            total += float(fit_loss.detach()) * chosen.size
         train_loss.append(total / train.size)
         predicted = _predict(model, images, held_out, batch_size)
         held_out_loss.append(float(loss_function(predicted, observed_held_out)))
