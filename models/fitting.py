@@ -27,6 +27,7 @@ from models.predictivity import compute_pearson, compute_split_half_reliability
 __all__ = ["FitResult", "fit_it_model", "LOSSES"]
 
 LOSSES = ("poisson", "mse")
+_FEATURE_CACHE_BYTES = 2 * 1024**3  # frozen-backbone features kept in memory up to this size
 
 
 @dataclass(frozen=True)
@@ -207,15 +208,17 @@ def _train(
 ) -> FitResult:
     device = next(model.parameters()).device
     model.backbone.requires_grad_(backbone_learning_rate is not None)
+    features = _make_feature_reader(model, images, np.concatenate([train, held_out]), batch_size,
+                                    frozen=backbone_learning_rate is None)
     if calibrate_bias:
-        _calibrate_bias(model, images, targets, train, batch_size)
+        _calibrate_bias(model, features, targets, train, batch_size)
     groups = [{"params": model.readout.parameters(), "lr": learning_rate}]
     if backbone_learning_rate is not None:
         groups.append({"params": model.backbone.parameters(), "lr": backbone_learning_rate})
     optimizer = torch.optim.Adam(groups)
     generator = torch.Generator().manual_seed(seed)
     observed_held_out = torch.from_numpy(targets[held_out])
-    predicted = _predict(model, images, held_out, batch_size)
+    predicted = _predict(model, features, held_out, batch_size)
     held_out_loss = [float(loss_function(predicted, observed_held_out))]
     best_epoch, best_predicted = 0, predicted
     best_state = {key: value.detach().clone() for key, value in model.state_dict().items()}
@@ -224,14 +227,14 @@ def _train(
         total = 0.0
         for batch in torch.randperm(train.size, generator=generator).split(batch_size):
             chosen = train[batch.numpy()]
-            predicted = model(to_tensor(images[chosen], device))
+            predicted = model.counts_from_features(features(chosen))
             fit_loss = loss_function(predicted, torch.from_numpy(targets[chosen]).to(device))
             optimizer.zero_grad(set_to_none=True)
             (fit_loss + l1 * model.readout.l1_penalty()).backward()
             optimizer.step()
             total += float(fit_loss.detach()) * chosen.size
         train_loss.append(total / train.size)
-        predicted = _predict(model, images, held_out, batch_size)
+        predicted = _predict(model, features, held_out, batch_size)
         held_out_loss.append(float(loss_function(predicted, observed_held_out)))
         logger.debug("epoch %d: train loss %.4g, held-out loss %.4g", epoch, train_loss[-1], held_out_loss[-1])
         if held_out_loss[-1] < held_out_loss[best_epoch]:
@@ -251,19 +254,40 @@ def _train(
     )
 
 
-@torch.no_grad()
-def _predict(model: ITModel, images: np.ndarray, chosen: np.ndarray, batch_size: int, *, raw: bool = False) -> torch.Tensor:
-    """Predictions (len(chosen), n_sites) on the CPU; ``raw``: readout values before the softplus."""
+def _make_feature_reader(
+    model: ITModel, images: np.ndarray, stimuli: np.ndarray, batch_size: int, *, frozen: bool
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """A function: stimulus indices → backbone features on the model's device.
+
+    A frozen backbone is run once per stimulus and its features kept (if they fit in
+    ``_FEATURE_CACHE_BYTES``), so later epochs only run the readout.
+    """
     device = next(model.parameters()).device
-    forward = (lambda x: model.readout(model.backbone(x))) if raw else model
-    parts = [forward(to_tensor(images[part], device)).cpu() for part in np.array_split(chosen, max(1, -(-chosen.size // batch_size)))]
-    return torch.cat(parts)
+    n_bytes = stimuli.size * int(np.prod(model.readout.in_shape)) * 4
+    if not frozen or n_bytes > _FEATURE_CACHE_BYTES:
+        return lambda chosen: model.backbone(to_tensor(images[chosen], device))
+    with torch.no_grad():
+        cache = torch.cat([model.backbone(to_tensor(images[part], device)) for part in _batches(stimuli, batch_size)])
+    rows = np.zeros(images.shape[0], dtype=np.int64)
+    rows[stimuli] = np.arange(stimuli.size)
+    return lambda chosen: cache[torch.from_numpy(rows[chosen]).to(device)]
+
+
+def _batches(indices: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return np.array_split(indices, max(1, -(-indices.size // batch_size)))
 
 
 @torch.no_grad()
-def _calibrate_bias(model: ITModel, images, targets, train, batch_size) -> None:
+def _predict(model: ITModel, features, chosen: np.ndarray, batch_size: int, *, raw: bool = False) -> torch.Tensor:
+    """Predicted counts (len(chosen), n_sites) on the CPU; ``raw``: readout values before the softplus."""
+    head = model.readout if raw else model.counts_from_features
+    return torch.cat([head(features(part)).cpu() for part in _batches(chosen, batch_size)])
+
+
+@torch.no_grad()
+def _calibrate_bias(model: ITModel, features, targets, train, batch_size) -> None:
     """Shift each site's bias so its mean predicted count over ``train`` equals its mean count (bisection)."""
-    raw = _predict(model, images, train, batch_size, raw=True)
+    raw = _predict(model, features, train, batch_size, raw=True)
     wanted = torch.from_numpy(targets[train].mean(axis=0)).clamp(min=1e-3)
     reach = float(wanted.max() + raw.abs().max()) + 50.0
     low, high = torch.full_like(wanted, -reach), torch.full_like(wanted, reach)

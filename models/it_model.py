@@ -62,7 +62,11 @@ class ITModel(nn.Module):
         return self.readout.n_sites
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.softplus(self.readout(self.backbone(images)))
+        return self.counts_from_features(self.backbone(images))
+
+    def counts_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Backbone features (N, *backbone.out_shape) → predicted counts (N, n_sites)."""
+        return F.softplus(self.readout(features))
 
 
 def make_it_model(

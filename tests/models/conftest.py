@@ -11,7 +11,7 @@ import torch
 from closedloop.logs import logger
 
 
-def make_images(n_images: int, size: int, seed: int) -> np.ndarray:
+def _make_images(n_images: int, size: int, seed: int) -> np.ndarray:
     """uint8 (n_images, size, size, 3): smooth random patterns with random mean and contrast."""
     rng = np.random.default_rng(seed)
     coarse = torch.from_numpy(rng.random((n_images, 3, 8, 8), dtype=np.float32))
@@ -20,6 +20,12 @@ def make_images(n_images: int, size: int, seed: int) -> np.ndarray:
     contrast = torch.from_numpy(rng.uniform(0.1, 1.0, (n_images, 1, 1, 1)).astype(np.float32))
     images = (mean + contrast * (fine - 0.5)).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+@pytest.fixture
+def make_images():
+    """The builder of seeded synthetic uint8 images, (n_images, size, size, 3)."""
+    return _make_images
 
 
 class _ListHandler(logging.Handler):
