@@ -35,9 +35,10 @@ class FitResult:
     """What a fit achieved, on the held-out stimuli.
 
     ``held_out_r``: (n_sites,) Pearson r between predicted and mean observed counts on the
-    held-out stimuli, with the best state. ``reliability``: (n_sites,) split-half reliability of
-    the held-out stimuli's mean counts (Spearman-Brown corrected), the ceiling for ``held_out_r``;
-    NaN where no held-out stimulus has >= 2 presentations. ``n_epochs``: epochs run;
+    held-out stimuli, with the best state. ``reliability``: (n_sites,) split-half reliability ρ of
+    the held-out stimuli's mean counts (Spearman-Brown corrected); a perfect model reaches
+    ``held_out_r`` ≈ √ρ, so ``held_out_r / sqrt(reliability)`` is the noise-corrected
+    predictivity. NaN where no held-out stimulus has >= 2 presentations. ``n_epochs``: epochs run;
     ``best_epoch``: the epoch whose state was kept (0 = the model before training).
     ``train_loss``: (n_epochs,) mean training loss per epoch (without the L1 term);
     ``held_out_loss``: (n_epochs + 1,) held-out loss before training and after each epoch.
@@ -102,7 +103,8 @@ def fit_it_model(
     The model ends on the device it started on, in eval mode; a summary is appended to
     ``model.metadata["history"]``.
     """
-    targets, presented = _check_fit_inputs(model, images, counts, stimulus)
+    counts, stimulus = _check_fit_inputs(model, images, counts, stimulus)
+    targets, presented = _mean_counts(counts, stimulus, images.shape[0])
     check_option("loss", loss, LOSSES)
     check_integer("epochs", epochs, minimum=1)
     check_number("learning_rate", learning_rate, minimum=0.0, inclusive=False)
@@ -165,7 +167,7 @@ _LOSS_FUNCTIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
 
 
 def _check_fit_inputs(model, images, counts, stimulus) -> tuple[np.ndarray, np.ndarray]:
-    """Per-stimulus mean counts (n_stimuli, n_sites) float32 and the presented stimulus indices."""
+    """``counts`` and ``stimulus`` as checked arrays."""
     if not isinstance(model, ITModel):
         raise TypeError(f"'model' must be a models.ITModel, but got {type(model).__name__}.")
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
@@ -183,10 +185,14 @@ def _check_fit_inputs(model, images, counts, stimulus) -> tuple[np.ndarray, np.n
         raise ValueError(
             f"'stimulus' must have shape (n_presentations,) = ({counts.shape[0]},) to match 'counts', but got {stimulus.shape}."
         )
-    stimulus = check_indices("stimulus", stimulus, images.shape[0])
-    totals = np.zeros((images.shape[0], model.n_sites))
+    return counts, check_indices("stimulus", stimulus, images.shape[0])
+
+
+def _mean_counts(counts: np.ndarray, stimulus: np.ndarray, n_stimuli: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-stimulus mean counts (n_stimuli, n_sites) float32 and the indices of presented stimuli."""
+    totals = np.zeros((n_stimuli, counts.shape[1]))
     np.add.at(totals, stimulus, counts)
-    repeats = np.bincount(stimulus, minlength=images.shape[0])
+    repeats = np.bincount(stimulus, minlength=n_stimuli)
     targets = (totals / np.maximum(repeats, 1)[:, None]).astype(np.float32)
     return targets, np.flatnonzero(repeats)
 
