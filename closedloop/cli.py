@@ -215,6 +215,54 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
         stop.set()
 
 
+@cli.command("fit-day")
+@click.argument("day", type=click.IntRange(0, 999))
+@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP)
+@click.option("--until", type=click.Choice(["plan", "synthesize", "bundle", "present", "ingest", "estimate", "refit", "report"]),
+              default=None, help="Stop after this stage.")
+@click.option("--force", is_flag=True, help="Start the day over although it was begun with another configuration "
+              "(the old day folder is kept as day_NNN.replaced-<time>).")
+@click.option("--json", "as_json", is_flag=True, help="Print what each stage did as JSON.")
+def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json: bool) -> None:
+    """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report."""
+    from closedloop.day import run_day
+
+    results = run_day(experiment, day, force=force, until=until)
+    lines = [f"{stage:>10}: " + ("already done" if r["skipped"] else f"done in {r['seconds']:.1f} s") for stage, r in results.items()]
+    _emit(results, as_json, f"day {day} of {experiment}\n" + "\n".join(lines))
+
+
+@cli.command()
+@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(experiment: Path, as_json: bool) -> None:
+    """Where every day of the experiment stands: stages done, presentations recorded, model fitted."""
+    from closedloop.day import read_status
+    from closedloop.validation import check_dir
+
+    records = read_status(check_dir("--experiment", experiment))
+    lines = [f"{'day':>4}  {'next stage':<11} {'stimuli':>8} {'presentations':>13}  model"]
+    for r in records:
+        lines.append(f"{r['day']:>4}  {r['next_stage'] or 'complete':<11} {r['n_stimuli']:>8} {r['n_presentations']:>13}  "
+                     f"{'fitted' if r['model_fitted'] else '-'}")
+    _emit({"experiment": str(experiment), "days": records}, as_json, "\n".join(lines) if records else "no days yet")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("daily_runs/demo"),
+              show_default=True, help="Experiment folder to create (an earlier demo there is replaced).")
+@click.option("--days", type=click.IntRange(1, 20), default=4, show_default=True, help="Days to run (day_000 ...).")
+@click.option("--json", "as_json", is_flag=True, help="Print the demo's summary as JSON.")
+def demo(out: Path, days: int, as_json: bool) -> None:
+    """The embedded demo: a fresh experiment against the simulated rig, days 0..DAYS-1, then the report."""
+    from closedloop.demo import run_demo
+
+    result = run_demo(out, n_days=days)
+    _emit(result["summary"], as_json, result["text"])
+
+
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 

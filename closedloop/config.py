@@ -173,7 +173,7 @@ class FitSection(_Section):
 
     loss: Literal["poisson", "mse"] = Field("poisson", description="Training loss on spike counts.")
     epochs: int = Field(30, ge=1, description="Maximum passes over the data.")
-    learning_rate: float = Field(1e-3, gt=0.0, description="Adam learning rate of the readout.")
+    learning_rate: float = Field(1e-2, gt=0.0, description="Adam learning rate of the readout.")
     backbone_learning_rate: float = Field(1e-5, ge=0.0, description="Adam learning rate of the backbone.")
     batch_size: int = Field(32, ge=1, description="Images per training step.")
     held_out_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="Fraction of images held out for early stopping.")

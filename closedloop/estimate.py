@@ -112,6 +112,8 @@ def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None
     only), else ``null``. Returns records ``{"site", "eps", "kind", "n_images", "estimate",
     "sigma", "normalized", "truth"}`` with estimate and sigma in spikes per window; sigma is
     the standard deviation (ddof=1) of the site's mean responses over the clean stimuli.
+    Each record also carries ``sem``, the standard error of the estimate (s.d. of the per-image
+    signed changes / √n_images; None below 2 images).
     """
     changes = compute_signed_changes(parent, site, eps, kind, predicted, means)
     means = np.asarray(means, np.float64)
@@ -121,7 +123,9 @@ def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None
         selected = (changes.site == s) & (changes.eps == e) & (changes.kind == k)
         values = clean[:, s][np.isfinite(clean[:, s])]
         sigma = float(np.std(values, ddof=1)) if values.size >= 2 else float("nan")
-        estimate = float(changes.change[selected].mean())
+        values_selected = changes.change[selected]
+        estimate = float(values_selected.mean())
+        sem = float(values_selected.std(ddof=1) / np.sqrt(values_selected.size)) if values_selected.size >= 2 else None
         normalized = estimate / sigma if sigma > 0 else float("nan")
         records.append({
             "site": s,
@@ -129,6 +133,7 @@ def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None
             "kind": k,
             "n_images": int(selected.sum()),
             "estimate": estimate,
+            "sem": sem,
             "sigma": None if np.isnan(sigma) else sigma,
             "normalized": None if np.isnan(normalized) else normalized,
             "truth": None if truth is None else float(truth(s, e)),

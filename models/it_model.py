@@ -11,15 +11,14 @@ architecture, layer, sites, training history and a sha256 of the weights file). 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from closedloop.files import atomic_path, compute_file_digest, write_json
 from closedloop.validation import check_file, check_integer
 from models.backbones import load_backbone
 from models.devices import resolve_device
@@ -111,18 +110,11 @@ def write_it_model(model: ITModel, path: str | Path, *, metadata: dict | None = 
         json.dumps(document)
     except (TypeError, ValueError) as error:
         raise TypeError(f"'metadata' must hold JSON-able values (str, numbers, lists, dicts): {error}.") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    weights_tmp, json_tmp = _temporary(path), _temporary(path.with_suffix(".json"))
-    try:
+    with atomic_path(path) as weights_tmp:
         state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
         save_file(state, weights_tmp)
-        document["weights_sha256"] = _sha256(weights_tmp)
-        json_tmp.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        json_tmp.replace(path.with_suffix(".json"))
-        weights_tmp.replace(path)
-    finally:
-        weights_tmp.unlink(missing_ok=True)
-        json_tmp.unlink(missing_ok=True)
+        document["weights_sha256"] = compute_file_digest(weights_tmp)
+        write_json(path.with_suffix(".json"), document)
     return path
 
 
@@ -163,21 +155,9 @@ def _read_metadata(path: Path) -> dict:
             f"{str(sidecar)!r} is not closedloop IT-model metadata (format {FORMAT!r} version {FORMAT_VERSION}); "
             f"got format {document.get('format')!r} version {document.get('format_version')!r}."
         )
-    if document.get("weights_sha256") != _sha256(path):
+    if document.get("weights_sha256") != compute_file_digest(path):
         raise ValueError(
             f"{str(path)!r} does not match the sha256 recorded in {str(sidecar)!r} (an interrupted or partial "
             "write, or files from two different saves); write the model again."
         )
     return document
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -33,9 +33,10 @@ from closedloop.recording import NSP_CLOCK_HZ, Recording
 from closedloop.validation import check_integer, check_number
 from rigs.agent import Outcome, RigAgent, StreamFaults
 
-__all__ = ["HiddenSites", "SimulatedPresenter", "make_hidden_sites", "make_sim_agent", "run_sim_rig"]
+__all__ = ["ExpectedCounts", "HiddenSites", "SimulatedPresenter", "make_hidden_sites", "make_sim_agent", "run_sim_rig"]
 
 _SPIKE_UNIT = 1
+DEFAULT_LATENCY_S = 0.07
 _BATCH = 32
 
 
@@ -85,6 +86,26 @@ class HiddenSites(nn.Module):
         return self.baseline_hz + (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.5))
 
 
+class ExpectedCounts(nn.Module):
+    """Expected spikes per response window of the simulated sites, (n_images, n_sites).
+
+    Spikes are Poisson at the baseline rate except during [latency, latency + on) after onset,
+    when they follow the stimulus-driven rate of ``sites``; the expected count in the window
+    [start, stop) is baseline × (time outside the driven period) + rate × (time inside). This is
+    the truth the validation compares the lower bound with; the loop never reads it.
+    """
+
+    def __init__(self, sites: HiddenSites, *, window_s, on_s: float = 0.1, latency_s: float = DEFAULT_LATENCY_S):
+        super().__init__()
+        start, stop = window_s
+        self.sites = sites
+        self.driven_s = max(0.0, min(stop, latency_s + on_s) - max(start, latency_s))
+        self.baseline_s = (stop - start) - self.driven_s
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.sites.baseline_hz * self.baseline_s + self.sites(images) * self.driven_s
+
+
 def make_hidden_sites(n_sites: int, seed: int) -> HiddenSites:
     """The simulated rig's sites: a :class:`HiddenSites` with ``n_sites`` units built from ``seed``."""
     return HiddenSites(check_integer("n_sites", n_sites, minimum=1), check_integer("seed", seed, minimum=0))
@@ -105,7 +126,7 @@ class SimulatedPresenter:
         time_scale: float = 1.0,
         on_s: float = 0.1,
         off_s: float = 0.1,
-        latency_s: float = 0.07,
+        latency_s: float = DEFAULT_LATENCY_S,
         fixation_break_rate: float = 0.05,
     ) -> None:
         self.site_function = site_function

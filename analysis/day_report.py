@@ -1,0 +1,86 @@
+"""The short per-day report (``day_NNN/report.html``): what was shown, what was recorded, the bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from analysis.html import make_figure, render_figure, render_table, write_page
+from closedloop.files import read_json
+
+__all__ = ["compute_sensitivity_summary", "write_day_report"]
+
+KIND_STYLE = {"attack": ("tab:red", "model-guided attack"), "gaussian": ("tab:gray", "Gaussian noise"),
+              "interpolation": ("tab:blue", "interpolation")}
+
+
+def compute_sensitivity_summary(records: list[dict]) -> list[dict]:
+    """Mean ± s.d. over sites per (kind, ε) of the estimate, normalised estimate and truth.
+
+    ``records``: the rows of ``sensitivity.json``. Returns rows with ``kind``, ``eps``,
+    ``n_sites``, ``n_images`` (total), ``estimate`` / ``estimate_sd`` (spikes per window),
+    ``normalized`` / ``normalized_sd``, ``truth`` (mean, or None), ``below_truth`` (sites whose
+    estimate ≤ truth, or None).
+    """
+    rows = []
+    for kind in ("attack", "gaussian", "interpolation"):
+        for eps in sorted({r["eps"] for r in records if r["kind"] == kind}):
+            chosen = [r for r in records if r["kind"] == kind and r["eps"] == eps]
+            estimate = np.array([r["estimate"] for r in chosen])
+            normalized = np.array([np.nan if r["normalized"] is None else r["normalized"] for r in chosen])
+            truth = [r["truth"] for r in chosen if r["truth"] is not None]
+            rows.append({
+                "kind": kind, "eps": eps, "n_sites": len(chosen), "n_images": int(sum(r["n_images"] for r in chosen)),
+                "estimate": float(estimate.mean()), "estimate_sd": float(estimate.std()),
+                "normalized": float(np.nanmean(normalized)), "normalized_sd": float(np.nanstd(normalized)),
+                "truth": float(np.mean(truth)) if truth else None,
+                "below_truth": sum(r["estimate"] <= r["truth"] for r in chosen) if truth else None,
+            })
+    return rows
+
+
+def _sensitivity_figure(summary: list[dict]) -> str:
+    figure, axes = make_figure(7.5, 4.2)
+    for kind, (color, label) in KIND_STYLE.items():
+        rows = [r for r in summary if r["kind"] == kind]
+        if rows:
+            eps = [r["eps"] for r in rows]
+            axes.errorbar(eps, [r["estimate"] for r in rows], yerr=[r["estimate_sd"] for r in rows], color=color,
+                          marker="o", capsize=3, label=f"{label} (lower bound)")
+    truth = [r for r in summary if r["kind"] == "attack" and r["truth"] is not None]
+    if truth:
+        axes.plot([r["eps"] for r in truth], [r["truth"] for r in truth], "k--", marker="s", label="true sensitivity (simulated rig)")
+    axes.axhline(0, color="k", lw=0.5)
+    axes.set_xlabel("budget ε (L2, [0,1] pixel units)")
+    axes.set_ylabel("sensitivity (spikes per window)")
+    axes.set_title("Sensitivity lower bound, mean ± s.d. over sites")
+    axes.legend(fontsize=8)
+    n_sites = max(r["n_sites"] for r in summary)
+    return render_figure(figure, f"Biased-down estimate per site, averaged over {n_sites} sites; error bars: s.d. over sites. "
+                                 "A model-guided bound above the baselines means the model found directions that move the sites.")
+
+
+def write_day_report(folder: str | Path) -> Path:
+    """Write ``folder/report.html`` from the day's artifacts; return its path."""
+    folder = Path(folder)
+    stages = {p.stem: read_json(p) for p in sorted((folder / "stages").glob("*.json"))}
+    sections = []
+    timing = [{"stage": name, "seconds": s["seconds"], **{k: v for k, v in s["summary"].items() if not isinstance(v, (list, dict))}}
+              for name, s in stages.items()]
+    sections.append(("Stages", render_table([{"stage": t["stage"], "seconds": t["seconds"]} for t in timing])))
+    present = stages.get("present", {}).get("summary", {})
+    if present:
+        sections.append(("Presentations", render_table([{k: v for k, v in present.items() if not isinstance(v, (list, dict))}])))
+    if (folder / "sensitivity.json").exists():
+        summary = compute_sensitivity_summary(read_json(folder / "sensitivity.json"))
+        columns = ["kind", "eps", "n_sites", "n_images", "estimate", "estimate_sd", "normalized", "truth", "below_truth"]
+        sections.append(("Sensitivity", _sensitivity_figure(summary) + render_table(summary, columns)))
+    fit = stages.get("refit", {}).get("summary")
+    if fit:
+        rows = [{"site": i, "held_out_r": r, "reliability": q} for i, (r, q) in enumerate(zip(fit["held_out_r"], fit["reliability"]))]
+        note = (f'<p class="note">Fitted on {fit["n_stimuli"]} stimuli and {fit["n_presentations"]} valid presentations '
+                f'from {fit["n_days"]} day(s); {fit["n_epochs"]} epochs, best {fit["best_epoch"]}.</p>')
+        sections.append(("Model refit (held-out)", note + render_table(rows)))
+    day = folder.name.removeprefix("day_")
+    return write_page(folder / "report.html", f"{folder.parent.name}: day {int(day)}", sections)
