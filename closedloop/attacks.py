@@ -30,6 +30,7 @@ from closedloop.images import to_tensor
 from closedloop.logs import logger, progress
 from closedloop.validation import (
     check_budgets,
+    check_device,
     check_image_batch,
     check_indices,
     check_integer,
@@ -47,6 +48,7 @@ __all__ = [
     "compute_pgd",
     "compute_step_schedule",
     "compute_realised_eps",
+    "compute_predictions",
     "quantize_within_budget",
     "make_site_attacks",
     "make_classifier_attacks",
@@ -371,14 +373,6 @@ def compute_realised_eps(pixels: np.ndarray, clean_uint8: np.ndarray) -> np.ndar
 # Batches on a device
 
 
-def _resolve_device(device) -> torch.device:
-    device = torch.device(device)
-    check_option("device", device.type, ["cpu", "cuda"])
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("'device' = 'cuda' but no CUDA device is available; use device='cpu'.")
-    return device
-
-
 def _auto_batch_size(model, image_shape: tuple, device: torch.device, settings: _Settings) -> int:
     """Images per batch: a CPU default, or on CUDA what ~60% of the free memory holds."""
     if device.type != "cuda":
@@ -395,6 +389,17 @@ def _auto_batch_size(model, image_shape: tuple, device: torch.device, settings: 
     size = int(min(_MAX_GPU_BATCH, max(1, 0.6 * free // (per_image * 2))))  # ×2: engine state and headroom
     logger.info("attack batch size %d (%.0f MiB per image, %.0f MiB free)", size, per_image / 2**20, free / 2**20)
     return size
+
+
+def compute_predictions(model: torch.nn.Module, pixels: np.ndarray, *, batch_size: int = 64, device="cpu") -> np.ndarray:
+    """Model outputs on 8-bit images, as reported for stimuli: float32 numpy (n_images, ...).
+
+    ``model``: nn.Module, float images (N, 3, H, W) in [0, 1] → outputs; it must sit on ``device``.
+    ``pixels``: uint8 (n_images, H, W, 3). Runs in eval mode, float32, without gradients.
+    """
+    check_uint8_images("pixels", pixels)
+    batch_size = check_integer("batch_size", batch_size, minimum=1)
+    return _predict(model, pixels, batch_size, check_device("device", device), _Settings())
 
 
 def _predict(model, pixels: np.ndarray, batch_size: int, device, settings: _Settings) -> np.ndarray:
@@ -484,7 +489,7 @@ def make_site_attacks(
         raise ValueError("'image_index', 'site' and 'eps' describe no jobs; give at least one (image, site, eps).")
     image_index = check_indices("image_index", image_index, len(clean_uint8))
     eps = check_budgets("eps", eps, len(image_index))
-    device = _resolve_device(device)
+    device = check_device("device", device)
     settings = _Settings(autocast=autocast, channels_last=channels_last)
     runner = _prepare_model(model, device, settings, compile_model)
     if batch_size == 0:
@@ -625,7 +630,7 @@ def make_classifier_attacks(
     schedule_step, schedule_steps = compute_step_schedule(eps)
     step = schedule_step if step_size is None else check_budgets("step_size", step_size, n_images)
     iterations = schedule_steps if n_steps is None else np.full(n_images, check_integer("n_steps", n_steps, minimum=1))
-    device = _resolve_device(device)
+    device = check_device("device", device)
     settings = _Settings(autocast=autocast, channels_last=channels_last)
     _prepare_model(classifier, device, settings, False)
     if batch_size == 0:

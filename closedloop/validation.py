@@ -24,6 +24,7 @@ __all__ = [
     "check_indices",
     "check_uint8_images",
     "check_budgets",
+    "check_device",
 ]
 
 
@@ -161,3 +162,17 @@ def check_budgets(name: str, eps, n: int) -> np.ndarray:
     if bad.size:
         raise ValueError(f"'{name}' must be finite and > 0 (L2 norm in [0, 1] pixel units), but got {bad[:5].tolist()}.")
     return values
+
+
+def check_device(name: str, device):
+    """Return ``device`` as a ``torch.device`` if it is "cpu" or an available "cuda" device."""
+    import torch
+
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Invalid value for '{name}': allowed values are 'cpu', 'cuda', but got {device!r}.") from None
+    check_option(name, resolved.type, ["cpu", "cuda"])
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"'{name}' = {device!r} but no CUDA device is available; use 'cpu'.")
+    return resolved
