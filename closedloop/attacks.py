@@ -152,11 +152,15 @@ def _norm(images: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(images, dim=tuple(range(1, images.dim())))
 
 
-def _project(x: torch.Tensor, clean: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Project x − clean onto the ε-ball and clamp to [0, 1] (clamping never lengthens δ)."""
-    delta = x - clean
+def _project(x: torch.Tensor, clean: torch.Tensor, eps: torch.Tensor, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Project x − clean onto the ε-ball and clamp to [0, 1], in place in ``x``; returns ``x``.
+
+    Clamping never lengthens δ because ``clean`` lies in [0, 1]. ``scratch``: a buffer shaped like
+    ``x`` for δ (the step loop passes one so that it allocates no image-sized memory).
+    """
+    delta = torch.sub(x, clean, out=scratch if scratch is not None else torch.empty_like(x))
     factor = (eps / _norm(delta).clamp_min(_TINY)).clamp_(max=1.0)
-    return torch.addcmul(clean, delta, factor.view(-1, *[1] * (x.dim() - 1))).clamp_(0.0, 1.0)
+    return torch.addcmul(clean, delta, factor.view(-1, *[1] * (x.dim() - 1)), out=x).clamp_(0.0, 1.0)
 
 
 def _random_start(clean: torch.Tensor, eps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -197,17 +201,18 @@ def _loss(model, objective, x: torch.Tensor, settings: _Settings, *, grad: bool)
 
 
 def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, step_shrink, n_step_resets):
-    """One PGD run from ``start``; returns (best images, best loss, start loss).
+    """One PGD run from ``start`` (which it overwrites); returns (best images, best loss, start loss).
 
     Plain mode (``step_shrink == 1``): step from the current iterate. Adaptive mode: always step from
     the best iterate along its gradient; a step that brings no progress shrinks the step by
     ``step_shrink``; when the step falls below 1% of its initial value it is reset (at most
-    ``n_step_resets`` times).
+    ``n_step_resets`` times). Image-sized state lives in buffers updated in place, so the loop
+    allocates nothing but the model's own activations and gradient.
     """
     view = (-1,) + (1,) * (clean.dim() - 1)
     adaptive = step_shrink != 1.0
-    x = start
-    best_x, best_gradient = start, None
+    x, best_x, scratch = start, start.clone(), torch.empty_like(start)
+    best_gradient = torch.zeros_like(start) if adaptive else None
     best_loss = torch.full(clean.shape[:1], math.inf, device=clean.device)
     initial_step, resets_left = step, torch.full_like(step, float(n_step_resets))
     start_loss = None
@@ -216,23 +221,21 @@ def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, st
         start_loss = loss if start_loss is None else start_loss
         improved = loss < best_loss
         best_loss = torch.where(improved, loss, best_loss)
-        best_x = torch.where(improved.view(view), x, best_x)
+        torch.where(improved.view(view), x, best_x, out=best_x)
+        base = x
         if adaptive:
-            best_gradient = gradient if best_gradient is None else torch.where(improved.view(view), gradient, best_gradient)
+            gradient = torch.where(improved.view(view), gradient, best_gradient, out=best_gradient)
             step = torch.where(improved, step, step * step_shrink)
             reset = (step < 0.01 * initial_step) & (resets_left > 0)
             step = torch.where(reset, initial_step, step)
             resets_left = resets_left - reset.float()
-            x, gradient = best_x, best_gradient
+            base = best_x
         scale = -(step / _norm(gradient).clamp_min(_TINY)).view(view)
-        x = _project(torch.addcmul(x, gradient, scale), clean, eps)
+        _project(torch.addcmul(base, gradient, scale, out=x), clean, eps, scratch=scratch)
     loss, _ = _loss(model, objective, x, settings, grad=False)
     improved = loss < best_loss
-    return (
-        torch.where(improved.view(view), x, best_x),
-        torch.where(improved, loss, best_loss),
-        start_loss,
-    )
+    torch.where(improved.view(view), x, best_x, out=best_x)
+    return best_x, torch.where(improved, loss, best_loss), start_loss
 
 
 def compute_pgd(
@@ -289,7 +292,7 @@ def compute_pgd(
             if random_start:
                 first = _random_start(clean, eps, generator)
             else:
-                first = clean if start is None else _project(settings.prepare(start.detach()), clean, eps)
+                first = _project((clean if start is None else settings.prepare(start.detach())).clone(), clean, eps)
             images, loss, start_loss = _descend(
                 model, objective, clean, first, eps, step, n_steps, settings,
                 step_shrink=step_shrink, n_step_resets=n_step_resets,

@@ -8,8 +8,8 @@ after a warm-up, with the thread count left as it is, as medians over repeats:
 - the attack engine (:func:`closedloop.attacks.compute_pgd`) on the same batch and objective;
 - ``attack_over_fwd_bwd``: attack time per image-step ÷ bare forward+backward time per image;
 - the batched per-site attacks (:func:`closedloop.attacks.make_site_attacks`, all jobs packed)
-  against a naive loop that calls it once per (site, image) job (both directions of that job in
-  one batch of two), end to end (clean predictions, 8-bit output, final predictions);
+  against a naive loop over sites, images and directions that makes one attack at a time with the
+  same engine, end to end (clean predictions, 8-bit output, final predictions);
 - the estimated attack time of a paper-size day: 21 sites × 42 images × 5 budgets × 2 directions
   × 100 steps image-steps at the measured engine speed.
 """
@@ -22,8 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from closedloop.attacks import SITE_TARGET, compute_pgd, make_site_attacks
-from closedloop.images import to_tensor
+from closedloop.attacks import SITE_TARGET, compute_pgd, compute_predictions, make_site_attacks, quantize_within_budget
+from closedloop.images import from_tensor, to_tensor
 from closedloop.logs import logger
 from closedloop.validation import check_device, check_integer
 
@@ -72,11 +72,31 @@ def _fwd_bwd(model, images: torch.Tensor, objective, n_steps: int, autocast: boo
         torch.autograd.grad(objective(predicted).sum(), x)
 
 
+def _per_site_loop(model, pixels, image_index, site, n_steps: int, seed: int, device, autocast: bool, channels_last: bool) -> None:
+    """The naive reference: site by site, image by image, direction by direction, one attack at a time.
+
+    Same engine and same end-to-end work as :func:`make_site_attacks` (clean prediction, PGD with a
+    random start, budget-safe 8-bit output, prediction on it), each attack a batch of one image.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for target_site in np.unique(site):
+        for image in image_index[site == target_site]:
+            clean = pixels[image : image + 1]
+            compute_predictions(model, clean, device=device)
+            for sign in (1.0, -1.0):
+                result = compute_pgd(
+                    model, to_tensor(clean, device), eps=_EPS, step_size=_EPS / 3, n_steps=n_steps,
+                    objective=lambda predicted, s=target_site, t=sign * SITE_TARGET: (predicted[:, s] - t) ** 2,
+                    random_start=True, generator=generator, autocast=autocast, channels_last=channels_last,
+                )
+                compute_predictions(model, quantize_within_budget(from_tensor(result.images), clean, _EPS), device=device)
+
+
 def compute_bench(
     model: torch.nn.Module,
     *,
     batch_size: int = 16,
-    n_steps: int = 10,
+    n_steps: int = 20,
     n_repeats: int = 5,
     n_loop_repeats: int = 3,
     n_loop_sites: int = 3,
@@ -134,7 +154,7 @@ def compute_bench(
     attacks = dict(n_steps=n_steps, seed=seed, device=device, autocast=autocast, channels_last=channels_last)
     loop_times = _paired_seconds(
         lambda: make_site_attacks(model, pixels, image_index, site, _EPS, batch_size=batch_size, **attacks),
-        lambda: [make_site_attacks(model, pixels, [i], [s], _EPS, batch_size=2, **attacks) for s, i in zip(site, image_index)],
+        lambda: _per_site_loop(model, pixels, image_index, site, n_steps, seed, device, autocast, channels_last),
         n_loop_repeats, device,
     )
     (batched_s, loop_s), (batched_min, loop_min) = loop_times["median"], loop_times["min"]

@@ -70,7 +70,7 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
 @click.option("--layer", default="layer4.0", show_default=True, help="Backbone layer feeding the readout.")
 @click.option("--n-sites", type=click.IntRange(1), default=21, show_default=True, help="Sites of the IT model.")
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per batch.")
-@click.option("--n-steps", type=click.IntRange(1), default=10, show_default=True, help="PGD steps per timed run.")
+@click.option("--n-steps", type=click.IntRange(1), default=20, show_default=True, help="PGD steps per timed run.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs (median reported).")
 @click.option("--image-size", type=click.IntRange(32), default=224, show_default=True, help="Image side, px.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
