@@ -54,9 +54,11 @@ def init(folder: Path, preset: str, force: bool) -> None:
 def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
     """Build the configured IT model and run a few clean images through it (a smoke check)."""
     from closedloop.config import read_config
+
+    config = read_config(experiment)
     from closedloop.smoke import compute_model_check
 
-    result = compute_model_check(read_config(experiment), n_images=n_images)
+    result = compute_model_check(config, n_images=n_images)
     text = "\n".join(f"{key:>16}: {value}" for key, value in result.items())
     _emit(result, as_json, text)
 
@@ -94,6 +96,158 @@ def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int
 
 
 # --- end attacks ------------------------------------------------------------------------------
+
+
+# -- recording: Blackrock ingest ---------------------------------------------------------------
+def _ingest_settings(experiment: Path | None, window: tuple | None, site_map: Path | None):
+    """Window (s) and site table for ingest: options first, then experiment.toml, then defaults."""
+    from closedloop.config import CONFIG_NAME, read_config
+    from closedloop.ingest import DEFAULT_WINDOW_S
+    from closedloop.sites import read_site_map
+
+    config = None
+    if experiment is not None and (experiment / CONFIG_NAME).is_file():
+        config = read_config(experiment, check_paths=False)
+    if window is None:
+        window = tuple(config.response.window_s) if config else DEFAULT_WINDOW_S
+    if site_map is None and config is not None and config.sites.site_map:
+        site_map = experiment / Path(config.sites.site_map).expanduser()
+    return window, (read_site_map(site_map) if site_map is not None else None)
+
+
+def _summary_text(summary: dict) -> str:
+    start, stop = summary["window_s"]
+    busiest = sorted(summary["counts"].items(), key=lambda item: -item[1])[:5]
+    return "\n".join([
+        f"presentations: {summary['n_presentations']}",
+        f"electrodes:    {len(summary['electrodes'])}",
+        f"window:        [{start:g}, {stop:g}) s after onset",
+        f"spikes in window (top electrodes): {', '.join(f'e{e}: {n}' for e, n in busiest) or 'none'}",
+        f"distinct codes: {len(summary['codes'])}",
+    ])
+
+
+def _report_text(report: dict) -> str:
+    lines = [
+        f"{report['n_matched']} of {report['n_presentations']} logged presentations matched "
+        f"{report['n_onsets']} recorded onsets; {report['n_mismatches']} mismatches",
+    ]
+    lines += [
+        f"  {m['kind']}: presentation {m['presentation']}, code {m['code']}, log {m['log_onset_s']} s, "
+        f"nev {m['nev_onset_s']} s" + (f", recorded code {m['nev_code']}" if "nev_code" in m else "")
+        for m in report["mismatches"]
+    ]
+    lines.append(f"written to {report['store']}" if report["written"] else "nothing written")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("recording", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--summary", is_flag=True, help="Print the recording summary (the default without --experiment).")
+@click.option("--experiment", type=click.Path(file_okay=False, path_type=Path), default=None, help=EXPERIMENT_HELP)
+@click.option("--day", type=click.IntRange(0, 999), default=None, help="Day number N: the store DIR/day_NNN/store.zarr.")
+@click.option("--window", type=(float, float), default=None, metavar="START STOP",
+              help="Response window [START, STOP) in s after onset (default: experiment.toml, else 0.07 0.17).")
+@click.option("--site-map", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CSV site,array,electrode,unit,label (default: experiment.toml, else one site per electrode).")
+@click.option("--tolerance", type=click.FloatRange(0, 1), default=0.010, show_default=True,
+              help="Largest onset difference, s, between the day's log and the recording.")
+@click.option("--ignore-unmapped", is_flag=True, help="Ignore spikes on electrodes missing from the site map.")
+@click.option("--allow-mismatch", is_flag=True, help="Store counts of matched presentations despite mismatches.")
+@click.option("--engine", type=click.Choice(["neo", "stream"]), default="neo", show_default=True,
+              help="neo: read with neo's BlackrockRawIO; stream: one constant-memory pass (long recordings).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
+           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, as_json: bool) -> None:
+    """Read a Blackrock RECORDING.nev: summarise it, or count spikes into a day's store."""
+    from closedloop.ingest import compute_summary, read_nev, write_day_counts
+    from closedloop.store import STORE_NAME
+
+    if (experiment is None) != (day is None):
+        raise click.UsageError("--experiment and --day go together")
+    window, sites = _ingest_settings(experiment, window, site_map)
+    unmapped = "ignore" if ignore_unmapped else "error"
+    result = {}
+    if experiment is None or summary:
+        source = read_nev(recording) if engine == "neo" else recording
+        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped)
+    if experiment is None:
+        _emit(result, as_json, _summary_text(result))
+        return
+    store = experiment / f"day_{day:03d}" / STORE_NAME
+    report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
+                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine)
+    text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
+    _emit(report | ({"summary": result} if result else {}), as_json, text)
+    if not report["written"]:
+        raise ValueError(
+            f"{report['n_mismatches']} mismatches between {recording} and the log of {store}; nothing written; "
+            "fix the day's log or recording, or pass --allow-mismatch to store the matched presentations"
+        )
+
+
+# ----- rig link (keys, simulated rig) ------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Replace existing key pairs (every peer then needs the new public keys).")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
+def keys(folder: Path, force: bool, as_json: bool) -> None:
+    """Make CURVE key pairs for the control PC and the rig in FOLDER, and allow the control key on the rig."""
+    from closedloop.keys import make_keys
+
+    written = {name: str(path) for name, path in make_keys(folder, overwrite=force).items()}
+    text = "\n".join(f"{name:>8}: {path}" for name, path in written.items())
+    _emit(written, as_json, text + "\ncopy rig.key_secret and allowed/ to the rig; keep control.key_secret here")
+
+
+@cli.command("rig-sim")
+@click.option("--experiment", "experiment", type=click.Path(path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP + " Its [rig], [sites] and [rsvp] sections are used.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the rig's session state and .nev [default: EXPERIMENT/rig-sim].")
+@click.option("--seed", type=click.IntRange(0), default=None,
+              help="Seed of the hidden sites and spikes [default: [sim] seed].")
+@click.option("--time-scale", type=click.FloatRange(0), default=None,
+              help="Real seconds per recording-clock second (0.01 runs 100x faster) [default: [sim] time_scale].")
+@click.option("--fixation-break-rate", type=click.FloatRange(0, 1), default=None,
+              help="Probability that a presentation ends in a fixation break [default: [sim] fixation_break_rate].")
+@click.option("--drop", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fault injection: probability of dropping a stream message.")
+@click.option("--duplicate", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fault injection: probability of sending a stream message twice.")
+@click.option("--reorder", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Fault injection: probability of holding a stream message back behind the next.")
+@click.option("--crash-after", type=click.IntRange(1), default=None,
+              help="Fault injection: crash after this many presentations and restart once.")
+def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_scale: float,
+            fixation_break_rate: float, drop: float, duplicate: float, reorder: float,
+            crash_after: int | None) -> None:
+    """Run the simulated IT rig on the configured [rig] address until interrupted (Ctrl-C)."""
+    import threading
+
+    from closedloop.config import read_config
+    from rigs.agent import StreamFaults
+    from rigs.sim import run_sim_rig
+
+    config = read_config(experiment)
+    rig = config.rig
+    stop = threading.Event()
+    arguments = dict(
+        address=rig.address, state_dir=state_dir or Path(experiment) / "rig-sim", n_sites=config.sites.n_sites,
+        seed=config.sim.seed if seed is None else seed,
+        time_scale=config.sim.time_scale if time_scale is None else time_scale,
+        on_s=config.rsvp.on_s, off_s=config.rsvp.off_s,
+        fixation_break_rate=config.sim.fixation_break_rate if fixation_break_rate is None else fixation_break_rate,
+        faults=StreamFaults(drop=drop, duplicate=duplicate, reorder=reorder, seed=config.experiment.seed),
+        security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s, timeout_s=rig.timeout_s,
+    )
+    try:
+        run_sim_rig(stop, crash_after=crash_after, on_start=lambda agent: click.echo(f"serving on {agent.address}"),
+                    **arguments)
+    except KeyboardInterrupt:
+        stop.set()
 
 
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)

@@ -9,6 +9,7 @@ the file are relative to the folder that holds it.
 from __future__ import annotations
 
 import math
+import textwrap
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -40,8 +41,15 @@ class ImagesSection(_Section):
         description='"embedded" (natural photographs shipped with scikit-image, no download) or a folder '
         "in ImageFolder layout (one sub-folder per category, e.g. ImageNet's train/).",
     )
-    n_clean_day0: int = Field(1000, ge=1, description="Day 0: clean images, one per category, up to this many.")
-    n_clean_per_day: int = Field(42, ge=1, description="Later days: new clean images per targeted site and budget.")
+    n_clean_day0: int = Field(
+        1000, ge=1, description="Day 0: clean images shown, one per category in turn (round robin), up to this many."
+    )
+    n_clean_per_day: int = Field(
+        42,
+        ge=1,
+        description="Clean images attacked each day, every targeted site at every budget; later days show only "
+        "these (never reusing an earlier day's clean image).",
+    )
     embedded_per_photo: int = Field(
         40, ge=1, le=500, description="Embedded source only: random crops/flips/scales made from each photograph."
     )
@@ -140,6 +148,24 @@ class RigSection(_Section):
     keys_dir: str = Field("keys", description="Folder with this side's CURVE key pair and the allowed rig public keys.")
     heartbeat_s: float = Field(1.0, gt=0.0, le=60.0, description="Heartbeat interval, s.")
     timeout_s: float = Field(5.0, gt=0.0, le=600.0, description="A peer silent this long is considered dead, s.")
+    retries: int = Field(3, ge=1, le=100, description="Tries per command (same request id; the rig answers a repeat once).")
+    reconnect_s: float = Field(
+        60.0, ge=0.0, le=3600.0, description="Keep reconnecting (with back-off) to a vanished rig this long before giving up, s."
+    )
+
+
+class SimSection(_Section):
+    """[sim]: the simulated IT rig (used when [rig] kind = "sim", by `closedloop rig-sim` and the demo)."""
+
+    seed: int = Field(1, ge=0, description="Seed of the simulated monkey's hidden sites (the same every day).")
+    time_scale: float = Field(
+        1.0, ge=0.0, le=10.0, description="Real seconds per recording-clock second (0.01 runs 100x faster than real time)."
+    )
+    fixation_break_rate: float = Field(0.05, ge=0.0, le=0.9, description="Probability that a presentation ends in a fixation break.")
+    truth_starts: int = Field(
+        4, ge=1, description="Validation only: random starts per direction of the white-box solver giving each site's true sensitivity."
+    )
+    truth_steps: int = Field(60, ge=2, description="Validation only: steps of that solver.")
 
 
 class FitSection(_Section):
@@ -166,6 +192,7 @@ class ExperimentConfig(_Section):
     rsvp: RSVPSection = RSVPSection()
     response: ResponseSection = ResponseSection()
     rig: RigSection = RigSection()
+    sim: SimSection = SimSection()
     fit: FitSection = FitSection()
 
     @model_validator(mode="after")
@@ -191,6 +218,7 @@ PRESETS: dict[str, dict] = {
         "sites": {"n_sites": 8},
         "attack": {"budgets": [1.0, 3.0, 10.0], "steps": 20},
         "rig": {"kind": "sim"},
+        "sim": {"time_scale": 0.0, "fixation_break_rate": 0.05},
         "fit": {"epochs": 8, "batch_size": 32, "backbone_learning_rate": 1e-4},
     },
 }
@@ -305,7 +333,7 @@ def render_config(config: ExperimentConfig) -> str:
         section = getattr(config, section_name)
         lines += ["", f"# {section_field.annotation.__doc__}", f"[{section_name}]"]
         for key, field in type(section).model_fields.items():
-            lines.append(f"# {field.description}")
+            lines += textwrap.wrap(field.description, 96, initial_indent="# ", subsequent_indent="# ")
             lines.append(f"{key} = {_toml_value(getattr(section, key))}")
     return "\n".join(lines) + "\n"
 
@@ -315,6 +343,7 @@ def write_default_config(folder: str | Path, *, preset: str = "paper", overwrite
 
     Returns the path written. Refuses to overwrite an existing file unless ``overwrite``.
     """
+    from closedloop.files import write_text
     from closedloop.validation import check_option
 
     check_option("preset", preset, PRESETS)
@@ -325,8 +354,4 @@ def write_default_config(folder: str | Path, *, preset: str = "paper", overwrite
     data = {section: dict(values) for section, values in PRESETS[preset].items()}
     data.setdefault("experiment", {})["name"] = folder.resolve().name
     text = render_config(build_config(data, source=f"preset {preset!r}"))
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".toml.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-    return path
+    return write_text(path, text)

@@ -127,13 +127,15 @@ class ImageSet:
     """A pool of clean images with categories.
 
     ``ids``: unique string id per image; ``categories``: int category index per image,
-    shape (n_images,); ``category_names``: name per category. Pixels are produced on demand by
-    :meth:`read` as uint8 (n, 224, 224, 3).
+    shape (n_images,); ``category_names``: name per category; ``origin``: where the pool comes
+    from and how it was made. Pixels are produced on demand by :meth:`read` as uint8
+    (n, 224, 224, 3).
     """
 
     ids: tuple[str, ...]
     categories: np.ndarray
     category_names: tuple[str, ...]
+    origin: str
     _reader: object
 
     def __len__(self) -> int:
@@ -148,8 +150,9 @@ class ImageSet:
         return out
 
     def digest(self) -> str:
-        """sha256 of the ordered image ids and categories (identifies the pool for provenance)."""
-        text = "\n".join(f"{i}\t{self.category_names[c]}" for i, c in zip(self.ids, self.categories))
+        """sha256 of the origin, ordered image ids and categories (identifies the pool for provenance)."""
+        rows = (f"{i}\t{self.category_names[c]}" for i, c in zip(self.ids, self.categories))
+        text = "\n".join([self.origin, *rows])
         return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -190,7 +193,8 @@ def make_embedded_image_set(per_photo: int = 40, seed: int = 0) -> ImageSet:
     stems = tuple(name.split(".")[0] for name in EMBEDDED_PHOTOS)
     ids = tuple(f"{stems[c]}/{i:03d}" for c, _, i, *_ in crops)
     categories = np.array([c for c, *_ in crops], dtype=np.int64)
-    return ImageSet(ids=ids, categories=categories, category_names=stems, _reader=reader)
+    origin = f"embedded scikit-image photographs, per_photo={per_photo}, seed={seed}"
+    return ImageSet(ids=ids, categories=categories, category_names=stems, origin=origin, _reader=reader)
 
 
 def read_image_folder(root: str | Path) -> ImageSet:
@@ -216,6 +220,7 @@ def read_image_folder(root: str | Path) -> ImageSet:
         ids=ids,
         categories=np.array(categories, dtype=np.int64),
         category_names=tuple(names),
+        origin=f"ImageFolder {root.resolve()}",
         _reader=lambda position: quantize(read_image(files[position])),
     )
 

@@ -25,6 +25,8 @@ __all__ = [
     "check_uint8_images",
     "check_budgets",
     "check_device",
+    "check_array",
+    "check_integer_array",
 ]
 
 
@@ -176,3 +178,40 @@ def check_device(name: str, device):
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"'{name}' = {device!r} but no CUDA device is available; use 'cpu'.")
     return resolved
+
+
+def check_array(name: str, values, *, shape: tuple, dtype=None) -> np.ndarray:
+    """Return ``values`` as a numpy array of ``shape`` (``None`` entries match any length).
+
+    ``dtype`` (optional) is the exact dtype required; a mismatch is a ``TypeError``.
+    """
+    values = np.asarray(values)
+    if values.ndim != len(shape) or any(want is not None and got != want for got, want in zip(values.shape, shape)):
+        want = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValueError(f"'{name}' must have shape {want}, but got {values.shape}.")
+    if dtype is not None and values.dtype != np.dtype(dtype):
+        raise TypeError(
+            f"'{name}' must have dtype {np.dtype(dtype)}, but got {values.dtype}; convert it with .astype(np.{np.dtype(dtype)})."
+        )
+    return values
+
+
+def check_integer_array(
+    name: str, values, *, shape: tuple, minimum: int | None = None, maximum: int | None = None
+) -> np.ndarray:
+    """Return ``values`` as an int64 array of ``shape`` whose entries lie in ``[minimum, maximum]``.
+
+    Integer dtypes only: floats and booleans are refused (``1.5`` is not a code).
+    """
+    values = check_array(name, values, shape=shape)
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise TypeError(f"'{name}' must hold integers, but got dtype {values.dtype}.")
+    values = values.astype(np.int64)
+    low = values < minimum if minimum is not None else np.zeros(values.shape, bool)
+    high = values > maximum if maximum is not None else np.zeros(values.shape, bool)
+    bad = values[low | high]
+    if bad.size:
+        lo = "-inf" if minimum is None else str(minimum)
+        hi = "inf" if maximum is None else str(maximum)
+        raise ValueError(f"'{name}' must lie in [{lo}, {hi}], but got {bad[:5].tolist()}.")
+    return values

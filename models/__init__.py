@@ -1,1 +1,40 @@
-"""Neural-network models: backbones and checkpoint loading, the factorized readout, the IT model."""
+"""Neural-network models: backbones and checkpoint loading, the factorized readout, the IT model.
+
+The public names below are imported on first use (PEP 562), so ``import models`` and
+``from models.backbones import registered_backbones`` stay cheap (no torch import) for the
+experiment config, which only validates backbone names.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "registered_backbones": "models.backbones",
+    "load_backbone": "models.backbones",
+    "Backbone": "models.networks",
+    "FactorizedReadout": "models.readout",
+    "ITModel": "models.it_model",
+    "make_it_model": "models.it_model",
+    "write_it_model": "models.it_model",
+    "read_it_model": "models.it_model",
+    "FitResult": "models.fitting",
+    "fit_it_model": "models.fitting",
+    "compute_pearson": "models.predictivity",
+    "compute_split_half_reliability": "models.predictivity",
+    "resolve_device": "models.devices",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

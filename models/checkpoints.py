@@ -1,0 +1,230 @@
+"""Reading backbone weights from checkpoint files, safely by default.
+
+Three layouts are understood (see docs/models.md):
+
+- robustness-library ``.pt``: a dict with ``model`` (or ``state_dict``) whose weights sit under
+  ``module.model.`` (and again under ``module.attacker.model.``, ignored), with the input
+  normaliser's ``module.normalizer.new_mean`` / ``new_std`` buffers;
+- a plain torchvision state dict (``.pt`` / ``.pth``), possibly under ``state_dict`` or
+  ``model``, possibly with DataParallel's ``module.`` prefix;
+- our own ``.safetensors`` (an IT model written by :func:`models.write_it_model`, or a bare
+  backbone state dict) with a sidecar ``.json`` naming the architecture.
+
+``.pt`` files are opened with ``torch.load(weights_only=True)``, which only rebuilds tensors and
+plain containers. A file that needs full unpickling (it holds other Python objects, whose
+unpickling can run arbitrary code) is refused unless the caller passes ``trust=True``.
+The architecture of a ``.pt`` file is recognised from its weight names and shapes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pickle
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from closedloop.logs import logger
+from closedloop.validation import check_file
+from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network
+
+__all__ = ["CheckpointWeights", "read_checkpoint_weights", "describe_key_mismatch", "TRUST_HINT"]
+
+TRUST_HINT = "trust=True (in experiment.toml: [model] trust_checkpoint = true)"
+# Where the network weights sit, tried in this order: robustness library (multi-GPU, single-GPU),
+# a closedloop IT model, DataParallel, bare.
+_PREFIXES = ("module.model.", "model.", "backbone.network.", "module.", "")
+_NORMALIZERS = (
+    ("module.normalizer.new_mean", "module.normalizer.new_std"),
+    ("normalizer.new_mean", "normalizer.new_std"),
+    ("backbone.mean", "backbone.std"),
+)
+_NESTED = ("model", "state_dict")
+
+
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """Backbone weights read from a file: torchvision key names, float32 tensors.
+
+    ``mean``/``std``: the input normalisation to use (ImageNet's unless the file says otherwise).
+    """
+
+    path: Path
+    architecture: str
+    state: dict[str, torch.Tensor]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+
+
+def read_checkpoint_weights(path: str | Path, *, trust: bool = False) -> CheckpointWeights:
+    """Read the backbone weights of a checkpoint file (see the module docstring for layouts).
+
+    Raises ``FileNotFoundError`` if there is no such file, ``ValueError`` if the file cannot be
+    read safely (names the ``trust`` flag), holds no ResNet weights, or its weights fit no known
+    architecture (lists expected and found keys).
+    """
+    path = check_file("source", path)
+    if path.suffix == ".safetensors":
+        tensors, architecture, num_classes = _read_safetensors(path)
+    else:
+        tensors, architecture, num_classes = _unwrap(_torch_load(path, trust), path), None, None
+    prefix = _find_prefix(tensors, path)
+    mean, std = _read_normalizer(tensors, path)
+    state = {
+        key[len(prefix) :]: value.float() if value.is_floating_point() else value
+        for key, value in tensors.items()
+        if key.startswith(prefix)
+    }
+    if num_classes is None:
+        num_classes = int(state["fc.weight"].shape[0]) if "fc.weight" in state else 1000
+    if architecture is None:
+        architecture = _detect_architecture(state, num_classes, path)
+    return CheckpointWeights(path, architecture, state, mean, std, num_classes)
+
+
+def _torch_load(path: Path, trust: bool) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = _unpickling_reason(str(error))
+        if not trust:
+            raise ValueError(
+                f"checkpoint {str(path)!r} cannot be loaded safely: it holds Python objects beyond tensors "
+                f"and plain containers ({reason}). Loading it fully runs code stored in the file; if you "
+                f"trust where the file came from, pass {TRUST_HINT}."
+            ) from None
+    except (RuntimeError, EOFError, KeyError, OSError) as error:
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: not a PyTorch file ({error!r}).") from None
+    logger.warning("loading %s with full unpickling (trusted by the caller)", path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, OSError, AttributeError, ImportError) as error:
+        raise ValueError(f"cannot read checkpoint {str(path)!r}, even with full unpickling: {error!r}.") from None
+
+
+def _unpickling_reason(message: str) -> str:
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", message)
+    return found.group(1).strip() if found else "torch.load with weights_only=True failed"
+
+
+def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded object: descend into ``model``/``state_dict``; modules give theirs."""
+    for _ in range(len(_NESTED) + 1):
+        if isinstance(loaded, nn.Module):
+            loaded = loaded.state_dict()
+        if isinstance(loaded, Mapping):
+            inner = next((loaded[key] for key in _NESTED if isinstance(loaded.get(key), (Mapping, nn.Module))), None)
+            if inner is None:
+                break
+            loaded = inner
+    tensors = {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)} if isinstance(loaded, Mapping) else {}
+    if not tensors:
+        shown = _sample(loaded) if isinstance(loaded, Mapping) else type(loaded).__name__
+        raise ValueError(
+            f"checkpoint {str(path)!r} holds no state dict: expected a dict of tensors, possibly under "
+            f"'model' or 'state_dict'; found {shown}."
+        )
+    return tensors
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str, int]:
+    from safetensors.torch import load_file
+
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(path)!r} has no metadata file {str(sidecar)!r} naming its architecture; "
+            f"write checkpoints with models.write_it_model, which writes both."
+        )
+    metadata = json.loads(sidecar.read_text(encoding="utf-8"))
+    described = metadata.get("backbone", metadata)
+    architecture = described.get("architecture")
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"{str(sidecar)!r}: 'architecture' must be one of {', '.join(ARCHITECTURES)}, but got {architecture!r}."
+        )
+    return load_file(path), architecture, int(described.get("num_classes", 1000))
+
+
+def _find_prefix(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
+    for prefix in _PREFIXES:
+        if f"{prefix}conv1.weight" in tensors:
+            return prefix
+    wanted = ", ".join(repr(f"{p}conv1.weight") for p in _PREFIXES)
+    raise ValueError(
+        f"checkpoint {str(path)!r} holds no ResNet weights: expected one of the keys {wanted}; "
+        f"found {_sample(tensors)}."
+    )
+
+
+def _read_normalizer(tensors: Mapping[str, torch.Tensor], path: Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    for mean_key, std_key in _NORMALIZERS:
+        if mean_key in tensors and std_key in tensors:
+            mean = tuple(tensors[mean_key].flatten().tolist())
+            std = tuple(tensors[std_key].flatten().tolist())
+            imagenet = torch.allclose(torch.tensor(mean + std), torch.tensor(IMAGENET_MEAN + IMAGENET_STD), atol=1e-4)
+            if not imagenet:
+                logger.warning(
+                    "%s: its input normaliser (mean %s, std %s) differs from ImageNet's; using the checkpoint's",
+                    path, _rounded(mean), _rounded(std),
+                )
+            return mean, std
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def _detect_architecture(state: Mapping[str, torch.Tensor], num_classes: int, path: Path) -> str:
+    """The registered architecture whose weight names and shapes the state fits (no conflicts, most keys)."""
+    found = {key: tuple(value.shape) for key, value in state.items()}
+    best, best_score, best_expected = None, -1, {}
+    for architecture in ARCHITECTURES:
+        expected = _weight_shapes(architecture, num_classes)
+        conflicts = [key for key, shape in found.items() if expected.get(key) != shape]
+        score = len(found) - len(conflicts)
+        if not conflicts:
+            return architecture
+        if score > best_score:
+            best, best_score, best_expected = architecture, score, expected
+    raise ValueError(
+        f"checkpoint {str(path)!r}: its weights fit none of the known architectures "
+        f"({', '.join(ARCHITECTURES)}). Closest is {best}: {describe_key_mismatch(best_expected, found)}"
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _weight_shapes(architecture: str, num_classes: int) -> dict[str, tuple[int, ...]]:
+    network = make_network(architecture, num_classes=num_classes, seed=None)
+    return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+
+
+def describe_key_mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str:
+    """A message listing missing, unexpected and wrongly shaped keys (counts and a few of each)."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    wrong = [
+        f"{key}: expected {expected[key]}, found {found[key]}"
+        for key in found
+        if key in expected and expected[key] != found[key]
+    ]
+    parts = [
+        f"{len(missing)} expected keys missing (e.g. {', '.join(missing[:4])})" if missing else "",
+        f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:4])})" if unexpected else "",
+        f"{len(wrong)} keys with the wrong shape (e.g. {'; '.join(wrong[:3])})" if wrong else "",
+    ]
+    summary = "; ".join(part for part in parts if part)
+    return f"{summary}. Expected {len(expected)} keys like {_sample(expected)}; found {len(found)} keys like {_sample(found)}."
+
+
+def _sample(mapping: Mapping, n: int = 4) -> str:
+    keys = list(mapping)
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return f"[{shown}{', …' if len(keys) > n else ''}] ({len(keys)} keys)"
+
+
+def _rounded(values: tuple[float, ...]) -> list[float]:
+    return [round(v, 4) for v in values]

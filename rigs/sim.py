@@ -1,0 +1,264 @@
+"""The simulated IT rig: a digital twin of the monkey, the display and the Blackrock NSP.
+
+Its sites are units of a hidden network (:func:`make_hidden_sites`: a small random CNN with a
+per-site factorized readout, unlike the fitted ResNet model) whose output is turned into firing
+rates (tens of Hz at baseline, hundreds for strong responses). For each presentation the
+presenter draws Poisson spike trains on the 30 kHz NSP clock: baseline rate, then the
+stimulus-driven rate from ``latency_s`` after onset for ``on_s``; a fixation break (probability
+``fixation_break_rate``) leaves only the baseline. RSVP timing is ``on_s`` on and ``off_s`` grey;
+``time_scale`` scales the real time spent (0.01 runs 100x faster than real time) while the
+recording clock keeps real-time values. At ``stop`` it writes what it recorded as a Blackrock
+``.nev`` (spikes on electrodes 1..n_sites, unit 1; the stimulus's event code on the digital
+port at each onset and 0 at its offset). Its site function is exposed as a differentiable torch
+module (``site_function``) for validation only; the loop never reads it.
+
+Run it with ``closedloop rig-sim`` or ``python -m rigs.sim``.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from closedloop.bundle import read_bundle
+from closedloop.images import to_tensor
+from closedloop.logs import logger
+from closedloop.recording import NSP_CLOCK_HZ, Recording
+from closedloop.validation import check_integer, check_number
+from rigs.agent import Outcome, RigAgent, StreamFaults
+
+__all__ = ["HiddenSites", "SimulatedPresenter", "make_hidden_sites", "make_sim_agent", "run_sim_rig"]
+
+_SPIKE_UNIT = 1
+_BATCH = 32
+
+
+def _randn(generator: torch.Generator, *shape: int, scale: float = 1.0) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape, generator=generator) * scale)
+
+
+class HiddenSites(nn.Module):
+    """The simulated sites: images (n_images, 3, 224, 224) in [0, 1] → firing rates, Hz, (n_images, n_sites).
+
+    A random 3-layer CNN on a 4x-downsampled image, a factorized readout per site (a 7x7 spatial
+    mask times channel weights), standardised over seeded calibration images, then a sigmoid
+    from ``baseline_hz`` up to ``peak_hz``. Differentiable in the images.
+    """
+
+    def __init__(self, n_sites: int, seed: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        widths = (3, 16, 32, 32)
+        self.convs = nn.ParameterList(
+            _randn(generator, out, inp, 3, 3, scale=math.sqrt(2.0 / (9 * inp))) for inp, out in zip(widths, widths[1:])
+        )
+        self.spatial = _randn(generator, n_sites, 7 * 7)
+        self.channels = _randn(generator, n_sites, widths[-1])
+        self.register_buffer("baseline_hz", 5.0 + 25.0 * torch.rand(n_sites, generator=generator))
+        self.register_buffer("peak_hz", 150.0 + 200.0 * torch.rand(n_sites, generator=generator))
+        self.register_buffer("mean", torch.zeros(n_sites))
+        self.register_buffer("std", torch.ones(n_sites))
+        calibration = nn.functional.interpolate(torch.rand(48, 3, 14, 14, generator=generator), size=224,
+                                                mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            drive = self._drive(calibration)
+            self.mean.copy_(drive.mean(0))
+            self.std.copy_(drive.std(0).clamp_min(1e-6))
+        self.requires_grad_(False)
+
+    def _drive(self, images: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.avg_pool2d(images - 0.5, 4)
+        for weight in self.convs:
+            x = nn.functional.relu(nn.functional.conv2d(x, weight, stride=2, padding=1))
+        x = nn.functional.adaptive_avg_pool2d(x, 7).flatten(2)  # (n, channels, 49)
+        mask = torch.softmax(self.spatial, dim=1)  # (n_sites, 49)
+        return torch.einsum("ncp,sp,sc->ns", x, mask, self.channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        z = (self._drive(images) - self.mean) / self.std
+        return self.baseline_hz + (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.5))
+
+
+def make_hidden_sites(n_sites: int, seed: int) -> HiddenSites:
+    """The simulated rig's sites: a :class:`HiddenSites` with ``n_sites`` units built from ``seed``."""
+    return HiddenSites(check_integer("n_sites", n_sites, minimum=1), check_integer("seed", seed, minimum=0))
+
+
+class SimulatedPresenter:
+    """The presenter of the simulated rig (see the module docstring); plugs into :class:`RigAgent`.
+
+    ``recording_path``: where ``finish`` writes the ``.nev``. Times in s; ``time_scale`` >= 0.
+    """
+
+    def __init__(
+        self,
+        site_function: HiddenSites,
+        *,
+        recording_path: str | Path,
+        seed: int = 0,
+        time_scale: float = 1.0,
+        on_s: float = 0.1,
+        off_s: float = 0.1,
+        latency_s: float = 0.07,
+        fixation_break_rate: float = 0.05,
+    ) -> None:
+        self.site_function = site_function
+        self.recording_path = Path(recording_path)
+        self.seed = check_integer("seed", seed, minimum=0)
+        self.time_scale = check_number("time_scale", time_scale, minimum=0.0)
+        self.on_s = check_number("on_s", on_s, minimum=0.0, inclusive=False)
+        self.off_s = check_number("off_s", off_s, minimum=0.0)
+        self.latency_s = check_number("latency_s", latency_s, minimum=0.0)
+        self.fixation_break_rate = check_number("fixation_break_rate", fixation_break_rate, minimum=0.0, maximum=1.0)
+        n_sites = len(site_function.baseline_hz)
+        self.sites = tuple(f"sim{site:03d}" for site in range(n_sites))
+        self._rates: dict[int, np.ndarray] = {}
+        self._codes: dict[int, int] = {}
+        self._next_tick = 0
+        self._due = 0.0
+
+    def compute_rates(self, pixels: np.ndarray) -> np.ndarray:
+        """Firing rates, Hz, (n_images, n_sites) of uint8 images (n_images, 224, 224, 3)."""
+        with torch.no_grad():
+            return np.concatenate([
+                self.site_function(to_tensor(pixels[start:start + _BATCH])).numpy()
+                for start in range(0, len(pixels), _BATCH)
+            ]) if len(pixels) else np.zeros((0, len(self.sites)))
+
+    def load_bundle(self, path: Path, outcomes: list[dict]) -> list[int]:
+        """Read the bundle, compute every stimulus's rates, continue the clock after ``outcomes``."""
+        bundle = read_bundle(path)
+        rates = self.compute_rates(bundle.pixels)
+        ids = bundle.stimulus_ids.tolist()
+        self._rates = dict(zip(ids, rates))
+        self._codes = dict(zip(ids, bundle.codes.tolist()))
+        last = max((entry["record"]["onset_tick"] for entry in outcomes), default=None)
+        self._next_tick = int(NSP_CLOCK_HZ) if last is None else last + self._ticks(self.on_s + self.off_s + 1.0)
+        self._due = time.monotonic()
+        return ids
+
+    def _ticks(self, seconds: float) -> int:
+        return math.ceil(seconds * NSP_CLOCK_HZ - 1e-6)
+
+    def present(self, presentation_id: int, stimulus_id: int, window_s) -> Outcome:
+        """Show one stimulus (sleeping ``(on_s + off_s) * time_scale``), draw its spikes, count them."""
+        self._due = max(self._due, time.monotonic()) + (self.on_s + self.off_s) * self.time_scale
+        rng = np.random.default_rng([self.seed, presentation_id])
+        valid = bool(rng.random() >= self.fixation_break_rate)
+        onset = self._next_tick
+        self._next_tick += self._ticks(self.on_s + self.off_s)
+        baseline = self.site_function.baseline_hz.numpy()
+        driven = self._rates[stimulus_id] if valid else baseline
+        start, stop = self._ticks(self.latency_s), self._ticks(self.latency_s + self.on_s)
+        pieces = [(0, start, baseline), (start, stop, driven), (stop, self._next_tick - onset, baseline)]
+        sites, ticks = [], []
+        for low, high, rate in pieces:
+            if high <= low:
+                continue
+            n_spikes = rng.poisson(rate * (high - low) / NSP_CLOCK_HZ)
+            sites.append(np.repeat(np.arange(len(rate)), n_spikes))
+            ticks.append(onset + rng.integers(low, high, size=int(n_spikes.sum())))
+        sites, ticks = np.concatenate(sites), np.concatenate(ticks)
+        window = [self._ticks(edge) for edge in window_s]
+        inside = (ticks >= onset + window[0]) & (ticks < onset + window[1])
+        counts = np.bincount(sites[inside], minlength=len(self.sites))
+        time.sleep(max(0.0, self._due - time.monotonic()))
+        record = {"onset_tick": onset, "code": self._codes[stimulus_id], "sites": sites.tolist(),
+                  "ticks": ticks.tolist()}
+        return Outcome(valid, onset / NSP_CLOCK_HZ, counts, record)
+
+    def finish(self, outcomes: list[dict]) -> str:
+        """Write the session's recording (from the journaled ``outcomes``) as a Blackrock .nev; return its path."""
+        from rigs.nev import write_nev
+
+        records = [entry["record"] for entry in outcomes]
+        off = self._ticks(self.on_s)
+        event_ticks = [tick for r in records for tick in (r["onset_tick"], r["onset_tick"] + off)]
+        event_words = [word for r in records for word in (r["code"], 0)]
+        spike_ticks = np.array([t for r in records for t in r["ticks"]], dtype=np.int64)
+        spike_sites = np.array([s for r in records for s in r["sites"]], dtype=np.int64)
+        recording = Recording.from_ticks(
+            spike_ticks, spike_sites + 1, np.full(len(spike_ticks), _SPIKE_UNIT), np.array(event_ticks, dtype=np.int64),
+            np.array(event_words, dtype=np.uint16), tuple(range(1, len(self.sites) + 1)),
+        )
+        path = write_nev(self.recording_path, recording)
+        logger.info("simulated rig wrote %s (%d presentations, %d spikes)", path, len(records), len(spike_ticks))
+        return str(path)
+
+
+def make_sim_agent(
+    *,
+    address: str,
+    state_dir: str | Path,
+    n_sites: int,
+    seed: int = 0,
+    time_scale: float = 1.0,
+    on_s: float = 0.1,
+    off_s: float = 0.1,
+    fixation_break_rate: float = 0.05,
+    faults: StreamFaults | None = None,
+    security: str = "curve",
+    keys_dir: str | Path | None = None,
+    heartbeat_s: float = 1.0,
+    timeout_s: float = 5.0,
+) -> RigAgent:
+    """A (not yet started) :class:`RigAgent` serving a :class:`SimulatedPresenter` on ``address``.
+
+    The hidden sites come from ``seed``; the session state and the ``.nev`` go to ``state_dir``.
+    Building it again with the same arguments continues the same session (a rig restart).
+    """
+    state_dir = Path(state_dir)
+    presenter = SimulatedPresenter(
+        make_hidden_sites(n_sites, seed), recording_path=state_dir / "recording.nev", seed=seed,
+        time_scale=time_scale, on_s=on_s, off_s=off_s, fixation_break_rate=fixation_break_rate,
+    )
+    return RigAgent(presenter, address=address, state_dir=state_dir, rig_id=f"sim-{seed}", security=security,
+                    keys_dir=keys_dir, heartbeat_s=heartbeat_s, timeout_s=timeout_s, faults=faults)
+
+
+def run_sim_rig(
+    stop: threading.Event,
+    *,
+    crash_after: int | None = None,
+    restart_delay_s: float = 1.0,
+    on_start=None,
+    **agent_arguments,
+) -> None:
+    """Serve the simulated rig until ``stop`` is set (see :func:`make_sim_agent` for the arguments).
+
+    Fault injection: after ``crash_after`` outcomes the agent dies without a word (queue and
+    sockets gone), stays away ``restart_delay_s`` s and restarts from its state folder, once.
+    ``on_start(agent)`` is called after each start (e.g. to learn the bound address).
+    """
+    agent = make_sim_agent(**agent_arguments).start()
+    address = agent.address
+    crashed = False
+    try:
+        if on_start:
+            on_start(agent)
+        while not stop.wait(0.02):
+            if crash_after is not None and not crashed and agent.n_sent >= crash_after:
+                logger.warning("simulated rig: crashing after %d outcomes", agent.n_sent)
+                agent.close()
+                crashed = True
+                if stop.wait(restart_delay_s):
+                    return
+                agent = make_sim_agent(**{**agent_arguments, "address": address}).start()
+                if on_start:
+                    on_start(agent)
+    finally:
+        agent.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    from closedloop.cli import main
+
+    main(["rig-sim", *sys.argv[1:]])

@@ -1,0 +1,100 @@
+import tomllib
+
+import pytest
+
+from closedloop.config import (
+    CONFIG_NAME,
+    ExperimentConfig,
+    build_config,
+    read_config,
+    render_config,
+    write_default_config,
+)
+
+
+def _write(folder, text):
+    path = folder / CONFIG_NAME
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_paper():
+    config = ExperimentConfig()
+    assert config.model.layer == "layer4.0"
+    assert config.response.window_s == (0.07, 0.17)
+    assert config.rsvp.on_s == 0.1 and config.rsvp.off_s == 0.1 and config.rsvp.repetitions == 2
+    assert config.attack.steps == 100 and config.attack.step_ratio == pytest.approx(1 / 3)
+    assert config.sites.n_sites == 21
+    assert config.rig.security == "curve"
+
+
+@pytest.mark.parametrize("preset", ["paper", "demo"])
+def test_init_writes_a_commented_file_that_reads_back(tmp_path, preset):
+    path = write_default_config(tmp_path / "exp", preset=preset)
+    text = path.read_text()
+    assert text.count("\n# ") > 40  # every key is documented
+    assert all(len(line) <= 100 for line in text.splitlines())
+    config = read_config(path.parent)
+    assert config.experiment.name == "exp"
+    assert render_config(build_config(tomllib.loads(text))) == text
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    write_default_config(tmp_path)
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+        write_default_config(tmp_path)
+    write_default_config(tmp_path, overwrite=True)
+
+
+def test_unknown_preset(tmp_path):
+    with pytest.raises(ValueError, match="'preset': allowed values are 'paper', 'demo', but got 'big'"):
+        write_default_config(tmp_path, preset="big")
+
+
+def test_missing_keys_take_defaults(tmp_path):
+    _write(tmp_path, "[sites]\nn_sites = 5\n")
+    config = read_config(tmp_path)
+    assert config.sites.n_sites == 5 and config.attack.steps == 100
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[attack]\nsteps = 0\n", r"'attack.steps' = 0: Input should be greater than or equal to 1"),
+        ("[attack]\nbudgets = [1.0, -2.0]\n", r"'attack.budgets' = \[1.0, -2.0\]: every budget must be a finite number > 0"),
+        ("[attack]\nstep = 3\n", r"unknown key 'attack.step'; allowed keys here are: budgets, steps, step_ratio"),
+        ("[atack]\nsteps = 3\n", r"unknown key 'atack'; allowed keys here are: experiment, images, model"),
+        ("[fit]\nloss = 'l2'\n", r"'fit.loss' = 'l2': Input should be 'poisson' or 'mse'"),
+        ("[response]\nwindow_s = [0.17, 0.07]\n", r"'response.window_s' = \[0.17, 0.07\]: need 0 <= start < stop"),
+        ("[sites]\nn_sites = 3\ntargets = [0, 5]\n", r"sites \[5\] do not exist; allowed are 0..2"),
+        ("[rsvp]\nrepetitions = 'two'\n", r"'rsvp.repetitions' = 'two': Input should be a valid integer"),
+        ("[attack\n", r"not valid TOML"),
+    ],
+)
+def test_bad_values_name_key_value_and_allowed(tmp_path, text, message):
+    _write(tmp_path, text)
+    with pytest.raises(ValueError, match=message):
+        read_config(tmp_path)
+
+
+def test_paths_are_checked_and_resolved(tmp_path):
+    _write(tmp_path, "[images]\nsource = 'imagenet/train'\n")
+    with pytest.raises(FileNotFoundError, match=r"\[images\] source = 'imagenet/train': no such folder"):
+        read_config(tmp_path)
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    assert read_config(tmp_path).images.source == str(tmp_path / "imagenet" / "train")
+
+    _write(tmp_path, "[model]\nbackbone = 'robust.pt'\n")
+    with pytest.raises(FileNotFoundError, match="neither a registered name .*resnet50.* nor an existing checkpoint"):
+        read_config(tmp_path)
+    (tmp_path / "robust.pt").write_bytes(b"")
+    assert read_config(tmp_path).model.backbone == str(tmp_path / "robust.pt")
+
+    _write(tmp_path, "[sites]\nsite_map = 'map.csv'\n")
+    with pytest.raises(FileNotFoundError, match=r"\[sites\] site_map = 'map.csv': no such file"):
+        read_config(tmp_path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="closedloop init DIR"):
+        read_config(tmp_path)

@@ -1,0 +1,9 @@
+"""Shared fixtures: every test builds its own data."""
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
