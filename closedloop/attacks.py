@@ -163,12 +163,6 @@ def _project(x: torch.Tensor, clean: torch.Tensor, eps: torch.Tensor, *, scratch
     return torch.addcmul(clean, delta, factor.view(-1, *[1] * (x.dim() - 1)), out=x).clamp_(0.0, 1.0)
 
 
-def _random_start(clean: torch.Tensor, eps: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A random point on each image's ε-sphere, clamped to [0, 1]."""
-    noise = torch.empty_like(clean).copy_(torch.randn(clean.shape, generator=generator, dtype=torch.float32))
-    return _project(clean + noise * (eps / _norm(noise)).view(-1, 1, 1, 1), clean, eps)
-
-
 @dataclass(frozen=True)
 class _Settings:
     """How the model is run: bf16 autocast and channels-last memory format (both off by default)."""
@@ -183,6 +177,13 @@ class _Settings:
     def forward(self, model, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return model(images).float()
+
+
+def _random_start(clean: torch.Tensor, eps: torch.Tensor, generator: torch.Generator, settings: _Settings) -> torch.Tensor:
+    """A random point on each image's ε-sphere, clamped to [0, 1] (drawn on the CPU, then moved)."""
+    noise = settings.prepare(torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(clean.device))
+    noise.mul_((eps / _norm(noise)).view(-1, 1, 1, 1)).add_(clean)
+    return _project(noise, clean, eps)
 
 
 def _loss(model, objective, x: torch.Tensor, settings: _Settings, *, grad: bool):
@@ -290,7 +291,7 @@ def compute_pgd(
     with _frozen(model) if isinstance(model, torch.nn.Module) else nullcontext():
         for _ in range(n_restarts):
             if random_start:
-                first = _random_start(clean, eps, generator)
+                first = _random_start(clean, eps, generator, settings)
             else:
                 first = _project((clean if start is None else settings.prepare(start.detach())).clone(), clean, eps)
             images, loss, start_loss = _descend(
