@@ -63,6 +63,41 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
     _emit(result, as_json, text)
 
 
+# --- attacks: closedloop bench -------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--backbone", default="resnet_tiny", show_default=True,
+              help="Registered backbone name (resnet_tiny, resnet50, ...) or a checkpoint path.")
+@click.option("--layer", default="layer4.0", show_default=True, help="Backbone layer feeding the readout.")
+@click.option("--n-sites", type=click.IntRange(1), default=21, show_default=True, help="Sites of the IT model.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True, help="Images per batch.")
+@click.option("--n-steps", type=click.IntRange(1), default=20, show_default=True, help="PGD steps per timed run.")
+@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs (median reported).")
+@click.option("--image-size", type=click.IntRange(32), default=224, show_default=True, help="Image side, px.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 autocast in the attack steps (GPU).")
+@click.option("--channels-last", is_flag=True, help="Channels-last memory format (GPU).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int, repeats: int, image_size: int,
+          device: str, bf16: bool, channels_last: bool, compile_model: bool, as_json: bool) -> None:
+    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day."""
+    from closedloop.bench import compute_bench
+    from models import make_it_model
+
+    model = make_it_model(backbone, layer, n_sites, image_size=image_size)
+    result = {"backbone": backbone, "layer": layer}
+    result |= compute_bench(model, batch_size=batch_size, n_steps=n_steps, n_repeats=repeats, image_size=image_size,
+                            device=device, autocast=bf16, channels_last=channels_last, compile_model=compile_model)
+    text = "\n".join(f"{key:>34}: {value:.4g}" if isinstance(value, float) else f"{key:>34}: {value}"
+                     for key, value in result.items())
+    _emit(result, as_json, text)
+
+
+# --- end attacks ------------------------------------------------------------------------------
+
+
 # -- recording: Blackrock ingest ---------------------------------------------------------------
 def _ingest_settings(experiment: Path | None, window: tuple | None, site_map: Path | None):
     """Window (s) and site table for ingest: options first, then experiment.toml, then defaults."""

@@ -22,6 +22,9 @@ __all__ = [
     "check_dir",
     "check_image_batch",
     "check_indices",
+    "check_uint8_images",
+    "check_budgets",
+    "check_device",
     "check_array",
     "check_integer_array",
 ]
@@ -124,6 +127,57 @@ def check_indices(name: str, indices, n: int) -> np.ndarray:
     if bad.size:
         raise ValueError(f"'{name}' must lie in [0, {n - 1}], but got {bad[:5].tolist()}.")
     return indices
+
+
+def check_uint8_images(name: str, images, *, size: int | None = None) -> np.ndarray:
+    """Return ``images`` if it is a uint8 numpy batch (n_images, H, W, 3), channels last.
+
+    ``size`` fixes H = W when given.
+    """
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        kind = f"dtype {images.dtype}" if hasattr(images, "dtype") else f"type {type(images).__name__}"
+        raise TypeError(
+            f"'{name}' must be a uint8 numpy array (8-bit images), but got {kind}; "
+            "convert float images in [0, 1] with closedloop.images.quantize."
+        )
+    shape = images.shape
+    if len(shape) != 4 or shape[3] != 3 or (size is not None and shape[1:3] != (size, size)):
+        want = f"(n_images, {size}, {size}, 3)" if size else "(n_images, H, W, 3)"
+        raise ValueError(f"'{name}' must have shape {want} (channels last), but got {shape}.")
+    return images
+
+
+def check_budgets(name: str, eps, n: int) -> np.ndarray:
+    """Return per-image L2 budgets as float64 (n,): a scalar is repeated, an array must have n entries.
+
+    Every budget must be finite and > 0 (eps in [0, 1] pixel units).
+    """
+    values = np.asarray(eps)
+    if values.dtype == bool or not (np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)):
+        raise TypeError(f"'{name}' must hold real numbers (L2 budgets), but got dtype {values.dtype}.")
+    values = values.astype(np.float64)
+    if values.ndim == 0:
+        values = np.full(n, float(values))
+    if values.shape != (n,):
+        raise ValueError(f"'{name}' must be a number or have shape ({n},), one budget per image, but got shape {values.shape}.")
+    bad = values[~(np.isfinite(values) & (values > 0))]
+    if bad.size:
+        raise ValueError(f"'{name}' must be finite and > 0 (L2 norm in [0, 1] pixel units), but got {bad[:5].tolist()}.")
+    return values
+
+
+def check_device(name: str, device):
+    """Return ``device`` as a ``torch.device`` if it is "cpu" or an available "cuda" device."""
+    import torch
+
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"Invalid value for '{name}': allowed values are 'cpu', 'cuda', but got {device!r}.") from None
+    check_option(name, resolved.type, ["cpu", "cuda"])
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"'{name}' = {device!r} but no CUDA device is available; use 'cpu'.")
+    return resolved
 
 
 def check_array(name: str, values, *, shape: tuple, dtype=None) -> np.ndarray:
