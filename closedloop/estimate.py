@@ -82,7 +82,7 @@ def compute_signed_changes(parent, site, eps, kind, predicted, means) -> SignedC
     baseline stimuli pair with every site.
     """
     parent, site = np.asarray(parent, np.int64), np.asarray(site, np.int64)
-    eps, kind = np.asarray(eps, np.float64), np.asarray(kind).astype(str)
+    eps, kind = np.asarray(eps, np.float64), np.array(np.asarray(kind).tolist(), dtype=str)
     predicted, means = np.asarray(predicted, np.float64), np.asarray(means, np.float64)
     n_sites = means.shape[1]
     perturbed = np.flatnonzero(parent >= 0)

@@ -41,7 +41,7 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
         sites = np.unique(stimuli["site"][chosen])
         solved = compute_unit_sensitivity(
             expected, store.read_pixels(parents), float(eps), units=sites, n_starts=config.sim.truth_starts,
-            n_steps=config.sim.truth_steps, seed=seed, device=device,
+            n_steps=config.sim.truth_steps, batch_size=256, seed=seed, device=device,
         )
         row = {parent: i for i, parent in enumerate(parents)}
         for column, site in enumerate(sites):
