@@ -34,6 +34,7 @@ def test_bench_bad_input():
         compute_bench(_model(), device="gpu0")
 
 
+@pytest.mark.slow
 def test_bench_command_prints_json_for_the_small_backbone(capsys):
     from closedloop.cli import main
 
