@@ -488,7 +488,9 @@ def make_site_attacks(
     seed = check_integer("seed", seed, minimum=0)
     image_index, site, eps = np.broadcast_arrays(np.asarray(image_index), np.asarray(site), np.asarray(eps))
     if image_index.ndim != 1:
-        raise ValueError(f"'image_index', 'site' and 'eps' must broadcast to one dimension (n_jobs,), but got shape {image_index.shape}.")
+        raise ValueError(
+            f"'image_index', 'site' and 'eps' must broadcast to one dimension (n_jobs,), but got shape {image_index.shape}."
+        )
     if image_index.size == 0:
         raise ValueError("'image_index', 'site' and 'eps' describe no jobs; give at least one (image, site, eps).")
     image_index = check_indices("image_index", image_index, len(clean_uint8))

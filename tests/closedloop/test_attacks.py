@@ -323,7 +323,8 @@ def test_centroid_attacks_move_toward_the_centroid():
         ({"mode": "disrupt", "labels": [0]}, ValueError, r"'labels' must have shape \(2,\)"),
         ({"mode": "composite", "targets": [[0, 1, 2, 3]] * 2}, ValueError, r"\(2, 2\) or \(2, 3\)"),
         ({"mode": "centroid"}, TypeError, "mode 'centroid' needs 'features'"),
-        ({"mode": "centroid", "features": nn.Flatten(), "centroid": np.zeros(5)}, ValueError, r"'centroid' must be finite with shape \(3072,\)"),
+        ({"mode": "centroid", "features": nn.Flatten(), "centroid": np.zeros(5)}, ValueError,
+         r"'centroid' must be finite with shape \(3072,\)"),
         ({"eps": -0.5}, ValueError, "'eps' must be finite and > 0"),
     ],
 )

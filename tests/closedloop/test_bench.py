@@ -32,3 +32,23 @@ def test_bench_bad_input():
         compute_bench(_model(), batch_size=0)
     with pytest.raises(ValueError, match="Invalid value for 'device'"):
         compute_bench(_model(), device="gpu0")
+
+
+@pytest.mark.slow
+def test_bench_command_prints_json_for_the_small_backbone(capsys):
+    from closedloop.cli import main
+
+    main(["-q", "bench", "--backbone", "resnet_tiny", "--image-size", "64", "--batch-size", "2", "--n-steps", "1",
+          "--repeats", "1", "--n-sites", "3", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["backbone"] == "resnet_tiny" and result["layer"] == "layer4.0" and result["n_sites"] == 3
+    assert result["attack_over_fwd_bwd"] > 0 and result["batched_speedup_vs_per_site_loop"] > 0
+
+
+def test_bench_command_bad_backbone_is_one_line_exit_2(capsys, tmp_path):
+    from closedloop.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--backbone", str(tmp_path / "missing.pt")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.startswith("error: ") and error.strip().count("\n") == 0

@@ -20,7 +20,7 @@ def test_restricted_imagenet_takes_the_max_over_inclusive_ranges():
     assert RestrictedImageNet.category_names == ("dog", "cat", "frog", "turtle", "bird", "primate", "fish", "crab", "insect")
     inside = {i for _, first, last in RESTRICTED_IMAGENET_RANGES for i in range(first, last + 1)}
     logits = torch.tensor([[0.0 if i in inside else 100.0 for i in range(1000)]])  # outside never counts
-    for k, (_, first, last) in enumerate(RESTRICTED_IMAGENET_RANGES):
+    for k, (_, _, last) in enumerate(RESTRICTED_IMAGENET_RANGES):
         logits[0, last] = 10.0 + k  # the last index of each range counts (inclusive)
     out = RestrictedImageNet(_Fixed(logits))(torch.rand(2, 3, 8, 8))
     assert out.shape == (2, 9)
