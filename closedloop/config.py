@@ -100,6 +100,9 @@ class AttackSection(_Section):
         ["gaussian", "interpolation"], description="Model-free baselines made at the same budgets."
     )
     batch_size: int = Field(0, ge=0, description="Images per attack batch; 0 sizes batches to the device memory.")
+    part_size: int = Field(
+        64, ge=1, description="Attack jobs saved to disk together while synthesizing (a crash loses at most one part)."
+    )
 
     @field_validator("budgets")
     @classmethod

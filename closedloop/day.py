@@ -146,7 +146,8 @@ def _stage_synthesize(day: _Day) -> dict:
     clean = day.images.read(plan.clean)
     stimuli = make_day_stimuli(
         model, clean, day.images.categories[list(plan.clean)], plan, day.config.attack,
-        seed=day.seed("synthesize"), parts_dir=day.path("synthesis_parts"), device=day.device,
+        seed=day.seed("synthesize"), parts_dir=day.path("synthesis_parts"), part_size=day.config.attack.part_size,
+        device=day.device,
     )
     partial = day.path("store.zarr.partial")
     store = create_store(partial, sites=_site_table(day.config), overwrite=True)
