@@ -151,9 +151,13 @@ def _stage_synthesize(day: _Day) -> dict:
     )
     partial = day.path("store.zarr.partial")
     store = create_store(partial, sites=_site_table(day.config), overwrite=True)
+    clean_row = np.where(stimuli.parent < 0, np.arange(len(stimuli.parent)), stimuli.parent)
+    pool_index = np.asarray(plan.clean)[clean_row]
     store.append_stimuli(
         stimuli.pixels, parent=stimuli.parent, site=stimuli.site, eps=stimuli.eps, direction=stimuli.direction,
         kind=stimuli.kind, predicted=stimuli.predicted, code=make_event_codes(len(stimuli.pixels)),
+        image_id=np.array(day.images.ids)[pool_index],
+        category=np.array(day.images.category_names)[day.images.categories[pool_index]],
     )
     partial.rename(day.path("store.zarr"))
     shutil.rmtree(day.path("synthesis_parts"), ignore_errors=True)

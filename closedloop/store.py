@@ -66,6 +66,8 @@ def _array_specs(n_sites: int) -> dict[str, tuple]:
         "stimuli/kind": (str, (), ("stimulus",), _ROW_CHUNK),
         "stimuli/predicted": (np.float64, (n_sites,), ("stimulus", "site_index"), _ROW_CHUNK),
         "stimuli/code": (np.uint16, (), ("stimulus",), _ROW_CHUNK),
+        "stimuli/image_id": (str, (), ("stimulus",), _ROW_CHUNK),
+        "stimuli/category": (str, (), ("stimulus",), _ROW_CHUNK),
         "presentations/id": (np.int64, (), ("presentation",), _ROW_CHUNK),
         "presentations/stimulus": (np.int64, (), ("presentation",), _ROW_CHUNK),
         "presentations/onset": (np.float64, (), ("presentation",), _ROW_CHUNK),
@@ -195,13 +197,16 @@ class DayStore:
                 array[start:] = values
         self._root[group].attrs[COMMITTED] = start + n_new
 
-    def append_stimuli(self, pixels, *, parent, site, eps, direction, kind, predicted, code) -> np.ndarray:
+    def append_stimuli(self, pixels, *, parent, site, eps, direction, kind, predicted, code, image_id="",
+                       category="") -> np.ndarray:
         """Append stimuli; return their stimulus indices, int64 ``(n,)``.
 
         ``pixels`` uint8 ``(n, 224, 224, 3)``; ``parent``, ``site``, ``direction``, ``eps`` (L2,
         [0, 1] pixel units), ``kind`` (one of :data:`KINDS`): ``(n,)`` or one value for all;
         ``predicted`` ``(n, n_sites)`` spikes per window (NaN where unknown); ``code`` ``(n,)``
-        event codes in 1..65535, unique over the day. A clean stimulus has parent = site = −1,
+        event codes in 1..65535, unique over the day; ``image_id`` and ``category`` (str, ``(n,)``
+        or one value): the image pool's id and category name of the clean image (of the parent
+        for a perturbed stimulus; "" if unknown). A clean stimulus has parent = site = −1,
         direction 0 and eps 0; any other has a parent ≥ 0 and eps > 0; an attack also has a
         target site and direction ±1.
         """
@@ -227,6 +232,8 @@ class DayStore:
             "stimuli/pixels": pixels, "stimuli/parent": parent, "stimuli/site": site, "stimuli/eps": eps,
             "stimuli/direction": direction.astype(np.int8), "stimuli/kind": kinds.astype(str),
             "stimuli/predicted": predicted, "stimuli/code": code.astype(np.uint16),
+            "stimuli/image_id": _broadcast("image_id", image_id, n).astype(str),
+            "stimuli/category": _broadcast("category", category, n).astype(str),
         })
         self._codes = np.concatenate([self._codes, code.astype(np.uint16)])
         return np.arange(start, start + n, dtype=np.int64)
