@@ -74,63 +74,109 @@ def run_presentations(
     n_ahead = check_integer("n_ahead", n_ahead, minimum=1)
     stall_s = check_number("stall_s", stall_s, minimum=0.0, inclusive=False)
     recorded_ids, recorded_stimuli, recorded_valid = _check_recorded(already_recorded)
-    rng = np.random.default_rng(seed)
-    targets = {int(s) for s in stimuli}
-    recorded = {int(i) for i in recorded_ids}
-    n_valid = Counter(int(s) for s in recorded_stimuli[recorded_valid])
+    schedule = _Schedule(stimuli, repetitions, seed, gap=n_ahead)
+    for presentation_id, stimulus_id, valid in sorted(zip(*(a.tolist() for a in (recorded_ids, recorded_stimuli, recorded_valid)))):
+        if schedule.stimulus(presentation_id) != stimulus_id:
+            raise ValueError(
+                f"stored presentation {presentation_id} showed stimulus {stimulus_id}, but this schedule (seed {seed}, "
+                f"{repetitions} repetitions) puts stimulus {schedule.stimulus(presentation_id)} there: the stored "
+                "presentations belong to another schedule; resume with the seed and settings they were made with."
+            )
+        schedule.resolve(presentation_id, valid)
+    recorded = set(recorded_ids.tolist())
     summary = Counter(n_handed=0, n_valid=0, n_fixation_breaks=0, n_skipped=0)
 
-    client.connect()
-    seen = set(recorded)
-
     def handle(outcome: dict) -> None:
-        presentation_id, stimulus_id = outcome["presentation_id"], outcome["stimulus_id"]
-        seen.add(presentation_id)
+        presentation_id = outcome["presentation_id"]
         if presentation_id in recorded:
             summary["n_skipped"] += 1
             return
+        expected = schedule.stimulus(presentation_id)
+        if outcome["stimulus_id"] != expected:
+            raise RigLinkError(
+                f"the rig reports presentation {presentation_id} as stimulus {outcome['stimulus_id']}, but it was "
+                f"scheduled as stimulus {expected}; the rig's session does not belong to this day"
+            )
         on_result(outcome)
         recorded.add(presentation_id)
+        schedule.resolve(presentation_id, bool(outcome["valid"]))
         summary["n_handed"] += 1
         summary["n_valid" if outcome["valid"] else "n_fixation_breaks"] += 1
-        if outcome["valid"] and stimulus_id in targets:
-            n_valid[stimulus_id] += 1
 
+    client.connect()
     for outcome in client.read_outcomes(0.0):
         handle(outcome)
-    todo: list[int] = []
-    _top_up(todo, targets, n_valid, client.outstanding, repetitions, rng)
-    limit = max_presentations if max_presentations is not None else 10 * len(todo) + 100
-    next_id = max([*seen, *client.outstanding, -1]) + 1
-    n_new, last_progress = 0, time.monotonic()
-    while todo or client.outstanding:
-        if todo and len(client.outstanding) < n_ahead:
-            batch = [todo.pop() for _ in range(min(len(todo), n_ahead - len(client.outstanding)))]
-            if n_new + len(batch) > limit:
+    limit = max_presentations if max_presentations is not None else 10 * len(schedule.order) + 100
+    next_id, n_new, last_progress = 0, 0, time.monotonic()
+    while not schedule.finished:
+        wanted = []
+        while next_id < schedule.queueable and len(client.outstanding) + len(wanted) < n_ahead:
+            if next_id not in recorded and next_id not in client.outstanding:
+                wanted.append((next_id, schedule.stimulus(next_id)))
+            next_id += 1
+        if wanted:
+            if n_new + len(wanted) > limit:
                 raise RuntimeError(
                     f"gave up after {n_new} presentations (max_presentations={limit}): too many fixation breaks; "
                     "check the rig, then run again to resume (nothing recorded is lost)."
                 )
-            client.queue([(next_id + k, s) for k, s in enumerate(batch)])
-            next_id, n_new = next_id + len(batch), n_new + len(batch)
+            client.queue(wanted)
+            n_new += len(wanted)
         outcomes = client.read_outcomes(0.05)
         for outcome in outcomes:
             handle(outcome)
         if outcomes:
             last_progress = time.monotonic()
-            _top_up(todo, targets, n_valid, client.outstanding, repetitions, rng)
-        elif time.monotonic() - last_progress > stall_s:
+        elif client.outstanding and time.monotonic() - last_progress > stall_s:
             raise RigLinkError(
                 f"the rig holds {len(client.outstanding)} presentations but reported none for {stall_s:g} s; "
                 "check that it is presenting (not stopped), then run again to resume."
             )
+        elif not client.outstanding and next_id >= schedule.queueable and not schedule.finished:
+            next_id = schedule.first_unresolved  # the rig lost queued presentations (restart): queue them again
     logger.info("presentations done: %s", dict(summary))
     return dict(summary)
 
 
-def _top_up(todo: list[int], targets: set[int], n_valid: Counter, outstanding: dict, repetitions: int, rng) -> None:
-    """Insert at random places in ``todo`` each stimulus short of valid + queued repetitions."""
-    planned = Counter(todo) + Counter(s for s in outstanding.values() if s in targets)
-    for stimulus in sorted(targets):
-        for _ in range(repetitions - n_valid[stimulus] - planned[stimulus]):
-            todo.insert(int(rng.integers(0, len(todo) + 1)), stimulus)
+class _Schedule:
+    """The RSVP order as a deterministic function of the seed and the fixation breaks seen.
+
+    Presentation id k shows ``order[k]``. The order starts as every stimulus ``repetitions``
+    times, shuffled; when presentation k is resolved as a fixation break, its stimulus is put back
+    at a random position after ``k + gap`` (drawn from a generator keyed by the seed and k), where
+    no presentation has been queued yet. Breaks are applied in id order, whatever order the
+    outcomes arrive in, so a resumed session (replaying what was stored) and an uninterrupted one
+    give the same order for the same fixation breaks.
+    """
+
+    def __init__(self, stimuli: np.ndarray, repetitions: int, seed: int, *, gap: int) -> None:
+        self.seed, self.gap = seed, gap
+        self.order = np.random.default_rng([seed, 0]).permutation(np.repeat(stimuli, repetitions)).tolist()
+        self.valid: dict[int, bool] = {}
+        self.first_unresolved = 0
+
+    def stimulus(self, presentation_id: int) -> int:
+        if not 0 <= presentation_id < len(self.order):
+            raise RigLinkError(f"presentation id {presentation_id} was never scheduled (0..{len(self.order) - 1})")
+        return int(self.order[presentation_id])
+
+    @property
+    def finished(self) -> bool:
+        return self.first_unresolved >= len(self.order)
+
+    @property
+    def queueable(self) -> int:
+        """Ids below this may be queued: later positions may still receive re-inserted stimuli."""
+        return min(len(self.order), self.first_unresolved + self.gap)
+
+    def resolve(self, presentation_id: int, valid: bool) -> None:
+        self.valid[presentation_id] = valid
+        while self.first_unresolved in self.valid:
+            k = self.first_unresolved
+            if not self.valid[k]:
+                low = k + 1 + self.gap
+                position = int(np.random.default_rng([self.seed, 1, k]).integers(min(low, len(self.order)), len(self.order) + 1))
+                self.order.insert(position, self.order[k])
+            self.first_unresolved += 1
+
+

@@ -247,12 +247,25 @@ def test_control_process_restarted_mid_session(tmp_path):
         recorded = tuple(np.array([o[key] for o in store]) for key in ("presentation_id", "stimulus_id", "valid"))
         with _client(agent, name="second") as client:
             client.load_bundle(_bundle(tmp_path, stimuli))
-            summary = run_presentations(client, stimuli, repetitions=2, seed=5, on_result=store.append,
+            with pytest.raises(ValueError, match=r"stored presentation 0 showed stimulus \d+, but this schedule \(seed 5"):
+                run_presentations(client, stimuli, repetitions=2, seed=5, on_result=store.append, already_recorded=recorded)
+            summary = run_presentations(client, stimuli, repetitions=2, seed=4, on_result=store.append,
                                         already_recorded=recorded)
         assert summary["n_skipped"] == 7
     finally:
         agent.close()
     _check_session(store, agent.outcomes, stimuli, 2)
+    # the same seed and the same fixation breaks give the same order as an uninterrupted session
+    order = [(o["presentation_id"], o["stimulus_id"]) for o in sorted(store, key=lambda o: o["presentation_id"])]
+    agent = _agent(tmp_path / "again", CountingPresenter(break_every=6))
+    try:
+        with _client(agent, name="uninterrupted") as client:
+            client.load_bundle(_bundle(tmp_path, stimuli))
+            again: list[dict] = []
+            run_presentations(client, stimuli, repetitions=2, seed=4, on_result=again.append)
+    finally:
+        agent.close()
+    assert [(o["presentation_id"], o["stimulus_id"]) for o in sorted(again, key=lambda o: o["presentation_id"])] == order
 
 
 def test_dead_rig_noticed_and_the_client_gives_up_in_bounded_time(tmp_path):
