@@ -229,7 +229,7 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
 
     from closedloop.config import read_config
     from rigs.agent import StreamFaults
-    from rigs.sim import run_sim_rig
+    from rigs.sim import compute_hidden_site_options, run_sim_rig
 
     config = read_config(experiment)
     rig = config.rig
@@ -242,6 +242,7 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
         fixation_break_rate=config.sim.fixation_break_rate if fixation_break_rate is None else fixation_break_rate,
         faults=StreamFaults(drop=drop, duplicate=duplicate, reorder=reorder, seed=config.experiment.seed),
         security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s, timeout_s=rig.timeout_s,
+        hidden=compute_hidden_site_options(config),
     )
     try:
         run_sim_rig(stop, crash_after=crash_after, on_start=lambda agent: click.echo(f"serving on {agent.address}"),

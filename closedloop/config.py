@@ -161,6 +161,11 @@ class SimSection(_Section):
     """[sim]: the simulated IT rig (used when [rig] kind = "sim", by `closedloop rig-sim` and the demo)."""
 
     seed: int = Field(1, ge=0, description="Seed of the simulated monkey's hidden sites (the same every day).")
+    weight_noise: float = Field(
+        0.3, ge=0.0, le=10.0,
+        description="How far the monkey's IT is from the base model: noise on the base backbone's convolution "
+        "weights, in units of their standard deviation.",
+    )
     time_scale: float = Field(
         1.0, ge=0.0, le=10.0, description="Real seconds per recording-clock second (0.01 runs 100x faster than real time)."
     )

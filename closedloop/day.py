@@ -42,10 +42,15 @@ from closedloop.logs import logger
 from closedloop.provenance import compute_provenance, derive_seed
 from closedloop.validation import check_integer
 
-__all__ = ["STAGES", "run_day", "read_status", "day_folder"]
+__all__ = ["STAGES", "run_day", "read_status", "day_folder", "compute_base_seed"]
 
 STAGES = ("plan", "synthesize", "bundle", "present", "ingest", "estimate", "refit", "report")
 MODEL_NAME = "model.safetensors"
+
+
+def compute_base_seed(config: ExperimentConfig) -> int:
+    """Seed of the day-0 model (random-weight backbones and the random readout)."""
+    return derive_seed(config.experiment.seed, "day-0 model")
 
 
 def day_folder(experiment: str | Path, day: int) -> Path:
@@ -110,7 +115,7 @@ def _generating_model(day: _Day):
         model = day.config.model
         return make_it_model(
             model.backbone, model.layer, day.config.sites.n_sites, trust=model.trust_checkpoint,
-            positive=model.readout_positive, seed=derive_seed(day.config.experiment.seed, "day-0 model"),
+            positive=model.readout_positive, seed=compute_base_seed(day.config),
         )
     path = day.previous_model_path()
     if not path.exists():

@@ -84,7 +84,7 @@ def _rig_address(config: ExperimentConfig, folder: Path):
     if config.rig.kind != "sim":
         yield config.rig.address
         return
-    from rigs.sim import run_sim_rig
+    from rigs.sim import compute_hidden_site_options, run_sim_rig
 
     if config.rig.security == "curve" and not (Path(config.rig.keys_dir) / "control.key_secret").exists():
         from closedloop.keys import make_keys
@@ -102,6 +102,7 @@ def _rig_address(config: ExperimentConfig, folder: Path):
         on_s=config.rsvp.on_s, off_s=config.rsvp.off_s, fixation_break_rate=config.sim.fixation_break_rate,
         security=config.rig.security, keys_dir=config.rig.keys_dir,
         heartbeat_s=config.rig.heartbeat_s, timeout_s=config.rig.timeout_s,
+        hidden=compute_hidden_site_options(config),
     ))
     thread.start()
     if not started.wait(30):

@@ -26,13 +26,13 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
     Averages over the clean parents of that site's attacks at that budget in the day store.
     Solver effort: ``[sim] truth_starts`` random starts per direction, ``[sim] truth_steps`` steps.
     """
-    from rigs.sim import ExpectedCounts, make_hidden_sites
+    from rigs.sim import ExpectedCounts, compute_hidden_site_options, make_hidden_sites
 
     store = open_store(store_path)
     stimuli = store.read_stimuli(pixels=False)
     attack = stimuli["kind"] == "attack"
     expected = ExpectedCounts(
-        make_hidden_sites(config.sites.n_sites, config.sim.seed), window_s=config.response.window_s, on_s=config.rsvp.on_s
+        make_hidden_sites(config.sites.n_sites, config.sim.seed, **compute_hidden_site_options(config)), window_s=config.response.window_s, on_s=config.rsvp.on_s
     )
     truth: dict[tuple[int, float], float] = {}
     for eps in np.unique(stimuli["eps"][attack]):

@@ -27,63 +27,67 @@ import torch
 from torch import nn
 
 from closedloop.bundle import read_bundle
-from closedloop.images import to_tensor
+from closedloop.images import make_embedded_image_set, to_tensor
 from closedloop.logs import logger
 from closedloop.recording import NSP_CLOCK_HZ, Recording
 from closedloop.validation import check_integer, check_number
 from rigs.agent import Outcome, RigAgent, StreamFaults
 
-__all__ = ["ExpectedCounts", "HiddenSites", "SimulatedPresenter", "make_hidden_sites", "make_sim_agent", "run_sim_rig"]
+__all__ = ["ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "SimulatedPresenter", "make_hidden_sites", "make_sim_agent", "run_sim_rig"]
 
 _SPIKE_UNIT = 1
 DEFAULT_LATENCY_S = 0.07
 _BATCH = 32
 
 
-def _randn(generator: torch.Generator, *shape: int, scale: float = 1.0) -> nn.Parameter:
-    return nn.Parameter(torch.randn(*shape, generator=generator) * scale)
-
-
 class HiddenSites(nn.Module):
     """The simulated sites: images (n_images, 3, 224, 224) in [0, 1] → firing rates, Hz, (n_images, n_sites).
 
-    A random 3-layer CNN on a 4x-downsampled image, a factorized readout per site (a 7x7 spatial
-    mask times channel weights), standardised over seeded calibration images, then a sigmoid
-    from ``baseline_hz`` up to ``peak_hz``. Differentiable in the images.
+    The monkey's IT resembles the lab's base model without being it: the sites read out a copy of
+    the base backbone (``backbone`` at ``layer``, built with ``base_seed`` exactly as the day-0
+    model's is) whose convolution weights carry independent noise of ``weight_noise`` × their
+    standard deviation. Each site has a compact Gaussian receptive field on the feature grid and
+    random channel weights; its drive is standardised over natural calibration images (the
+    embedded photographs) and turned into a rate by a sigmoid from ``baseline_hz`` (5–30 Hz) to
+    ``peak_hz`` (150–350 Hz). Everything random comes from ``seed``; differentiable in the images.
     """
 
-    def __init__(self, n_sites: int, seed: int) -> None:
+    def __init__(self, n_sites: int, seed: int, *, backbone: str = "resnet_tiny", layer: str = "layer4.0",
+                 base_seed: int = 0, weight_noise: float = 0.3, trust: bool = False) -> None:
+        from models import load_backbone
+
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        widths = (3, 16, 32, 32)
-        self.convs = nn.ParameterList(
-            _randn(generator, out, inp, 3, 3, scale=math.sqrt(2.0 / (9 * inp))) for inp, out in zip(widths, widths[1:])
-        )
-        self.spatial = _randn(generator, n_sites, 7 * 7)
-        self.channels = _randn(generator, n_sites, widths[-1])
+        self.backbone = load_backbone(backbone, layer, trust=trust, seed=base_seed).eval()
+        with torch.no_grad():
+            for parameter in self.backbone.parameters():
+                if parameter.ndim == 4:
+                    parameter.add_(weight_noise * parameter.std() * torch.randn(parameter.shape, generator=generator))
+        channels, height, width = self.backbone.out_shape(224)
+        centres = torch.rand(n_sites, 2, generator=generator) * torch.tensor([height - 1.0, width - 1.0])
+        rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        distance = (rows[None] - centres[:, 0, None, None]) ** 2 + (columns[None] - centres[:, 1, None, None]) ** 2
+        mask = torch.exp(-distance / 2.0)
+        self.register_buffer("mask", mask / mask.sum(dim=(1, 2), keepdim=True))
+        self.register_buffer("channels", torch.randn(n_sites, channels, generator=generator) / math.sqrt(channels))
         self.register_buffer("baseline_hz", 5.0 + 25.0 * torch.rand(n_sites, generator=generator))
         self.register_buffer("peak_hz", 150.0 + 200.0 * torch.rand(n_sites, generator=generator))
         self.register_buffer("mean", torch.zeros(n_sites))
         self.register_buffer("std", torch.ones(n_sites))
-        calibration = nn.functional.interpolate(torch.rand(48, 3, 14, 14, generator=generator), size=224,
-                                                mode="bilinear", align_corners=False)
+        self.requires_grad_(False)
+        calibration = make_embedded_image_set(per_photo=4, seed=seed)
         with torch.no_grad():
-            drive = self._drive(calibration)
+            drive = self._drive(to_tensor(calibration.read(np.arange(len(calibration)))))
             self.mean.copy_(drive.mean(0))
             self.std.copy_(drive.std(0).clamp_min(1e-6))
-        self.requires_grad_(False)
 
     def _drive(self, images: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.avg_pool2d(images - 0.5, 4)
-        for weight in self.convs:
-            x = nn.functional.relu(nn.functional.conv2d(x, weight, stride=2, padding=1))
-        x = nn.functional.adaptive_avg_pool2d(x, 7).flatten(2)  # (n, channels, 49)
-        mask = torch.softmax(self.spatial, dim=1)  # (n_sites, 49)
-        return torch.einsum("ncp,sp,sc->ns", x, mask, self.channels)
+        features = self.backbone(images)  # (n, channels, height, width)
+        return torch.einsum("nchw,shw,sc->ns", features, self.mask, self.channels)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         z = (self._drive(images) - self.mean) / self.std
-        return self.baseline_hz + (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.5))
+        return self.baseline_hz + (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.0))
 
 
 class ExpectedCounts(nn.Module):
@@ -106,9 +110,22 @@ class ExpectedCounts(nn.Module):
         return self.sites.baseline_hz * self.baseline_s + self.sites(images) * self.driven_s
 
 
-def make_hidden_sites(n_sites: int, seed: int) -> HiddenSites:
-    """The simulated rig's sites: a :class:`HiddenSites` with ``n_sites`` units built from ``seed``."""
-    return HiddenSites(check_integer("n_sites", n_sites, minimum=1), check_integer("seed", seed, minimum=0))
+def make_hidden_sites(n_sites: int, seed: int, **base) -> HiddenSites:
+    """The simulated rig's sites: a :class:`HiddenSites` with ``n_sites`` units built from ``seed``.
+
+    ``base``: the base network the monkey resembles (``backbone``, ``layer``, ``base_seed``,
+    ``weight_noise``, ``trust``; see :class:`HiddenSites`), e.g. from :func:`compute_hidden_site_options`.
+    """
+    return HiddenSites(check_integer("n_sites", n_sites, minimum=1), check_integer("seed", seed, minimum=0), **base)
+
+
+def compute_hidden_site_options(config) -> dict:
+    """The :class:`HiddenSites` arguments for an experiment: its base model and ``[sim] weight_noise``."""
+    from closedloop.day import compute_base_seed
+
+    model = config.model
+    return {"backbone": model.backbone, "layer": model.layer, "base_seed": compute_base_seed(config),
+            "weight_noise": config.sim.weight_noise, "trust": model.trust_checkpoint}
 
 
 class SimulatedPresenter:
@@ -228,15 +245,17 @@ def make_sim_agent(
     keys_dir: str | Path | None = None,
     heartbeat_s: float = 1.0,
     timeout_s: float = 5.0,
+    hidden: dict | None = None,
 ) -> RigAgent:
     """A (not yet started) :class:`RigAgent` serving a :class:`SimulatedPresenter` on ``address``.
 
-    The hidden sites come from ``seed``; the session state and the ``.nev`` go to ``state_dir``.
+    The hidden sites come from ``seed`` and ``hidden`` (the base network options of
+    :func:`make_hidden_sites`); the session state and the ``.nev`` go to ``state_dir``.
     Building it again with the same arguments continues the same session (a rig restart).
     """
     state_dir = Path(state_dir)
     presenter = SimulatedPresenter(
-        make_hidden_sites(n_sites, seed), recording_path=state_dir / "recording.nev", seed=seed,
+        make_hidden_sites(n_sites, seed, **(hidden or {})), recording_path=state_dir / "recording.nev", seed=seed,
         time_scale=time_scale, on_s=on_s, off_s=off_s, fixation_break_rate=fixation_break_rate,
     )
     return RigAgent(presenter, address=address, state_dir=state_dir, rig_id=f"sim-{seed}", security=security,
