@@ -16,12 +16,13 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/closedloop check-model --experiment daily_runs/demo-check 2>/dev/null || \
-	  ($(BIN)/closedloop init daily_runs/demo-check --preset demo --force && \
-	   $(BIN)/closedloop check-model --experiment daily_runs/demo-check)
+	$(BIN)/closedloop demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/closedloop bench --json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

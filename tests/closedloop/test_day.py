@@ -139,7 +139,8 @@ def _n_presentations(folder: Path) -> int:
 @pytest.mark.slow
 def test_killed_day_resumes_to_the_same_result(tmp_path):
     reference = _experiment(tmp_path / "reference", time_scale=0.05)
-    assert _fit_day(reference).wait() == 0
+    uninterrupted = _fit_day(reference)
+    assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()[-2000:]
     resumed = _experiment(tmp_path / "resumed", time_scale=0.05)
     folder = resumed / "day_000"
     kill_points = [
