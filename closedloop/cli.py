@@ -334,11 +334,16 @@ def train_robust(out: Path, data: str, eps: float, attack_steps: int | None, att
 
     Runs unchanged under torchrun (DistributedDataParallel; gloo on CPU, nccl on GPU); only rank 0 writes.
     """
+    import os
+
     from closedloop.behavior_models import EMBEDDED_CATEGORIES, make_embedded_training_set
     from closedloop.images import read_image_folder
     from models.classifiers import make_classifier
     from models.training import CHECKPOINT_NAME, fit_classifier
 
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports
+    if rank:
+        set_log_level(False)
     embedded = data == "embedded"
     if embedded:
         images, labels = make_embedded_training_set(per_photo)
@@ -356,7 +361,8 @@ def train_robust(out: Path, data: str, eps: float, attack_steps: int | None, att
     result = {"checkpoint": str(out / CHECKPOINT_NAME), "eps": eps, "attack_steps": training["attack_steps"],
               "attack_step": training["attack_step"], "epochs": len(training["history"]), "loss": last["loss"],
               "accuracy": last["accuracy"], "world_size": training["world_size"]}
-    _emit(result, as_json, "\n".join(f"{key:>13}: {value}" for key, value in result.items()))
+    if rank == 0:
+        _emit(result, as_json, "\n".join(f"{key:>13}: {value}" for key, value in result.items()))
 
 
 @cli.group()
