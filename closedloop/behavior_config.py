@@ -149,7 +149,7 @@ class BehaviorConfig(_Section):
 BEHAVIOR_PRESETS: dict[str, dict] = {
     "paper": {},
     "embedded": {
-        "perturbations": {"budgets": [1.0, 3.0, 10.0], "n_steps": 50, "composite_pairs": 1, "composite_triples": 1},
+        "perturbations": {"budgets": [5.0, 15.0, 30.0], "n_steps": 50, "composite_pairs": 1, "composite_triples": 1},
     },
 }
 
