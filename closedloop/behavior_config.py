@@ -51,7 +51,9 @@ class StimuliSection(_Section):
         "folder in ImageFolder layout whose sub-folder names are the guides' category names (e.g. dog, cat, ...).",
     )
     n_per_category: int = Field(1, ge=1, description="Start images per category (chosen at random from the folder).")
-    embedded_per_photo: int = Field(8, ge=1, le=500, description="Embedded start images only: crops made per photograph to choose from.")
+    embedded_per_photo: int = Field(
+        8, ge=1, le=500, description="Embedded start images only: crops made per photograph to choose from."
+    )
     new_class: str = Field(
         EMBEDDED,
         description='Images of a new class for feature-centroid targets: a folder of images, "embedded" (crops of the '
@@ -110,7 +112,9 @@ class PerturbationsSection(_Section):
     )
     composite_pairs: int = Field(2, ge=0, description="Composite target pairs per start image (drawn from the other categories).")
     composite_triples: int = Field(2, ge=0, description="Composite target triples per start image.")
-    n_steps: int = Field(0, ge=0, description="PGD iterations per attack; 0 uses the published budget -> (step, iterations) schedule.")
+    n_steps: int = Field(
+        0, ge=0, description="PGD iterations per attack; 0 uses the published budget -> (step, iterations) schedule."
+    )
     logit_push: float = Field(0.1, ge=0.0, description="Composite targets: weight of the push on the target logits.")
     batch_size: int = Field(0, ge=0, description="Images per attack batch; 0 sizes batches to the device (16 on CPU).")
 

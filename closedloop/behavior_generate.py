@@ -136,7 +136,8 @@ def _choose_composites(config: BehaviorConfig, starts: _Starts, n_categories: in
     return chosen
 
 
-def _make_units(config: BehaviorConfig, guides: list[str], starts: _Starts, n_categories: int, interpolation_targets) -> list[_Unit]:
+def _make_units(config: BehaviorConfig, guides: list[str], starts: _Starts, n_categories: int,
+                interpolation_targets: set[int]) -> list[_Unit]:
     modes, rows = config.perturbations.modes, np.arange(len(starts.ids))
     units = [_Unit("control", "control", "", 0.0, rows, tuple(() for _ in rows))] if "control" in modes else []
     others = [tuple((k,) for k in range(n_categories) if k != c) for c in starts.categories]

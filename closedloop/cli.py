@@ -320,7 +320,8 @@ def demo(out: Path, days: int, as_json: bool) -> None:
 @click.option("--lr", "learning_rate", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
               help="Initial SGD learning rate (cosine decay to 0).")
 @click.option("--weight-decay", type=click.FloatRange(0), default=5e-4, show_default=True)
-@click.option("--per-photo", type=click.IntRange(1, 500), default=40, show_default=True, help="Embedded data: crops per photograph.")
+@click.option("--per-photo", type=click.IntRange(1, 500), default=40, show_default=True,
+              help="Embedded data: crops per photograph.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Initial weights, shuffling and flips.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Data-loading processes.")

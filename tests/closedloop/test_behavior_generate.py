@@ -141,3 +141,17 @@ def test_cli_finishes_a_finished_set_at_once_and_reports_bad_input_in_one_line(s
     bad = subprocess.run([*command, str(root / "other"), "--config", str(root / "missing.toml")],
                          capture_output=True, text=True, env=environment, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: no behaviour config at") and bad.stderr.count("\n") == 1
+
+
+def test_models_must_exist_and_share_their_categories(stimulus_set, tmp_path):
+    from closedloop.behavior_config import ModelsSection
+    from closedloop.behavior_models import load_behavior_models
+    from models.classifiers import write_classifier
+
+    root, _, _ = stimulus_set
+    with pytest.raises(ValueError, match=r"Invalid value for '\[models\] guides.g': allowed values are 'embedded:vanilla'"):
+        load_behavior_models(ModelsSection(guides={"g": "embedded:huge"}, surrogates={}, cache=str(tmp_path)))
+    other = write_classifier(make_classifier("resnet_tiny", ["x", "y"]), tmp_path / "other.safetensors")
+    models = ModelsSection(guides={"g": str(root / "g" / CHECKPOINT_NAME)}, surrogates={"o": str(other)})
+    with pytest.raises(ValueError, match=r"must have the same categories in the same order, but 'g' has \['astronaut'"):
+        load_behavior_models(models)

@@ -62,7 +62,8 @@ def _randomise_batch_norm(network: nn.Module, seed: int) -> nn.Module:
 
 def test_compute_restricted_logits_matches_the_wrapper():
     logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(RestrictedImageNet(_Fixed(logits[:1]))(torch.zeros(1, 3, 4, 4)), compute_restricted_logits(logits[:1]))
+    wrapped = RestrictedImageNet(_Fixed(logits[:1]))(torch.zeros(1, 3, 4, 4))
+    torch.testing.assert_close(wrapped, compute_restricted_logits(logits[:1]))
     for k, (_, first, last) in enumerate(RESTRICTED_IMAGENET_RANGES):
         torch.testing.assert_close(compute_restricted_logits(logits)[:, k], logits[:, first : last + 1].max(1).values)
 
