@@ -27,7 +27,7 @@ import csv
 import io
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,7 @@ class _Unit:
     guide: str
     budget: float
     rows: np.ndarray
-    targets: tuple[tuple[int, ...], ...] = field(default=())
+    targets: tuple[tuple[int, ...], ...]
 
 
 def _budget_key(budget: float) -> str:
@@ -105,15 +105,13 @@ def _read_starts(config: BehaviorConfig, category_names: tuple[str, ...]):
 def _read_new_class(config: BehaviorConfig) -> tuple[str, np.ndarray]:
     """(name, uint8 pixels (n, 224, 224, 3)) of the new class's images."""
     from closedloop.behavior_models import EMBEDDED_NEW_CLASS
-    from closedloop.images import IMAGE_EXTENSIONS, make_embedded_image_set, read_image, select_categories
+    from closedloop.images import IMAGE_EXTENSIONS, make_embedded_image_set, quantize, read_image, select_categories
 
     stimuli = config.stimuli
     if stimuli.new_class == EMBEDDED:
         pool = make_embedded_image_set(per_photo=stimuli.n_new_class, seed=derive_seed(stimuli.seed, "new class"))
         pool = select_categories(pool, [EMBEDDED_NEW_CLASS])
         return EMBEDDED_NEW_CLASS, pool.read(np.arange(len(pool)))
-    from closedloop.images import quantize
-
     folder = Path(stimuli.new_class)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[: stimuli.n_new_class]
     if not files:

@@ -16,9 +16,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from closedloop.logs import logger
 from closedloop.validation import check_option
+
+if TYPE_CHECKING:
+    from models.classifiers import Classifier
 
 __all__ = [
     "EMBEDDED_CATEGORIES",
@@ -57,7 +61,7 @@ class BehaviorModel:
 
     name: str
     role: str
-    classifier: object
+    classifier: Classifier
     source: str
     digest: str
 

@@ -19,6 +19,7 @@ from models.training import CHECKPOINT_NAME, fit_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 BUDGET = 20.0
+pytestmark = pytest.mark.slow  # every test shares a fixture that trains two classifiers and makes a set (> 10 s)
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,12 @@ def test_models_must_exist_and_share_their_categories(stimulus_set, tmp_path):
     models = ModelsSection(guides={"g": str(root / "g" / CHECKPOINT_NAME)}, surrogates={"o": str(other)})
     with pytest.raises(ValueError, match=r"must have the same categories in the same order, but 'g' has \['astronaut'"):
         load_behavior_models(models)
+
+
+def test_start_images_must_be_in_the_guides_categories(stimulus_set, tmp_path):
+    root, config, _ = stimulus_set
+    (tmp_path / "starts" / "dog").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "starts" / "dog" / "a.png")
+    stimuli = config.stimuli.model_copy(update={"start_images": str(tmp_path / "starts")})
+    with pytest.raises(ValueError, match=r"start_images: categories \['dog'\] are not categories of the guides \(astronaut"):
+        write_behavior_stimuli(config.model_copy(update={"stimuli": stimuli}), tmp_path / "out")

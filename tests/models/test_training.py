@@ -41,6 +41,7 @@ def test_published_training_attacks():
         compute_training_attack(1.0, 0)
 
 
+@pytest.mark.slow  # seconds with one OpenMP thread; minutes when busy cores make two threads spin
 def test_robust_training_is_measurably_more_robust_than_vanilla(tmp_path):
     images, labels = _blobs(32, 32, seed=0)
     test_images, test_labels = _blobs(16, 32, seed=1)
@@ -72,6 +73,7 @@ def _failing_image_set(n_reads_before_failure: int):
     return type(pool)(pool.ids, pool.categories, pool.category_names, pool.origin, reader)
 
 
+@pytest.mark.slow  # seconds with one OpenMP thread; minutes when busy cores make two threads spin
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     settings = dict(eps=1.0, n_attack_steps=2, attack_step=0.5, epochs=3, batch_size=4, learning_rate=0.05, seed=2,
                     device="cpu")
