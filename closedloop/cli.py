@@ -299,6 +299,114 @@ def demo(out: Path, days: int, as_json: bool) -> None:
     _emit(result["summary"], as_json, result["text"])
 
 
+# --- behaviour: closedloop train-robust, closedloop behavior init|generate -------------------
+
+
+@cli.command("train-robust")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", default="embedded", show_default=True,
+              help='"embedded" (crops of the 9 embedded photographs) or an ImageFolder (root/<category>/<image>).')
+@click.option("--eps", type=click.FloatRange(0), default=3.0, show_default=True,
+              help="Training L2 budget in [0,1] pixel units at 224 px; 0 trains a vanilla classifier.")
+@click.option("--attack-steps", type=click.IntRange(1), default=None,
+              help="PGD steps per training step [default: published for eps 1, 3, 10 (7, 7, 10), else 7].")
+@click.option("--attack-step", type=click.FloatRange(0, min_open=True), default=None,
+              help="PGD step size [default: published for eps 1, 3, 10 (0.3, 0.5, 1.5), else 2.5 eps / 7].")
+@click.option("--architecture", default=None, help="resnet50, wide_resnet50_2, wide_resnet50_4 or resnet_tiny "
+              "[default: resnet_tiny for embedded, else resnet50].")
+@click.option("--input-size", type=click.IntRange(0), default=None,
+              help="Area-downsample images to this many px inside the classifier; 0: none [default: 56 for embedded, else 0].")
+@click.option("--epochs", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per step over all processes.")
+@click.option("--lr", "learning_rate", type=click.FloatRange(0, min_open=True), default=0.05, show_default=True,
+              help="Initial SGD learning rate (cosine decay to 0).")
+@click.option("--weight-decay", type=click.FloatRange(0), default=5e-4, show_default=True)
+@click.option("--per-photo", type=click.IntRange(1, 500), default=40, show_default=True,
+              help="Embedded data: crops per photograph.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Initial weights, shuffling and flips.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="Data-loading processes.")
+@click.option("--restart", is_flag=True, help="Train from scratch although OUT holds a checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the training summary as JSON.")
+def train_robust(out: Path, data: str, eps: float, attack_steps: int | None, attack_step: float | None,
+                 architecture: str | None, input_size: int | None, epochs: int, batch_size: int, learning_rate: float,
+                 weight_decay: float, per_photo: int, seed: int, device: str, workers: int, restart: bool,
+                 as_json: bool) -> None:
+    """Train a classifier into OUT, adversarially (PGD-L2 in every step) or vanilla (--eps 0); resumable.
+
+    Runs unchanged under torchrun (DistributedDataParallel; gloo on CPU, nccl on GPU); only rank 0 writes.
+    """
+    import os
+
+    from closedloop.behavior_models import EMBEDDED_CATEGORIES, make_embedded_training_set
+    from closedloop.images import read_image_folder
+    from models.classifiers import make_classifier
+    from models.training import CHECKPOINT_NAME, fit_classifier
+
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports
+    if rank:
+        set_log_level(False)
+    embedded = data == "embedded"
+    if embedded:
+        images, labels = make_embedded_training_set(per_photo)
+        names = EMBEDDED_CATEGORIES
+    else:
+        images = read_image_folder(data)
+        labels, names = images.categories, images.category_names
+    architecture = architecture or ("resnet_tiny" if embedded else "resnet50")
+    input_size = (56 if embedded else 0) if input_size is None else input_size
+    classifier = make_classifier(architecture, names, input_size=input_size, seed=seed, source=f"train-robust {data}")
+    training = fit_classifier(classifier, images, labels, out, eps=eps, n_attack_steps=attack_steps, attack_step=attack_step,
+                              epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+                              seed=seed, device=device, num_workers=workers, restart=restart)
+    last = training["history"][-1]
+    result = {"checkpoint": str(out / CHECKPOINT_NAME), "eps": eps, "attack_steps": training["attack_steps"],
+              "attack_step": training["attack_step"], "epochs": len(training["history"]), "loss": last["loss"],
+              "accuracy": last["accuracy"], "world_size": training["world_size"]}
+    if rank == 0:
+        _emit(result, as_json, "\n".join(f"{key:>13}: {value}" for key, value in result.items()))
+
+
+@cli.group()
+def behavior() -> None:
+    """Behavioural stimulus sets: guides perturb start images; guides and surrogates score them."""
+
+
+@behavior.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(["embedded", "paper"]), default="embedded", show_default=True,
+              help="embedded: CPU-sized (3 budgets, 50 PGD steps); paper: the published budgets and step schedule.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def behavior_init(path: Path, preset: str, force: bool) -> None:
+    """Write a commented behavior.toml (PATH: a file, or a folder to hold behavior.toml)."""
+    from closedloop.behavior_config import write_default_behavior_config
+
+    click.echo(f"wrote {write_default_behavior_config(path, preset=preset, overwrite=force)}")
+
+
+@behavior.command("generate")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
+              help="behavior.toml (or its folder) [default: the preset].")
+@click.option("--preset", type=click.Choice(["embedded", "paper"]), default="embedded", show_default=True,
+              help="Configuration to use without --config (paths relative to the current folder).")
+@click.option("--restart", is_flag=True, help="Delete an earlier stimulus set in OUT and start over.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def behavior_generate(out: Path, config_path: Path | None, preset: str, restart: bool, as_json: bool) -> None:
+    """Make (or finish) a behavioural stimulus set in OUT: PNGs, manifest, every model's logits."""
+    from closedloop.behavior_config import make_preset_config, read_behavior_config
+    from closedloop.behavior_generate import write_behavior_stimuli
+
+    config = read_behavior_config(config_path) if config_path is not None else make_preset_config(preset)
+    result = write_behavior_stimuli(config, out, restart=restart)
+    text = (f"{result['n_items']} images in {result['n_units']} units ({result['n_units_done_before']} done before) "
+            f"in {result['seconds']:.1f} s\nmanifest: {result['manifest']}")
+    _emit(result, as_json, text)
+
+
+# --- end behaviour ----------------------------------------------------------------------------
+
+
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 

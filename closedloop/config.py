@@ -16,7 +16,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["ExperimentConfig", "read_config", "write_default_config", "PRESETS", "CONFIG_NAME"]
+__all__ = [
+    "ExperimentConfig",
+    "read_config",
+    "build_config",
+    "render_config",
+    "write_default_config",
+    "format_config_error",
+    "PRESETS",
+    "CONFIG_NAME",
+]
 
 CONFIG_NAME = "experiment.toml"
 EMBEDDED = "embedded"
@@ -232,13 +241,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _format_error(source: str, error: ValidationError) -> str:
+def format_config_error(source: str, error: ValidationError, root: type[BaseModel] | None = None) -> str:
+    """One message for every problem in ``error``; ``root``: the config class (ExperimentConfig by default)."""
     parts = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"])
         if item["type"] == "extra_forbidden":
             section = item["loc"][:-1]
-            allowed = _allowed_keys(section)
+            allowed = _allowed_keys(section, root or ExperimentConfig)
             parts.append(f"unknown key '{key}'; allowed keys here are: {', '.join(allowed)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
@@ -247,8 +257,8 @@ def _format_error(source: str, error: ValidationError) -> str:
     return f"{source}: invalid configuration: " + "; ".join(parts)
 
 
-def _allowed_keys(section: tuple) -> list[str]:
-    model: type[BaseModel] = ExperimentConfig
+def _allowed_keys(section: tuple, root: type[BaseModel]) -> list[str]:
+    model = root
     for name in section:
         annotation = model.model_fields[name].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
@@ -315,7 +325,7 @@ def build_config(data: dict, *, source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as error:
-        raise ValueError(_format_error(source, error)) from None
+        raise ValueError(format_config_error(source, error)) from None
 
 
 def _toml_value(value) -> str:
@@ -327,17 +337,19 @@ def _toml_value(value) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def render_config(config: ExperimentConfig) -> str:
-    """The configuration as a commented TOML document (every key with its description)."""
+def render_config(config: BaseModel, *, title: str = "closedloop experiment configuration.") -> str:
+    """The configuration (any config class made of sections) as a commented TOML document."""
     lines = [
-        "# closedloop experiment configuration.",
+        f"# {title}",
         "# Every key is optional; a missing key takes the default shown here.",
         "# Relative paths are relative to this file's folder.",
     ]
-    for section_name, section_field in ExperimentConfig.model_fields.items():
+    for section_name, section_field in type(config).model_fields.items():
         section = getattr(config, section_name)
         lines += ["", f"# {section_field.annotation.__doc__}", f"[{section_name}]"]
         for key, field in type(section).model_fields.items():

@@ -33,6 +33,7 @@ __all__ = [
     "read_image_source",
     "make_embedded_image_set",
     "read_image_folder",
+    "select_categories",
 ]
 
 IMAGE_SIZE = 224
@@ -222,6 +223,30 @@ def read_image_folder(root: str | Path) -> ImageSet:
         category_names=tuple(names),
         origin=f"ImageFolder {root.resolve()}",
         _reader=lambda position: quantize(read_image(files[position])),
+    )
+
+
+def select_categories(image_set: ImageSet, names) -> ImageSet:
+    """The images of ``image_set`` in the categories ``names``; category k of the result is ``names[k]``.
+
+    Pixels are still read on demand. Refuses names that are not categories of ``image_set``.
+    """
+    names = tuple(str(name) for name in names)
+    index = {name: k for k, name in enumerate(image_set.category_names)}
+    missing = [name for name in names if name not in index]
+    if missing or not names or len(set(names)) != len(names):
+        raise ValueError(
+            f"'names' must be distinct categories of the image set ({', '.join(image_set.category_names)}), "
+            f"but got {list(names)}."
+        )
+    renumber = {index[name]: k for k, name in enumerate(names)}
+    positions = [p for p, category in enumerate(image_set.categories) if int(category) in renumber]
+    return ImageSet(
+        ids=tuple(image_set.ids[p] for p in positions),
+        categories=np.array([renumber[int(image_set.categories[p])] for p in positions], dtype=np.int64),
+        category_names=names,
+        origin=f"{image_set.origin}; categories {', '.join(names)}",
+        _reader=lambda position: image_set._reader(positions[position]),
     )
 
 

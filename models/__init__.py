@@ -1,4 +1,4 @@
-"""Neural-network models: backbones and checkpoint loading, the factorized readout, the IT model.
+"""Neural-network models: backbones and checkpoints, the factorized readout, the IT model, classifiers.
 
 The public names below are imported on first use (PEP 562), so ``import models`` and
 ``from models.backbones import registered_backbones`` stay cheap (no torch import) for the
@@ -23,6 +23,11 @@ _EXPORTS = {
     "compute_pearson": "models.predictivity",
     "compute_split_half_reliability": "models.predictivity",
     "resolve_device": "models.devices",
+    "Classifier": "models.classifiers",
+    "make_classifier": "models.classifiers",
+    "load_classifier": "models.classifiers",
+    "write_classifier": "models.classifiers",
+    "fit_classifier": "models.training",
 }
 
 __all__ = list(_EXPORTS)

@@ -15,13 +15,11 @@ from closedloop.validation import check_integer, check_option
 if TYPE_CHECKING:
     from torch import nn
 
-    from models.checkpoints import CheckpointWeights
     from models.networks import Backbone
 
 __all__ = ["registered_backbones", "load_backbone"]
 
 _REGISTERED = ("resnet50", "wide_resnet50_2", "wide_resnet50_4", "resnet_tiny")
-_OPTIONAL = ".num_batches_tracked"  # batch-norm step counters: absent from old checkpoints, unused in eval
 
 
 def registered_backbones() -> tuple[str, ...]:
@@ -42,7 +40,7 @@ def load_backbone(source: str | Path, layer: str = "layer4.0", *, trust: bool = 
     The returned :class:`models.Backbone` maps images in [0, 1], (N, 3, H, W), to features,
     normalising with ImageNet mean/std (or the checkpoint's own normaliser) inside.
     """
-    from models.checkpoints import read_checkpoint_weights
+    from models.checkpoints import load_network_weights, read_checkpoint_weights
     from models.networks import make_backbone, make_network
 
     if not isinstance(source, (str, Path)):
@@ -71,7 +69,7 @@ def load_backbone(source: str | Path, layer: str = "layer4.0", *, trust: bool = 
         mean=weights.mean,
         std=weights.std,
     )
-    _load_weights(backbone.network, weights, layer)
+    load_network_weights(backbone.network, weights, needed_for=f"up to layer {layer!r}")
     return backbone.eval()
 
 
@@ -85,24 +83,3 @@ def _check_layer(network: nn.Module, architecture: str, layer: str) -> None:
             f"Invalid value for 'layer': {layer!r} is not a layer of {architecture}; allowed values are module or "
             f"graph-node names ({len(names)} in all), e.g. {suggested}."
         )
-
-
-def _load_weights(network: nn.Module, weights: CheckpointWeights, layer: str) -> None:
-    """Load the weights the truncated ``network`` needs; refuse missing or wrongly shaped ones."""
-    import torch
-
-    from models.checkpoints import describe_key_mismatch
-
-    expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
-    state = {key: weights.state[key] for key in expected if key in weights.state}
-    for key in expected:
-        if key.endswith(_OPTIONAL) and key not in state:
-            state[key] = torch.tensor(0, dtype=torch.long)
-    found = {key: tuple(value.shape) for key, value in state.items()}
-    if found != expected:
-        raise ValueError(
-            f"checkpoint {str(weights.path)!r} does not hold the {weights.architecture} weights needed up to layer "
-            f"{layer!r}: {describe_key_mismatch(expected, found)} (The file holds {len(weights.state)} weight "
-            "tensors in all; keys past the layer are not needed.)"
-        )
-    network.load_state_dict(state, strict=True, assign=True)

@@ -33,7 +33,7 @@ from closedloop.logs import logger
 from closedloop.validation import check_file
 from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network
 
-__all__ = ["CheckpointWeights", "read_checkpoint_weights", "describe_key_mismatch", "TRUST_HINT"]
+__all__ = ["CheckpointWeights", "read_checkpoint_weights", "load_network_weights", "describe_key_mismatch", "TRUST_HINT"]
 
 TRUST_HINT = "trust=True (in experiment.toml: [model] trust_checkpoint = true)"
 # Where the network weights sit, tried in this order: robustness library (multi-GPU, single-GPU),
@@ -45,6 +45,7 @@ _NORMALIZERS = (
     ("backbone.mean", "backbone.std"),
 )
 _NESTED = ("model", "state_dict")
+_OPTIONAL = ".num_batches_tracked"  # batch-norm step counters: absent from old checkpoints, unused in eval
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,27 @@ def read_checkpoint_weights(path: str | Path, *, trust: bool = False) -> Checkpo
     if architecture is None:
         architecture = _detect_architecture(state, num_classes, path)
     return CheckpointWeights(path, architecture, state, mean, std, num_classes)
+
+
+def load_network_weights(network: nn.Module, weights: CheckpointWeights, *, needed_for: str) -> None:
+    """Load into ``network`` (in place, ``assign=True``) every weight it has, from ``weights``.
+
+    Missing batch-norm step counters are filled with 0; any other missing or wrongly shaped weight
+    is refused with a ``ValueError`` listing them. ``needed_for`` says what the weights are for in
+    that message (e.g. "up to layer 'layer4.0'").
+    """
+    expected = {key: tuple(value.shape) for key, value in network.state_dict().items()}
+    state = {key: weights.state[key] for key in expected if key in weights.state}
+    for key in expected:
+        if key.endswith(_OPTIONAL) and key not in state:
+            state[key] = torch.tensor(0, dtype=torch.long)
+    found = {key: tuple(value.shape) for key, value in state.items()}
+    if found != expected:
+        raise ValueError(
+            f"checkpoint {str(weights.path)!r} does not hold the {weights.architecture} weights needed {needed_for}: "
+            f"{describe_key_mismatch(expected, found)} (The file holds {len(weights.state)} weight tensors in all.)"
+        )
+    network.load_state_dict(state, strict=True, assign=True)
 
 
 def _torch_load(path: Path, trust: bool) -> object:

@@ -126,3 +126,16 @@ def test_image_folder_errors(tmp_path):
         read_image(tmp_path / "broken.png")
     with pytest.raises(ValueError, match="allowed values are 'embedded'"):
         read_image_source("embeded")
+
+
+def test_select_categories_keeps_and_renumbers_the_named_categories():
+    from closedloop.images import make_embedded_image_set, select_categories
+
+    pool = make_embedded_image_set(per_photo=2, seed=0)
+    chosen = select_categories(pool, ["coffee", "astronaut"])
+    assert chosen.category_names == ("coffee", "astronaut")
+    assert chosen.ids == ("astronaut/000", "astronaut/001", "coffee/000", "coffee/001")
+    assert chosen.categories.tolist() == [1, 1, 0, 0]
+    np.testing.assert_array_equal(chosen.read([2]), pool.read([pool.ids.index("coffee/000")]))
+    with pytest.raises(ValueError, match=r"'names' must be distinct categories of the image set \(astronaut, camera"):
+        select_categories(pool, ["tea"])
