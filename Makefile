@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/closedloop demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/closedloop bench --json
