@@ -311,6 +311,11 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
 
         check_option("until", until, STAGES)
     state = _Day(experiment, check_integer("day", day, minimum=0, maximum=999), config, day_folder(experiment, day))
+    if day > 0 and not state.previous_model_path().exists():
+        raise FileNotFoundError(
+            f"day {day} needs day {day - 1}'s fitted model {state.previous_model_path()}; "
+            f"run `closedloop fit-day {day - 1}` first"
+        )
     _freeze_config(state, force)
     _write_provenance(state)
     results = {}

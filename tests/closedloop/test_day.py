@@ -102,7 +102,8 @@ def test_two_days_against_the_simulated_rig(tmp_path):
 def test_day_needs_the_previous_model_and_a_stable_config(tmp_path):
     experiment = _experiment(tmp_path / "exp")
     with pytest.raises(FileNotFoundError, match=r"day 1 needs day 0's fitted model .*closedloop fit-day 0"):
-        run_day(experiment, 1, until="synthesize")
+        run_day(experiment, 1, until="plan")
+    assert not (experiment / "day_001").exists()  # nothing written for a day that cannot start
     run_day(experiment, 0, until="plan")
     (experiment / "experiment.toml").write_text(TINY.format(time_scale=0.0).replace("steps = 3", "steps = 4"))
     with pytest.raises(ValueError, match=r"day 0 .* was started with a different configuration \(changed: attack.steps 3 -> 4\)"):
