@@ -117,13 +117,7 @@ def _generating_model(day: _Day):
             model.backbone, model.layer, day.config.sites.n_sites, trust=model.trust_checkpoint,
             positive=model.readout_positive, seed=compute_base_seed(day.config),
         )
-    path = day.previous_model_path()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"day {day.number} needs day {day.number - 1}'s fitted model {path}; "
-            f"run `closedloop fit-day {day.number - 1}` first"
-        )
-    return read_it_model(path)
+    return read_it_model(day.previous_model_path())  # run_day checked that it exists
 
 
 def _site_table(config: ExperimentConfig):
