@@ -33,7 +33,10 @@ from closedloop.logs import logger
 from closedloop.validation import check_file
 from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network
 
-__all__ = ["CheckpointWeights", "read_checkpoint_weights", "load_network_weights", "describe_key_mismatch", "TRUST_HINT"]
+__all__ = [
+    "CheckpointWeights", "read_checkpoint_weights", "load_network_weights", "describe_key_mismatch", "TRUST_HINT",
+    "read_sidecar_metadata",
+]
 
 TRUST_HINT = "trust=True (in experiment.toml: [model] trust_checkpoint = true)"
 # Where the network weights sit, tried in this order: robustness library (multi-GPU, single-GPU),
@@ -250,3 +253,31 @@ def _sample(mapping: Mapping, n: int = 4) -> str:
 
 def _rounded(values: tuple[float, ...]) -> list[float]:
     return [round(v, 4) for v in values]
+
+
+def read_sidecar_metadata(path: Path, *, format_name: str, format_version: int, what: str, noun: str, fix: str) -> dict:
+    """The JSON metadata beside a ``.safetensors`` file we wrote, checked against the weights.
+
+    Refuses a missing sidecar, another format or version, and weights whose sha256 differs from
+    the one recorded (an interrupted write, or files from two different saves). For the
+    messages: ``what`` names the kind of metadata, ``noun`` the thing saved, ``fix`` how to write it.
+    """
+    import json
+
+    from closedloop.files import compute_file_digest
+
+    sidecar = path.with_suffix(".json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no metadata file {str(sidecar)!r}; {fix}.")
+    document = json.loads(sidecar.read_text(encoding="utf-8"))
+    if document.get("format") != format_name or document.get("format_version") != format_version:
+        raise ValueError(
+            f"{str(sidecar)!r} is not closedloop {what} metadata (format {format_name!r} version {format_version}); "
+            f"got format {document.get('format')!r} version {document.get('format_version')!r}."
+        )
+    if document.get("weights_sha256") != compute_file_digest(path):
+        raise ValueError(
+            f"{str(path)!r} does not match the sha256 recorded in {str(sidecar)!r} (an interrupted or partial "
+            f"write, or files from two different saves); write the {noun} again."
+        )
+    return document

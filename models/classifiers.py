@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 from closedloop.files import atomic_path, compute_file_digest, write_json
 from closedloop.validation import check_file, check_integer, check_option
+from models.checkpoints import read_sidecar_metadata
 from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network
 
 __all__ = [
@@ -279,21 +280,5 @@ def write_classifier(classifier: Classifier, path: str | Path) -> Path:
 
 
 def _read_metadata(path: Path) -> dict:
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        raise FileNotFoundError(
-            f"'source' {str(path)!r} has no metadata file {str(sidecar)!r}; write classifiers with write_classifier "
-            "(closedloop train-robust)."
-        )
-    document = json.loads(sidecar.read_text(encoding="utf-8"))
-    if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{str(sidecar)!r} is not closedloop classifier metadata (format {FORMAT!r} version {FORMAT_VERSION}); "
-            f"got format {document.get('format')!r} version {document.get('format_version')!r}."
-        )
-    if document.get("weights_sha256") != compute_file_digest(path):
-        raise ValueError(
-            f"{str(path)!r} does not match the sha256 recorded in {str(sidecar)!r} (an interrupted or partial write, "
-            "or files from two different saves); write the classifier again."
-        )
-    return document
+    return read_sidecar_metadata(path, format_name=FORMAT, format_version=FORMAT_VERSION, what="classifier",
+                                 noun="classifier", fix="write classifiers with write_classifier (closedloop train-robust)")

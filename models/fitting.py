@@ -134,7 +134,7 @@ def fit_it_model(
         model.to(home).eval()
     model.metadata["history"].append(
         {
-            "fitted_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "fitted_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "n_stimuli": int(presented.size),
             "n_presentations": int(stimulus.size),
             "n_train_stimuli": int(train.size),

@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from closedloop.files import atomic_path, compute_file_digest, write_json
 from closedloop.validation import check_file, check_integer
 from models.backbones import load_backbone
+from models.checkpoints import read_sidecar_metadata
 from models.devices import resolve_device
 from models.networks import Backbone, make_backbone, make_network
 from models.readout import FactorizedReadout
@@ -94,7 +95,8 @@ def write_it_model(model: ITModel, path: str | Path, *, metadata: dict | None = 
     """Write ``model`` to ``path`` (.safetensors) and its metadata to ``path.with_suffix(".json")``.
 
     ``metadata``: extra JSON-able entries stored next to ``model.metadata`` (e.g. the day, the
-    config); they cannot replace the model's own entries. Both files are written under temporary names and renamed into place, the weights
+    config); they cannot replace the model's own entries.
+    Both files are written under temporary names and renamed into place, the weights
     last; the JSON records the weights' sha256 so a mismatched pair is detected on reading.
     Returns ``path``.
     """
@@ -146,18 +148,5 @@ def read_it_model(path: str | Path, *, device: str | torch.device = "cpu") -> IT
 
 
 def _read_metadata(path: Path) -> dict:
-    sidecar = path.with_suffix(".json")
-    if not sidecar.is_file():
-        raise FileNotFoundError(f"{str(path)!r} has no metadata file {str(sidecar)!r}; write models with write_it_model.")
-    document = json.loads(sidecar.read_text(encoding="utf-8"))
-    if document.get("format") != FORMAT or document.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{str(sidecar)!r} is not closedloop IT-model metadata (format {FORMAT!r} version {FORMAT_VERSION}); "
-            f"got format {document.get('format')!r} version {document.get('format_version')!r}."
-        )
-    if document.get("weights_sha256") != compute_file_digest(path):
-        raise ValueError(
-            f"{str(path)!r} does not match the sha256 recorded in {str(sidecar)!r} (an interrupted or partial "
-            "write, or files from two different saves); write the model again."
-        )
-    return document
+    return read_sidecar_metadata(path, format_name=FORMAT, format_version=FORMAT_VERSION, what="IT-model",
+                                 noun="model", fix="write models with write_it_model")
