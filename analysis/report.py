@@ -9,6 +9,7 @@ headline numbers. :func:`write_selection_report` does the same for the base-mode
 from __future__ import annotations
 
 import html
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,10 @@ class NetworkOptions:
     """
 
     networks: list[str] | None = None
-    n_units: int = 8
-    n_images: int = 4
+    n_units: int = 4
+    n_images: int = 2
     n_starts: int = 2
-    n_steps: int = 20
+    n_steps: int = 10
     n_sigma_images: int = 256
     trust: bool = False
 
@@ -86,7 +87,7 @@ def _section_curves(c: _Context) -> tuple[str, str]:
     scale = compute_response_scale(c.day.clean_means())
     baselines = {kind: compute_sensitivity_curves(c.day.records, kind=kind)["mean"] for kind in BASELINE_STYLE}
     c.curves = curves
-    figure, axes = make_figure(8, 4.8)
+    figure, axes = make_figure(10, 4.8)
     site_ids = sorted({r["site"] for r in curves["sites"]})
     for site in site_ids:
         rows = [r for r in curves["sites"] if r["site"] == site and r["normalized"] is not None]
@@ -111,7 +112,7 @@ def _section_curves(c: _Context) -> tuple[str, str]:
     axes.axhline(0, color="k", lw=0.5)
     axes.set(xlabel=EPS_LABEL, ylabel=NORMALIZED_LABEL,
              title=f"Normalised sensitivity lower bound per site, day {c.day.day}")
-    axes.legend(fontsize=7.5, loc="upper left")
+    axes.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     links = c.write_tables("1_sensitivity", {"sites": curves["sites"], "mean": curves["mean"], "scale": scale["sites"],
                                              **{f"baseline_{k}": v for k, v in baselines.items()}})
     c.summary["sensitivity"] = {"day": c.day.day, "mean": curves["mean"], "normalized_difference": difference}
@@ -194,9 +195,9 @@ def _section_progress(c: _Context) -> tuple[str, str]:
                            marker="o", capsize=3, ls="-" if kind == "attack" else "--",
                            label="model-guided attacks" if kind == "attack" else BASELINE_STYLE[kind][1])
         ratio = fold[0]["fold_change"]
+        change = f"×{ratio:.2f}" if ratio is not None else "fold change undefined (first bound ≤ 0)"
         right.set(xlabel="day", ylabel=NORMALIZED_LABEL,
-                  title=f"At the smallest budget ε = {eps:g}: ×{_fmt(ratio)} from day {fold[0]['first_day']} "
-                        f"to day {fold[0]['last_day']}")
+                  title=f"Smallest budget ε = {eps:g}: {change}, day {fold[0]['first_day']} → {fold[0]['last_day']}")
         right.set_xticks(days)
         right.axhline(0, color="k", lw=0.5)
         right.legend(fontsize=7)
@@ -315,13 +316,13 @@ def _section_networks(c: _Context) -> tuple[str, str]:
     axes.axhline(1.0, color="k", ls=":", lw=1, label="clean-response s.d.")
     axes.set(xlabel=EPS_LABEL, ylabel="sensitivity\n(units of the unit's / site's clean-response s.d.)",
              title="Network units (white-box) and recorded sites (lower bound), same normalisation")
-    axes.set_yscale("symlog", linthresh=0.1)
+    axes.axhline(0, color="k", lw=0.5)
     axes.legend(fontsize=7)
     caption = (f"Network units: mean ± s.d. over {o.n_units} random penultimate-layer units of each network of the white-box "
                f"sensitivity max|h(x) − h(x+δ)| over {o.n_images} clean images ({o.n_starts} random starts × {o.n_steps} "
                f"steps per direction), divided by the unit's s.d. over {len(images)} clean images of the experiment. Recorded "
                "sites: the lower bound of section 1. Networks named by registered name have random weights; give checkpoint "
-               "paths (e.g. AT-ResNet-50) for trained ones. Symmetric-log vertical axis.")
+               "paths (e.g. AT-ResNet-50) for trained ones.")
     c.summary["networks"] = result["mean"]
     return "5. Network-unit comparison", render_figure(figure, caption) + render_table(result["mean"]) + links
 
@@ -376,6 +377,24 @@ def _section_quality(c: _Context) -> tuple[str, str]:
 def _median(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return float(np.median(values)) if values else None
+
+
+# -- 7. base-model selection (its own command) ---------------------------------------------------
+def _section_selection(c: _Context) -> tuple[str, str]:
+    page = c.experiment / "report" / "select_base.html"
+    tables = page.parent / "select_base_tables"
+    if not (tables / "best.csv").exists():
+        return "7. Base-model selection", ('<p class="note">Not run for this experiment. <code>closedloop select-base '
+                                           f'--experiment {html.escape(str(c.experiment))} --candidates NAMES --layers NAMES</code> '
+                                           "scores candidate backbones × layers (CKA, predictivity, perturbation transfer) "
+                                           "and writes its own page.</p>")
+    import csv
+
+    with (tables / "best.csv").open(encoding="utf-8") as stream:
+        best = list(csv.DictReader(stream))
+    link = Path(os.path.relpath(page, c.tables_dir.parent)).as_posix()
+    return "7. Base-model selection", (f'<p>From <a href="{html.escape(link)}">{html.escape(page.name)}</a> '
+                                       "(<code>closedloop select-base</code>), best per criterion:</p>" + render_table(best))
 
 
 # -- 8. ground truth -------------------------------------------------------------------------------
@@ -433,7 +452,7 @@ def _section_overview(c: _Context) -> tuple[str, str]:
 
 _SECTIONS: tuple[Callable[[_Context], tuple[str, str]], ...] = (
     _section_overview, _section_curves, _section_images, _section_progress, _section_categories, _section_networks,
-    _section_quality, _section_truth,
+    _section_quality, _section_selection, _section_truth,
 )
 
 

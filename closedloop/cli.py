@@ -318,11 +318,11 @@ def _split_names(text: str | None) -> list[str] | None:
 @click.option("--networks", default=None, metavar="NAMES",
               help="Comma-separated backbone names or checkpoint paths whose penultimate units to compare "
                    "[default: the experiment's base backbone; 'none' skips].")
-@click.option("--n-units", type=click.IntRange(1), default=8, show_default=True, help="Units per network.")
-@click.option("--n-images", type=click.IntRange(1), default=4, show_default=True, help="Clean images per unit.")
+@click.option("--n-units", type=click.IntRange(1), default=4, show_default=True, help="Units per network.")
+@click.option("--n-images", type=click.IntRange(1), default=2, show_default=True, help="Clean images per unit.")
 @click.option("--n-starts", type=click.IntRange(1), default=2, show_default=True,
               help="Random starts per image, unit and direction (paper: 100).")
-@click.option("--n-steps", type=click.IntRange(2), default=20, show_default=True, help="Solver steps (paper: 250).")
+@click.option("--n-steps", type=click.IntRange(2), default=10, show_default=True, help="Solver steps (paper: 250).")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that need full unpickling (runs code from the file).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of image and unit choices.")
