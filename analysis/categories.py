@@ -20,9 +20,12 @@ __all__ = ["compute_category_preference"]
 
 
 def _pooled(responses: list[DayResponses]) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
-    """Clean means (n_clean, n_sites) and categories, and the increase attacks (site, eps, parent response row, response)."""
+    """Clean means (n_clean, n_sites) and categories, and the increase attacks.
+
+    Attacks are tuples (site, eps, parent category, parent response, response, (day, parent)).
+    """
     clean_means, clean_category, attacks = [], [], []
-    for day in responses:
+    for number, day in enumerate(responses):
         s = day.stimuli
         clean = np.flatnonzero((s["parent"] < 0) & np.isfinite(day.means).all(axis=1))
         clean_means.append(day.means[clean])
@@ -33,7 +36,7 @@ def _pooled(responses: list[DayResponses]) -> tuple[np.ndarray, np.ndarray, list
             site, parent = int(s["site"][k]), int(s["parent"][k])
             if np.isfinite(day.means[k, site]) and np.isfinite(day.means[parent, site]):
                 attacks.append((site, float(s["eps"][k]), str(names[parent]), float(day.means[parent, site]),
-                                float(day.means[k, site])))
+                                float(day.means[k, site]), (number, parent)))
     return np.concatenate(clean_means), np.concatenate(clean_category), attacks
 
 
@@ -88,7 +91,8 @@ def compute_category_preference(responses: list[DayResponses], *, window_length_
         mine = [a for a in attacks if a[0] == site and a[2] != best["category"]]
         if not mine:
             continue
-        curve = [(0.0, np.array([a[3] for a in mine]))]
+        parents = {a[5]: a[3] for a in mine}  # each attacked clean image once
+        curve = [(0.0, np.array(list(parents.values())))]
         curve += [(e, np.array([a[4] for a in mine if a[1] == e])) for e in sorted({a[1] for a in mine})]
         for e, values in curve:
             tables["curves"].append({"site": site, "eps": e, "n_images": int(values.size), "mean": float(values.mean()),
