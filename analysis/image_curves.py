@@ -75,7 +75,8 @@ def compute_image_curves(responses: DayResponses, *, kind: str = "attack") -> di
     keep = changes.kind == kind
     site, image, eps = changes.site[keep], changes.parent[keep], changes.eps[keep]
     stimulus, sign, change = changes.stimulus[keep], changes.sign[keep], changes.change[keep]
-    points = [{"site": int(a), "image": int(b), "eps": float(c), "change": float(d)} for a, b, c, d in zip(site, image, eps, change)]
+    points = [{"site": int(a), "image": int(b), "eps": float(c), "change": float(d)}
+              for a, b, c, d in zip(site, image, eps, change)]
     mean = []
     for i, e in sorted(set(zip(site.tolist(), eps.tolist()))):
         values = change[(site == i) & (eps == e)]

@@ -384,8 +384,8 @@ def _section_selection(c: _Context) -> tuple[str, str]:
     page = c.experiment / "report" / "select_base.html"
     tables = page.parent / "select_base_tables"
     if not (tables / "best.csv").exists():
-        return "7. Base-model selection", ('<p class="note">Not run for this experiment. <code>closedloop select-base '
-                                           f'--experiment {html.escape(str(c.experiment))} --candidates NAMES --layers NAMES</code> '
+        command = f"closedloop select-base --experiment {html.escape(str(c.experiment))} --candidates NAMES --layers NAMES"
+        return "7. Base-model selection", (f'<p class="note">Not run for this experiment. <code>{command}</code> '
                                            "scores candidate backbones × layers (CKA, predictivity, perturbation transfer) "
                                            "and writes its own page.</p>")
     import csv
