@@ -195,9 +195,10 @@ def _section_progress(c: _Context) -> tuple[str, str]:
                            marker="o", capsize=3, ls="-" if kind == "attack" else "--",
                            label="model-guided attacks" if kind == "attack" else BASELINE_STYLE[kind][1])
         ratio = fold[0]["fold_change"]
-        change = f"×{ratio:.2f}" if ratio is not None else "fold change undefined (first bound ≤ 0)"
+        change = f"×{ratio:.2f}" if ratio is not None else "no fold change (first ≤ 0)"
         right.set(xlabel="day", ylabel=NORMALIZED_LABEL,
-                  title=f"Smallest budget ε = {eps:g}: {change}, day {fold[0]['first_day']} → {fold[0]['last_day']}")
+                  title=f"Smallest budget ε = {eps:g}, day {fold[0]['first_day']} → {fold[0]['last_day']}: {change}")
+        right.title.set_fontsize(9)
         right.set_xticks(days)
         right.axhline(0, color="k", lw=0.5)
         right.legend(fontsize=7)
