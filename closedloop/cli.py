@@ -407,6 +407,80 @@ def behavior_generate(out: Path, config_path: Path | None, preset: str, restart:
 # --- end behaviour ----------------------------------------------------------------------------
 
 
+# --- report: offline sensitivity reports, base-model selection -------------------------------------
+def _split_names(text: str | None) -> list[str] | None:
+    """A comma-separated option as a list of names (None stays None; "" or "none" is [])."""
+    if text is None:
+        return None
+    return [] if text.strip().lower() in ("", "none") else [name.strip() for name in text.split(",") if name.strip()]
+
+
+@cli.command()
+@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP)
+@click.option("--day", type=click.IntRange(0, 999), default=None,
+              help="Day of the single-day sections and last day included [default: the last finished day].")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML file to write [default: EXPERIMENT/report/report.html]; tables go to <stem>_tables/ beside it.")
+@click.option("--pdf", is_flag=True, help="Also print the page to PDF (needs headless Chromium).")
+@click.option("--networks", default=None, metavar="NAMES",
+              help="Comma-separated backbone names or checkpoint paths whose penultimate units to compare "
+                   "[default: the experiment's base backbone; 'none' skips].")
+@click.option("--n-units", type=click.IntRange(1), default=4, show_default=True, help="Units per network.")
+@click.option("--n-images", type=click.IntRange(1), default=2, show_default=True, help="Clean images per unit.")
+@click.option("--n-starts", type=click.IntRange(1), default=2, show_default=True,
+              help="Random starts per image, unit and direction (paper: 100).")
+@click.option("--n-steps", type=click.IntRange(2), default=10, show_default=True, help="Solver steps (paper: 250).")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that need full unpickling (runs code from the file).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of image and unit choices.")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths written and the headline numbers as JSON.")
+def report(experiment: Path, day: int | None, out: Path | None, pdf: bool, networks: str | None, n_units: int,
+           n_images: int, n_starts: int, n_steps: int, trust_checkpoint: bool, device: str, seed: int, as_json: bool) -> None:
+    """Write the offline sensitivity report of an experiment (HTML with figures, CSV tables)."""
+    from analysis.report import NetworkOptions, write_report
+
+    options = NetworkOptions(networks=_split_names(networks), n_units=n_units, n_images=n_images, n_starts=n_starts,
+                             n_steps=n_steps, trust=trust_checkpoint)
+    result = write_report(experiment, day=day, out=out, networks=options, pdf=pdf, seed=seed, device=device)
+    text = f"wrote {result['html']}" + (f" and {result['pdf']}" if result["pdf"] else "") + \
+        f"\n{len(result['tables'])} tables in {Path(result['tables'][0]).parent}"
+    _emit(result, as_json, text)
+
+
+@cli.command("select-base")
+@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP)
+@click.option("--candidates", default=None, metavar="NAMES",
+              help="Comma-separated backbone names or checkpoint paths [default: the experiment's base backbone].")
+@click.option("--layers", default="layer3.0,layer4.0,avgpool", show_default=True, metavar="NAMES",
+              help="Comma-separated layer names.")
+@click.option("--n-images", type=click.IntRange(4), default=200, show_default=True, help="Clean images to score on.")
+@click.option("--n-pairs", type=click.IntRange(0), default=200, show_default=True, help="Recorded attack pairs for transfer.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML file to write [default: EXPERIMENT/report/select_base.html].")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that need full unpickling (runs code from the file).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of image choice and folds.")
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def select_base(experiment: Path, candidates: str | None, layers: str, n_images: int, n_pairs: int, out: Path | None,
+                trust_checkpoint: bool, device: str, seed: int, as_json: bool) -> None:
+    """Score candidate backbones x layers against the recorded responses (CKA, predictivity, transfer)."""
+    from analysis.report import write_selection_report
+    from closedloop.config import read_config
+
+    names = _split_names(candidates) or [read_config(experiment).model.backbone]
+    result = write_selection_report(experiment, names, _split_names(layers), out=out, n_images=n_images, n_pairs=n_pairs,
+                                    trust=trust_checkpoint, seed=seed, device=device)
+    lines = [f"{r['candidate']:>20} {r['layer']:>10}  cka {r['cka']:.3f}  predictivity {r['predictivity']:.3f}  "
+             f"transfer {r['transfer']:.3f}" for r in result["scores"]]
+    lines += [f"best {r['criterion']}: {r['candidate']} {r['layer']}" for r in result["best"]] + [f"wrote {result['html']}"]
+    _emit(result, as_json, "\n".join(lines))
+
+
+# --- end report ---------------------------------------------------------------------------------------
+
+
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 
