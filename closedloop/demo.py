@@ -2,7 +2,7 @@
 
 ``closedloop demo`` creates a fresh experiment (demo preset: embedded images, ``resnet_tiny``,
 the simulated IT rig on loopback with CURVE keys made for the run), runs days 0..N−1 with
-:func:`closedloop.day.run_day`, and summarises the three things the loop must show:
+:func:`closedloop.day.run_day`, writes the experiment report, and summarises the three things the loop must show:
 
 1. the realised lower bound at the smallest budget grows from day 1 to the last day;
 2. model-guided attacks beat the Gaussian and interpolation baselines at every budget;
@@ -95,7 +95,7 @@ def _render(summary: dict, seconds: float, out: Path) -> str:
     b = summary["lower_bound"]
     lines.append(f"lower bound: {b['n_at_or_below_truth']}/{b['n_records']} site x eps x day estimates <= truth; "
                  f"{b['n_above_truth_beyond_2_se']} above truth by more than 2 s.e.")
-    lines.append(f"reports: {out}/day_NNN/report.html")
+    lines.append(f"report: {summary['report']} (and {out}/day_NNN/report.html per day)")
     return "\n".join(lines)
 
 
@@ -108,5 +108,9 @@ def run_demo(out: str | Path = "daily_runs/demo", *, n_days: int = 4) -> dict:
         logger.info("demo: day %d of %d", day, n_days - 1)
         run_day(out, day)
     summary = compute_demo_summary(out, n_days)
+    from analysis.report import write_report
+
+    report = write_report(out)
+    summary["report"] = str(report["html"])
     seconds = time.monotonic() - start
     return {"summary": {**summary, "seconds": seconds}, "text": _render(summary, seconds, out)}
