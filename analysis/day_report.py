@@ -42,10 +42,10 @@ def compute_sensitivity_summary(records: list[dict]) -> list[dict]:
 
 def _sensitivity_figure(summary: list[dict]) -> str:
     figure, axes = make_figure(7.5, 4.2)
-    for kind, (color, label) in KIND_STYLE.items():
+    for offset, (kind, (color, label)) in zip((0.0, -0.015, 0.015), KIND_STYLE.items()):
         rows = [r for r in summary if r["kind"] == kind]
         if rows:
-            eps = [r["eps"] for r in rows]
+            eps = [r["eps"] * (1 + offset) for r in rows]  # side by side, so overlapping curves stay visible
             axes.errorbar(eps, [r["estimate"] for r in rows], yerr=[r["estimate_sd"] for r in rows], color=color,
                           marker="o", capsize=3, label=f"{label} (lower bound)")
     truth = [r for r in summary if r["kind"] == "attack" and r["truth"] is not None]
@@ -64,7 +64,10 @@ def _sensitivity_figure(summary: list[dict]) -> str:
 def write_day_report(folder: str | Path) -> Path:
     """Write ``folder/report.html`` from the day's artifacts; return its path."""
     folder = Path(folder)
-    stages = {p.stem: read_json(p) for p in sorted((folder / "stages").glob("*.json"))}
+    from closedloop.day import STAGES
+
+    stages = {stage: read_json(folder / "stages" / f"{stage}.json") for stage in STAGES
+              if (folder / "stages" / f"{stage}.json").exists()}
     sections = []
     timing = [{"stage": name, "seconds": s["seconds"], **{k: v for k, v in s["summary"].items() if not isinstance(v, (list, dict))}}
               for name, s in stages.items()]
