@@ -145,6 +145,7 @@ def test_python_m_rigs_sim_serves_a_session(tmp_path):
     port = _free_port()
     (tmp_path / "experiment.toml").write_text(
         f'[rig]\naddress = "tcp://127.0.0.1:{port}"\nsecurity = "plain"\n[sites]\nn_sites = 3\n'
+        '[model]\nbackbone = "resnet_tiny"\n'  # the monkey resembles the base model: keep it small here
     )
     write_bundle(tmp_path / "stimuli.h5", _images(2, 3), [5, 6], make_event_codes(2))
     root = Path(__file__).resolve().parents[2]
