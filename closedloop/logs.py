@@ -21,11 +21,23 @@ T = TypeVar("T")
 _LEVELS = {None: logging.INFO, True: logging.INFO, False: logging.WARNING}
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be swapped, e.g. by test capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def set_log_level(verbose: bool | str | int | None = None) -> None:
     """Set the package log level: None/True → INFO, False → WARNING, or a level name/number."""
     level = _LEVELS.get(verbose, verbose) if not isinstance(verbose, str) else verbose.upper()
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False
