@@ -68,7 +68,7 @@ _SCHEDULE = (
     (100.0, 2.0, 5000),
     (math.inf, 2.0, 10000),
 )
-_CPU_BATCH = 16  # images per batch on CPU when batch_size=0
+_CPU_BATCH = 32  # images per batch on CPU when batch_size=0 (fastest of 16, 32, 64 on 2 cores)
 _MAX_GPU_BATCH = 1024
 _TINY = 1e-12
 _MARGIN = 1e-9  # relative safety margin of the 8-bit budget against float rounding
@@ -477,7 +477,7 @@ def make_site_attacks(
     MSE(f_site(x + δ), +1000) and MSE(f_site(x + δ), −1000) — with step ``step_ratio`` × ε,
     ``n_steps`` steps and random starts; the direction with the larger predicted
     |f_site(x + δ) − f_site(x)| on the final 8-bit image is kept. ``batch_size``: images (job ×
-    direction pairs) per batch; 0 sizes it to the device memory (CUDA) or uses 16 (CPU).
+    direction pairs) per batch; 0 sizes it to the device memory (CUDA) or uses 32 (CPU).
     ``autocast`` (bf16), ``channels_last``, ``compile_model`` (torch.compile): GPU switches, off by
     default. Random starts come from ``seed`` (results also depend on ``batch_size``).
     """

@@ -95,7 +95,7 @@ def _per_site_loop(model, pixels, image_index, site, n_steps: int, seed: int, de
 def compute_bench(
     model: torch.nn.Module,
     *,
-    batch_size: int = 16,
+    batch_size: int = 32,
     n_steps: int = 20,
     n_repeats: int = 5,
     n_loop_repeats: int = 3,

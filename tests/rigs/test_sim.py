@@ -170,4 +170,9 @@ def test_python_m_rigs_sim_serves_a_session(tmp_path):
         assert len(compute_onsets(read_nev(tmp_path / "rig-sim" / "recording.nev")).times_s) == 3
     finally:
         process.send_signal(signal.SIGINT)
-        assert process.wait(20) == 0, process.stderr.read()
+        try:
+            code = process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()  # never leave a rig behind
+            raise
+    assert code == 0, process.stderr.read()
