@@ -50,7 +50,8 @@ def _sensitivity_figure(summary: list[dict]) -> str:
                           marker="o", capsize=3, label=f"{label} (lower bound)")
     truth = [r for r in summary if r["kind"] == "attack" and r["truth"] is not None]
     if truth:
-        axes.plot([r["eps"] for r in truth], [r["truth"] for r in truth], "k--", marker="s", label="true sensitivity (simulated rig)")
+        axes.plot([r["eps"] for r in truth], [r["truth"] for r in truth], "k--", marker="s",
+                  label="true sensitivity (simulated rig)")
     axes.axhline(0, color="k", lw=0.5)
     axes.set_xlabel("budget ε (L2, [0,1] pixel units)")
     axes.set_ylabel("sensitivity (spikes per window)")
@@ -81,7 +82,8 @@ def write_day_report(folder: str | Path) -> Path:
         sections.append(("Sensitivity", _sensitivity_figure(summary) + render_table(summary, columns)))
     fit = stages.get("refit", {}).get("summary")
     if fit:
-        rows = [{"site": i, "held_out_r": r, "reliability": q} for i, (r, q) in enumerate(zip(fit["held_out_r"], fit["reliability"]))]
+        pairs = zip(fit["held_out_r"], fit["reliability"])
+        rows = [{"site": i, "held_out_r": r, "reliability": q} for i, (r, q) in enumerate(pairs)]
         note = (f'<p class="note">Fitted on {fit["n_stimuli"]} stimuli and {fit["n_presentations"]} valid presentations '
                 f'from {fit["n_days"]} day(s); {fit["n_epochs"]} epochs, best {fit["best_epoch"]}.</p>')
         sections.append(("Model refit (held-out)", note + render_table(rows)))

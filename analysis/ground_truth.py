@@ -25,7 +25,11 @@ def compute_truth_comparison(records_by_day: dict[int, list[dict]]) -> dict[str,
       window), ``ratio`` (estimate / truth; None when truth ≤ 0), ``below`` (estimate ≤ truth),
       ``within_2se`` (estimate ≤ truth + 2 sem);
     - ``"summary"``: per ε over days and sites: ``n``, ``n_below``, ``n_within_2se``,
-      ``ratio_mean``, ``ratio_median``, ``estimate_mean``, ``truth_mean``.
+      ``ratio_mean``, ``ratio_median``, ``estimate_mean``, ``truth_mean``;
+    - ``"days"``: per day and ε, means over sites of ``estimate``, ``expected`` (the estimator
+      on the sites' noise-free counts), ``direction_right`` (fraction of attacks whose predicted
+      direction was the true one) and ``truth``: whether the model learned, free of response
+      noise (``expected`` and ``direction_right`` None for days recorded before they existed).
     """
     if not isinstance(records_by_day, dict):
         raise TypeError(f"'records_by_day' must be a dict {{day: sensitivity.json rows}}, but got {type(records_by_day).__name__}.")
@@ -39,6 +43,7 @@ def compute_truth_comparison(records_by_day: dict[int, list[dict]]) -> dict[str,
                 "day": day, "site": r["site"], "eps": r["eps"], "estimate": r["estimate"], "sem": r["sem"], "truth": r["truth"],
                 "ratio": r["estimate"] / r["truth"] if r["truth"] > 0 else None,
                 "below": bool(r["estimate"] <= r["truth"]), "within_2se": bool(r["estimate"] <= r["truth"] + 2 * sem),
+                "expected": r.get("expected"), "direction_right": r.get("direction_right"),
             })
     summary = []
     for eps in sorted({row["eps"] for row in sites}):
@@ -52,4 +57,13 @@ def compute_truth_comparison(records_by_day: dict[int, list[dict]]) -> dict[str,
             "estimate_mean": float(np.mean([row["estimate"] for row in chosen])),
             "truth_mean": float(np.mean([row["truth"] for row in chosen])),
         })
-    return {"sites": sites, "summary": summary}
+    days = []
+    for day, eps in sorted({(row["day"], row["eps"]) for row in sites}):
+        chosen = [row for row in sites if row["day"] == day and row["eps"] == eps]
+        means = {f"{key}_mean": _mean([row[key] for row in chosen]) for key in ("estimate", "expected", "direction_right", "truth")}
+        days.append({"day": day, "eps": eps, "n_sites": len(chosen)} | means)
+    return {"sites": sites, "summary": summary, "days": days}
+
+
+def _mean(values: list) -> float | None:
+    return float(np.mean(values)) if values and all(v is not None for v in values) else None

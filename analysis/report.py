@@ -427,7 +427,13 @@ def _section_truth(c: _Context) -> tuple[str, str]:
                "dashed identity line are valid lower bounds; error bars: ± 2 standard errors of the estimate; how far below "
                "the line is how loose the bound is (ratio in the table).")
     note = f'<p class="summary">{below} of {n} estimates are at or below the truth within 2 standard errors.</p>'
-    return "8. Ground truth (simulated rig)", note + render_figure(figure, caption) + render_table(result["summary"]) + links
+    days = ""
+    if any(row["expected_mean"] is not None for row in result["days"]):
+        days = ('<p class="note">By day, means over sites: the estimate; the same estimator on the simulated sites\' '
+                "noise-free expected counts (what the estimate measures without response noise); the fraction of attacks "
+                "whose predicted direction was the true one; the truth. A model that learns raises the noise-free value "
+                "and the fraction right from day to day.</p>" + render_table(result["days"]))
+    return "8. Ground truth (simulated rig)", note + render_figure(figure, caption) + render_table(result["summary"]) + days + links
 
 
 # -- overview and the page -----------------------------------------------------------------------

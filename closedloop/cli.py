@@ -71,7 +71,8 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
               help="Registered backbone name (resnet_tiny, resnet50, ...) or a checkpoint path.")
 @click.option("--layer", default="layer4.0", show_default=True, help="Backbone layer feeding the readout.")
 @click.option("--n-sites", type=click.IntRange(1), default=21, show_default=True, help="Sites of the IT model.")
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True, help="Images per batch (32 was fastest on a 2-core CPU).")
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+              help="Images per batch (32 was fastest on a 2-core CPU).")
 @click.option("--n-steps", type=click.IntRange(1), default=20, show_default=True, help="PGD steps per timed run.")
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs (median reported).")
 @click.option("--image-size", type=click.IntRange(32), default=224, show_default=True, help="Image side, px.")
@@ -265,7 +266,8 @@ def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json:
     from closedloop.day import run_day
 
     results = run_day(experiment, day, force=force, until=until)
-    lines = [f"{stage:>10}: " + ("already done" if r["skipped"] else f"done in {r['seconds']:.1f} s") for stage, r in results.items()]
+    lines = [f"{stage:>10}: " + ("already done" if r["skipped"] else f"done in {r['seconds']:.1f} s")
+             for stage, r in results.items()]
     _emit(results, as_json, f"day {day} of {experiment}\n" + "\n".join(lines))
 
 

@@ -178,9 +178,12 @@ class SimSection(_Section):
     time_scale: float = Field(
         1.0, ge=0.0, le=10.0, description="Real seconds per recording-clock second (0.01 runs 100x faster than real time)."
     )
-    fixation_break_rate: float = Field(0.05, ge=0.0, le=0.9, description="Probability that a presentation ends in a fixation break.")
+    fixation_break_rate: float = Field(
+        0.05, ge=0.0, le=0.9, description="Probability that a presentation ends in a fixation break."
+    )
     truth_starts: int = Field(
-        4, ge=1, description="Validation only: random starts per direction of the white-box solver giving each site's true sensitivity."
+        4, ge=1,
+        description="Validation only: random starts per direction of the white-box solver giving each site's true sensitivity.",
     )
     truth_steps: int = Field(60, ge=2, description="Validation only: steps of that solver.")
 
@@ -230,13 +233,13 @@ class ExperimentConfig(_Section):
 PRESETS: dict[str, dict] = {
     "paper": {},
     "demo": {
-        "images": {"n_clean_day0": 48, "n_clean_per_day": 4, "embedded_per_photo": 24},
+        "images": {"n_clean_day0": 48, "n_clean_per_day": 8, "embedded_per_photo": 24},
         "model": {"backbone": "resnet_tiny"},
         "sites": {"n_sites": 8},
         "attack": {"budgets": [1.0, 3.0, 10.0], "steps": 20},
         "rig": {"kind": "sim"},
-        "sim": {"time_scale": 0.0, "fixation_break_rate": 0.05},
-        "fit": {"epochs": 8, "batch_size": 32, "backbone_learning_rate": 1e-4},
+        "sim": {"time_scale": 0.0, "fixation_break_rate": 0.05, "truth_starts": 1, "truth_steps": 30},
+        "fit": {"epochs": 15, "batch_size": 32, "backbone_learning_rate": 1e-4},
     },
 }
 
@@ -358,9 +361,12 @@ def render_config(config: BaseModel, *, title: str = "closedloop experiment conf
     return "\n".join(lines) + "\n"
 
 
-def write_default_config(folder: str | Path, *, preset: str = "paper", overwrite: bool = False) -> Path:
+def write_default_config(
+    folder: str | Path, *, preset: str = "paper", overwrite: bool = False, changes: dict | None = None
+) -> Path:
     """Write a commented ``experiment.toml`` with the defaults of ``preset`` into ``folder``.
 
+    ``changes``: {section: {key: value}} applied over the preset (validated like the file).
     Returns the path written. Refuses to overwrite an existing file unless ``overwrite``.
     """
     from closedloop.files import write_text
@@ -372,6 +378,8 @@ def write_default_config(folder: str | Path, *, preset: str = "paper", overwrite
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
     data = {section: dict(values) for section, values in PRESETS[preset].items()}
+    for section, values in (changes or {}).items():
+        data.setdefault(section, {}).update(values)
     data.setdefault("experiment", {})["name"] = folder.resolve().name
     text = render_config(build_config(data, source=f"preset {preset!r}"))
     return write_text(path, text)

@@ -104,7 +104,7 @@ def compute_signed_changes(parent, site, eps, kind, predicted, means) -> SignedC
     return SignedChanges(which, eps[stim], kind[stim], par, stim, sign.astype(np.int8), change)
 
 
-def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None) -> list[dict]:
+def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None, expected=None) -> list[dict]:
     """The per-site, per-budget lower bounds, as the records of ``sensitivity.json``.
 
     Inputs as in :func:`compute_signed_changes`. ``truth``: optional callable
@@ -114,8 +114,19 @@ def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None
     the standard deviation (ddof=1) of the site's mean responses over the clean stimuli.
     Each record also carries ``sem``, the standard error of the estimate (s.d. of the per-image
     signed changes / √n_images; None below 2 images).
+
+    ``expected``: optional (n_stimuli, n_sites) noise-free expected counts per window (simulated
+    rigs only). Each record then also carries ``expected``, the value the estimator takes on them
+    over the same pairs (what the estimate measures, without response noise), and
+    ``direction_right``, the fraction of those pairs whose predicted direction was the true one
+    (else both are ``null``).
     """
     changes = compute_signed_changes(parent, site, eps, kind, predicted, means)
+    n_sites = np.shape(means)[1]
+    noise_free = None
+    if expected is not None:
+        truly = compute_signed_changes(parent, site, eps, kind, predicted, expected)
+        noise_free = dict(zip((truly.stimulus * n_sites + truly.site).tolist(), truly.change.tolist()))
     means = np.asarray(means, np.float64)
     clean = means[np.asarray(parent) < 0]
     records = []
@@ -127,6 +138,10 @@ def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None
         estimate = float(values_selected.mean())
         sem = float(values_selected.std(ddof=1) / np.sqrt(values_selected.size)) if values_selected.size >= 2 else None
         normalized = estimate / sigma if sigma > 0 else float("nan")
+        true_changes = None
+        if noise_free is not None:
+            keys = changes.stimulus[selected] * n_sites + changes.site[selected]
+            true_changes = np.array([noise_free[key] for key in keys.tolist()])
         records.append({
             "site": s,
             "eps": e,
@@ -137,5 +152,7 @@ def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None
             "sigma": None if np.isnan(sigma) else sigma,
             "normalized": None if np.isnan(normalized) else normalized,
             "truth": None if truth is None else float(truth(s, e)),
+            "expected": None if true_changes is None else float(true_changes.mean()),
+            "direction_right": None if true_changes is None else float(np.mean(true_changes > 0)),
         })
     return records

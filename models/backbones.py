@@ -38,7 +38,9 @@ def load_backbone(source: str | Path, layer: str = "layer4.0", *, trust: bool = 
     ``trust``: allow full unpickling of a ``.pt`` that needs it (runs code from the file).
 
     The returned :class:`models.Backbone` maps images in [0, 1], (N, 3, H, W), to features,
-    normalising with ImageNet mean/std (or the checkpoint's own normaliser) inside.
+    normalising with ImageNet mean/std (or the checkpoint's own normaliser) inside, after area
+    downsampling to the checkpoint's ``input_size`` when its metadata gives one (our classifiers
+    trained on small images, docs/behavior.md).
     """
     from models.checkpoints import load_network_weights, read_checkpoint_weights
     from models.networks import make_backbone, make_network
@@ -68,6 +70,7 @@ def load_backbone(source: str | Path, layer: str = "layer4.0", *, trust: bool = 
         layer=layer,
         mean=weights.mean,
         std=weights.std,
+        input_size=weights.input_size,
     )
     load_network_weights(backbone.network, weights, needed_for=f"up to layer {layer!r}")
     return backbone.eval()

@@ -56,6 +56,8 @@ class CheckpointWeights:
     """Backbone weights read from a file: torchvision key names, float32 tensors.
 
     ``mean``/``std``: the input normalisation to use (ImageNet's unless the file says otherwise).
+    ``input_size``: side (px) the network was trained at, to which images are area-downsampled
+    first (from our own files' metadata; 0 = none, the case for every other layout).
     """
 
     path: Path
@@ -64,6 +66,7 @@ class CheckpointWeights:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int
+    input_size: int = 0
 
 
 def read_checkpoint_weights(path: str | Path, *, trust: bool = False) -> CheckpointWeights:
@@ -74,8 +77,9 @@ def read_checkpoint_weights(path: str | Path, *, trust: bool = False) -> Checkpo
     architecture (lists expected and found keys).
     """
     path = check_file("source", path)
+    input_size = 0
     if path.suffix == ".safetensors":
-        tensors, architecture, num_classes = _read_safetensors(path)
+        tensors, architecture, num_classes, input_size = _read_safetensors(path)
     else:
         tensors, architecture, num_classes = _unwrap(_torch_load(path, trust), path), None, None
     prefix = _find_prefix(tensors, path)
@@ -89,7 +93,7 @@ def read_checkpoint_weights(path: str | Path, *, trust: bool = False) -> Checkpo
         num_classes = int(state["fc.weight"].shape[0]) if "fc.weight" in state else 1000
     if architecture is None:
         architecture = _detect_architecture(state, num_classes, path)
-    return CheckpointWeights(path, architecture, state, mean, std, num_classes)
+    return CheckpointWeights(path, architecture, state, mean, std, num_classes, input_size)
 
 
 def load_network_weights(network: nn.Module, weights: CheckpointWeights, *, needed_for: str) -> None:
@@ -158,7 +162,7 @@ def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str, int]:
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str, int, int]:
     from safetensors.torch import load_file
 
     sidecar = path.with_suffix(".json")
@@ -174,7 +178,12 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str, int]:
         raise ValueError(
             f"{str(sidecar)!r}: 'architecture' must be one of {', '.join(ARCHITECTURES)}, but got {architecture!r}."
         )
-    return load_file(path), architecture, int(described.get("num_classes", 1000))
+    input_size = described.get("input_size", 0)
+    if not isinstance(input_size, int) or isinstance(input_size, bool) or input_size < 0:
+        raise ValueError(
+            f"{str(sidecar)!r}: 'input_size' must be a whole number of pixels >= 0 (0 = none), but got {input_size!r}."
+        )
+    return load_file(path), architecture, int(described.get("num_classes", 1000)), input_size
 
 
 def _find_prefix(tensors: Mapping[str, torch.Tensor], path: Path) -> str:

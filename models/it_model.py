@@ -135,6 +135,7 @@ def read_it_model(path: str | Path, *, device: str | torch.device = "cpu") -> IT
         layer=described["layer"],
         mean=tuple(described["mean"]),
         std=tuple(described["std"]),
+        input_size=int(described.get("input_size", 0)),
     )
     readout = FactorizedReadout(
         readout_facts["n_sites"], tuple(readout_facts["in_shape"]), positive=readout_facts["positive"]

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import resnet50, wide_resnet50_2
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
@@ -123,11 +124,12 @@ class Backbone(nn.Module):
 
     For ResNet-50 at 224 px and ``layer="layer4.0"`` the output is (N, 2048, 7, 7);
     ``layer="avgpool"`` gives the penultimate layer flattened to (N, C). Normalisation by
-    ``mean``/``std`` (buffers, per RGB channel) happens inside.
+    ``mean``/``std`` (buffers, per RGB channel) happens inside, after area downsampling to
+    ``input_size`` × ``input_size`` px when ``input_size`` > 0 (a network trained on small images).
 
     Attributes: ``source`` (registered name or checkpoint path it came from), ``architecture``,
     ``layer``, ``num_classes`` (size of the network's ``fc``, kept so a saved backbone can be
-    rebuilt), ``out_channels``.
+    rebuilt), ``input_size``, ``out_channels``.
     """
 
     def __init__(
@@ -140,14 +142,18 @@ class Backbone(nn.Module):
         num_classes: int,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        input_size: int = 0,
     ) -> None:
         super().__init__()
         self.network = network
+        self.input_size = input_size
         self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1).clone())
         self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1).clone())
         self.source, self.architecture, self.layer, self.num_classes = source, architecture, layer, num_classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.input_size:
+            images = F.adaptive_avg_pool2d(images, self.input_size)
         features = self.network((images - self.mean) / self.std)[_OUTPUT]
         return features.flatten(1) if self.layer in _FLATTENED_LAYERS else features
 
@@ -158,7 +164,8 @@ class Backbone(nn.Module):
         """
         tensors = dict(self.network.named_parameters()) | dict(self.network.named_buffers())
         meta = {name: torch.empty_like(tensor, device="meta") for name, tensor in tensors.items()}
-        images = torch.empty(1, 3, size, size, device="meta")
+        side = self.input_size or size
+        images = torch.empty(1, 3, side, side, device="meta")
         features = torch.func.functional_call(self.network, meta, (images,))[_OUTPUT]
         features = features.flatten(1) if self.layer in _FLATTENED_LAYERS else features
         return tuple(features.shape[1:])
@@ -177,6 +184,7 @@ class Backbone(nn.Module):
             "num_classes": self.num_classes,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
+            "input_size": self.input_size,
         }
 
 
@@ -188,8 +196,10 @@ def make_backbone(
     layer: str,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    input_size: int = 0,
 ) -> Backbone:
-    """Cut ``network`` at ``layer`` (nothing past it is kept) and wrap it with normalisation.
+    """Cut ``network`` at ``layer`` (nothing past it is kept) and wrap it with normalisation
+    (and area downsampling to ``input_size`` px when > 0).
 
     ``layer`` must already be one of :func:`layer_names` (checked by the callers).
     """
@@ -202,4 +212,5 @@ def make_backbone(
         num_classes=network.fc.out_features,
         mean=mean,
         std=std,
+        input_size=input_size,
     )

@@ -33,7 +33,10 @@ from closedloop.recording import NSP_CLOCK_HZ, Recording
 from closedloop.validation import check_integer, check_number
 from rigs.agent import Outcome, RigAgent, StreamFaults
 
-__all__ = ["ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "SimulatedPresenter", "make_hidden_sites", "make_sim_agent", "run_sim_rig"]
+__all__ = [
+    "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "SimulatedPresenter", "make_hidden_sites", "make_sim_agent",
+    "run_sim_rig",
+]
 
 _SPIKE_UNIT = 1
 DEFAULT_LATENCY_S = 0.07

@@ -26,6 +26,19 @@ def test_estimate_above_truth_is_flagged():
 def test_real_rig_has_no_truth_rows():
     record = {"site": 0, "eps": 1.0, "kind": "attack", "n_images": 4, "estimate": 1.0, "sem": 0.1, "sigma": 1.0,
               "normalized": 1.0, "truth": None}
-    assert compute_truth_comparison({0: [record]}) == {"sites": [], "summary": []}
+    assert compute_truth_comparison({0: [record]}) == {"sites": [], "summary": [], "days": []}
     with pytest.raises(TypeError, match="'records_by_day' must be a dict"):
         compute_truth_comparison([record])
+
+
+def test_days_table_averages_the_noise_free_view_over_sites():
+    def record(site, day_expected, right):
+        return {"site": site, "eps": 3.0, "kind": "attack", "n_images": 4, "estimate": 1.0, "sem": 0.4, "sigma": 1.0,
+                "normalized": 1.0, "truth": 2.0, "expected": day_expected, "direction_right": right}
+
+    days = compute_truth_comparison({0: [record(0, 0.1, 0.5), record(1, 0.3, 0.25)], 1: [record(0, 0.9, 1.0), record(1, 0.7, 0.75)]})["days"]
+    assert [(d["day"], d["n_sites"]) for d in days] == [(0, 2), (1, 2)]
+    assert [d["expected_mean"] for d in days] == pytest.approx([0.2, 0.8])
+    assert [d["direction_right_mean"] for d in days] == pytest.approx([0.375, 0.875])
+    older = {k: v for k, v in record(0, 0.1, 0.5).items() if k not in ("expected", "direction_right")}
+    assert compute_truth_comparison({0: [older]})["days"][0]["expected_mean"] is None

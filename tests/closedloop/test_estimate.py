@@ -38,7 +38,7 @@ def _simulated_day(rng, *, n_sites=3, n_clean=300, eps=(1.0, 4.0), wrong_fractio
     valid = np.ones(stimulus.size, bool)
     columns = dict(parent=np.array(parent), site=np.array(site), eps=np.array(eps_col),
                    kind=np.array(kind), predicted=np.array(predicted))
-    return columns, stimulus, valid, counts, truth
+    return columns, stimulus, valid, counts, truth, true
 
 
 def test_mean_responses_use_valid_presentations_only():
@@ -58,7 +58,7 @@ def test_mean_responses_refuse_bad_shapes_and_indices():
 
 
 def test_estimate_is_unbiased_when_the_model_is_always_right(rng):
-    columns, stimulus, valid, counts, truth = _simulated_day(rng)
+    columns, stimulus, valid, counts, truth, _ = _simulated_day(rng)
     means, _ = compute_mean_responses(stimulus, valid, counts, len(columns["parent"]))
     records = compute_sensitivity(**columns, means=means, truth=lambda s, e: truth[(s, e)])
     attacks = [r for r in records if r["kind"] == "attack"]
@@ -70,7 +70,7 @@ def test_estimate_is_unbiased_when_the_model_is_always_right(rng):
 
 
 def test_estimate_is_a_lower_bound_when_the_model_is_often_wrong(rng):
-    columns, stimulus, valid, counts, truth = _simulated_day(rng, wrong_fraction=0.3)
+    columns, stimulus, valid, counts, truth, _ = _simulated_day(rng, wrong_fraction=0.3)
     means, _ = compute_mean_responses(stimulus, valid, counts, len(columns["parent"]))
     records = compute_sensitivity(**columns, means=means, truth=lambda s, e: truth[(s, e)])
     for record in (r for r in records if r["kind"] == "attack"):
@@ -79,10 +79,24 @@ def test_estimate_is_a_lower_bound_when_the_model_is_often_wrong(rng):
         assert record["estimate"] == pytest.approx(0.4 * record["truth"], abs=1.2)
 
 
+def test_noise_free_value_and_direction_accuracy_come_from_the_expected_counts(rng):
+    columns, stimulus, valid, counts, truth, true = _simulated_day(rng, wrong_fraction=0.3)
+    means, _ = compute_mean_responses(stimulus, valid, counts, len(columns["parent"]))
+    records = compute_sensitivity(**columns, means=means, expected=true)
+    for record in (r for r in records if r["kind"] == "attack"):
+        # the model is right on 70% of the pairs: noise-free value = (0.7 − 0.3) × truth
+        assert record["direction_right"] == pytest.approx(0.7, abs=0.1)
+        assert record["expected"] == pytest.approx(0.4 * truth[(record["site"], record["eps"])], rel=0.25)
+        assert record["estimate"] == pytest.approx(record["expected"], abs=1.2)
+    for record in (r for r in records if r["kind"] == "gaussian"):
+        assert record["expected"] == 0.0  # baselines leave these rates unchanged
+    assert all(r["expected"] is None and r["direction_right"] is None for r in compute_sensitivity(**columns, means=means))
+
+
 def test_noise_alone_gives_zero_not_the_noise_floor(rng):
     # Gaussian stimuli leave the true rates unchanged: mean |Δr| is inflated by Poisson noise,
     # the signed estimator is not.
-    columns, stimulus, valid, counts, _ = _simulated_day(rng, n_clean=400)
+    columns, stimulus, valid, counts, _, _ = _simulated_day(rng, n_clean=400)
     means, _ = compute_mean_responses(stimulus, valid, counts, len(columns["parent"]))
     changes = compute_signed_changes(**columns, means=means)
     gaussian = changes.kind == "gaussian"
@@ -95,7 +109,7 @@ def test_noise_alone_gives_zero_not_the_noise_floor(rng):
 
 
 def test_pairs_without_valid_responses_are_left_out(rng):
-    columns, stimulus, valid, counts, _ = _simulated_day(rng, n_sites=1, n_clean=5, eps=(1.0,))
+    columns, stimulus, valid, counts, _, _ = _simulated_day(rng, n_sites=1, n_clean=5, eps=(1.0,))
     valid[stimulus == 5] = False  # the first attack stimulus was never validly shown
     means, _ = compute_mean_responses(stimulus, valid, counts, len(columns["parent"]))
     records = compute_sensitivity(**columns, means=means)

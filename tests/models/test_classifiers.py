@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import load_backbone
+from models import load_backbone, make_it_model, read_it_model, write_it_model
 from models.classifiers import (
     RESTRICTED_IMAGENET_NAMES,
     RESTRICTED_IMAGENET_RANGES,
@@ -106,6 +106,22 @@ def test_input_size_downsamples_inside_the_classifier():
     plain = Classifier(small.network, architecture="resnet_tiny", category_names=("a", "b")).eval()
     with torch.no_grad():
         torch.testing.assert_close(small(images), plain(pooled))
+
+
+def test_a_small_input_classifier_is_a_backbone_that_downsamples_the_same_way(tmp_path):
+    small = _randomise_batch_norm(make_classifier("resnet_tiny", ["a", "b"], input_size=64, seed=0), seed=1)
+    path = write_classifier(small, tmp_path / "small.safetensors")
+    backbone = load_backbone(path, "layer4.0")
+    assert backbone.input_size == 64 and backbone.describe()["input_size"] == 64
+    assert backbone.out_shape(224) == backbone.out_shape(64) == (backbone.out_channels, 2, 2)
+    images = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load_backbone(path, "avgpool")(images), small.eval().features()(images))
+        torch.testing.assert_close(backbone(images), backbone(torch.nn.functional.avg_pool2d(images, 2)))
+    model = make_it_model(path, "layer4.0", 3)
+    again = read_it_model(write_it_model(model, tmp_path / "it.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), model(images), rtol=0, atol=0)
 
 
 def test_classifier_bad_input(tmp_path):
