@@ -27,7 +27,7 @@ __all__ = ["RESULT_FORMAT", "RESULT_TRIAL_FIELDS", "make_behavior_server", "read
 
 RESULT_FORMAT = "closedloop.behavior_result"
 RESULT_TRIAL_FIELDS = (
-    "index", "role", "stimulus", "order", "response", "button", "buttons", "rt_ms", "image_ms", "blank_ms", "image2_ms",
+    "index", "role", "stimulus", "first", "second", "order", "response", "button", "buttons", "rt_ms", "image_ms", "blank_ms", "image2_ms",
     "feedback_shown",
 )
 _MAX_BODY = 4_000_000

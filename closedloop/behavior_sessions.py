@@ -6,7 +6,8 @@ From a stimulus set (``closedloop behavior generate``) this writes a folder::
     site/task.js, *.css      the jsPsych task, bundled from web/ by `make web` (no CDN at run time)
     site/sessions/ID.json    one session: its trials in the order shown, every random choice made
     site/stimuli/sNNNN.png   the images under opaque names (file names do not reveal targets)
-    build.json               sessions, parameters, stimulus name -> manifest item (kept off the site)
+    build.json               sessions, parameters, stimulus name -> manifest item, detection trial ->
+                             perturbed image (``probes``); kept off the site
     manifest.json            a copy of the stimulus set's manifest (for the analysis)
     results/                 one JSON per finished session (written by ``closedloop behavior serve``)
 
@@ -163,11 +164,11 @@ def _detection_session(name, items, perturbed, clean_of, clean, rng) -> dict:
         if len(trials) % _CATCH_EVERY == _CATCH_EVERY - 1:
             first, second = rng.choice(len(clean), size=2, replace=False)
             trials.append({"role": "catch", "order": "catch", "first": clean[first], "second": clean[second],
-                           "answer": "different"})
+                           "answer": "different", "probe": None})
         item, order = tests[k]
         first, second = order.split("-")
         trials.append({"role": "test", "order": order, "first": pairs[first][item], "second": pairs[second][item],
-                       "answer": "same" if first == second else "different"})
+                       "answer": "same" if first == second else "different", "probe": perturbed[item]})
     trials = [{"index": i, **t, "buttons": list(DETECTION_BUTTONS), "feedback": False} for i, t in enumerate(trials)]
     return {"session": name, "kind": "detection", "trials": trials}
 
@@ -194,6 +195,7 @@ def write_behavior_sessions(
     n_catch: int = 10,
     n_subjects_per_image: int = 2,
     detection_budgets: list[float] | None = None,
+    detection_modes: list[str] | None = None,
     n_detection_items: int = 20,
     image_degrees: float = 6.0,
     px_per_degree: float = 40.0,
@@ -229,7 +231,13 @@ def write_behavior_sessions(
     unknown = sorted(set(detection_budgets) - set(budgets))
     if unknown:
         raise ValueError(f"'detection_budgets' {unknown} are not budgets of the set; allowed: {budgets} (or [] for none).")
-    detection = [r for r in test if r["budget"] in detection_budgets]
+    modes = sorted({r["mode"] for r in test})
+    if detection_modes is None:
+        detection_modes = modes
+    unknown = sorted(set(detection_modes) - set(modes))
+    if unknown:
+        raise ValueError(f"'detection_modes' {unknown} are not perturbation modes of the set; allowed: {modes} (or [] for none).")
+    detection = [r for r in test if r["budget"] in detection_budgets and r["mode"] in detection_modes]
     orphans = sorted({r["start_image"] for r in detection} - set(clean_of))
     if orphans:
         raise ValueError(f"'stimuli': start images {orphans} have no clean (control) image for the detection task.")
@@ -262,6 +270,7 @@ def write_behavior_sessions(
         for k, members in enumerate(_assign(len(detection), per_session, n_subjects_per_image, rng)):
             sessions.append(_detection_session(f"d{k + 1:03d}", members.tolist(), perturbed, clean_for, clean, rng))
     timing = {"categorization": {"image": 200, "blank": 200, "feedback": 1000}, "detection": {"image": 100, "gap": 100}}
+    probes = {s["session"]: [t.pop("probe") for t in s["trials"]] for s in sessions if s["kind"] == "detection"}
     for session in sessions:
         write_json(site / "sessions" / f"{session['session']}.json", {
             "format": "closedloop.behavior_session", "format_version": 1, **session,
@@ -274,10 +283,12 @@ def write_behavior_sessions(
         "format": "closedloop.behavior_build", "format_version": 1, "stimulus_set": str(stimuli.resolve()),
         "parameters": {"n_warmup": n_warmup, "n_test": n_test, "n_reference": n_reference, "n_catch": n_catch,
                        "n_subjects_per_image": n_subjects_per_image, "detection_budgets": list(detection_budgets),
+                       "detection_modes": list(detection_modes),
                        "n_detection_items": n_detection_items, "image_degrees": image_degrees,
                        "px_per_degree": px_per_degree, "image_px": image_px, "timing_ms": timing, "seed": seed},
         "stimuli": {name: item for item, name in names.items()} | {f"stimuli/catch_{s}.png": f"catch:{s}" for s in CATCH_SHAPES},
         "sessions": listing,
+        "probes": probes,
         "provenance": compute_provenance(seeds={"sessions": seed}),
     })
     (out / "results").mkdir(parents=True, exist_ok=True)

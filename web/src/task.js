@@ -122,6 +122,8 @@ function summarise(session, jsPsych) {
     if (session.kind === "detection") {
       record.image2_ms = at("image2").time_elapsed - at("blank").time_elapsed;
       record.order = trial.order;
+      record.first = trial.first;
+      record.second = trial.second;
     } else {
       record.stimulus = trial.stimulus;
     }
