@@ -329,13 +329,15 @@ def compute_confusion(data: BehaviorData, probabilities: np.ndarray, *, mode: st
 def compute_detection_rates(data: BehaviorData, *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Same/different detection per budget, lapse- and bias-corrected.
 
-    Per subject, the lapse rate comes from catch trials (two different images; N = 2 buttons)
-    and :func:`lapse_correct` is applied to its hit rate H ("different" on p-c, c-p) and
-    false-alarm rate F ("different" on c-c, p-p). Averaged over subjects, the detection rate is
-    (H − F) / (1 − F), the probability of seeing the perturbation once guessing is removed (0:
-    invisible, 1: always seen). Rows: ``budget``, ``hit_rate``, ``false_alarm_rate``,
-    ``detection`` with ``low``/``high`` (95% bootstrap over subjects), ``proportion_correct``
-    (uncorrected, over the four orders; chance 0.5), ``n_subjects``, ``n_trials``.
+    Per subject: hit rate H ("different" on p-c, c-p), false-alarm rate F ("different" on c-c,
+    p-p) and catch accuracy (two different images). Averaged over subjects, H and F are
+    lapse-corrected with :func:`lapse_correct` (N = 2) at the mean catch accuracy (a session's
+    ~8 catch trials are too few for a stable per-subject correction with two buttons); the
+    detection rate is (H − F) / (1 − F), the probability of seeing the perturbation once guessing
+    is removed (0: invisible, 1: always seen). Rows: ``budget``, ``hit_rate``,
+    ``false_alarm_rate`` (corrected), ``detection`` with ``low``/``high`` (95% bootstrap over
+    subjects), ``proportion_correct`` (raw, over the four orders; chance 0.5), ``n_subjects``,
+    ``n_trials``. Subjects at chance on catch trials (≤ 0.5) are left out.
     """
     check_integer("n_boot", n_boot, minimum=0)
     rng = np.random.default_rng(seed)
@@ -345,28 +347,29 @@ def compute_detection_rates(data: BehaviorData, *, n_boot: int = 1000, seed: int
     rows = []
     for budget in sorted({r["budget"] for r in data.detection if not r["catch"]}):
         trials = [r for r in data.detection if not r["catch"] and r["budget"] == budget and r["subject"] in subjects]
-        rates = np.full((len(subjects), 2), np.nan)
+        rates = np.full((len(subjects), 3), np.nan)  # H, F, catch accuracy
         for k, subject in enumerate(subjects):
             for column, orders in enumerate((("p-c", "c-p"), ("c-c", "p-p"))):
                 answers = [r["different"] for r in trials if r["subject"] == subject and r["order"] in orders]
-                if answers:
-                    rates[k, column] = lapse_correct(np.mean(answers), catch[subject], 2)
-        usable = np.isfinite(rates).all(axis=1)
-        if not usable.any():
+                rates[k, column] = np.mean(answers) if answers else np.nan
+            rates[k, 2] = catch[subject]
+        rates = rates[np.isfinite(rates).all(axis=1)]
+        if not len(rates):
             continue
-        rates = rates[usable]
-
-        def detection(sample: np.ndarray) -> float:
-            hit, false_alarm = sample.mean(axis=0)
-            return float((hit - false_alarm) / (1.0 - false_alarm)) if false_alarm < 1 else np.nan
-
-        boots = [detection(rates[rng.integers(0, len(rates), len(rates))]) for _ in range(n_boot)]
+        corrected = lambda sample: lapse_correct(np.clip(sample[:, :2].mean(0), 0, 1), sample[:, 2].mean(), 2)  # noqa: E731
+        hit, false_alarm = corrected(rates)
+        boots = [_detection(*corrected(rates[rng.integers(0, len(rates), len(rates))])) for _ in range(n_boot)]
         low, high = np.nanpercentile(boots, [2.5, 97.5]) if n_boot else (np.nan, np.nan)
         correct = [r["different"] == (r["order"] in ("p-c", "c-p")) for r in trials]
-        rows.append({"budget": budget, "hit_rate": float(rates[:, 0].mean()), "false_alarm_rate": float(rates[:, 1].mean()),
-                     "detection": detection(rates), "low": float(low), "high": float(high),
+        rows.append({"budget": budget, "hit_rate": float(hit), "false_alarm_rate": float(false_alarm),
+                     "detection": _detection(hit, false_alarm), "low": float(low), "high": float(high),
                      "proportion_correct": float(np.mean(correct)), "n_subjects": int(len(rates)), "n_trials": len(trials)})
     return rows
+
+
+def _detection(hit: float, false_alarm: float) -> float:
+    """(H − F) / (1 − F): detection with guessing removed (NaN when F = 1)."""
+    return float((hit - false_alarm) / (1.0 - false_alarm)) if false_alarm < 1 else float("nan")
 
 
 def compute_timing_summary(data: BehaviorData) -> list[dict]:
