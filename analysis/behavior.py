@@ -335,7 +335,7 @@ def compute_detection_rates(data: BehaviorData, *, n_boot: int = 1000, seed: int
     ~8 catch trials are too few for a stable per-subject correction with two buttons); the
     detection rate is (H − F) / (1 − F), the probability of seeing the perturbation once guessing
     is removed (0: invisible, 1: always seen). Rows: ``budget``, ``hit_rate``,
-    ``false_alarm_rate`` (corrected), ``detection`` with ``low``/``high`` (95% bootstrap over
+    ``false_alarm_rate`` (corrected, clipped to [0, 1]), ``detection`` with ``low``/``high`` (95% bootstrap over
     subjects), ``proportion_correct`` (raw, over the four orders; chance 0.5), ``n_subjects``,
     ``n_trials``. Subjects at chance on catch trials (≤ 0.5) are left out.
     """
@@ -356,7 +356,7 @@ def compute_detection_rates(data: BehaviorData, *, n_boot: int = 1000, seed: int
         rates = rates[np.isfinite(rates).all(axis=1)]
         if not len(rates):
             continue
-        corrected = lambda sample: lapse_correct(np.clip(sample[:, :2].mean(0), 0, 1), sample[:, 2].mean(), 2)  # noqa: E731
+        corrected = lambda sample: np.clip(lapse_correct(sample[:, :2].mean(0), sample[:, 2].mean(), 2), 0, 1)  # noqa: E731
         hit, false_alarm = corrected(rates)
         boots = [_detection(*corrected(rates[rng.integers(0, len(rates), len(rates))])) for _ in range(n_boot)]
         low, high = np.nanpercentile(boots, [2.5, 97.5]) if n_boot else (np.nan, np.nan)

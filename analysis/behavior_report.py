@@ -119,7 +119,8 @@ def write_behavior_report(out: str | Path, *, html_path: str | Path | None = Non
 
     ``html_path``: the page [default: ``out/report/behavior.html``]; tables go to
     ``<stem>_tables/`` beside it. ``n_boot``: bootstrap resamples per CI. Returns ``html``,
-    ``tables`` (paths), ``n_subjects``, ``rates`` (rows of :func:`analysis.behavior.compute_rates`), ``mtme`` (rows of :func:`analysis.behavior.compute_mtme_table`),
+    ``tables`` (paths), ``n_subjects``, ``rates`` (rows of :func:`analysis.behavior.compute_rates`),
+    ``mtme`` (rows of :func:`analysis.behavior.compute_mtme_table`),
     ``detection`` (rows of :func:`analysis.behavior.compute_detection_rates`).
     """
     out = Path(out).expanduser()

@@ -37,7 +37,8 @@ def compute_demo_truth(out: str | Path, model: str, temperature: float) -> dict:
     groups: dict[str, list[float]] = {}
     for record in manifest["records"]:
         p = compute_observer_probabilities(record["logits"][model], temperature)
-        groups.setdefault(f"{record['mode']}/{record['guide']}/{record['budget']:g}", []).append(1 - p[names.index(record["category"])])
+        key = f"{record['mode']}/{record['guide']}/{record['budget']:g}"
+        groups.setdefault(key, []).append(1 - p[names.index(record["category"])])
     return {key: float(np.mean(values)) for key, values in groups.items()}
 
 

@@ -168,7 +168,9 @@ def write_simulated_results(
     if observer.model not in manifest["models"]:
         raise ValueError(f"'model' {observer.model!r} is not a model of the stimulus set; allowed: {sorted(manifest['models'])}.")
     check_integer("n_parallel", n_parallel, minimum=1, maximum=16)
-    known = [s["session"] for s in build["sessions"] if kind is None or s["kind"] == check_option("kind", kind, ("categorization", "detection"))]
+    if kind is not None:
+        check_option("kind", kind, ("categorization", "detection"))
+    known = [s["session"] for s in build["sessions"] if kind is None or s["kind"] == kind]
     unknown = sorted(set(sessions or []) - set(known))
     if unknown:
         raise ValueError(f"'sessions' {unknown} are not sessions of this build; allowed: {known}.")

@@ -27,8 +27,8 @@ __all__ = ["RESULT_FORMAT", "RESULT_TRIAL_FIELDS", "make_behavior_server", "read
 
 RESULT_FORMAT = "closedloop.behavior_result"
 RESULT_TRIAL_FIELDS = (
-    "index", "role", "stimulus", "first", "second", "order", "response", "button", "buttons", "rt_ms", "image_ms", "blank_ms", "image2_ms",
-    "feedback_shown",
+    "index", "role", "stimulus", "first", "second", "order", "response", "button", "buttons", "rt_ms", "image_ms",
+    "blank_ms", "image2_ms", "feedback_shown",
 )
 _MAX_BODY = 4_000_000
 
@@ -57,8 +57,10 @@ def write_behavior_result(out: str | Path, payload: dict) -> Path:
         got = len(trials) if isinstance(trials, list) else type(trials).__name__
         raise ValueError(f"'trials' must list the session's {len(session['trials'])} trials, but got {got}.")
     for expected, trial in zip(session["trials"], trials):
-        if not isinstance(trial, dict) or trial.get("index") != expected["index"] or trial.get("response") not in expected["buttons"]:
-            raise ValueError(f"'trials' entry {expected['index']} does not match the session (index or response): {str(trial)[:120]!r}")
+        matches = isinstance(trial, dict) and trial.get("index") == expected["index"]
+        if not matches or trial.get("response") not in expected["buttons"]:
+            raise ValueError(f"'trials' entry {expected['index']} does not match the session (index, or a response that is "
+                             f"not one of its buttons): {str(trial)[:120]!r}")
     anonymous_id = secrets.token_hex(8)
     record = {
         "format": RESULT_FORMAT, "format_version": 1, "anonymous_id": anonymous_id, "session": session_id,

@@ -301,5 +301,7 @@ def read_behavior_build(out: str | Path) -> dict:
     """The ``build.json`` of a built task folder (``closedloop behavior build``)."""
     path = Path(out).expanduser() / BUILD_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"'out': {str(path)!r} does not exist; build the task first with `closedloop behavior build SET OUT`.")
+        raise FileNotFoundError(
+            f"'out': {str(path)!r} does not exist; build the task first with `closedloop behavior build SET OUT`."
+        )
     return read_json(path)

@@ -446,7 +446,8 @@ def behavior_build(stimuli: Path, out: Path, n_warmup: int, n_test: int, n_refer
         detection_modes=_split_names(detection_modes), n_detection_items=n_detection_items, image_degrees=image_degrees,
         px_per_degree=px_per_degree, seed=seed)
     kinds = result["n_sessions"]
-    text = (f"{kinds['categorization']} categorisation and {kinds['detection']} detection sessions, images {result['image_px']} px\n"
+    text = (f"{kinds['categorization']} categorisation and {kinds['detection']} detection sessions, "
+            f"images {result['image_px']} px\n"
             f"upload {Path(out) / 'site'} or run `closedloop behavior serve {out}`")
     _emit(result, as_json, text)
 

@@ -157,3 +157,20 @@ def test_bad_results_are_refused(built, change, message):
 def test_serving_a_folder_without_a_build_names_the_command(tmp_path):
     with pytest.raises(FileNotFoundError, match="closedloop behavior build SET OUT"):
         make_behavior_server(tmp_path)
+
+
+def test_cli_build_and_report_and_a_bad_option(tmp_path, capsys):
+    from closedloop.cli import main
+
+    write_stimulus_set(tmp_path / "set")
+    main(["behavior", "build", str(tmp_path / "set"), str(tmp_path / "task"), "--n-test", "12", "--detection-budgets", "none",
+          "--json"])
+    assert json.loads(capsys.readouterr().out)["n_sessions"] == {"categorization": 6, "detection": 0}
+    main(["behavior", "report", str(tmp_path / "task"), "--n-boot", "10"])
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "task" / "report" / "behavior.html").is_file()
+    with pytest.raises(SystemExit) as stop:
+        main(["behavior", "build", str(tmp_path / "set"), str(tmp_path / "task"), "--n-test", "99"])
+    assert stop.value.code == 2 and "'n_test' must be at most" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["behavior", "build", str(tmp_path / "set"), str(tmp_path / "task"), "--detection-budgets", "a,b"])
+    assert stop.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err

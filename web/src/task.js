@@ -50,7 +50,9 @@ function choicePhase(trial, circle) {
   const radius = 190;
   const place = (i) => {
     const angle = (2 * Math.PI * i) / n - Math.PI / 2;
-    return `left:${Math.round(radius * Math.cos(angle))}px;top:${Math.round(radius * Math.sin(angle))}px`;
+    const x = Math.round(radius * Math.cos(angle));
+    const y = Math.round(radius * Math.sin(angle));
+    return `left:calc(50% + ${x}px);top:calc(50% + ${y}px)`;
   };
   return {
     type: HtmlButtonResponse,
