@@ -105,26 +105,19 @@ def _make_catch_image(shape: str, size: int = 224) -> bytes:
 def _assign(n_items: int, n_per_session: int, n_repeats: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Spread items over sessions: each item in >= ``n_repeats`` sessions, never twice in one.
 
-    Sessions hold ``n_per_session`` items; their number is the fewest that fit every repeat.
-    Slots left over are filled with the items seen least so far.
+    One random order of the items, repeated ``n_repeats`` times, cut into sessions of
+    ``n_per_session`` (≤ ``n_items``, so two copies of an item, ``n_items`` apart, never share a
+    session); the last session is topped up with the least-seen items it lacks.
     """
-    n_sessions = max(n_repeats, math.ceil(n_items * n_repeats / n_per_session))
-    sessions: list[list[int]] = [[] for _ in range(n_sessions)]
-    counts = np.zeros(n_items, dtype=np.int64)
-    for _ in range(n_repeats):
-        for item in rng.permutation(n_items):
-            free = [s for s in range(n_sessions) if len(sessions[s]) < n_per_session and item not in sessions[s]]
-            room = max(n_per_session - len(sessions[s]) for s in free)
-            pick = rng.choice([s for s in free if n_per_session - len(sessions[s]) == room])
-            sessions[pick].append(int(item))
-            counts[item] += 1
-    for members in sessions:
-        while len(members) < n_per_session:
-            options = np.setdiff1d(np.arange(n_items), members)
-            least = options[counts[options] == counts[options].min()]
-            item = int(rng.choice(least))
-            members.append(item)
-            counts[item] += 1
+    order = np.tile(rng.permutation(n_items), n_repeats)
+    sessions = [order[start:start + n_per_session].tolist() for start in range(0, len(order), n_per_session)]
+    counts = np.bincount(order, minlength=n_items)
+    last = sessions[-1]
+    while len(last) < n_per_session:
+        options = np.setdiff1d(np.arange(n_items), last)
+        item = int(rng.choice(options[counts[options] == counts[options].min()]))
+        last.append(item)
+        counts[item] += 1
     return [rng.permutation(np.array(members)) for members in sessions]
 
 

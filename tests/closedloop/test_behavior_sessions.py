@@ -6,11 +6,14 @@ import urllib.error
 import urllib.request
 from collections import Counter
 
+import numpy as np
 import pytest
 from behavior_sets import CATEGORIES, write_stimulus_set
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from closedloop.behavior_server import make_behavior_server, read_behavior_results, write_behavior_result
-from closedloop.behavior_sessions import read_behavior_build, write_behavior_sessions
+from closedloop.behavior_sessions import _assign, read_behavior_build, write_behavior_sessions
 from closedloop.files import read_json
 
 SMALL = dict(n_warmup=3, n_test=10, n_reference=4, n_catch=5, detection_budgets=[30.0], n_detection_items=5)
@@ -174,3 +177,22 @@ def test_cli_build_and_report_and_a_bad_option(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["behavior", "build", str(tmp_path / "set"), str(tmp_path / "task"), "--detection-budgets", "a,b"])
     assert stop.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
+
+
+@given(n_items=st.integers(1, 60), data=st.data(), n_repeats=st.integers(1, 4), seed=st.integers(0, 2**16))
+@settings(max_examples=200, deadline=None)
+def test_assignment_gives_every_item_its_repeats_never_twice_in_a_session(n_items, data, n_repeats, seed):
+    n_per_session = data.draw(st.integers(1, n_items))
+    sessions = _assign(n_items, n_per_session, n_repeats, np.random.default_rng(seed))
+    assert len(sessions) == -(-n_items * n_repeats // n_per_session)
+    assert all(len(set(s.tolist())) == len(s) == n_per_session for s in sessions)
+    assert np.bincount(np.concatenate(sessions), minlength=n_items).min() >= n_repeats
+
+
+def test_a_missing_web_bundle_names_the_make_target(tmp_path, monkeypatch):
+    import closedloop.behavior_sessions as sessions
+
+    monkeypatch.setattr(sessions, "_BUNDLE", tmp_path / "_web")
+    write_stimulus_set(tmp_path / "set")
+    with pytest.raises(FileNotFoundError, match=r"the web task bundle is missing .* build it with `make web`"):
+        write_behavior_sessions(tmp_path / "set", tmp_path / "task", n_test=6)
