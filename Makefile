@@ -1,28 +1,41 @@
-# Two entry points for a fresh machine (only Python, pip and gcc needed):
-#   make demo   set up .venv and run the embedded demo
-#   make test   set up .venv and run the test suite
+# Two entry points for a fresh machine (Python, pip, gcc, node 20 + npm; Debian for the browser):
+#   make demo   set up .venv, the web task bundle and Chromium, and run the embedded demo
+#   make test   the same set-up, then the test suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+WEB_BUNDLE := closedloop/_web/task.js
+
+.PHONY: setup web browser demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# The behavioural web task: jsPsych from npm (web/package-lock.json), bundled by esbuild into
+# closedloop/_web/ (git-ignored), which `closedloop behavior build` copies into each build.
+$(WEB_BUNDLE): web/package.json web/package-lock.json web/src/task.js web/src/task.css
+	cd web && npm ci --no-audit --no-fund && npm run build
 
-demo: $(STAMP)
+web: $(WEB_BUNDLE)
+
+# Debian's Chromium for the simulated observers and PDF reports (no browser download).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
+
+setup: $(STAMP) web browser
+
+demo: setup
 	$(BIN)/closedloop demo
 
-test: $(STAMP)
+test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/closedloop bench --json
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache web/node_modules closedloop/_web

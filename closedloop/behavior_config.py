@@ -155,6 +155,10 @@ BEHAVIOR_PRESETS: dict[str, dict] = {
     "embedded": {
         "perturbations": {"budgets": [5.0, 15.0, 30.0], "n_steps": 50, "composite_pairs": 1, "composite_triples": 1},
     },
+    "demo": {  # closedloop behavior demo: one guide and its surrogate, 171 images
+        "models": {"guides": {"robust": "embedded:robust"}, "surrogates": {"robust-seed1": "embedded:robust-seed1"}},
+        "perturbations": {"budgets": [15.0, 30.0], "modes": ["disrupt", "target", "control"], "n_steps": 50},
+    },
 }
 
 

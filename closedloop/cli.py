@@ -376,8 +376,9 @@ def behavior() -> None:
 
 @behavior.command("init")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["embedded", "paper"]), default="embedded", show_default=True,
-              help="embedded: CPU-sized (3 budgets, 50 PGD steps); paper: the published budgets and step schedule.")
+@click.option("--preset", type=click.Choice(["embedded", "paper", "demo"]), default="embedded", show_default=True,
+              help="embedded: CPU-sized (3 budgets, 50 PGD steps); paper: the published budgets and step schedule; "
+                   "demo: what `closedloop behavior demo` uses.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def behavior_init(path: Path, preset: str, force: bool) -> None:
     """Write a commented behavior.toml (PATH: a file, or a folder to hold behavior.toml)."""
@@ -390,7 +391,7 @@ def behavior_init(path: Path, preset: str, force: bool) -> None:
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None,
               help="behavior.toml (or its folder) [default: the preset].")
-@click.option("--preset", type=click.Choice(["embedded", "paper"]), default="embedded", show_default=True,
+@click.option("--preset", type=click.Choice(["embedded", "paper", "demo"]), default="embedded", show_default=True,
               help="Configuration to use without --config (paths relative to the current folder).")
 @click.option("--restart", is_flag=True, help="Delete an earlier stimulus set in OUT and start over.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -404,6 +405,129 @@ def behavior_generate(out: Path, config_path: Path | None, preset: str, restart:
     text = (f"{result['n_items']} images in {result['n_units']} units ({result['n_units_done_before']} done before) "
             f"in {result['seconds']:.1f} s\nmanifest: {result['manifest']}")
     _emit(result, as_json, text)
+
+
+def _split_numbers(text: str | None, name: str) -> list[float] | None:
+    """A comma-separated option of numbers (None stays None; "none" is [])."""
+    names = _split_names(text)
+    try:
+        return None if names is None else [float(value) for value in names]
+    except ValueError:
+        raise click.BadParameter(f"give comma-separated numbers or 'none', not {text!r}", param_hint=name) from None
+
+
+@behavior.command("build")
+@click.argument("stimuli", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n-warmup", type=click.IntRange(0), default=10, show_default=True, help="Clean warm-up trials with feedback.")
+@click.option("--n-test", type=click.IntRange(1), default=100, show_default=True, help="Perturbed images per session.")
+@click.option("--n-reference", type=click.IntRange(0), default=10, show_default=True, help="Clean reference trials per session.")
+@click.option("--n-catch", type=click.IntRange(1), default=10, show_default=True, help="Catch trials (circle / triangle).")
+@click.option("--n-subjects-per-image", type=click.IntRange(1), default=2, show_default=True,
+              help="Sessions (subjects) that see each perturbed image at least.")
+@click.option("--detection-budgets", default=None, metavar="EPS", help="Comma-separated budgets of the same/different "
+              "task [default: all]; 'none' builds no detection sessions.")
+@click.option("--detection-modes", default=None, metavar="MODES", help="Comma-separated modes of the same/different task "
+              "[default: all]; 'none' builds no detection sessions.")
+@click.option("--n-detection-items", type=click.IntRange(1), default=20, show_default=True,
+              help="Perturbed images per detection session (4 trials each).")
+@click.option("--image-degrees", type=float, default=6.0, show_default=True, help="Image side, degrees of visual angle.")
+@click.option("--px-per-degree", type=float, default=40.0, show_default=True,
+              help="Screen pixels per degree (40: a 96 dpi screen at 57 cm).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of every order and assignment.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sessions as JSON.")
+def behavior_build(stimuli: Path, out: Path, n_warmup: int, n_test: int, n_reference: int, n_catch: int,
+                   n_subjects_per_image: int, detection_budgets: str | None, detection_modes: str | None,
+                   n_detection_items: int, image_degrees: float, px_per_degree: float, seed: int, as_json: bool) -> None:
+    """Build the web task (static jsPsych pages) for the stimulus set STIMULI into OUT."""
+    from closedloop.behavior_sessions import write_behavior_sessions
+
+    result = write_behavior_sessions(
+        stimuli, out, n_warmup=n_warmup, n_test=n_test, n_reference=n_reference, n_catch=n_catch,
+        n_subjects_per_image=n_subjects_per_image, detection_budgets=_split_numbers(detection_budgets, "--detection-budgets"),
+        detection_modes=_split_names(detection_modes), n_detection_items=n_detection_items, image_degrees=image_degrees,
+        px_per_degree=px_per_degree, seed=seed)
+    kinds = result["n_sessions"]
+    text = (f"{kinds['categorization']} categorisation and {kinds['detection']} detection sessions, "
+            f"images {result['image_px']} px\n"
+            f"upload {Path(out) / 'site'} or run `closedloop behavior serve {out}`")
+    _emit(result, as_json, text)
+
+
+@behavior.command("serve")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free one).")
+def behavior_serve(out: Path, host: str, port: int) -> None:
+    """Serve the built task OUT and save each finished session to OUT/results (Ctrl-C stops)."""
+    from closedloop.behavior_server import make_behavior_server
+
+    server = make_behavior_server(out, host=host, port=port)
+    address, bound = server.server_address[:2]
+    click.echo(f"serving {out} at http://{address}:{bound}/start (detection: /start?kind=detection); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped")
+    finally:
+        server.server_close()
+
+
+@behavior.command("simulate")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--model", required=True, help="Guide or surrogate of the stimulus set whose logits drive the choices.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="Softmax temperature of the choices.")
+@click.option("--lapse-rate", type=float, default=0.1, show_default=True, help="Probability of a random click.")
+@click.option("--detection-scale", type=float, default=10.0, show_default=True,
+              help="Detection task: eps at which a perturbation is seen with probability 1 - 1/e.")
+@click.option("--sessions", default=None, metavar="IDS", help="Comma-separated session ids [default: every session].")
+@click.option("--n-parallel", type=click.IntRange(1, 16), default=2, show_default=True, help="Browser pages at once.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the simulated choices.")
+def behavior_simulate(out: Path, model: str, temperature: float, lapse_rate: float, detection_scale: float,
+                      sessions: str | None, n_parallel: int, seed: int) -> None:
+    """Simulated subjects do sessions of the built task OUT in headless Chromium (results in OUT/results)."""
+    from closedloop.behavior_observers import ObserverModel, write_simulated_results
+
+    observer = ObserverModel(model, temperature=temperature, lapse_rate=lapse_rate, detection_scale=detection_scale)
+    files = write_simulated_results(out, observer, sessions=_split_names(sessions), n_parallel=n_parallel, seed=seed)
+    click.echo(f"{len(files)} sessions done; results in {Path(out) / 'results'}")
+
+
+@behavior.command("report")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML file to write [default: OUT/report/behavior.html].")
+@click.option("--n-boot", type=click.IntRange(0), default=1000, show_default=True, help="Bootstrap resamples per CI.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--json", "as_json", is_flag=True, help="Print the paths, MTME and detection rows as JSON.")
+def behavior_report(out: Path, html_path: Path | None, n_boot: int, seed: int, as_json: bool) -> None:
+    """Write the behavioural report (people vs guides and surrogates) of the built task OUT with its results."""
+    from analysis.behavior_report import write_behavior_report
+
+    result = write_behavior_report(out, html_path=html_path, n_boot=n_boot, seed=seed)
+    result.pop("rates")
+    mtme = ", ".join(f"{r['observer']} {r['mode']}{'/' + r['guide'] if r['guide'] else ''}: "
+                     f"{'never' if r['mtme'] is None else format(r['mtme'], '.2f')}" for r in result["mtme"])
+    _emit(result, as_json, f"wrote {result['html']} ({result['n_subjects']} subjects)\nMTME: {mtme or '-'}")
+
+
+@behavior.command("demo")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("daily_runs/behavior-demo"),
+              show_default=True, help="Folder for the stimulus set, the task, its results and the report.")
+@click.option("--n-parallel", type=click.IntRange(1, 16), default=3, show_default=True, help="Browser pages at once.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of sessions and simulated choices.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def behavior_demo(out: Path, n_parallel: int, seed: int, as_json: bool) -> None:
+    """The behavioural pipeline on the embedded default: generate, build, simulated observers in Chromium, report."""
+    from closedloop.behavior_demo import run_behavior_demo
+
+    result = run_behavior_demo(out, n_parallel=n_parallel, seed=seed)
+    lines = [f"report: {result['report']}",
+             "seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in result["seconds"].items()),
+             f"lapse rate: true {result['lapse_true']:.3f}, recovered {result['lapse_recovered']:.3f}"]
+    lines += [f"disruption {r['mode']:>8} eps {r['budget']:>4g}: true {r['true']:.3f}, measured {r['measured']:.3f} "
+              f"[{r['low']:.3f}, {r['high']:.3f}] {'ok' if r['within_ci'] else 'OUTSIDE CI'}" for r in result["disruption"]]
+    _emit(result, as_json, "\n".join(lines))
 
 
 # --- end behaviour ----------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def test_bad_values_are_refused_with_the_key(data, message):
 
 
 def test_bad_preset_and_bad_toml(tmp_path):
-    with pytest.raises(ValueError, match=r"Invalid value for 'preset': allowed values are 'paper', 'embedded', but got 'x'"):
+    with pytest.raises(ValueError, match=r"Invalid value for 'preset': allowed values are 'paper', 'embedded', 'demo', but got 'x'"):
         make_preset_config("x")
     (tmp_path / "behavior.toml").write_text("[stimuli\n")
     with pytest.raises(ValueError, match=r"not valid TOML"):
