@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine (Python, pip, gcc, node 20 + npm; Debian for the browser):
+# Two entry points for a fresh machine (Python, pip, gcc; Node.js/npm and Chromium come from Debian if missing):
 #   make demo   set up .venv, the web task bundle and Chromium, and run the embedded demo
 #   make test   the same set-up, then the test suite
 PYTHON ?= python3
@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 # The behavioural web task: jsPsych from npm (web/package-lock.json), bundled by esbuild into
 # closedloop/_web/ (git-ignored), which `closedloop behavior build` copies into each build.
 $(WEB_BUNDLE): web/package.json web/package-lock.json web/src/task.js web/src/task.css
+	command -v npm >/dev/null || (apt-get update && apt-get install -y nodejs npm)
 	cd web && npm ci --no-audit --no-fund && npm run build
 
 web: $(WEB_BUNDLE)
