@@ -100,3 +100,43 @@ def test_bad_inputs(tmp_path, small_model):
         make_model_scorer(small_model, units=[7])(np.zeros((1, 32, 32, 3), np.uint8))
     with pytest.raises(FileNotFoundError, match="'folder'"):
         read_evolution(tmp_path / "missing")
+
+
+def test_in_the_loop_evolution_raises_the_simulated_sites_true_rates(tmp_path):
+    """Evolution scored by spike counts from the simulated rig over loopback: the elites' TRUE rates
+    (the rig's hidden site function, which the loop never reads) rise from generation 0 to the end."""
+    from closedloop.link import RigClient
+    from rigs.sim import make_hidden_sites, run_sim_rig
+
+    n_sites, seed = 3, 4
+    started, stop, agents = threading.Event(), threading.Event(), []
+
+    def remember(agent) -> None:
+        agents.append(agent)
+        started.set()
+
+    rig = threading.Thread(target=run_sim_rig, args=(stop,), kwargs=dict(
+        on_start=remember, address="tcp://127.0.0.1:*", state_dir=tmp_path / "rig", n_sites=n_sites, seed=seed,
+        time_scale=0.0, fixation_break_rate=0.05, security="plain", heartbeat_s=0.1, timeout_s=2.0))
+    rig.start()
+    references = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    try:
+        assert started.wait(60)
+        with RigClient(agents[0].address, security="plain", heartbeat_s=0.1, timeout_s=2.0) as client:
+            scorer = RigScorer(client, references, tmp_path / "run", repetitions=3, seed=1)
+            run_evolution(scorer, tmp_path / "run", encoding="direct", n_generations=10, n_children=10, image_size=224,
+                          genome_size=4, seed=2, rate_start=0.5)
+            client.stop()
+    finally:
+        stop.set()
+        rig.join(30)
+    record = read_evolution(tmp_path / "run")
+    truth = make_hidden_sites(n_sites, seed)
+    with np.load(record["generations"][0]) as first:
+        first_elites = first["pixels"][first["elite_ids"] - first["ids"][0]]
+        assert first["reference_counts"].shape == (2, n_sites)
+    with torch.no_grad():
+        before = truth(to_tensor(first_elites)).numpy()[np.arange(n_sites), np.arange(n_sites)]
+        after = truth(to_tensor(record["elites"]["pixels"])).numpy()[np.arange(n_sites), np.arange(n_sites)]
+    assert np.all(after > before), f"true rates (Hz) did not rise: {before} -> {after}"
+    assert len(scorer.reference_counts) == 10
