@@ -184,7 +184,8 @@ def _elites_figure(folder: Path):
     chart = axes[0, 0]
     for k in range(n):
         chart.plot(curves[:, k], label=history["objectives"][k])
-    chart.set(xlabel="generation", ylabel="elite score", title="elite per objective")
+    chart.set(xlabel="generation", ylabel="elite score", title="elite score per objective")
+    chart.yaxis.label.set_size(8)
     chart.legend(fontsize=6)
     for ax in axes[1:, 0]:
         ax.axis("off")
