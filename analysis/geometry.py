@@ -52,10 +52,12 @@ def compute_plane_directions(model: torch.nn.Module, image: torch.Tensor, unit: 
     delta = compute_pgd(model, start, eps=eps, step_size=eps / 3, n_steps=n_steps, objective=objective).images[0] - image
     length = float(delta.norm())
     if length == 0:
-        raise ValueError(f"the attack on unit {unit} found no direction (zero gradient at the image); choose another unit or image.")
+        raise ValueError(f"the attack on unit {unit} found no direction (zero gradient at the image); "
+                         "choose another unit or image.")
     u = delta / length
     if second == "mei":
-        other = compute_pgd(model, start, eps=4 * eps, step_size=4 * eps / 3, n_steps=n_steps, objective=objective).images[0] - image
+        mei = compute_pgd(model, start, eps=4 * eps, step_size=4 * eps / 3, n_steps=n_steps, objective=objective).images[0]
+        other = mei - image
     else:
         other = torch.randn(image.shape, generator=torch.Generator().manual_seed(seed))
     other = other - (other * u).sum() * u

@@ -54,7 +54,8 @@ def render_evolution_section(experiment: Path) -> str:
     for run in runs:
         settings, summary = read_json(run / "settings.json"), read_json(run / "summary.json")
         mode = "in the loop (spike counts from the rig)" if settings.get("mode") == "loop" else "in silico (IT model)"
-        ball = f", inside the ε = {settings['eps']:g} ball around clean image {settings.get('clean_index')}" if settings.get("eps") else ""
+        ball = (f", inside the ε = {settings['eps']:g} ball around clean image {settings.get('clean_index')}"
+                if settings.get("eps") else "")
         caption = (f"Run {run.name}: {settings['encoding']} encoding, {mode}{ball}; {settings['n_generations']} generations × "
                    f"{settings['n_children']} children, seed {settings['seed']}. Left: each site's elite score (predicted or mean "
                    "recorded spikes per window) over generations; right: the elite image per site with its score and the "

@@ -53,9 +53,11 @@ def read_probe_inputs(experiment: str | Path, *, day: int | None = None, n_image
     if not model_path.exists():
         raise FileNotFoundError(f"day {days[-1].day} of {str(experiment)!r} has no fitted model {model_path.name}; "
                                 f"finish the day with `closedloop fit-day {days[-1].day}`.")
-    chosen = [(d, int(i)) for d in days for i in np.flatnonzero((d.stimuli["parent"] < 0) & np.isfinite(d.responses.means).all(axis=1))]
+    shown = [(d, np.flatnonzero((d.stimuli["parent"] < 0) & np.isfinite(d.responses.means).all(axis=1))) for d in days]
+    chosen = [(d, int(i)) for d, rows in shown for i in rows]
     if n_images is not None and n_images < len(chosen):
-        picks = np.sort(np.random.default_rng(seed).choice(len(chosen), check_integer("n_images", n_images, minimum=2), replace=False))
+        n_images = check_integer("n_images", n_images, minimum=2)
+        picks = np.sort(np.random.default_rng(seed).choice(len(chosen), n_images, replace=False))
         chosen = [chosen[k] for k in picks]
     pixels, responses = [], []
     for d in days:
@@ -226,8 +228,8 @@ def write_patterns(experiment: str | Path, *, day: int | None = None, sites=None
         for ax, (pattern_name, pattern) in zip(axes, found.items()):
             score = next((r["similarity_to_data"] for r in result["similarity"]
                           if r["site"] == site and r["pattern"] == pattern_name), None)
-            _show(ax, pattern, pattern_name.replace("_", " ").replace("pnc", "PNC") + ("" if score is None else f"\ncos to recorded PNC {score:.2f}"),
-                  signed=True)
+            title = pattern_name.replace("_", " ").replace("pnc", "PNC")
+            _show(ax, pattern, title + ("" if score is None else f"\ncos to recorded PNC {score:.2f}"), signed=True)
         figure.suptitle(f"site {site}: adversarial patterns (ε = {eps:g}) and contrast images", fontsize=9)
         _write_png(out / f"site_{site}.png", figure)
     summary = {"day": inputs.day, "eps": eps, "sites": chosen, "n_images": len(inputs.pixels), "similarity": result["similarity"]}

@@ -28,6 +28,7 @@ N_INPUTS = 4  # x, y, distance, bias
 N_OUTPUTS = 3  # red, green, blue
 _OUTPUT = "output"
 _INPUT = "input"
+_FIELDS = ("activations", "depths", "sources", "targets", "weights", "enabled")
 
 
 def _apply(activation: str, values: np.ndarray) -> np.ndarray:
@@ -70,7 +71,8 @@ class CPPNGenome:
         n, problems = self.n_nodes, []
         if len(self.depths) != n or not all(len(v) == self.n_connections for v in (self.targets, self.weights, self.enabled)):
             problems.append("node or connection fields have different lengths")
-        if self.activations[:N_INPUTS] != (_INPUT,) * N_INPUTS or self.activations[N_INPUTS:N_INPUTS + N_OUTPUTS] != (_OUTPUT,) * N_OUTPUTS:
+        ends = self.activations[:N_INPUTS + N_OUTPUTS]
+        if ends != (_INPUT,) * N_INPUTS + (_OUTPUT,) * N_OUTPUTS:
             problems.append(f"nodes 0..{N_INPUTS - 1} must be inputs and the next {N_OUTPUTS} outputs")
         if any(a not in ACTIVATIONS for a in self.activations[N_INPUTS + N_OUTPUTS:]):
             problems.append(f"hidden activations must be among {ACTIVATIONS}")
@@ -94,7 +96,7 @@ class CPPNGenome:
     def from_json(cls, document: dict) -> CPPNGenome:
         """The genome written by :meth:`to_json`; checked."""
         try:
-            genome = cls(**{key: tuple(document[key]) for key in ("activations", "depths", "sources", "targets", "weights", "enabled")})
+            genome = cls(**{key: tuple(document[key]) for key in _FIELDS})
         except KeyError as missing:
             raise ValueError(f"a CPPN genome document needs the key {missing}; it has {sorted(document)}.") from None
         return genome.check()

@@ -52,7 +52,7 @@ def test_quadratic_unit_curvature_equals_the_analytic_value():
     assert np.allclose(curvature, k, rtol=1e-3)
     u, v, length = compute_plane_directions(model, image, 0, eps=0.2, second="random", n_steps=6, seed=3)
     assert length == pytest.approx(0.2, rel=1e-4) and float((u * u0).sum()) == pytest.approx(1.0, abs=1e-4)
-    expected = k * float((v.double().flatten() @ model.v0)) ** 2
+    expected = k * float(v.double().flatten() @ model.v0) ** 2
     found = compute_contour_curvature(model, image, 0, u, v, [0.0, 0.1], h=0.05)
     assert np.allclose(found, expected, rtol=1e-2, atol=1e-4)
 
