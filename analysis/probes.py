@@ -121,6 +121,11 @@ def write_evolution(
     repetitions: int = 2,
     rate_start: float = 0.1,
     halve_every: int = 1000,
+    network: str | None = None,
+    classifier: str | None = None,
+    layer: str = "avgpool",
+    units=None,
+    trust: bool = False,
     seed: int = 0,
 ) -> dict:
     """Evolve images for the experiment's sites into ``probes/evolve/<name>/`` (see :mod:`closedloop.evolution`).
@@ -129,12 +134,24 @@ def write_evolution(
     experiment's rig, simulated or real, ``repetitions`` valid presentations per image, with
     ``n_references`` recorded clean images shown every generation as drift controls). ``eps`` with
     ``clean_index``: search inside the ε-ball around that recorded clean image. ``name``: the run
-    folder (default ``<mode>_<encoding>``). Also writes ``elites.png``. Returns the summary.
+    folder (default ``<mode>_<encoding>``, or ``<network|classifier>_<encoding>``). In silico,
+    instead of the sites: ``network`` (a backbone name or checkpoint; ``units`` of its ``layer``,
+    flattened) or ``classifier`` (a classifier source for :func:`models.load_classifier`; ``units``
+    are class indices, default all; scored as softmax confidence). ``trust``: allow checkpoints
+    that need unpickling. Also writes ``elites.png``. Returns the summary.
     """
     from closedloop.evolution import make_model_scorer, run_evolution
 
     check_option("mode", mode, ("silico", "loop"))
+    if network is not None and classifier is not None:
+        raise ValueError("give at most one of 'network' and 'classifier' (got both); run them as separate evolutions.")
+    if (network is not None or classifier is not None) and mode != "silico":
+        raise ValueError(f"'network' and 'classifier' are scored in silico, but got mode={mode!r}; use mode='silico'.")
     inputs = read_probe_inputs(experiment, day=day, seed=seed)
+    if network is not None or classifier is not None:
+        return _evolve_network(inputs, network, classifier, layer, units, trust, name, encoding=encoding, seed=seed,
+                               n_generations=n_generations, n_children=n_children, genome_size=genome_size,
+                               rate_start=rate_start, halve_every=halve_every)
     chosen = _sites(sites, inputs.responses.shape[1])
     out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{mode}_{encoding}")
     clean = None
@@ -149,6 +166,34 @@ def write_evolution(
         summary = run_evolution(make_model_scorer(inputs.model, units=chosen), out, settings=settings, **options)
     else:
         summary = _evolve_in_the_loop(inputs, chosen, out, options, settings, n_references, repetitions, seed)
+    _write_png(out / "elites.png", _elites_figure(out))
+    return summary
+
+
+def _evolve_network(inputs: ProbeInputs, network, classifier, layer: str, units, trust: bool, name: str | None, *,
+                    encoding: str, seed: int, **options) -> dict:
+    """Evolution in silico on units of a network or classes of a classifier (fooling images)."""
+    from closedloop.evolution import make_model_scorer, run_evolution
+    from models import load_backbone, load_classifier
+
+    if classifier is not None:
+        model = load_classifier(classifier, trust=trust)
+        names = list(model.category_names)
+        chosen = list(range(len(names))) if units is None else [int(u) for u in units]
+        bad = [u for u in chosen if not 0 <= u < len(names)]
+        if bad:
+            raise ValueError(f"'units' must be class indices in [0, {len(names) - 1}] of the classifier, but got {bad}.")
+        labels, source, kind = [names[u] for u in chosen], classifier, "classifier"
+    else:
+        if not units:
+            raise ValueError(f"'units' must name the units of {network!r} at layer {layer!r} to evolve for, e.g. [0, 5, 9].")
+        model, chosen = load_backbone(network, layer, trust=trust).eval(), [int(u) for u in units]
+        labels, source, kind = [f"unit {u}" for u in chosen], network, "network"
+    out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{Path(str(source)).stem}_{encoding}")
+    summary = run_evolution(make_model_scorer(model, units=chosen, softmax=classifier is not None), out, encoding=encoding,
+                            image_size=inputs.pixels.shape[1], objective_labels=labels, seed=seed,
+                            settings={"mode": "silico", kind: str(source), "layer": layer if network else None,
+                                      "units": chosen}, **options)
     _write_png(out / "elites.png", _elites_figure(out))
     return summary
 

@@ -486,7 +486,7 @@ _SITES_HELP = "Comma-separated site indices [default: all sites]."
 _PROBE_DAY_HELP = "Day whose fitted model and clean images to use [default: the last finished day]."
 
 
-def _site_list(text: str | None) -> list[int] | None:
+def _site_list(text: str | None, option: str = "--sites") -> list[int] | None:
     """'0,2,5' → [0, 2, 5]; None stays None."""
     names = _split_names(text)
     if names is None:
@@ -494,7 +494,7 @@ def _site_list(text: str | None) -> list[int] | None:
     try:
         return [int(name) for name in names]
     except ValueError:
-        raise ValueError(f"'--sites' must be comma-separated site indices such as 0,2,5, but got {text!r}.") from None
+        raise ValueError(f"'{option}' must be comma-separated indices such as 0,2,5, but got {text!r}.") from None
 
 
 @cli.command()
@@ -520,18 +520,27 @@ def _site_list(text: str | None) -> list[int] | None:
               help="Initial per-value mutation rate (direct).")
 @click.option("--halve-every", type=click.IntRange(1), default=1000, show_default=True,
               help="Generations after which the mutation rate halves (direct).")
+@click.option("--network", default=None, metavar="SOURCE",
+              help="Evolve for units of this backbone (name or checkpoint) instead of the sites (silico).")
+@click.option("--classifier", default=None, metavar="SOURCE",
+              help="Evolve for classes of this classifier (fooling images, softmax confidence) instead of the sites.")
+@click.option("--layer", default="avgpool", show_default=True, help="Layer of --network whose units are scored.")
+@click.option("--units", default=None, metavar="LIST", help="Unit (--network) or class (--classifier) indices.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that need full unpickling (runs code from the file).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def evolve(experiment: Path, mode: str, encoding: str, day: int | None, sites: str | None, name: str | None, generations: int,
            children: int, genome_size: int | None, eps: float | None, clean_index: int, references: int, repetitions: int,
-           rate_start: float, halve_every: int, seed: int, as_json: bool) -> None:
-    """Evolve images that drive each site (MAP-Elites, one elite per site; CPPN or direct encoding)."""
+           rate_start: float, halve_every: int, network: str | None, classifier: str | None, layer: str, units: str | None,
+           trust_checkpoint: bool, seed: int, as_json: bool) -> None:
+    """Evolve images that drive each site, unit or class (MAP-Elites, one elite each; CPPN or direct encoding)."""
     from analysis.probes import write_evolution
 
     result = write_evolution(experiment, mode=mode, encoding=encoding, day=day, sites=_site_list(sites), name=name,
                              n_generations=generations, n_children=children, genome_size=genome_size, eps=eps,
                              clean_index=clean_index, n_references=references, repetitions=repetitions,
-                             rate_start=rate_start, halve_every=halve_every, seed=seed)
+                             rate_start=rate_start, halve_every=halve_every, network=network, classifier=classifier,
+                             layer=layer, units=_site_list(units, "--units"), trust=trust_checkpoint, seed=seed)
     lines = [f"{label:>10}: {first:.3g} -> {last:.3g}" for label, first, last in
              zip(result["objectives"], result["first_elite"], result["last_elite"])]
     _emit(result, as_json, "elite score per site, generation 0 -> last\n" + "\n".join(lines) + f"\nwrote {result['out']}")

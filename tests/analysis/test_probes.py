@@ -54,6 +54,17 @@ def test_probe_commands_write_their_outputs_and_report_sections(probed_experimen
         assert "data:image/png;base64," in body and "Not run" not in body, heading
 
 
+def test_evolve_for_network_units_and_classifier_classes(probed_experiment, capsys):
+    experiment = str(probed_experiment)
+    fooled = _run(capsys, "evolve", "--experiment", experiment, "--classifier", "resnet_tiny", "--units", "0,4",
+                  "--generations", "2", "--children", "3")
+    assert fooled["objectives"] == ["dog", "bird"] and all(0 <= p <= 1 for p in fooled["last_elite"])
+    assert (probed_experiment / "probes" / "evolve" / "resnet_tiny_cppn" / "elites.png").exists()
+    units = _run(capsys, "evolve", "--experiment", experiment, "--network", "resnet_tiny", "--units", "1,3",
+                 "--encoding", "direct", "--genome-size", "8", "--generations", "2", "--children", "3", "--name", "units")
+    assert units["objectives"] == ["unit 1", "unit 3"] and units["out"].endswith("units")
+
+
 def test_report_notes_probes_not_run(planted_experiment, tmp_path):
     write_report(planted_experiment, out=tmp_path / "report.html", networks=NetworkOptions(networks=[]))
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
@@ -63,7 +74,12 @@ def test_report_notes_probes_not_run(planted_experiment, tmp_path):
 
 @pytest.mark.parametrize(("arguments", "message"), [
     (["evolve", "--sites", "0,9"], "'sites' must be site indices in \\[0, 2\\], but got \\[0, 9\\]"),
-    (["evolve", "--sites", "a,b"], "'--sites' must be comma-separated site indices"),
+    (["evolve", "--sites", "a,b"], "'--sites' must be comma-separated indices"),
+    (["evolve", "--network", "resnet_tiny"], "'units' must name the units of 'resnet_tiny'"),
+    (["evolve", "--classifier", "resnet_tiny", "--units", "12"], "class indices in \\[0, 8\\]"),
+    (["evolve", "--network", "resnet_tiny", "--classifier", "resnet_tiny"], "at most one of 'network' and 'classifier'"),
+    (["evolve", "--network", "resnet_tiny", "--mode", "loop"], "scored in silico"),
+    (["evolve", "--encoding", "pixels"], "Invalid value for '--encoding'"),
     (["patterns", "--day", "7"], "day 7 .* is not finished"),
     (["geometry", "--day", "0"], "has no fitted model model.safetensors"),
 ])
