@@ -126,6 +126,7 @@ def write_evolution(
     layer: str = "avgpool",
     units=None,
     trust: bool = False,
+    overwrite: bool = False,
     seed: int = 0,
 ) -> dict:
     """Evolve images for the experiment's sites into ``probes/evolve/<name>/`` (see :mod:`closedloop.evolution`).
@@ -138,7 +139,8 @@ def write_evolution(
     instead of the sites: ``network`` (a backbone name or checkpoint; ``units`` of its ``layer``,
     flattened) or ``classifier`` (a classifier source for :func:`models.load_classifier`; ``units``
     are class indices, default all; scored as softmax confidence). ``trust``: allow checkpoints
-    that need unpickling. Also writes ``elites.png``. Returns the summary.
+    that need unpickling. ``overwrite``: replace an earlier run of the same name. Also writes
+    ``elites.png``. Returns the summary.
     """
     from closedloop.evolution import make_model_scorer, run_evolution
 
@@ -151,7 +153,7 @@ def write_evolution(
     if network is not None or classifier is not None:
         return _evolve_network(inputs, network, classifier, layer, units, trust, name, encoding=encoding, seed=seed,
                                n_generations=n_generations, n_children=n_children, genome_size=genome_size,
-                               rate_start=rate_start, halve_every=halve_every)
+                               rate_start=rate_start, halve_every=halve_every, overwrite=overwrite)
     chosen = _sites(sites, inputs.responses.shape[1])
     out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{mode}_{encoding}")
     clean = None
@@ -159,7 +161,7 @@ def write_evolution(
         clean = inputs.pixels[check_integer("clean_index", clean_index, minimum=0, maximum=len(inputs.pixels) - 1)]
     options = dict(encoding=encoding, n_generations=n_generations, n_children=n_children, image_size=inputs.pixels.shape[1],
                    genome_size=genome_size, objective_labels=[f"site {s}" for s in chosen], clean=clean, eps=eps,
-                   rate_start=rate_start, halve_every=halve_every, seed=seed)
+                   rate_start=rate_start, halve_every=halve_every, seed=seed, overwrite=overwrite)
     settings = {"mode": mode, "experiment": str(inputs.experiment), "day": inputs.day, "sites": chosen,
                 "clean_index": clean_index if eps is not None else None}
     if mode == "silico":

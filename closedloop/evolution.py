@@ -251,6 +251,7 @@ def run_evolution(
     eta: float = 15.0,
     seed: int = 0,
     settings: dict | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Evolve images that drive every objective of ``score``; record every generation in ``out``.
 
@@ -263,7 +264,8 @@ def run_evolution(
     around ``clean`` (direct genomes start from it). ``rate_start``, ``halve_every``, ``eta``:
     direct mutation (:func:`compute_mutation_rate`, :func:`make_direct_child`). ``seed``: child k of
     generation g draws from ``numpy.random.default_rng([seed, g, k])``; parents from the archive's
-    generator (``seed``). ``settings``: extra JSON-able entries for ``settings.json``.
+    generator (``seed``). ``settings``: extra JSON-able entries for ``settings.json``. ``overwrite``:
+    replace an earlier run in ``out`` (else its presence is an error).
 
     Writes in ``out``: ``settings.json``; ``generations/gen_NNNN.npz`` per generation (``pixels``
     uint8 (n_children, H, W, 3), ``scores`` float64 (n_children, n_objectives), ``ids`` int64,
@@ -288,6 +290,12 @@ def run_evolution(
     coder = _Encoding(encoding, image_size, genome_size, rate_start, check_integer("halve_every", halve_every, minimum=1),
                       check_number("eta", eta, minimum=0.0), clean)
     out = Path(out)
+    earlier = sorted((out / _GENERATIONS).glob("gen_*.npz"))
+    if earlier and not overwrite:
+        raise FileExistsError(f"'out' {str(out)!r} already holds an evolution ({len(earlier)} generations); choose another "
+                              "folder (--name) or replace it (overwrite=True, --overwrite).")
+    for path in earlier + [out / "summary.json", out / "elites.npz"]:
+        path.unlink(missing_ok=True)
     (out / _GENERATIONS).mkdir(parents=True, exist_ok=True)
     archive = labels = None
     kept: dict[int, tuple] = {}  # candidate id → (genome, pixels, generation) for the current elites

@@ -98,6 +98,11 @@ def test_bad_inputs(tmp_path, small_model):
         make_direct_child(np.zeros((4, 4, 3)), np.random.default_rng(0), rate=0.1)
     with pytest.raises(ValueError, match="'units' must lie in"):
         make_model_scorer(small_model, units=[7])(np.zeros((1, 32, 32, 3), np.uint8))
+    run_evolution(score, tmp_path / "done", image_size=32, n_generations=2, n_children=2)
+    with pytest.raises(FileExistsError, match="already holds an evolution \\(2 generations\\)"):
+        run_evolution(score, tmp_path / "done", image_size=32, n_generations=1, n_children=2)
+    run_evolution(score, tmp_path / "done", image_size=32, n_generations=1, n_children=2, overwrite=True)
+    assert len(read_evolution(tmp_path / "done")["generations"]) == 1
     with pytest.raises(FileNotFoundError, match="'folder'"):
         read_evolution(tmp_path / "missing")
 
