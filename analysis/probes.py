@@ -127,6 +127,8 @@ def write_evolution(
     units=None,
     trust: bool = False,
     overwrite: bool = False,
+    optimizer: str = "map-elites",
+    sigma: float = 0.2,
     seed: int = 0,
 ) -> dict:
     """Evolve images for the experiment's sites into ``probes/evolve/<name>/`` (see :mod:`closedloop.evolution`).
@@ -139,7 +141,8 @@ def write_evolution(
     instead of the sites: ``network`` (a backbone name or checkpoint; ``units`` of its ``layer``,
     flattened) or ``classifier`` (a classifier source for :func:`models.load_classifier`; ``units``
     are class indices, default all; scored as softmax confidence). ``trust``: allow checkpoints
-    that need unpickling. ``overwrite``: replace an earlier run of the same name. Also writes
+    that need unpickling. ``overwrite``: replace an earlier run of the same name. ``optimizer``
+    ("map-elites" or "cma") and ``sigma``: see :func:`closedloop.evolution.run_evolution`. Also writes
     ``elites.png``. Returns the summary.
     """
     from closedloop.evolution import make_model_scorer, run_evolution
@@ -153,7 +156,8 @@ def write_evolution(
     if network is not None or classifier is not None:
         return _evolve_network(inputs, network, classifier, layer, units, trust, name, encoding=encoding, seed=seed,
                                n_generations=n_generations, n_children=n_children, genome_size=genome_size,
-                               rate_start=rate_start, halve_every=halve_every, overwrite=overwrite)
+                               rate_start=rate_start, halve_every=halve_every, overwrite=overwrite,
+                               optimizer=optimizer, sigma=sigma)
     chosen = _sites(sites, inputs.responses.shape[1])
     out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{mode}_{encoding}")
     clean = None
@@ -161,7 +165,8 @@ def write_evolution(
         clean = inputs.pixels[check_integer("clean_index", clean_index, minimum=0, maximum=len(inputs.pixels) - 1)]
     options = dict(encoding=encoding, n_generations=n_generations, n_children=n_children, image_size=inputs.pixels.shape[1],
                    genome_size=genome_size, objective_labels=[f"site {s}" for s in chosen], clean=clean, eps=eps,
-                   rate_start=rate_start, halve_every=halve_every, seed=seed, overwrite=overwrite)
+                   rate_start=rate_start, halve_every=halve_every, seed=seed, overwrite=overwrite, optimizer=optimizer,
+                   sigma=sigma)
     settings = {"mode": mode, "experiment": str(inputs.experiment), "day": inputs.day, "sites": chosen,
                 "clean_index": clean_index if eps is not None else None}
     if mode == "silico":

@@ -527,13 +527,17 @@ def _site_list(text: str | None, option: str = "--sites") -> list[int] | None:
 @click.option("--layer", default="avgpool", show_default=True, help="Layer of --network whose units are scored.")
 @click.option("--units", default=None, metavar="LIST", help="Unit (--network) or class (--classifier) indices.")
 @click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that need full unpickling (runs code from the file).")
+@click.option("--optimizer", type=click.Choice(["map-elites", "cma"]), default="map-elites", show_default=True,
+              help="MAP-Elites mutation, or one CMA-ES per site (direct encoding, --genome-size <= 64).")
+@click.option("--sigma", type=click.FloatRange(0, min_open=True), default=0.2, show_default=True,
+              help="Initial CMA-ES step, [0, 1] pixel units (--optimizer cma).")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier run of the same name.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def evolve(experiment: Path, mode: str, encoding: str, day: int | None, sites: str | None, name: str | None, generations: int,
            children: int, genome_size: int | None, eps: float | None, clean_index: int, references: int, repetitions: int,
            rate_start: float, halve_every: int, network: str | None, classifier: str | None, layer: str, units: str | None,
-           trust_checkpoint: bool, overwrite: bool, seed: int, as_json: bool) -> None:
+           trust_checkpoint: bool, optimizer: str, sigma: float, overwrite: bool, seed: int, as_json: bool) -> None:
     """Evolve images that drive each site, unit or class (MAP-Elites, one elite each; CPPN or direct encoding)."""
     from analysis.probes import write_evolution
 
@@ -542,7 +546,7 @@ def evolve(experiment: Path, mode: str, encoding: str, day: int | None, sites: s
                              clean_index=clean_index, n_references=references, repetitions=repetitions,
                              rate_start=rate_start, halve_every=halve_every, network=network, classifier=classifier,
                              layer=layer, units=_site_list(units, "--units"), trust=trust_checkpoint,
-                             overwrite=overwrite, seed=seed)
+                             optimizer=optimizer, sigma=sigma, overwrite=overwrite, seed=seed)
     lines = [f"{label:>10}: {first:.3g} -> {last:.3g}" for label, first, last in
              zip(result["objectives"], result["first_elite"], result["last_elite"])]
     _emit(result, as_json, "elite score per site, generation 0 -> last\n" + "\n".join(lines) + f"\nwrote {result['out']}")

@@ -5,6 +5,8 @@ Every generation, ``n_children`` parents are drawn uniformly from the elites fou
 mutated once, and every child is scored on every objective; a child replaces the elite of each
 objective it beats. The archive is a ``ribs`` :class:`~ribs.archives.GridArchive` with one cell
 per objective (the cell's "solution" is the candidate's id; images and genomes are kept here).
+As an alternative optimiser (``optimizer="cma"``), one CMA-ES per objective (the ``cma`` package)
+proposes the children of direct genomes; they still compete for every objective's elite.
 
 Encodings:
 
@@ -44,6 +46,7 @@ from closedloop.validation import check_array, check_integer, check_number, chec
 
 __all__ = [
     "ENCODINGS",
+    "OPTIMIZERS",
     "RigScorer",
     "make_model_scorer",
     "compute_mutation_rate",
@@ -53,6 +56,9 @@ __all__ = [
 ]
 
 ENCODINGS = ("direct", "cppn")
+OPTIMIZERS = ("map-elites", "cma")
+_MAX_CMA_GENOME = 64  # px: a larger direct genome has too many values for CMA-ES
+_FULL_COVARIANCE = 1000  # values: above, separable (diagonal) CMA-ES
 _GENERATIONS = "generations"
 
 
@@ -217,6 +223,34 @@ class _Encoding:
         return {"genomes": np.stack(genomes)}
 
 
+class _CMAStrategies:
+    """One CMA-ES (the ``cma`` package) per objective over the values of a direct genome in [0, 1],
+    each started from that objective's elite; ``popsize`` candidates each per generation."""
+
+    def __init__(self, elites: list[np.ndarray], popsize: int, sigma: float, seed: int) -> None:
+        import cma
+
+        self.shape = elites[0].shape
+        diagonal = elites[0].size > _FULL_COVARIANCE
+        self.strategies = [cma.CMAEvolutionStrategy(
+            elite.ravel() / 255.0, sigma,
+            {"bounds": [0.0, 1.0], "popsize": popsize, "seed": seed + 1 + k, "verbose": -9, "CMA_diagonal": diagonal},
+        ) for k, elite in enumerate(elites)]
+        self.asked: list[list[np.ndarray]] = []
+
+    def ask(self) -> tuple[list[np.ndarray], np.ndarray]:
+        """Genomes (uint8) of this generation and the objective whose strategy proposed each."""
+        self.asked = [strategy.ask() for strategy in self.strategies]
+        genomes = [quantize(np.clip(x, 0.0, 1.0)).reshape(self.shape) for xs in self.asked for x in xs]
+        return genomes, np.repeat(np.arange(len(self.asked)), [len(xs) for xs in self.asked])
+
+    def tell(self, scores: np.ndarray) -> None:
+        start = 0
+        for objective, (strategy, xs) in enumerate(zip(self.strategies, self.asked)):
+            strategy.tell(xs, (-scores[start:start + len(xs), objective]).tolist())
+            start += len(xs)
+
+
 def _write_npz(path: Path, **arrays) -> Path:
     with atomic_path(path) as temporary:
         with temporary.open("wb") as stream:
@@ -252,6 +286,8 @@ def run_evolution(
     seed: int = 0,
     settings: dict | None = None,
     overwrite: bool = False,
+    optimizer: str = "map-elites",
+    sigma: float = 0.2,
 ) -> dict:
     """Evolve images that drive every objective of ``score``; record every generation in ``out``.
 
@@ -265,7 +301,11 @@ def run_evolution(
     direct mutation (:func:`compute_mutation_rate`, :func:`make_direct_child`). ``seed``: child k of
     generation g draws from ``numpy.random.default_rng([seed, g, k])``; parents from the archive's
     generator (``seed``). ``settings``: extra JSON-able entries for ``settings.json``. ``overwrite``:
-    replace an earlier run in ``out`` (else its presence is an error).
+    replace an earlier run in ``out`` (else its presence is an error). ``optimizer``: "map-elites"
+    (above) or "cma": after the random generation 0, one CMA-ES per objective (``cma`` package;
+    direct encoding, ``genome_size`` ≤ 64; step ``sigma`` in [0, 1] pixel units; separable above
+    1000 genome values) starts from that objective's elite and proposes ``max(2, n_children //
+    n_objectives)`` genomes per generation; every candidate still competes for every elite.
 
     Writes in ``out``: ``settings.json``; ``generations/gen_NNNN.npz`` per generation (``pixels``
     uint8 (n_children, H, W, 3), ``scores`` float64 (n_children, n_objectives), ``ids`` int64,
@@ -287,6 +327,11 @@ def run_evolution(
     seed = check_integer("seed", seed, minimum=0)
     clean, eps = _check_constraint(clean, eps, image_size)
     rate_start = check_number("rate_start", rate_start, minimum=0.0, maximum=1.0)
+    optimizer = check_option("optimizer", optimizer, OPTIMIZERS)
+    sigma = check_number("sigma", sigma, minimum=0.0, inclusive=False)
+    if optimizer == "cma" and (encoding != "direct" or genome_size > _MAX_CMA_GENOME):
+        raise ValueError(f"optimizer 'cma' searches direct genomes of at most {_MAX_CMA_GENOME} px, but got encoding "
+                         f"{encoding!r}, genome_size {genome_size}; use encoding='direct' with a smaller genome_size.")
     coder = _Encoding(encoding, image_size, genome_size, rate_start, check_integer("halve_every", halve_every, minimum=1),
                       check_number("eta", eta, minimum=0.0), clean)
     out = Path(out)
@@ -303,13 +348,17 @@ def run_evolution(
     write_json(out / "settings.json", {
         "encoding": encoding, "n_generations": n_generations, "n_children": n_children, "image_size": image_size,
         "genome_size": genome_size, "eps": eps, "rate_start": rate_start, "halve_every": halve_every, "eta": eta,
-        "seed": seed, **(settings or {}),
+        "seed": seed, "optimizer": optimizer, "sigma": sigma if optimizer == "cma" else None, **(settings or {}),
     })
+    strategies = None
     for generation in progress(range(n_generations), description=f"evolve ({encoding})"):
         rngs = [np.random.default_rng([seed, generation, k]) for k in range(n_children)]
         if archive is None:
             parents, parent_objective = np.full(n_children, -1), np.full(n_children, -1)
             genomes = [coder.first(rng) for rng in rngs]
+        elif strategies is not None:
+            genomes, parent_objective = strategies.ask()
+            parents = np.full(len(genomes), -1)
         else:
             drawn = archive.sample_elites(n_children)
             parents, parent_objective = drawn["solution"][:, 0].astype(np.int64), drawn["index"].astype(np.int64)
@@ -317,9 +366,10 @@ def run_evolution(
         rendered = coder.render(genomes)
         pixels = quantize(rendered) if clean is None else quantize_within_budget(
             rendered.astype(np.float64), np.broadcast_to(clean, rendered.shape).copy(), eps)
+        n_new = len(genomes)
         scores = np.asarray(score(pixels), dtype=np.float64)
-        if scores.ndim != 2 or scores.shape[0] != n_children or not np.isfinite(scores).all():
-            raise ValueError(f"'score' must return finite values of shape ({n_children}, n_objectives), "
+        if scores.ndim != 2 or scores.shape[0] != n_new or not np.isfinite(scores).all():
+            raise ValueError(f"'score' must return finite values of shape ({n_new}, n_objectives), "
                              f"but returned shape {scores.shape}.")
         if archive is None:
             n_objectives = scores.shape[1]
@@ -328,11 +378,13 @@ def run_evolution(
                 raise ValueError(f"'objective_labels' must name the {n_objectives} objectives of 'score', but has {len(labels)}.")
             archive = GridArchive(solution_dim=1, dims=[n_objectives], ranges=[(0, n_objectives)], solution_dtype=np.int64,
                                   seed=seed)
-        ids = np.arange(next_id, next_id + n_children)
-        next_id += n_children
+        if strategies is not None:
+            strategies.tell(scores)
+        ids = np.arange(next_id, next_id + n_new)
+        next_id += n_new
         objectives = np.arange(scores.shape[1])
         archive.add(np.repeat(ids, len(objectives))[:, None], scores.ravel(),
-                    np.tile(objectives + 0.5, n_children)[:, None])
+                    np.tile(objectives + 0.5, n_new)[:, None])
         elites = archive.data()
         order = np.argsort(elites["index"])
         elite_ids, elite_scores = elites["solution"][order, 0].astype(np.int64), elites["objective"][order]
@@ -340,11 +392,14 @@ def run_evolution(
                 for i in elite_ids}
         extra = {} if not isinstance(score, RigScorer) else {"reference_counts": score.reference_counts[-1]}
         _write_npz(out / _GENERATIONS / f"gen_{generation:04d}.npz", pixels=pixels, scores=scores, ids=ids, parent=parents,
-                   parent_objective=parent_objective, child_seed=np.array([[seed, generation, k] for k in range(n_children)]),
+                   parent_objective=parent_objective, child_seed=np.array([[seed, generation, k] for k in range(n_new)]),
                    elite_ids=elite_ids, elite_scores=elite_scores, **coder.record(genomes), **extra)
         history.append({"generation": generation, "best_child": scores.max(axis=0).tolist(), "elite": elite_scores.tolist()})
         write_json(out / "history.json", {"objectives": labels, "generations": history})
         logger.info("evolve generation %d: mean elite score %.4g", generation, float(elite_scores.mean()))
+        if optimizer == "cma" and strategies is None:
+            popsize = max(2, n_children // len(elite_ids))
+            strategies = _CMAStrategies([kept[int(i)][0] for i in elite_ids], popsize, sigma, seed)
     _write_npz(out / "elites.npz", pixels=np.stack([kept[int(i)][1] for i in elite_ids]), scores=elite_scores, ids=elite_ids,
                generation=np.array([kept[int(i)][2] for i in elite_ids]), objectives=np.array(labels))
     summary = {"out": str(out), "encoding": encoding, "n_generations": n_generations, "objectives": labels,

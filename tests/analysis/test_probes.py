@@ -61,7 +61,8 @@ def test_evolve_for_network_units_and_classifier_classes(probed_experiment, caps
     assert fooled["objectives"] == ["dog", "bird"] and all(0 <= p <= 1 for p in fooled["last_elite"])
     assert (probed_experiment / "probes" / "evolve" / "resnet_tiny_cppn" / "elites.png").exists()
     units = _run(capsys, "evolve", "--experiment", experiment, "--network", "resnet_tiny", "--units", "1,3",
-                 "--encoding", "direct", "--genome-size", "8", "--generations", "2", "--children", "3", "--name", "units")
+                 "--encoding", "direct", "--genome-size", "8", "--generations", "3", "--children", "4", "--name", "units",
+                 "--optimizer", "cma")
     assert units["objectives"] == ["unit 1", "unit 3"] and units["out"].endswith("units")
 
 

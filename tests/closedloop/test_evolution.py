@@ -49,6 +49,16 @@ def test_map_elites_improves_every_objective(tmp_path, small_model, encoding):
     assert again["last_elite"] == summary["last_elite"], "the same seed must give the same run"
 
 
+def test_cma_es_improves_every_objective(tmp_path, small_model):
+    score = make_model_scorer(small_model)
+    summary = run_evolution(score, tmp_path, encoding="direct", optimizer="cma", n_generations=8, n_children=12,
+                            image_size=32, genome_size=4, seed=1)
+    assert np.all(np.array(summary["last_elite"]) > np.array(summary["first_elite"]))
+    with np.load(read_evolution(tmp_path)["generations"][3]) as generation:
+        assert generation["scores"].shape == (12, 3), "4 candidates from each of the 3 objectives' strategies"
+        assert generation["parent_objective"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+
+
 def test_fooling_a_classifier_with_confident_unrecognisable_images(tmp_path):
     """A linear 3-class 'classifier' on 16 px images: evolved images reach >= 99.99% confidence for every class."""
     generator = torch.Generator().manual_seed(0)
@@ -86,6 +96,10 @@ def test_bad_inputs(tmp_path, small_model):
     score = make_model_scorer(small_model)
     with pytest.raises(ValueError, match="Invalid value for 'encoding'"):
         run_evolution(score, tmp_path, encoding="pixels")
+    with pytest.raises(ValueError, match="optimizer 'cma' searches direct genomes of at most 64 px"):
+        run_evolution(score, tmp_path, encoding="cppn", optimizer="cma")
+    with pytest.raises(ValueError, match="Invalid value for 'optimizer'"):
+        run_evolution(score, tmp_path, optimizer="nsga")
     with pytest.raises(ValueError, match="'clean' and 'eps' go together"):
         run_evolution(score, tmp_path, image_size=32, eps=1.0)
     with pytest.raises(ValueError, match="'clean' must have shape"):
