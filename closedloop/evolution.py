@@ -59,6 +59,7 @@ ENCODINGS = ("direct", "cppn")
 OPTIMIZERS = ("map-elites", "cma")
 _MAX_CMA_GENOME = 64  # px: a larger direct genome has too many values for CMA-ES
 _FULL_COVARIANCE = 1000  # values: above, separable (diagonal) CMA-ES
+_MIN_CMA_POPSIZE = 4  # cma refuses fewer (its step-size adaptation injects a direction)
 _GENERATIONS = "generations"
 
 
@@ -304,7 +305,7 @@ def run_evolution(
     replace an earlier run in ``out`` (else its presence is an error). ``optimizer``: "map-elites"
     (above) or "cma": after the random generation 0, one CMA-ES per objective (``cma`` package;
     direct encoding, ``genome_size`` ≤ 64; step ``sigma`` in [0, 1] pixel units; separable above
-    1000 genome values) starts from that objective's elite and proposes ``max(2, n_children //
+    1000 genome values) starts from that objective's elite and proposes ``max(4, n_children //
     n_objectives)`` genomes per generation; every candidate still competes for every elite.
 
     Writes in ``out``: ``settings.json``; ``generations/gen_NNNN.npz`` per generation (``pixels``
@@ -398,7 +399,7 @@ def run_evolution(
         write_json(out / "history.json", {"objectives": labels, "generations": history})
         logger.info("evolve generation %d: mean elite score %.4g", generation, float(elite_scores.mean()))
         if optimizer == "cma" and strategies is None:
-            popsize = max(2, n_children // len(elite_ids))
+            popsize = max(_MIN_CMA_POPSIZE, n_children // len(elite_ids))
             strategies = _CMAStrategies([kept[int(i)][0] for i in elite_ids], popsize, sigma, seed)
     _write_npz(out / "elites.npz", pixels=np.stack([kept[int(i)][1] for i in elite_ids]), scores=elite_scores, ids=elite_ids,
                generation=np.array([kept[int(i)][2] for i in elite_ids]), objectives=np.array(labels))

@@ -57,6 +57,9 @@ def test_cma_es_improves_every_objective(tmp_path, small_model):
     with np.load(read_evolution(tmp_path)["generations"][3]) as generation:
         assert generation["scores"].shape == (12, 3), "4 candidates from each of the 3 objectives' strategies"
         assert generation["parent_objective"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    few = run_evolution(score, tmp_path / "few", encoding="direct", optimizer="cma", n_generations=5, n_children=3,
+                        image_size=32, genome_size=16, seed=1)
+    assert len(few["last_elite"]) == 3, "cma needs at least 4 candidates per strategy, whatever n_children"
 
 
 def test_fooling_a_classifier_with_confident_unrecognisable_images(tmp_path):
