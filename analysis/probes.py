@@ -135,7 +135,8 @@ def write_evolution(
 
     ``mode``: "silico" (scored by the IT model of ``day``) or "loop" (scored by spike counts from the
     experiment's rig, simulated or real, ``repetitions`` valid presentations per image, with
-    ``n_references`` recorded clean images shown every generation as drift controls). ``eps`` with
+    ``n_references`` recorded clean images shown every generation as drift controls; the elites are
+    shown again every generation and ranked by their mean count over all showings). ``eps`` with
     ``clean_index``: search inside the ε-ball around that recorded clean image. ``name``: the run
     folder (default ``<mode>_<encoding>``, or ``<network|classifier>_<encoding>``). In silico,
     instead of the sites: ``network`` (a backbone name or checkpoint; ``units`` of its ``layer``,
@@ -221,7 +222,7 @@ def _evolve_in_the_loop(inputs: ProbeInputs, sites: list[int], out: Path, option
             client.connect()
             scorer = RigScorer(client, references, out, sites=sites, repetitions=repetitions, seed=seed)
             summary = run_evolution(scorer, out, settings={**settings, "n_references": len(references),
-                                                           "repetitions": repetitions}, **options)
+                                                           "repetitions": repetitions}, rescore_elites=True, **options)
             client.stop()
     return summary
 

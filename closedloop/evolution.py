@@ -289,6 +289,7 @@ def run_evolution(
     overwrite: bool = False,
     optimizer: str = "map-elites",
     sigma: float = 0.2,
+    rescore_elites: bool = False,
 ) -> dict:
     """Evolve images that drive every objective of ``score``; record every generation in ``out``.
 
@@ -307,13 +308,17 @@ def run_evolution(
     direct encoding, ``genome_size`` ≤ 64; step ``sigma`` in [0, 1] pixel units; separable above
     1000 genome values) starts from that objective's elite and proposes ``max(4, n_children //
     n_objectives)`` genomes per generation; every candidate still competes for every elite.
+    ``rescore_elites``: score the current elites again with every generation and rank every
+    candidate by the mean of all its scores (for noisy scores such as spike counts, where an
+    elite kept on one lucky measurement would overestimate its response: the winner's curse).
 
     Writes in ``out``: ``settings.json``; ``generations/gen_NNNN.npz`` per generation (``pixels``
     uint8 (n_children, H, W, 3), ``scores`` float64 (n_children, n_objectives), ``ids`` int64,
     ``parent`` int64 id (−1 in generation 0), ``parent_objective`` int64 (the elite's objective,
     −1), ``child_seed`` int64 (n_children, 3) = (seed, g, k), ``genomes`` uint8 or
     ``genomes_json`` str, ``elite_ids`` / ``elite_scores`` (n_objectives,) after the generation,
-    and with a :class:`RigScorer` ``reference_counts`` (n_references, n_sites));
+    with ``rescore_elites`` ``rescored_ids`` and ``rescored_scores`` (the elites' new scores), and
+    with a :class:`RigScorer` ``reference_counts`` (n_references, n_sites));
     ``history.json`` (per generation: best child score and elite score per objective);
     ``elites.npz`` (``pixels`` (n_objectives, H, W, 3), ``scores``, ``ids``, ``generation``) and
     ``summary.json`` last. Returns the summary.
@@ -349,9 +354,11 @@ def run_evolution(
     write_json(out / "settings.json", {
         "encoding": encoding, "n_generations": n_generations, "n_children": n_children, "image_size": image_size,
         "genome_size": genome_size, "eps": eps, "rate_start": rate_start, "halve_every": halve_every, "eta": eta,
-        "seed": seed, "optimizer": optimizer, "sigma": sigma if optimizer == "cma" else None, **(settings or {}),
+        "seed": seed, "rescore_elites": rescore_elites, "optimizer": optimizer, "sigma": sigma if optimizer == "cma" else None,
+        **(settings or {}),
     })
     strategies = None
+    measured: dict[int, list] = {}  # candidate id → [sum of its score vectors, number of scorings]
     for generation in progress(range(n_generations), description=f"evolve ({encoding})"):
         rngs = [np.random.default_rng([seed, generation, k]) for k in range(n_children)]
         if archive is None:
@@ -368,10 +375,12 @@ def run_evolution(
         pixels = quantize(rendered) if clean is None else quantize_within_budget(
             rendered.astype(np.float64), np.broadcast_to(clean, rendered.shape).copy(), eps)
         n_new = len(genomes)
-        scores = np.asarray(score(pixels), dtype=np.float64)
-        if scores.ndim != 2 or scores.shape[0] != n_new or not np.isfinite(scores).all():
-            raise ValueError(f"'score' must return finite values of shape ({n_new}, n_objectives), "
-                             f"but returned shape {scores.shape}.")
+        again = sorted(kept) if rescore_elites else []
+        scored = np.asarray(score(np.concatenate([pixels] + [kept[i][1][None] for i in again])), dtype=np.float64)
+        if scored.ndim != 2 or scored.shape[0] != n_new + len(again) or not np.isfinite(scored).all():
+            raise ValueError(f"'score' must return finite values of shape ({n_new + len(again)}, n_objectives), "
+                             f"but returned shape {scored.shape}.")
+        scores, rescored = scored[:n_new], scored[n_new:]
         if archive is None:
             n_objectives = scores.shape[1]
             labels = [str(k) for k in range(n_objectives)] if objective_labels is None else [str(v) for v in objective_labels]
@@ -384,6 +393,13 @@ def run_evolution(
         ids = np.arange(next_id, next_id + n_new)
         next_id += n_new
         objectives = np.arange(scores.shape[1])
+        measured.update({int(i): [row, 1] for i, row in zip(ids, scores)})
+        if again:
+            archive.clear()
+            for i, row in zip(again, rescored):
+                measured[i] = [measured[i][0] + row, measured[i][1] + 1]
+            means = np.stack([measured[i][0] / measured[i][1] for i in again])
+            archive.add(np.repeat(again, len(objectives))[:, None], means.ravel(), np.tile(objectives + 0.5, len(again))[:, None])
         archive.add(np.repeat(ids, len(objectives))[:, None], scores.ravel(),
                     np.tile(objectives + 0.5, n_new)[:, None])
         elites = archive.data()
@@ -391,7 +407,10 @@ def run_evolution(
         elite_ids, elite_scores = elites["solution"][order, 0].astype(np.int64), elites["objective"][order]
         kept = {int(i): kept[int(i)] if int(i) in kept else (genomes[int(i) - ids[0]], pixels[int(i) - ids[0]], generation)
                 for i in elite_ids}
+        measured = {i: measured[i] for i in kept}
         extra = {} if not isinstance(score, RigScorer) else {"reference_counts": score.reference_counts[-1]}
+        if rescore_elites:
+            extra.update(rescored_ids=np.array(again, dtype=np.int64), rescored_scores=rescored)
         _write_npz(out / _GENERATIONS / f"gen_{generation:04d}.npz", pixels=pixels, scores=scores, ids=ids, parent=parents,
                    parent_objective=parent_objective, child_seed=np.array([[seed, generation, k] for k in range(n_new)]),
                    elite_ids=elite_ids, elite_scores=elite_scores, **coder.record(genomes), **extra)

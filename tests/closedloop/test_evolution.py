@@ -44,6 +44,11 @@ def test_map_elites_improves_every_objective(tmp_path, small_model, encoding):
         assert set(generation["parent"]) <= set(range(5 * 8)), "parents must come from earlier generations"
         assert generation["scores"].shape == (8, 3)
         assert (generation["genomes"].shape == (8, 8, 8, 3)) if encoding == "direct" else len(generation["genomes_json"]) == 8
+    rescored = run_evolution(score, tmp_path / "rescored", encoding=encoding, n_generations=12, n_children=8, image_size=32,
+                             genome_size=8 if encoding == "direct" else None, seed=3, halve_every=6, rescore_elites=True)
+    assert np.allclose(rescored["last_elite"], summary["last_elite"]), "a noise-free score's mean is the score itself"
+    with np.load(read_evolution(tmp_path / "rescored")["generations"][4]) as generation:
+        assert len(generation["rescored_ids"]) >= 1 and generation["rescored_scores"].shape[1] == 3
     again = run_evolution(score, tmp_path / "again", encoding=encoding, n_generations=12, n_children=8, image_size=32,
                           genome_size=8 if encoding == "direct" else None, seed=3, halve_every=6)
     assert again["last_elite"] == summary["last_elite"], "the same seed must give the same run"
@@ -147,7 +152,7 @@ def test_in_the_loop_evolution_raises_the_simulated_sites_true_rates(tmp_path):
         with RigClient(agents[0].address, security="plain", heartbeat_s=0.1, timeout_s=2.0) as client:
             scorer = RigScorer(client, references, tmp_path / "run", repetitions=3, seed=1)
             run_evolution(scorer, tmp_path / "run", encoding="direct", n_generations=10, n_children=10, image_size=224,
-                          genome_size=4, seed=2, rate_start=0.5)
+                          genome_size=4, seed=2, rate_start=0.5, rescore_elites=True)
             client.stop()
     finally:
         stop.set()
