@@ -68,8 +68,9 @@ def render_evolution_section(experiment: Path) -> str:
         parts.append(render_table(rows))
         if settings.get("mode") == "loop":
             parts.append('<p class="note">Drift control: the reference images\' counts per generation are in each '
-                         "generation file (reference_counts). An elite's score is one generation's noisy mean, so it "
-                         "overestimates the true response (winner's curse); re-present elites to measure them.</p>")
+                         "generation file (reference_counts). Elites are shown again every generation and ranked by their "
+                         "mean count over all showings, so a lucky single measurement does not keep an image (the "
+                         "winner's curse); scores are still noisy means of a few presentations.</p>")
     return "".join(parts)
 
 
@@ -98,13 +99,13 @@ def render_geometry_section(experiment: Path) -> str:
                                                 "second direction and relates their curvature to sensitivity.")
     summary = read_json(folder / "summary.json")
     c = summary["correlation"]
+    pearson, spearman = (("—" if value is None else f"{value:.2f}") for value in (c["pearson_r"], c["spearman_r"]))
     contours = (f"Day {summary['day']} model. Each map: the site's predicted response in the plane through a clean image "
                 f"(white dot) spanned by the increase-attack direction (x axis) and the {summary['second']} direction made "
                 f"orthogonal to it (y axis), ± 2ε (ε = {summary['eps']:g}, pixel units). White: the iso-response contour "
                 "through the clean image; red arrow: the attack δ. |κ|: mean absolute curvature of the contours along the "
                 "arrow (1 / pixel-unit distance).")
     scatter = ("One point per site × image (colour: site): curvature against the model sensitivity the attack reached, in "
-               f"units of the site's s.d. over the clean images. n = {c['n']}, Pearson r = {c['pearson_r']}, Spearman "
-               f"r = {c['spearman_r']}.")
+               f"units of the site's s.d. over the clean images. n = {c['n']}, Pearson r = {pearson}, Spearman r = {spearman}.")
     return (_embed(folder / "contours.png", contours) + _embed(folder / "curvature_vs_sensitivity.png", scatter)
             + render_table(_read_csv(folder / "curvature.csv")))
