@@ -24,6 +24,7 @@ from analysis.html import make_figure, render_figure, render_links, render_table
 from analysis.image_curves import compute_image_curves
 from analysis.model_quality import compute_model_quality
 from analysis.network_units import compute_network_sensitivity
+from analysis.probe_sections import render_evolution_section, render_geometry_section, render_patterns_section
 from analysis.progress import compute_progress
 from analysis.sensitivity_curves import compute_response_scale, compute_sensitivity_curves
 from closedloop.config import read_config
@@ -457,9 +458,22 @@ def _section_overview(c: _Context) -> tuple[str, str]:
     return "Overview", text + render_table(rows)
 
 
+# -- 9–11. probes (their own commands) -----------------------------------------------------------
+def _section_evolution(c: _Context) -> tuple[str, str]:
+    return "9. Evolved images", render_evolution_section(c.experiment)
+
+
+def _section_patterns(c: _Context) -> tuple[str, str]:
+    return "10. Adversarial patterns", render_patterns_section(c.experiment)
+
+
+def _section_geometry(c: _Context) -> tuple[str, str]:
+    return "11. Response geometry", render_geometry_section(c.experiment)
+
+
 _SECTIONS: tuple[Callable[[_Context], tuple[str, str]], ...] = (
     _section_overview, _section_curves, _section_images, _section_progress, _section_categories, _section_networks,
-    _section_quality, _section_selection, _section_truth,
+    _section_quality, _section_selection, _section_truth, _section_evolution, _section_patterns, _section_geometry,
 )
 
 

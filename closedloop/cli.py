@@ -607,6 +607,131 @@ def select_base(experiment: Path, candidates: str | None, layers: str, n_images:
 # --- end report ---------------------------------------------------------------------------------------
 
 
+# --- probes: evolve, patterns, geometry -------------------------------------------------------------
+_SITES_HELP = "Comma-separated site indices [default: all sites]."
+_PROBE_DAY_HELP = "Day whose fitted model and clean images to use [default: the last finished day]."
+
+
+def _site_list(text: str | None, option: str = "--sites") -> list[int] | None:
+    """'0,2,5' → [0, 2, 5]; None stays None."""
+    names = _split_names(text)
+    if names is None:
+        return None
+    try:
+        return [int(name) for name in names]
+    except ValueError:
+        raise ValueError(f"'{option}' must be comma-separated indices such as 0,2,5, but got {text!r}.") from None
+
+
+@cli.command()
+@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP)
+@click.option("--mode", type=click.Choice(["silico", "loop"]), default="silico", show_default=True,
+              help="Score with the IT model (silico) or with spike counts from the experiment's rig (loop).")
+@click.option("--encoding", type=click.Choice(["cppn", "direct"]), default="cppn", show_default=True)
+@click.option("--day", type=click.IntRange(0, 999), default=None, help=_PROBE_DAY_HELP)
+@click.option("--sites", default=None, metavar="LIST", help=_SITES_HELP)
+@click.option("--name", default=None, help="Run folder under EXPERIMENT/probes/evolve/ [default: MODE_ENCODING].")
+@click.option("--generations", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--children", type=click.IntRange(1), default=16, show_default=True, help="Images per generation.")
+@click.option("--genome-size", type=click.IntRange(1, 224), default=None,
+              help="Side of a direct genome, px, upsampled to 224 [default: 224].")
+@click.option("--eps", type=click.FloatRange(0, min_open=True), default=None,
+              help="Search inside this L2 ball ([0, 1] pixel units) around a recorded clean image.")
+@click.option("--clean-index", type=click.IntRange(0), default=0, show_default=True, help="That clean image (with --eps).")
+@click.option("--references", type=click.IntRange(0), default=4, show_default=True,
+              help="Natural reference images shown every generation (loop mode).")
+@click.option("--repetitions", type=click.IntRange(1), default=2, show_default=True, help="Valid presentations per image (loop).")
+@click.option("--rate", "rate_start", type=click.FloatRange(0, 1), default=0.1, show_default=True,
+              help="Initial per-value mutation rate (direct).")
+@click.option("--halve-every", type=click.IntRange(1), default=1000, show_default=True,
+              help="Generations after which the mutation rate halves (direct).")
+@click.option("--network", default=None, metavar="SOURCE",
+              help="Evolve for units of this backbone (name or checkpoint) instead of the sites (silico).")
+@click.option("--classifier", default=None, metavar="SOURCE",
+              help="Evolve for classes of this classifier (fooling images, softmax confidence) instead of the sites.")
+@click.option("--layer", default="avgpool", show_default=True, help="Layer of --network whose units are scored.")
+@click.option("--units", default=None, metavar="LIST", help="Unit (--network) or class (--classifier) indices.")
+@click.option("--trust-checkpoint", is_flag=True, help="Allow checkpoints that need full unpickling (runs code from the file).")
+@click.option("--optimizer", type=click.Choice(["map-elites", "cma"]), default="map-elites", show_default=True,
+              help="MAP-Elites mutation, or one CMA-ES per site (direct encoding, --genome-size <= 64).")
+@click.option("--sigma", type=click.FloatRange(0, min_open=True), default=0.2, show_default=True,
+              help="Initial CMA-ES step, [0, 1] pixel units (--optimizer cma).")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier run of the same name.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def evolve(experiment: Path, mode: str, encoding: str, day: int | None, sites: str | None, name: str | None, generations: int,
+           children: int, genome_size: int | None, eps: float | None, clean_index: int, references: int, repetitions: int,
+           rate_start: float, halve_every: int, network: str | None, classifier: str | None, layer: str, units: str | None,
+           trust_checkpoint: bool, optimizer: str, sigma: float, overwrite: bool, seed: int, as_json: bool) -> None:
+    """Evolve images that drive each site, unit or class (MAP-Elites, one elite each; CPPN or direct encoding)."""
+    from analysis.probes import write_evolution
+
+    result = write_evolution(experiment, mode=mode, encoding=encoding, day=day, sites=_site_list(sites), name=name,
+                             n_generations=generations, n_children=children, genome_size=genome_size, eps=eps,
+                             clean_index=clean_index, n_references=references, repetitions=repetitions,
+                             rate_start=rate_start, halve_every=halve_every, network=network, classifier=classifier,
+                             layer=layer, units=_site_list(units, "--units"), trust=trust_checkpoint,
+                             optimizer=optimizer, sigma=sigma, overwrite=overwrite, seed=seed)
+    lines = [f"{label:>10}: {first:.3g} -> {last:.3g}" for label, first, last in
+             zip(result["objectives"], result["first_elite"], result["last_elite"])]
+    _emit(result, as_json, "elite score per site, generation 0 -> last\n" + "\n".join(lines) + f"\nwrote {result['out']}")
+
+
+@cli.command()
+@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP)
+@click.option("--day", type=click.IntRange(0, 999), default=None, help=_PROBE_DAY_HELP)
+@click.option("--sites", default=None, metavar="LIST", help=_SITES_HELP)
+@click.option("--eps", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True,
+              help="Attack budget, L2 in [0, 1] pixel units.")
+@click.option("--n-images", type=click.IntRange(2), default=64, show_default=True, help="Clean images for the contrast image.")
+@click.option("--n-aai", type=click.IntRange(1), default=8, show_default=True, help="Clean images attacked for the AAI.")
+@click.option("--n-noise", type=click.IntRange(1), default=8, show_default=True, help="Noise starts (noise feed).")
+@click.option("--n-steps", type=click.IntRange(1), default=20, show_default=True, help="PGD steps (step eps/3).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def patterns(experiment: Path, day: int | None, sites: str | None, eps: float, n_images: int, n_aai: int, n_noise: int,
+             n_steps: int, seed: int, as_json: bool) -> None:
+    """Adversarial patterns per site (zero feed, noise feed, AAI) and their similarity to the data's contrast image."""
+    from analysis.probes import write_patterns
+
+    result = write_patterns(experiment, day=day, sites=_site_list(sites), eps=eps, n_images=n_images, n_aai=n_aai,
+                            n_noise=n_noise, n_steps=n_steps, seed=seed)
+    lines = [f"site {r['site']:>3} {r['pattern']:>14}: cosine to recorded PNC {r['similarity_to_data']:+.3f}"
+             for r in result["similarity"]]
+    _emit(result, as_json, "\n".join(lines))
+
+
+@cli.command()
+@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help=EXPERIMENT_HELP)
+@click.option("--day", type=click.IntRange(0, 999), default=None, help=_PROBE_DAY_HELP)
+@click.option("--sites", default=None, metavar="LIST", help=_SITES_HELP)
+@click.option("--eps", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,
+              help="Attack budget, L2 in [0, 1] pixel units (the map spans +-2 eps).")
+@click.option("--n-images", type=click.IntRange(2), default=2, show_default=True, help="Clean images per site.")
+@click.option("--second", type=click.Choice(["mei", "random"]), default="mei", show_default=True,
+              help="Second direction of the plane.")
+@click.option("--n-grid", type=click.IntRange(3), default=15, show_default=True, help="Grid points per side of a map.")
+@click.option("--n-steps", type=click.IntRange(1), default=10, show_default=True, help="PGD steps (step eps/3).")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def geometry(experiment: Path, day: int | None, sites: str | None, eps: float, n_images: int, second: str, n_grid: int,
+             n_steps: int, seed: int, as_json: bool) -> None:
+    """Iso-response contours in the attack plane, their curvature, and curvature vs sensitivity."""
+    from analysis.probes import write_geometry
+
+    result = write_geometry(experiment, day=day, sites=_site_list(sites), eps=eps, n_images=n_images, second=second,
+                            n_grid=n_grid, n_steps=n_steps, seed=seed)
+    c = result["correlation"]
+    _emit(result, as_json, f"curvature vs sensitivity over {c['n']} site x image pairs: Pearson r {c['pearson_r']}, "
+                           f"Spearman r {c['spearman_r']}")
+
+
+# --- end probes -------------------------------------------------------------------------------------
+
+
 _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
 
 

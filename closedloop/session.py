@@ -22,7 +22,7 @@ from closedloop.config import ExperimentConfig
 from closedloop.logs import logger
 from closedloop.store import open_store
 
-__all__ = ["run_day_session", "SessionMonitor"]
+__all__ = ["run_day_session", "SessionMonitor", "open_rig_address"]
 
 RIG_STATE = "rig_sim"
 
@@ -79,8 +79,9 @@ class SessionMonitor:
 
 
 @contextmanager
-def _rig_address(config: ExperimentConfig, folder: Path):
-    """Yield the address of the rig to talk to; for a simulated rig, run one for the duration."""
+def open_rig_address(config: ExperimentConfig, folder: Path):
+    """Yield the address of the rig to talk to; for a simulated rig, run one for the duration (its
+    state in ``folder/rig_sim``)."""
     if config.rig.kind != "sim":
         yield config.rig.address
         return
@@ -185,7 +186,7 @@ def run_day_session(config: ExperimentConfig, folder: str | Path, *, seed: int) 
     window = config.response.window_s
     monitor = SessionMonitor(store.n_stimuli * config.rsvp.repetitions, store.n_sites, window[1] - window[0],
                              n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]))
-    with _rig_address(config, folder) as address:
+    with open_rig_address(config, folder) as address:
         rig = config.rig.model_copy(update={"address": address})
         with make_rig_client(rig, window_s=window) as client:
             client.connect()

@@ -12,7 +12,8 @@ from tests.analysis.conftest import GAIN
 
 SECTIONS = ["Overview", "1. Sensitivity curves", "2. Image-specific curves", "3. Day-over-day progress",
             "4. Category preference and super-stimuli", "5. Network-unit comparison", "6. Model quality",
-            "7. Base-model selection", "8. Ground truth (simulated rig)"]
+            "7. Base-model selection", "8. Ground truth (simulated rig)", "9. Evolved images", "10. Adversarial patterns",
+            "11. Response geometry"]
 
 
 def _rows(path):
