@@ -278,10 +278,13 @@ def _category_panel(ax, site: int, curves: list[dict], preference: dict, crossin
 
 # -- 5. network units ------------------------------------------------------------------------------
 def _network_sources(c: _Context) -> dict:
-    names = c.networks.networks
-    if names is None:
-        names = [read_config(c.experiment).model.backbone]
-    return {Path(name).stem if Path(name).suffix else name: name for name in names}
+    def label(name: str) -> str:
+        return Path(name).stem if Path(name).suffix else name
+
+    if c.networks.networks is None:
+        base = read_config(c.experiment).model.backbone
+        return {f"base model ({label(base)})": base}
+    return {label(name): name for name in c.networks.networks}
 
 
 def _read_clean_pixels(days: list[ExperimentDay], n: int, seed: int) -> np.ndarray:
