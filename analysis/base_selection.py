@@ -124,8 +124,8 @@ def _read_selection_data(days: list, n_images: int, n_pairs: int, rng: np.random
     offset = 0
     for day in days:
         store = open_store(Path(day.folder) / "store.zarr")
-        s, means = day.stimuli, day.responses.means
-        clean = np.flatnonzero((s["parent"] < 0) & np.isfinite(means).all(axis=1))
+        means = day.responses.means
+        clean = day.shown_clean()
         pairs = day.signed_changes()
         attack = (np.asarray(pairs.kind) == "attack") & np.isin(pairs.parent, clean)
         attacked = np.unique(pairs.parent[attack])

@@ -17,9 +17,10 @@ from closedloop.config import read_config
 from closedloop.estimate import SignedChanges, compute_signed_changes
 from closedloop.files import read_json
 from closedloop.responses import DayResponses, read_day_responses
+from closedloop.store import open_store
 from closedloop.validation import check_dir, check_integer
 
-__all__ = ["ExperimentDay", "read_experiment", "read_experiment_day"]
+__all__ = ["ExperimentDay", "read_experiment", "read_experiment_day", "read_clean_images"]
 
 _DAY_FOLDER = re.compile(r"day_(\d{3})")
 
@@ -57,10 +58,13 @@ class ExperimentDay:
         s = self.stimuli
         return compute_signed_changes(s["parent"], s["site"], s["eps"], s["kind"], s["predicted"], self.responses.means)
 
+    def shown_clean(self) -> np.ndarray:
+        """Indices of the day's clean stimuli that were validly shown (every site has a mean response), (n_clean,)."""
+        return np.flatnonzero((self.stimuli["parent"] < 0) & np.isfinite(self.responses.means).all(axis=1))
+
     def clean_means(self) -> np.ndarray:
         """Mean responses to the day's clean stimuli that were validly shown, (n_clean, n_sites), spikes per window."""
-        means = self.responses.means[self.stimuli["parent"] < 0]
-        return means[np.isfinite(means).all(axis=1)]
+        return self.responses.means[self.shown_clean()]
 
 
 def read_experiment_day(folder: str | Path) -> ExperimentDay:
@@ -110,3 +114,23 @@ def read_experiment(folder: str | Path, *, last_day: int | None = None) -> list[
             "run `closedloop fit-day 0` first."
         )
     return [read_experiment_day(folder / f"day_{d:03d}") for d in finished]
+
+
+def read_clean_images(days: list[ExperimentDay], *, n_images: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Clean images validly shown on ``days``, pooled: all of them, or ``n_images`` chosen with ``seed``.
+
+    Returns (pixels uint8 (n, 224, 224, 3), mean responses float64 (n, n_sites), spikes per
+    window), in day order.
+    """
+    chosen = [(d, int(i)) for d in days for i in d.shown_clean()]
+    if n_images is not None and n_images < len(chosen):
+        n_images = check_integer("n_images", n_images, minimum=1)
+        picks = np.sort(np.random.default_rng(seed).choice(len(chosen), n_images, replace=False))
+        chosen = [chosen[k] for k in picks]
+    pixels, responses = [], []
+    for d in days:
+        rows = [i for owner, i in chosen if owner is d]
+        if rows:
+            pixels.append(open_store(d.folder / "store.zarr").read_pixels(rows))
+            responses.append(d.responses.means[rows])
+    return np.concatenate(pixels), np.concatenate(responses).astype(np.float64)

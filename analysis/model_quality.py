@@ -73,7 +73,7 @@ def compute_model_quality(days: list, *, seed: int = 0) -> dict[str, list[dict]]
     tables = {"prediction": [], "refit": [], "directions": []}
     for day in days:
         s, responses = day.stimuli, day.responses
-        clean = np.flatnonzero((s["parent"] < 0) & np.isfinite(responses.means).all(axis=1))
+        clean = day.shown_clean()
         predicted = s["predicted"][clean]
         usable = np.isfinite(predicted).all(axis=1)
         clean, predicted = clean[usable], predicted[usable]

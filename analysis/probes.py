@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.experiment import read_experiment
+from analysis.experiment import read_clean_images, read_experiment
 from analysis.html import make_figure, write_csv
 from closedloop.files import atomic_path, write_json
 from closedloop.logs import logger
-from closedloop.store import open_store
 from closedloop.validation import check_dir, check_integer, check_number, check_option
 
 __all__ = ["PROBES_DIR", "ProbeInputs", "read_probe_inputs", "write_evolution", "write_patterns", "write_geometry"]
@@ -53,20 +52,10 @@ def read_probe_inputs(experiment: str | Path, *, day: int | None = None, n_image
     if not model_path.exists():
         raise FileNotFoundError(f"day {days[-1].day} of {str(experiment)!r} has no fitted model {model_path.name}; "
                                 f"finish the day with `closedloop fit-day {days[-1].day}`.")
-    shown = [(d, np.flatnonzero((d.stimuli["parent"] < 0) & np.isfinite(d.responses.means).all(axis=1))) for d in days]
-    chosen = [(d, int(i)) for d, rows in shown for i in rows]
-    if n_images is not None and n_images < len(chosen):
+    if n_images is not None:
         n_images = check_integer("n_images", n_images, minimum=2)
-        picks = np.sort(np.random.default_rng(seed).choice(len(chosen), n_images, replace=False))
-        chosen = [chosen[k] for k in picks]
-    pixels, responses = [], []
-    for d in days:
-        rows = [i for owner, i in chosen if owner is d]
-        if rows:
-            pixels.append(open_store(d.folder / "store.zarr").read_pixels(rows))
-            responses.append(d.responses.means[rows])
-    return ProbeInputs(experiment, days[-1].day, read_it_model(model_path).eval(), np.concatenate(pixels),
-                       np.concatenate(responses).astype(np.float64), read_config(experiment))
+    pixels, responses = read_clean_images(days, n_images=n_images, seed=seed)
+    return ProbeInputs(experiment, days[-1].day, read_it_model(model_path).eval(), pixels, responses, read_config(experiment))
 
 
 def _sites(sites, n_sites: int) -> list[int]:

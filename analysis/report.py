@@ -18,7 +18,7 @@ import numpy as np
 
 from analysis.base_selection import CRITERIA, compute_base_selection
 from analysis.categories import compute_category_preference
-from analysis.experiment import ExperimentDay, read_experiment
+from analysis.experiment import ExperimentDay, read_clean_images, read_experiment
 from analysis.ground_truth import compute_truth_comparison
 from analysis.html import make_figure, render_figure, render_links, render_table, write_csv, write_page, write_pdf
 from analysis.image_curves import compute_image_curves
@@ -30,7 +30,6 @@ from analysis.sensitivity_curves import compute_response_scale, compute_sensitiv
 from closedloop.config import read_config
 from closedloop.files import write_json
 from closedloop.logs import progress
-from closedloop.store import open_store
 from closedloop.validation import check_dir, check_integer
 
 __all__ = ["NetworkOptions", "write_report", "write_selection_report"]
@@ -287,26 +286,13 @@ def _network_sources(c: _Context) -> dict:
     return {label(name): name for name in c.networks.networks}
 
 
-def _read_clean_pixels(days: list[ExperimentDay], n: int, seed: int) -> np.ndarray:
-    """Up to ``n`` validly shown clean images pooled over days, chosen with ``seed``."""
-    rng = np.random.default_rng(seed)
-    chosen = [(d, i) for d in days for i in np.flatnonzero((d.stimuli["parent"] < 0) & np.isfinite(d.responses.means).all(axis=1))]
-    picks = sorted(rng.choice(len(chosen), min(n, len(chosen)), replace=False).tolist())
-    pixels = []
-    for day in days:
-        mine = [int(chosen[k][1]) for k in picks if chosen[k][0] is day]
-        if mine:
-            pixels.append(open_store(day.folder / "store.zarr").read_pixels(mine))
-    return np.concatenate(pixels)
-
-
 def _section_networks(c: _Context) -> tuple[str, str]:
     sources = _network_sources(c)
     if not sources:
         return "5. Network units", '<p class="note">Skipped (no networks named; see --networks).</p>'
     o = c.networks
     budgets = sorted({r["eps"] for r in c.day.records if r["kind"] == "attack"})
-    images = _read_clean_pixels(c.days, o.n_sigma_images, c.seed)
+    images, _ = read_clean_images(c.days, n_images=o.n_sigma_images, seed=c.seed)
     result = compute_network_sensitivity(sources, images, budgets, n_units=o.n_units, n_images=o.n_images, n_starts=o.n_starts,
                                          n_steps=o.n_steps, trust=o.trust, seed=c.seed, device=c.device)
     links = c.write_tables("5_networks", result)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from closedloop.config import format_config_error, render_config
+from closedloop.config import ConfigSection, read_toml_config, render_config, validate_config
 
 __all__ = [
     "BEHAVIOR_CONFIG_NAME",
@@ -38,11 +37,7 @@ EMBEDDED_PREFIX = "embedded:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
-
-
-class StimuliSection(_Section):
+class StimuliSection(ConfigSection):
     """[stimuli]: start images and the new class of feature-centroid targets."""
 
     start_images: str = Field(
@@ -63,7 +58,7 @@ class StimuliSection(_Section):
     seed: int = Field(0, ge=0, description="Seed of every random choice (start images, composite targets, noise).")
 
 
-class ModelsSection(_Section):
+class ModelsSection(ConfigSection):
     """[models]: guides (make the perturbations) and surrogates (only score them)."""
 
     guides: dict[str, str] = Field(
@@ -96,7 +91,7 @@ class ModelsSection(_Section):
         return self
 
 
-class PerturbationsSection(_Section):
+class PerturbationsSection(ConfigSection):
     """[perturbations]: budgets and kinds of perturbation (Gaziv et al.)."""
 
     budgets: list[float] = Field(
@@ -132,7 +127,7 @@ class PerturbationsSection(_Section):
         return [mode for mode in BEHAVIOR_MODES if mode in modes]
 
 
-class BehaviorConfig(_Section):
+class BehaviorConfig(ConfigSection):
     """The whole behaviour configuration (one TOML file)."""
 
     stimuli: StimuliSection = StimuliSection()
@@ -144,10 +139,6 @@ class BehaviorConfig(_Section):
         if "centroid" in self.perturbations.modes and not self.stimuli.new_class:
             raise ValueError('[perturbations] modes has "centroid" but [stimuli] new_class is ""; give a folder or drop the mode')
         return self
-
-    def to_dict(self) -> dict:
-        """The configuration as plain TOML-ready data."""
-        return self.model_dump(mode="json")
 
 
 BEHAVIOR_PRESETS: dict[str, dict] = {
@@ -164,10 +155,7 @@ BEHAVIOR_PRESETS: dict[str, dict] = {
 
 def build_behavior_config(data: dict, *, source: str = "behavior config") -> BehaviorConfig:
     """Validate a plain dict (as parsed from TOML) into a :class:`BehaviorConfig`."""
-    try:
-        return BehaviorConfig.model_validate(data)
-    except ValidationError as error:
-        raise ValueError(format_config_error(source, error, BehaviorConfig)) from None
+    return validate_config(BehaviorConfig, data, source=source)
 
 
 def _resolve_paths(config: BehaviorConfig, base: Path) -> BehaviorConfig:
@@ -203,17 +191,9 @@ def read_behavior_config(path: str | Path, *, check_paths: bool = True) -> Behav
     Raises ``ValueError`` naming the key, the bad value and what is allowed; ``FileNotFoundError``
     when the file or a path it names does not exist.
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / BEHAVIOR_CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no behaviour config at {str(path)!r}; create one with `closedloop behavior init FILE`"
-        )
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML: {error}") from None
+    data, path = read_toml_config(
+        path, BEHAVIOR_CONFIG_NAME, missing="no behaviour config at {path}; create one with `closedloop behavior init FILE`"
+    )
     config = build_behavior_config(data, source=str(path))
     return _resolve_paths(config, path.parent) if check_paths else config
 

@@ -178,6 +178,16 @@ def _check_counts(n_test_items: int, n_test: int, n_clean: int, n_subjects_per_i
     check_integer("n_subjects_per_image", n_subjects_per_image, minimum=1)
 
 
+def _check_chosen(name: str, chosen, available: list, what: str) -> list:
+    """``chosen`` (all of ``available`` when None), refused if it names something the set lacks."""
+    if chosen is None:
+        return available
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise ValueError(f"'{name}' {unknown} are not {what} of the set; allowed: {available} (or [] for none).")
+    return chosen
+
+
 def write_behavior_sessions(
     stimuli: str | Path,
     out: str | Path,
@@ -218,18 +228,8 @@ def write_behavior_sessions(
     test = [r for r in records if r["mode"] != "control"]
     _check_counts(len(test), n_test, len(clean), n_subjects_per_image)
     clean_of = {r["start_image"]: names[r["item"]] for r in records if r["mode"] == "control"}
-    budgets = sorted({r["budget"] for r in test})
-    if detection_budgets is None:
-        detection_budgets = budgets
-    unknown = sorted(set(detection_budgets) - set(budgets))
-    if unknown:
-        raise ValueError(f"'detection_budgets' {unknown} are not budgets of the set; allowed: {budgets} (or [] for none).")
-    modes = sorted({r["mode"] for r in test})
-    if detection_modes is None:
-        detection_modes = modes
-    unknown = sorted(set(detection_modes) - set(modes))
-    if unknown:
-        raise ValueError(f"'detection_modes' {unknown} are not perturbation modes of the set; allowed: {modes} (or [] for none).")
+    detection_budgets = _check_chosen("detection_budgets", detection_budgets, sorted({r["budget"] for r in test}), "budgets")
+    detection_modes = _check_chosen("detection_modes", detection_modes, sorted({r["mode"] for r in test}), "perturbation modes")
     detection = [r for r in test if r["budget"] in detection_budgets and r["mode"] in detection_modes]
     orphans = sorted({r["start_image"] for r in detection} - set(clean_of))
     if orphans:

@@ -17,6 +17,10 @@ from closedloop.logs import set_log_level
 __all__ = ["main", "cli"]
 
 EXPERIMENT_HELP = "Experiment folder holding experiment.toml."
+_experiment_option = click.option(
+    "--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+    help=EXPERIMENT_HELP,
+)
 
 
 def _emit(result: dict, as_json: bool, text: str) -> None:
@@ -254,8 +258,7 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
 
 @cli.command("fit-day")
 @click.argument("day", type=click.IntRange(0, 999))
-@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help=EXPERIMENT_HELP)
+@_experiment_option
 @click.option("--until", type=click.Choice(["plan", "synthesize", "bundle", "present", "ingest", "estimate", "refit", "report"]),
               default=None, help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Start the day over although it was begun with another configuration "
@@ -272,8 +275,7 @@ def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json:
 
 
 @cli.command()
-@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help=EXPERIMENT_HELP)
+@_experiment_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(experiment: Path, as_json: bool) -> None:
     """Where every day of the experiment stands: stages done, presentations recorded, model fitted."""
@@ -542,8 +544,7 @@ def _split_names(text: str | None) -> list[str] | None:
 
 
 @cli.command()
-@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help=EXPERIMENT_HELP)
+@_experiment_option
 @click.option("--day", type=click.IntRange(0, 999), default=None,
               help="Day of the single-day sections and last day included [default: the last finished day].")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -575,8 +576,7 @@ def report(experiment: Path, day: int | None, out: Path | None, pdf: bool, netwo
 
 
 @cli.command("select-base")
-@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help=EXPERIMENT_HELP)
+@_experiment_option
 @click.option("--candidates", default=None, metavar="NAMES",
               help="Comma-separated backbone names or checkpoint paths [default: the experiment's base backbone].")
 @click.option("--layers", default="layer3.0,layer4.0,avgpool", show_default=True, metavar="NAMES",
@@ -624,8 +624,7 @@ def _site_list(text: str | None, option: str = "--sites") -> list[int] | None:
 
 
 @cli.command()
-@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help=EXPERIMENT_HELP)
+@_experiment_option
 @click.option("--mode", type=click.Choice(["silico", "loop"]), default="silico", show_default=True,
               help="Score with the IT model (silico) or with spike counts from the experiment's rig (loop).")
 @click.option("--encoding", type=click.Choice(["cppn", "direct"]), default="cppn", show_default=True)
@@ -679,8 +678,7 @@ def evolve(experiment: Path, mode: str, encoding: str, day: int | None, sites: s
 
 
 @cli.command()
-@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help=EXPERIMENT_HELP)
+@_experiment_option
 @click.option("--day", type=click.IntRange(0, 999), default=None, help=_PROBE_DAY_HELP)
 @click.option("--sites", default=None, metavar="LIST", help=_SITES_HELP)
 @click.option("--eps", type=click.FloatRange(0, min_open=True), default=3.0, show_default=True,
@@ -704,8 +702,7 @@ def patterns(experiment: Path, day: int | None, sites: str | None, eps: float, n
 
 
 @cli.command()
-@click.option("--experiment", "experiment", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
-              show_default=True, help=EXPERIMENT_HELP)
+@_experiment_option
 @click.option("--day", type=click.IntRange(0, 999), default=None, help=_PROBE_DAY_HELP)
 @click.option("--sites", default=None, metavar="LIST", help=_SITES_HELP)
 @click.option("--eps", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True,

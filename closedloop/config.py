@@ -23,6 +23,9 @@ __all__ = [
     "render_config",
     "write_default_config",
     "format_config_error",
+    "ConfigSection",
+    "validate_config",
+    "read_toml_config",
     "PRESETS",
     "CONFIG_NAME",
 ]
@@ -31,18 +34,24 @@ CONFIG_NAME = "experiment.toml"
 EMBEDDED = "embedded"
 
 
-class _Section(BaseModel):
+class ConfigSection(BaseModel):
+    """Base of every configuration and its sections: unknown keys refused, frozen, defaults validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
+    def to_dict(self) -> dict:
+        """The configuration as plain TOML-ready data."""
+        return self.model_dump(mode="json")
 
-class ExperimentSection(_Section):
+
+class ExperimentSection(ConfigSection):
     """[experiment]: names and seeds."""
 
     name: str = Field("experiment", min_length=1, description="Name of the experiment; used in logs and reports.")
     seed: int = Field(0, ge=0, description="Master seed; every stage of every day derives its own seed from it.")
 
 
-class ImagesSection(_Section):
+class ImagesSection(ConfigSection):
     """[images]: where clean images come from."""
 
     source: str = Field(
@@ -64,7 +73,7 @@ class ImagesSection(_Section):
     )
 
 
-class ModelSection(_Section):
+class ModelSection(ConfigSection):
     """[model]: the IT model (backbone cut at a layer + factorized readout)."""
 
     backbone: str = Field(
@@ -81,7 +90,7 @@ class ModelSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description='"auto" uses CUDA when available.')
 
 
-class SitesSection(_Section):
+class SitesSection(ConfigSection):
     """[sites]: the recorded sites."""
 
     n_sites: int = Field(21, ge=1, description="Number of recorded sites the model predicts.")
@@ -93,7 +102,7 @@ class SitesSection(_Section):
     targets: list[int] = Field([], description="Sites to attack (0-based); [] attacks every site.")
 
 
-class AttackSection(_Section):
+class AttackSection(ConfigSection):
     """[attack]: per-site L2 PGD attacks (Guo et al.)."""
 
     budgets: list[float] = Field(
@@ -122,7 +131,7 @@ class AttackSection(_Section):
         return sorted(set(budgets))
 
 
-class RSVPSection(_Section):
+class RSVPSection(ConfigSection):
     """[rsvp]: rapid serial visual presentation."""
 
     on_s: float = Field(0.1, gt=0.0, le=5.0, description="Image on time, s.")
@@ -131,7 +140,7 @@ class RSVPSection(_Section):
     repetitions: int = Field(2, ge=1, description="Valid (fixation held) presentations required per stimulus.")
 
 
-class ResponseSection(_Section):
+class ResponseSection(ConfigSection):
     """[response]: how spikes become a response."""
 
     window_s: tuple[float, float] = Field(
@@ -147,7 +156,7 @@ class ResponseSection(_Section):
         return window
 
 
-class RigSection(_Section):
+class RigSection(ConfigSection):
     """[rig]: the link to the rig."""
 
     kind: Literal["sim", "zmq"] = Field(
@@ -166,7 +175,7 @@ class RigSection(_Section):
     )
 
 
-class SimSection(_Section):
+class SimSection(ConfigSection):
     """[sim]: the simulated IT rig (used when [rig] kind = "sim", by `closedloop rig-sim` and the demo)."""
 
     seed: int = Field(1, ge=0, description="Seed of the simulated monkey's hidden sites (the same every day).")
@@ -188,7 +197,7 @@ class SimSection(_Section):
     truth_steps: int = Field(60, ge=2, description="Validation only: steps of that solver.")
 
 
-class FitSection(_Section):
+class FitSection(ConfigSection):
     """[fit]: end-to-end refitting of the IT model after each day."""
 
     loss: Literal["poisson", "mse"] = Field("poisson", description="Training loss on spike counts.")
@@ -201,7 +210,7 @@ class FitSection(_Section):
     freeze_backbone: bool = Field(False, description="Train only the readout.")
 
 
-class ExperimentConfig(_Section):
+class ExperimentConfig(ConfigSection):
     """The whole experiment configuration (one TOML file)."""
 
     experiment: ExperimentSection = ExperimentSection()
@@ -224,10 +233,6 @@ class ExperimentConfig(_Section):
                 f"(n_sites = {self.sites.n_sites})"
             )
         return self
-
-    def to_dict(self) -> dict:
-        """The configuration as plain TOML-ready data."""
-        return self.model_dump(mode="json")
 
 
 PRESETS: dict[str, dict] = {
@@ -304,31 +309,47 @@ def _check_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
     return config.model_copy(update=sections)
 
 
+def read_toml_config(path: str | Path, name: str, *, missing: str) -> tuple[dict, Path]:
+    """The parsed TOML of config file ``path`` (or of ``path/name`` for a folder), and its path.
+
+    ``missing``: the message of the ``FileNotFoundError`` when there is no such file ("{path}"
+    stands for it). A file that is not TOML gives a ``ValueError`` naming it.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / name
+    if not path.is_file():
+        raise FileNotFoundError(missing.format(path=repr(str(path))))
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8")), path
+    except tomllib.TOMLDecodeError as error:
+        raise ValueError(f"{path}: not valid TOML: {error}") from None
+
+
+def validate_config(root: type[ConfigSection], data: dict, *, source: str) -> ConfigSection:
+    """Validate a plain dict (as parsed from TOML) into ``root``; one ``ValueError`` lists every problem."""
+    try:
+        return root.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(format_config_error(source, error, root)) from None
+
+
 def read_config(path: str | Path, *, check_paths: bool = True) -> ExperimentConfig:
     """Read and validate an ``experiment.toml`` (or the one inside a folder).
 
     Raises ``ValueError`` naming the key, the bad value and what is allowed; ``FileNotFoundError``
     when the file or a path it names does not exist.
     """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        path = path / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no experiment config at {str(path)!r}; create one with `closedloop init DIR`")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path}: not valid TOML: {error}") from None
+    data, path = read_toml_config(
+        path, CONFIG_NAME, missing="no experiment config at {path}; create one with `closedloop init DIR`"
+    )
     config = build_config(data, source=str(path))
     return _check_paths(config, path.parent) if check_paths else config
 
 
 def build_config(data: dict, *, source: str = "config") -> ExperimentConfig:
     """Validate a plain dict (as parsed from TOML) into an :class:`ExperimentConfig`."""
-    try:
-        return ExperimentConfig.model_validate(data)
-    except ValidationError as error:
-        raise ValueError(format_config_error(source, error)) from None
+    return validate_config(ExperimentConfig, data, source=source)
 
 
 def _toml_value(value) -> str:

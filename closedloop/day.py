@@ -201,10 +201,9 @@ def _stage_estimate(day: _Day) -> dict:
     stimuli = responses.stimuli
     truth = expected = None
     if day.config.rig.kind == "sim":
-        from closedloop.truth import compute_sim_expected_counts, compute_sim_truth
+        from closedloop.truth import compute_sim_truth
 
-        truth = compute_sim_truth(day.config, day.path("store.zarr"), seed=day.seed("truth"), device=day.device)
-        expected = compute_sim_expected_counts(day.config, day.path("store.zarr"), device=day.device)
+        truth, expected = compute_sim_truth(day.config, day.path("store.zarr"), seed=day.seed("truth"), device=day.device)
     records = compute_sensitivity(
         stimuli["parent"], stimuli["site"], stimuli["eps"], stimuli["kind"], stimuli["predicted"], responses.means,
         truth=truth, expected=expected,
