@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from closedloop.files import atomic_path, compute_file_digest, write_json
 from closedloop.validation import check_file, check_integer, check_option
 from models.checkpoints import read_sidecar_metadata
-from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network
+from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network, prepare_images
 
 __all__ = [
     "RESTRICTED_IMAGENET_RANGES",
@@ -151,10 +150,8 @@ class Classifier(nn.Module):
 
     def compute_features(self, images: torch.Tensor) -> torch.Tensor:
         """Penultimate features (N, C): the ResNet up to its global average pool, flattened."""
-        if self.input_size:
-            images = F.adaptive_avg_pool2d(images, self.input_size)
         net = self.network
-        x = net.maxpool(net.relu(net.bn1(net.conv1((images - self.mean) / self.std))))
+        x = net.maxpool(net.relu(net.bn1(net.conv1(prepare_images(images, self.mean, self.std, self.input_size)))))
         x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
         return torch.flatten(net.avgpool(x), 1)
 

@@ -38,6 +38,7 @@ __all__ = [
     "make_network",
     "make_backbone",
     "layer_names",
+    "prepare_images",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -119,6 +120,14 @@ def layer_names(network: nn.Module) -> list[str]:
     return list(dict.fromkeys(modules + nodes))
 
 
+def prepare_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, input_size: int = 0) -> torch.Tensor:
+    """A network's input: images (N, 3, H, W) in [0, 1], area-downsampled to ``input_size`` px when
+    > 0, then normalised by ``mean``/``std`` (per RGB channel, shaped (1, 3, 1, 1))."""
+    if input_size:
+        images = F.adaptive_avg_pool2d(images, input_size)
+    return (images - mean) / std
+
+
 class Backbone(nn.Module):
     """Images in [0, 1], (N, 3, H, W) → the feature map at ``layer``.
 
@@ -152,9 +161,7 @@ class Backbone(nn.Module):
         self.source, self.architecture, self.layer, self.num_classes = source, architecture, layer, num_classes
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.input_size:
-            images = F.adaptive_avg_pool2d(images, self.input_size)
-        features = self.network((images - self.mean) / self.std)[_OUTPUT]
+        features = self.network(prepare_images(images, self.mean, self.std, self.input_size))[_OUTPUT]
         return features.flatten(1) if self.layer in _FLATTENED_LAYERS else features
 
     def out_shape(self, size: int = 224) -> tuple[int, ...]:
