@@ -28,6 +28,7 @@ from closedloop.validation import check_integer, check_number
 __all__ = [
     "BehaviorData",
     "lapse_correct",
+    "lapse_rate",
     "mtme",
     "read_behavior_data",
     "compute_choice_probabilities",
@@ -40,6 +41,11 @@ __all__ = [
 
 _CURVE_MODES = ("disrupt", "target", "composite", "centroid", "interpolation", "gaussian")
 _TARGET_MODES = ("target", "composite", "interpolation")
+
+
+def lapse_rate(p_catch, n_choices: int = 9):
+    """Lapse rate γ = (1 − p_catch) / (1 − 1/N) from catch-trial accuracy ``p_catch`` (scalar or array); N = ``n_choices``."""
+    return (1.0 - np.asarray(p_catch, dtype=np.float64)) / (1.0 - 1.0 / n_choices)
 
 
 def lapse_correct(p, p_catch, n_choices: int = 9):
@@ -58,7 +64,7 @@ def lapse_correct(p, p_catch, n_choices: int = 9):
     if np.any(catch <= 1.0 / n_choices):
         raise ValueError(f"'p_catch' must be > 1/n_choices = {1 / n_choices:.3g} (a subject at chance on catch trials has "
                          f"no usable answers), but got {catch.min():g}; leave such subjects out.")
-    gamma = (1.0 - catch) / (1.0 - 1.0 / n_choices)
+    gamma = lapse_rate(catch, n_choices)
     corrected = (p_values - gamma / n_choices) / (1.0 - gamma)
     return float(corrected) if corrected.ndim == 0 else corrected
 
@@ -113,13 +119,13 @@ def read_behavior_data(out: str | Path) -> BehaviorData:
 
     Categorisation subjects whose catch accuracy is ≤ 1/9 are left out (listed in ``excluded``).
     """
+    from closedloop.behavior_generate import read_manifest
     from closedloop.behavior_server import read_behavior_results
     from closedloop.behavior_sessions import read_behavior_build
-    from closedloop.files import read_json
 
     out = Path(out).expanduser()
     build = read_behavior_build(out)
-    manifest = read_json(out / "manifest.json")
+    manifest = read_manifest(out)
     names = manifest["category_names"]
     index = {record["item"]: k for k, record in enumerate(manifest["records"])}
     stimulus_item = {name: index.get(item) for name, item in build["stimuli"].items()}

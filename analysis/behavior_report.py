@@ -18,6 +18,7 @@ from analysis.behavior import (
     compute_mtme_table,
     compute_rates,
     compute_timing_summary,
+    lapse_rate,
     read_behavior_data,
 )
 from analysis.html import make_figure, render_figure, render_links, render_table, write_csv, write_page
@@ -106,7 +107,7 @@ def _summary(data: BehaviorData, mtme_rows: list[dict]) -> str:
              f"{int(data.counts.sum())} test and reference reports on {int((data.counts.sum(axis=(0, 2)) > 0).sum())} images; "
              f"{len({r['subject'] for r in data.detection})} detection subjects, {len(data.detection)} trials."]
     if len(data.p_catch):
-        lapse = (1 - data.p_catch) / (1 - 1 / len(data.category_names))
+        lapse = lapse_rate(data.p_catch, len(data.category_names))
         lines.append(f"Lapse rate γ from catch trials: median {np.median(lapse):.3f} (range {lapse.min():.3f}–{lapse.max():.3f}).")
     for row in people:
         value = "never (≤ 10% up to ε = 30)" if row["mtme"] is None else f"ε = {row['mtme']:.2f}"
@@ -132,7 +133,7 @@ def write_behavior_report(out: str | Path, *, html_path: str | Path | None = Non
     detection = compute_detection_rates(data, n_boot=n_boot, seed=seed)
     timing = compute_timing_summary(data)
     probabilities = compute_choice_probabilities(data)
-    lapse = (1 - data.p_catch) / (1 - 1 / len(data.category_names)) if len(data.p_catch) else []
+    lapse = lapse_rate(data.p_catch, len(data.category_names)) if len(data.p_catch) else []
     subjects = [{"subject": s, "p_catch": float(p), "lapse_rate": float(g)} for s, p, g in zip(data.subjects, data.p_catch, lapse)]
     tables = {name: write_csv(tables_dir / f"{name}.csv", rows)
               for name, rows in (("rates", rates), ("mtme", mtme_rows), ("detection", detection), ("timing", timing),

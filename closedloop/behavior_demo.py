@@ -29,10 +29,10 @@ def compute_demo_truth(out: str | Path, model: str, temperature: float) -> dict:
 
     ``out``: a built task folder; keys are ``"mode/guide/eps"`` (``"control//0"`` for clean images).
     """
+    from closedloop.behavior_generate import read_manifest
     from closedloop.behavior_observers import compute_observer_probabilities
-    from closedloop.files import read_json
 
-    manifest = read_json(Path(out) / "manifest.json")
+    manifest = read_manifest(out)
     names = manifest["category_names"]
     groups: dict[str, list[float]] = {}
     for record in manifest["records"]:
@@ -50,7 +50,7 @@ def run_behavior_demo(out: str | Path, *, n_parallel: int = 3, n_boot: int = 500
     paths, seconds per stage, the true and recovered lapse rate, and per budget the true and
     measured disruption rate of the simulated people with its 95% CI (``within_ci``).
     """
-    from analysis.behavior import read_behavior_data
+    from analysis.behavior import lapse_rate, read_behavior_data
     from analysis.behavior_report import write_behavior_report
     from closedloop.behavior_config import make_preset_config
     from closedloop.behavior_generate import write_behavior_stimuli
@@ -79,7 +79,7 @@ def run_behavior_demo(out: str | Path, *, n_parallel: int = 3, n_boot: int = 500
         key = f"{'control' if row['budget'] == 0 else row['mode']}/{'' if row['budget'] == 0 else row['guide']}/{row['budget']:g}"
         checks.append({"mode": row["mode"], "budget": row["budget"], "true": truth[key], "measured": row["rate"],
                        "low": row["low"], "high": row["high"], "within_ci": row["low"] <= truth[key] <= row["high"]})
-    lapse = (1 - data.p_catch) / (1 - 1 / len(data.category_names))
+    lapse = lapse_rate(data.p_catch, len(data.category_names))
     result = {"out": str(out), "report": report["html"], "n_results": len(files), "seconds": seconds,
               "lapse_true": observer.lapse_rate, "lapse_recovered": float(lapse.mean()), "disruption": checks,
               "mtme": report["mtme"], "detection": report["detection"]}

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from closedloop.behavior_config import EMBEDDED, BehaviorConfig, render_behavior_config
-from closedloop.files import atomic_path, read_json, write_json, write_text
+from closedloop.files import read_json, write_bytes, write_json, write_text
 from closedloop.logs import logger, progress
 from closedloop.provenance import compute_provenance, derive_seed
 
@@ -203,8 +203,7 @@ def _write_png(path: Path, pixels: np.ndarray) -> None:
 
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _read_png(path: Path) -> np.ndarray:

@@ -158,13 +158,14 @@ def write_simulated_results(
     ``"categorization"`` or ``"detection"``). ``n_parallel``: browser pages at once. Returns the
     results files written.
     """
+    from closedloop.behavior_generate import read_manifest
     from closedloop.behavior_server import make_behavior_server
     from closedloop.behavior_sessions import read_behavior_build
     from closedloop.files import read_json
 
     out = Path(out).expanduser()
     build = read_behavior_build(out)
-    manifest = read_json(out / "manifest.json")
+    manifest = read_manifest(out)
     if observer.model not in manifest["models"]:
         raise ValueError(f"'model' {observer.model!r} is not a model of the stimulus set; allowed: {sorted(manifest['models'])}.")
     check_integer("n_parallel", n_parallel, minimum=1, maximum=16)

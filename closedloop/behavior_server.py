@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections import Counter
 from functools import partial
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -79,8 +80,8 @@ def read_behavior_results(out: str | Path) -> list[dict]:
 class _Handler(SimpleHTTPRequestHandler):
     """Static files from ``site/``; ``/start`` picks a session; ``POST /results`` saves one."""
 
-    def __init__(self, *args, out: Path, **kwargs):
-        self.out = out
+    def __init__(self, *args, out: Path, sessions: list[dict], **kwargs):
+        self.out, self.sessions = out, sessions
         super().__init__(*args, directory=str(out / "site"), **kwargs)
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
@@ -92,12 +93,12 @@ class _Handler(SimpleHTTPRequestHandler):
             super().do_GET()
             return
         kind = parse_qs(url.query).get("kind", ["categorization"])[0]
-        sessions = [s for s in read_json(self.out / "build.json")["sessions"] if s["kind"] == kind]
+        sessions = [s for s in self.sessions if s["kind"] == kind]
         if not sessions:
             self.send_error(HTTPStatus.NOT_FOUND, f"no {kind} sessions in this build")
             return
-        done = [path.name.split("-")[0] for path in _results_folder(self.out).glob("*.json")]
-        chosen = min(sessions, key=lambda s: done.count(s["session"]))
+        done = Counter(path.name.split("-")[0] for path in _results_folder(self.out).glob("*.json"))
+        chosen = min(sessions, key=lambda s: done[s["session"]])
         self.send_response(HTTPStatus.FOUND)
         self.send_header("Location", "/" + chosen["url"])
         self.end_headers()
@@ -134,7 +135,7 @@ def make_behavior_server(out: str | Path, *, host: str = "127.0.0.1", port: int 
     from closedloop.behavior_sessions import read_behavior_build
 
     out = Path(out).expanduser().resolve()
-    read_behavior_build(out)
+    sessions = read_behavior_build(out)["sessions"]
     check_integer("port", port, minimum=0, maximum=65535)
     _results_folder(out).mkdir(exist_ok=True)
-    return ThreadingHTTPServer((host, port), partial(_Handler, out=out))
+    return ThreadingHTTPServer((host, port), partial(_Handler, out=out, sessions=sessions))

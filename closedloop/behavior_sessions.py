@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from closedloop.files import atomic_path, read_json, write_json, write_text
+from closedloop.files import read_json, write_bytes, write_json, write_text
 from closedloop.logs import logger
 from closedloop.provenance import compute_provenance, derive_seed
 from closedloop.validation import check_dir, check_integer, check_number
@@ -77,11 +77,6 @@ def read_task_bundle() -> dict[str, bytes]:
             "`make web` in the closedloop checkout (runs `npm ci` and esbuild in web/; needs node 20 and npm)."
         )
     return {name: (_BUNDLE / name).read_bytes() for name in BUNDLE_FILES}
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_bytes(data)
 
 
 def _make_catch_image(shape: str, size: int = 224) -> bytes:
@@ -212,7 +207,7 @@ def write_behavior_sessions(
     ``round(image_degrees * px_per_degree)`` px (40 px/° ≈ a 96 dpi screen at 57 cm). Returns
     ``out``, ``n_sessions`` per kind, ``sessions`` (id, kind, n_trials, url) and ``image_px``.
     """
-    from closedloop.behavior_generate import read_manifest
+    from closedloop.behavior_generate import MANIFEST_NAME, read_manifest
 
     stimuli = check_dir("stimuli", stimuli)
     manifest = read_manifest(stimuli)
@@ -242,11 +237,11 @@ def write_behavior_sessions(
     if site.exists():
         shutil.rmtree(site)
     for record in records:
-        _write_bytes(site / names[record["item"]], (stimuli / record["file"]).read_bytes())
+        write_bytes(site / names[record["item"]], (stimuli / record["file"]).read_bytes())
     for shape in CATCH_SHAPES:
-        _write_bytes(site / f"stimuli/catch_{shape}.png", _make_catch_image(shape))
+        write_bytes(site / f"stimuli/catch_{shape}.png", _make_catch_image(shape))
     for name, data in bundle.items():
-        _write_bytes(site / name, data)
+        write_bytes(site / name, data)
     write_text(site / "index.html", _PAGE.format(title=html.escape("Image task")))
 
     rng = np.random.default_rng(derive_seed(seed, "behavior sessions"))
@@ -271,7 +266,7 @@ def write_behavior_sessions(
         })
     listing = [{"session": s["session"], "kind": s["kind"], "n_trials": len(s["trials"]),
                 "url": f"index.html?session={s['session']}"} for s in sessions]
-    write_json(out / "manifest.json", manifest)
+    write_json(out / MANIFEST_NAME, manifest)
     write_json(out / BUILD_NAME, {
         "format": "closedloop.behavior_build", "format_version": 1, "stimulus_set": str(stimuli.resolve()),
         "parameters": {"n_warmup": n_warmup, "n_test": n_test, "n_reference": n_reference, "n_catch": n_catch,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from closedloop.validation import check_file
 
-__all__ = ["atomic_path", "write_text", "write_json", "read_json", "compute_file_digest"]
+__all__ = ["atomic_path", "write_text", "write_bytes", "write_json", "read_json", "compute_file_digest"]
 
 
 @contextmanager
@@ -47,6 +47,13 @@ def write_text(path: str | Path, text: str, *, mode: int | None = None) -> Path:
             stream.write(text)
             stream.flush()
             os.fsync(stream.fileno())
+    return Path(path)
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` atomically (a crash leaves the old file or none, never part of the new one)."""
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
     return Path(path)
 
 
