@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from closedloop.attacks import compute_pgd
+from closedloop.attacks import compute_pgd, compute_predictions
 from closedloop.images import to_tensor
 from closedloop.logs import progress
 from closedloop.validation import check_integer, check_number, check_option, check_uint8_images
@@ -138,8 +138,7 @@ def compute_response_geometry(
     check_option("second", second, SECOND_DIRECTIONS)
     units = [check_integer("units", int(unit), minimum=0) for unit in np.atleast_1d(units)]
     images = to_tensor(images_uint8)
-    with torch.no_grad():
-        outputs = model(images).flatten(1).double().cpu().numpy()
+    outputs = compute_predictions(model, images_uint8).reshape(len(images_uint8), -1).astype(np.float64)
     bad = [unit for unit in units if unit >= outputs.shape[1]]
     if bad:
         raise ValueError(f"'units' must lie in [0, {outputs.shape[1] - 1}], but got {bad}.")

@@ -16,7 +16,7 @@ import numpy as np
 
 from analysis.experiment import read_clean_images, read_experiment
 from analysis.html import make_figure, write_csv
-from closedloop.files import atomic_path, write_json
+from closedloop.files import atomic_path, write_json, write_npz
 from closedloop.logs import logger
 from closedloop.validation import check_dir, check_integer, check_number, check_option
 
@@ -144,26 +144,28 @@ def write_evolution(
         raise ValueError(f"'network' and 'classifier' are scored in silico, but got mode={mode!r}; use mode='silico'.")
     inputs = read_probe_inputs(experiment, day=day, seed=seed)
     if network is not None or classifier is not None:
-        return _evolve_network(inputs, network, classifier, layer, units, trust, name, encoding=encoding, seed=seed,
-                               n_generations=n_generations, n_children=n_children, genome_size=genome_size,
-                               rate_start=rate_start, halve_every=halve_every, overwrite=overwrite,
-                               optimizer=optimizer, sigma=sigma)
-    chosen = _sites(sites, inputs.responses.shape[1])
-    out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{mode}_{encoding}")
-    clean = None
-    if eps is not None:
-        clean = inputs.pixels[check_integer("clean_index", clean_index, minimum=0, maximum=len(inputs.pixels) - 1)]
-    options = dict(encoding=encoding, n_generations=n_generations, n_children=n_children, image_size=inputs.pixels.shape[1],
-                   genome_size=genome_size, objective_labels=[f"site {s}" for s in chosen], clean=clean, eps=eps,
-                   rate_start=rate_start, halve_every=halve_every, seed=seed, overwrite=overwrite, optimizer=optimizer,
-                   sigma=sigma)
-    settings = {"mode": mode, "experiment": str(inputs.experiment), "day": inputs.day, "sites": chosen,
-                "clean_index": clean_index if eps is not None else None}
-    if mode == "silico":
-        summary = run_evolution(make_model_scorer(inputs.model, units=chosen), out, settings=settings, **options)
+        summary = _evolve_network(inputs, network, classifier, layer, units, trust, name, encoding=encoding, seed=seed,
+                                  n_generations=n_generations, n_children=n_children, genome_size=genome_size,
+                                  rate_start=rate_start, halve_every=halve_every, overwrite=overwrite,
+                                  optimizer=optimizer, sigma=sigma)
     else:
-        summary = _evolve_in_the_loop(inputs, chosen, out, options, settings, n_references, repetitions, seed)
-    _write_png(out / "elites.png", _elites_figure(out))
+        chosen = _sites(sites, inputs.responses.shape[1])
+        out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{mode}_{encoding}")
+        clean = None
+        if eps is not None:
+            clean = inputs.pixels[check_integer("clean_index", clean_index, minimum=0, maximum=len(inputs.pixels) - 1)]
+        options = dict(encoding=encoding, n_generations=n_generations, n_children=n_children, image_size=inputs.pixels.shape[1],
+                       genome_size=genome_size, objective_labels=[f"site {s}" for s in chosen], clean=clean, eps=eps,
+                       rate_start=rate_start, halve_every=halve_every, seed=seed, overwrite=overwrite, optimizer=optimizer,
+                       sigma=sigma)
+        settings = {"mode": mode, "experiment": str(inputs.experiment), "day": inputs.day, "sites": chosen,
+                    "clean_index": clean_index if eps is not None else None}
+        if mode == "silico":
+            summary = run_evolution(make_model_scorer(inputs.model, units=chosen), out, settings=settings, **options)
+        else:
+            summary = _evolve_in_the_loop(inputs, chosen, out, options, settings, n_references, repetitions, seed)
+    folder = Path(summary["out"])
+    _write_png(folder / "elites.png", _elites_figure(folder))
     return summary
 
 
@@ -187,12 +189,10 @@ def _evolve_network(inputs: ProbeInputs, network, classifier, layer: str, units,
         model, chosen = load_backbone(network, layer, trust=trust).eval(), [int(u) for u in units]
         labels, source, kind = [f"unit {u}" for u in chosen], network, "network"
     out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{Path(str(source)).stem}_{encoding}")
-    summary = run_evolution(make_model_scorer(model, units=chosen, softmax=classifier is not None), out, encoding=encoding,
-                            image_size=inputs.pixels.shape[1], objective_labels=labels, seed=seed,
-                            settings={"mode": "silico", kind: str(source), "layer": layer if network else None,
-                                      "units": chosen}, **options)
-    _write_png(out / "elites.png", _elites_figure(out))
-    return summary
+    return run_evolution(make_model_scorer(model, units=chosen, softmax=classifier is not None), out, encoding=encoding,
+                         image_size=inputs.pixels.shape[1], objective_labels=labels, seed=seed,
+                         settings={"mode": "silico", kind: str(source), "layer": layer if network else None,
+                                   "units": chosen}, **options)
 
 
 def _evolve_in_the_loop(inputs: ProbeInputs, sites: list[int], out: Path, options: dict, settings: dict,
@@ -262,8 +262,7 @@ def write_patterns(experiment: str | Path, *, day: int | None = None, sites=None
     result = compute_site_patterns(inputs.model, chosen, inputs.pixels, inputs.responses, eps=eps, n_aai=n_aai,
                                    n_noise=n_noise, n_steps=n_steps, seed=seed)
     arrays = {f"site_{site}_{name}": pattern for site, found in result["patterns"].items() for name, pattern in found.items()}
-    with atomic_path(out / "patterns.npz") as temporary, temporary.open("wb") as stream:
-        np.savez_compressed(stream, **arrays)
+    write_npz(out / "patterns.npz", **arrays)
     write_csv(out / "similarity.csv", result["similarity"])
     for site, found in list(result["patterns"].items())[:_MAX_FIGURES]:
         figure, axes = make_figure(12, 2.6, ncols=len(found))
@@ -294,17 +293,16 @@ def write_geometry(experiment: str | Path, *, day: int | None = None, sites=None
     """
     from analysis.geometry import compute_response_geometry
 
-    inputs = read_probe_inputs(experiment, day=day, n_images=max(check_integer("n_images", n_images, minimum=2), 2), seed=seed)
+    inputs = read_probe_inputs(experiment, day=day, n_images=n_images, seed=seed)
     chosen = _sites(sites, inputs.responses.shape[1])
     out = inputs.experiment / PROBES_DIR / "geometry"
     out.mkdir(parents=True, exist_ok=True)
     result = compute_response_geometry(inputs.model, inputs.pixels, chosen, eps=eps, second=second, n_grid=n_grid,
                                        n_path=n_path, n_steps=n_steps, seed=seed)
     maps = result["maps"]
-    with atomic_path(out / "maps.npz") as temporary, temporary.open("wb") as stream:
-        np.savez_compressed(stream, responses=np.stack([m["responses"] for m in maps]), a=maps[0]["a"], b=maps[0]["b"],
-                            unit=np.array([m["unit"] for m in maps]), image=np.array([m["image"] for m in maps]),
-                            clean=np.array([m["clean"] for m in maps]), path_length=np.array([m["path_length"] for m in maps]))
+    write_npz(out / "maps.npz", responses=np.stack([m["responses"] for m in maps]), a=maps[0]["a"], b=maps[0]["b"],
+              unit=np.array([m["unit"] for m in maps]), image=np.array([m["image"] for m in maps]),
+              clean=np.array([m["clean"] for m in maps]), path_length=np.array([m["path_length"] for m in maps]))
     write_csv(out / "curvature.csv", result["rows"])
     _write_png(out / "contours.png", _contour_figure(maps[:_MAX_FIGURES], result["rows"], second, eps))
     _write_png(out / "curvature_vs_sensitivity.png", _scatter_figure(result["rows"], result["correlation"]))

@@ -39,7 +39,7 @@ import torch
 
 from closedloop.attacks import compute_predictions, quantize_within_budget
 from closedloop.cppn import make_cppn_child, make_cppn_genome
-from closedloop.files import atomic_path, write_json
+from closedloop.files import write_json, write_npz
 from closedloop.images import quantize
 from closedloop.logs import logger, progress
 from closedloop.validation import check_array, check_integer, check_number, check_option, check_uint8_images
@@ -252,13 +252,6 @@ class _CMAStrategies:
             start += len(xs)
 
 
-def _write_npz(path: Path, **arrays) -> Path:
-    with atomic_path(path) as temporary:
-        with temporary.open("wb") as stream:
-            np.savez_compressed(stream, **arrays)
-    return path
-
-
 def _check_constraint(clean, eps, image_size: int):
     if (clean is None) != (eps is None):
         raise ValueError("'clean' and 'eps' go together: give both to search inside the ε-ball around a clean image, "
@@ -411,7 +404,7 @@ def run_evolution(
         extra = {} if not isinstance(score, RigScorer) else {"reference_counts": score.reference_counts[-1]}
         if rescore_elites:
             extra.update(rescored_ids=np.array(again, dtype=np.int64), rescored_scores=rescored)
-        _write_npz(out / _GENERATIONS / f"gen_{generation:04d}.npz", pixels=pixels, scores=scores, ids=ids, parent=parents,
+        write_npz(out / _GENERATIONS / f"gen_{generation:04d}.npz", pixels=pixels, scores=scores, ids=ids, parent=parents,
                    parent_objective=parent_objective, child_seed=np.array([[seed, generation, k] for k in range(n_new)]),
                    elite_ids=elite_ids, elite_scores=elite_scores, **coder.record(genomes), **extra)
         history.append({"generation": generation, "best_child": scores.max(axis=0).tolist(), "elite": elite_scores.tolist()})
@@ -420,7 +413,7 @@ def run_evolution(
         if optimizer == "cma" and strategies is None:
             popsize = max(_MIN_CMA_POPSIZE, n_children // len(elite_ids))
             strategies = _CMAStrategies([kept[int(i)][0] for i in elite_ids], popsize, sigma, seed)
-    _write_npz(out / "elites.npz", pixels=np.stack([kept[int(i)][1] for i in elite_ids]), scores=elite_scores, ids=elite_ids,
+    write_npz(out / "elites.npz", pixels=np.stack([kept[int(i)][1] for i in elite_ids]), scores=elite_scores, ids=elite_ids,
                generation=np.array([kept[int(i)][2] for i in elite_ids]), objectives=np.array(labels))
     summary = {"out": str(out), "encoding": encoding, "n_generations": n_generations, "objectives": labels,
                "first_elite": history[0]["elite"], "last_elite": history[-1]["elite"],

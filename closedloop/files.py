@@ -16,7 +16,7 @@ from pathlib import Path
 
 from closedloop.validation import check_file
 
-__all__ = ["atomic_path", "write_text", "write_bytes", "write_json", "read_json", "compute_file_digest"]
+__all__ = ["atomic_path", "write_text", "write_bytes", "write_npz", "write_json", "read_json", "compute_file_digest"]
 
 
 @contextmanager
@@ -54,6 +54,15 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` atomically (a crash leaves the old file or none, never part of the new one)."""
     with atomic_path(path) as temporary:
         temporary.write_bytes(data)
+    return Path(path)
+
+
+def write_npz(path: str | Path, *, compressed: bool = True, **arrays) -> Path:
+    """Write numpy ``arrays`` (name → array) as one ``.npz`` atomically; ``compressed``: zip-deflate them."""
+    import numpy as np
+
+    with atomic_path(path) as temporary, temporary.open("wb") as stream:
+        (np.savez_compressed if compressed else np.savez)(stream, **arrays)
     return Path(path)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from closedloop.attacks import compute_predictions, make_site_attacks
 from closedloop.baselines import make_gaussian_baseline, make_interpolation_baseline
 from closedloop.config import AttackSection
-from closedloop.files import atomic_path
+from closedloop.files import write_npz
 from closedloop.logs import progress
 from closedloop.plan import Plan
 from closedloop.provenance import derive_seed
@@ -72,8 +72,7 @@ def _make_attacks(model, clean, jobs, settings: AttackSection, *, seed, parts_di
                 n_restarts=settings.restarts, batch_size=settings.batch_size,
                 seed=derive_seed(seed, "attack-part", part), device=device,
             )
-            with atomic_path(path) as temporary, temporary.open("wb") as handle:
-                np.savez(handle, pixels=made.pixels, direction=made.direction, predicted=made.predicted)
+            write_npz(path, compressed=False, pixels=made.pixels, direction=made.direction, predicted=made.predicted)
         with np.load(path) as saved:
             if len(saved["pixels"]) != len(image[chosen]):
                 raise ValueError(f"{path} holds {len(saved['pixels'])} attacks, expected {len(image[chosen])}; "

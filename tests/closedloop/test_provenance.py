@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from closedloop.files import compute_file_digest, read_json, write_json
+from closedloop.files import compute_file_digest, read_json, write_bytes, write_json, write_npz
 from closedloop.provenance import compute_provenance, derive_seed
 
 
@@ -34,3 +34,21 @@ def test_json_written_atomically_and_damage_is_named(tmp_path):
     path.write_text("{broken")
     with pytest.raises(ValueError, match="x.json: not valid JSON"):
         read_json(path)
+
+
+def test_bytes_and_npz_are_written_whole_or_not_at_all(tmp_path):
+    import numpy as np
+
+    path = write_bytes(tmp_path / "b.bin", b"abc")
+    assert path.read_bytes() == b"abc"
+    for compressed in (True, False):
+        saved = write_npz(tmp_path / f"a{compressed}.npz", compressed=compressed, x=np.arange(3), y=np.ones((2, 2)))
+        with np.load(saved) as arrays:
+            assert arrays["x"].tolist() == [0, 1, 2] and arrays["y"].shape == (2, 2)
+    class Unreadable:
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("cannot be read")
+
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        write_npz(tmp_path / "bad.npz", x=np.arange(2), y=Unreadable())  # fails half-way: nothing may be left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aFalse.npz", "aTrue.npz", "b.bin"]
