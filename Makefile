@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-WEB_BUNDLE := closedloop/_web/task.js
+WEB_BUNDLE := closedloop/behavior/_web/task.js
 
 .PHONY: setup web browser demo test bench clean
 
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The behavioural web task: jsPsych from npm (web/package-lock.json), bundled by esbuild into
-# closedloop/_web/ (git-ignored), which `closedloop behavior build` copies into each build.
+# closedloop/behavior/_web/ (git-ignored), which `closedloop behavior build` copies into each build.
 $(WEB_BUNDLE): web/package.json web/package-lock.json web/src/task.js web/src/task.css
 	command -v npm >/dev/null || (apt-get update && apt-get install -y nodejs npm)
 	cd web && npm ci --no-audit --no-fund && npm run build
@@ -39,4 +39,4 @@ bench: $(STAMP)
 	$(BIN)/closedloop bench --json
 
 clean:
-	rm -rf $(VENV) .pytest_cache web/node_modules closedloop/_web
+	rm -rf $(VENV) .pytest_cache web/node_modules closedloop/behavior/_web

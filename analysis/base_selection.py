@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from closedloop.attacks import compute_predictions
-from closedloop.logs import progress
-from closedloop.store import open_store
-from closedloop.validation import check_array, check_device, check_indices, check_integer
+from closedloop.attacks.engine import compute_predictions
+from closedloop.core.logs import progress
+from closedloop.core.validation import check_array, check_device, check_indices, check_integer
+from closedloop.data.store import open_store
 
 __all__ = ["compute_layer_scores", "compute_base_selection", "CRITERIA"]
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from closedloop.responses import DayResponses
-from closedloop.validation import check_number
+from closedloop.core.validation import check_number
+from closedloop.sensitivity.responses import DayResponses
 
 __all__ = ["compute_category_preference"]
 
@@ -53,7 +53,7 @@ def _crossing(eps: list[float], mean: list[float], level: float) -> float | None
 def compute_category_preference(responses: list[DayResponses], *, window_length_s: float) -> dict[str, list[dict]]:
     """Preferred categories and super-stimuli per site.
 
-    ``responses``: the days to pool (:class:`closedloop.responses.DayResponses` each);
+    ``responses``: the days to pool (:class:`closedloop.sensitivity.responses.DayResponses` each);
     ``window_length_s``: response window length, s (spikes per window ÷ this = Hz). Returns:
 
     - ``"category_means"``: ``site``, ``category``, ``n_images``, ``mean``, ``sd`` of clean
@@ -70,7 +70,7 @@ def compute_category_preference(responses: list[DayResponses], *, window_length_
       ``_sd`` over sites.
     """
     if not isinstance(responses, list) or not all(isinstance(r, DayResponses) for r in responses) or not responses:
-        raise TypeError("'responses' must be a non-empty list of closedloop.responses.DayResponses (one per day).")
+        raise TypeError("'responses' must be a non-empty list of closedloop.sensitivity.responses.DayResponses (one per day).")
     window = check_number("window_length_s", window_length_s, minimum=0.0, inclusive=False)
     means, category, attacks = _pooled(responses)
     tables = {name: [] for name in ("category_means", "preference", "curves", "crossing")}

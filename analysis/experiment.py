@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from closedloop.config import read_config
-from closedloop.estimate import SignedChanges, compute_signed_changes
-from closedloop.files import read_json
-from closedloop.responses import DayResponses, read_day_responses
-from closedloop.store import open_store
-from closedloop.validation import check_dir, check_integer
+from closedloop.core.files import read_json
+from closedloop.core.validation import check_dir, check_integer
+from closedloop.data.store import open_store
+from closedloop.sensitivity.estimator import SignedChanges, compute_signed_changes
+from closedloop.sensitivity.responses import DayResponses, read_day_responses
 
 __all__ = ["ExperimentDay", "read_experiment", "read_experiment_day", "read_clean_images"]
 
@@ -32,7 +32,7 @@ class ExperimentDay:
     ``records``: the rows of ``sensitivity.json``; ``stages``: ``{stage: marker}`` from
     ``stages/*.json`` (timing and summary); ``window_s``: the response window (start, stop) in
     s after onset, from the day's frozen ``config.toml``; ``simulated``: the day was recorded on
-    the simulated rig; ``responses``: the day's stimuli and responses (:class:`closedloop.responses.DayResponses`).
+    the simulated rig; ``responses``: the day's stimuli and responses (:class:`closedloop.sensitivity.responses.DayResponses`).
     """
 
     day: int
@@ -54,7 +54,7 @@ class ExperimentDay:
         return float(self.window_s[1] - self.window_s[0])
 
     def signed_changes(self) -> SignedChanges:
-        """Every (site, perturbed stimulus) pair's model-signed change (see :mod:`closedloop.estimate`)."""
+        """Every (site, perturbed stimulus) pair's model-signed change (see :mod:`closedloop.sensitivity.estimator`)."""
         s = self.stimuli
         return compute_signed_changes(s["parent"], s["site"], s["eps"], s["kind"], s["predicted"], self.responses.means)
 

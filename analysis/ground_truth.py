@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from closedloop.estimate import ATTACK
+from closedloop.sensitivity.estimator import ATTACK
 
 __all__ = ["compute_truth_comparison"]
 

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from closedloop.files import atomic_path, write_text
+from closedloop.core.files import atomic_path, write_text
 
 __all__ = ["make_figure", "render_figure", "render_table", "render_links", "write_page", "write_csv", "write_pdf"]
 

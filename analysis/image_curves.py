@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from closedloop.estimate import ATTACK, BASELINES, compute_signed_changes
-from closedloop.responses import DayResponses
-from closedloop.validation import check_option
+from closedloop.core.validation import check_option
+from closedloop.sensitivity.estimator import ATTACK, BASELINES, compute_signed_changes
+from closedloop.sensitivity.responses import DayResponses
 
 __all__ = ["compute_noise_variance", "compute_image_curves"]
 
@@ -55,7 +55,7 @@ def compute_noise_variance(stimulus, valid, counts) -> np.ndarray:
 def compute_image_curves(responses: DayResponses, *, kind: str = "attack") -> dict[str, list[dict]]:
     """Per-image curves s_i(x, ε), their slopes and significance, for one day.
 
-    ``responses``: a day's :class:`closedloop.responses.DayResponses`; ``kind``: the
+    ``responses``: a day's :class:`closedloop.sensitivity.responses.DayResponses`; ``kind``: the
     perturbations to use. Returns tables:
 
     - ``"points"``: ``site``, ``image`` (stimulus index of the clean image), ``eps``, ``change``
@@ -68,7 +68,7 @@ def compute_image_curves(responses: DayResponses, *, kind: str = "attack") -> di
       ``sd_slope``, ``t``, ``p``, ``n_significant_images`` (image p < 0.05).
     """
     if not isinstance(responses, DayResponses):
-        raise TypeError(f"'responses' must be closedloop.responses.DayResponses, but got {type(responses).__name__}.")
+        raise TypeError(f"'responses' must be closedloop.sensitivity.responses.DayResponses, but got {type(responses).__name__}.")
     check_option("kind", kind, (ATTACK, *BASELINES))
     s = responses.stimuli
     changes = compute_signed_changes(s["parent"], s["site"], s["eps"], s["kind"], s["predicted"], responses.means)

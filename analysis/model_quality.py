@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from closedloop.estimate import ATTACK
+from closedloop.sensitivity.estimator import ATTACK
 from models.predictivity import compute_pearson, compute_split_half_reliability
 
 __all__ = ["compute_model_quality", "compute_direction_accuracy"]
@@ -41,7 +41,7 @@ def _finite(value) -> float | None:
 def compute_direction_accuracy(changes) -> list[dict]:
     """Fraction of attack directions predicted right, per site and ε and over sites per ε.
 
-    ``changes``: :class:`closedloop.estimate.SignedChanges` of one day. Returns rows ``site``
+    ``changes``: :class:`closedloop.sensitivity.estimator.SignedChanges` of one day. Returns rows ``site``
     ("all" for the pooled row), ``eps``, ``n_pairs``, ``fraction_right`` (ties count ½).
     """
     attack = np.asarray(changes.kind) == ATTACK

@@ -4,7 +4,7 @@ For each network the user names (a registered backbone name, a checkpoint path, 
 ``nn.Module``), units of its penultimate layer (``avgpool``, flattened) are chosen at random
 among those that vary over the clean images; each unit's sensitivity
 s_u(ε) = E_x max_{‖δ‖≤ε} |h_u(x) − h_u(x+δ)| is solved with the paper's white-box solver
-(:func:`closedloop.whitebox.compute_unit_sensitivity`) on ``n_images`` clean images, and
+(:func:`closedloop.attacks.whitebox.compute_unit_sensitivity`) on ``n_images`` clean images, and
 divided by σ_u, the standard deviation of h_u over all the clean images given, so the values
 share the recorded sites' axis. Size (units, images, starts, steps) is the caller's choice:
 small on a CPU, the paper's (100 starts × 250 steps) on a GPU.
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from closedloop.attacks import compute_predictions
-from closedloop.logs import progress
-from closedloop.validation import check_device, check_integer, check_number, check_uint8_images
-from closedloop.whitebox import compute_unit_sensitivity
+from closedloop.attacks.engine import compute_predictions
+from closedloop.attacks.whitebox import compute_unit_sensitivity
+from closedloop.core.logs import progress
+from closedloop.core.validation import check_device, check_integer, check_number, check_uint8_images
 
 __all__ = ["compute_network_sensitivity"]
 

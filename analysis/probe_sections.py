@@ -13,7 +13,7 @@ import html
 from pathlib import Path
 
 from analysis.html import render_table
-from closedloop.files import read_json
+from closedloop.core.files import read_json
 
 __all__ = ["render_evolution_section", "render_patterns_section", "render_geometry_section"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from closedloop.estimate import ATTACK, BASELINES
-from closedloop.validation import check_integer
+from closedloop.core.validation import check_integer
+from closedloop.sensitivity.estimator import ATTACK, BASELINES
 
 __all__ = ["compute_progress"]
 

@@ -28,9 +28,9 @@ from analysis.probe_sections import render_evolution_section, render_geometry_se
 from analysis.progress import compute_progress
 from analysis.sensitivity_curves import compute_response_scale, compute_sensitivity_curves
 from closedloop.config import read_config
-from closedloop.files import write_json
-from closedloop.logs import progress
-from closedloop.validation import check_dir, check_integer
+from closedloop.core.files import write_json
+from closedloop.core.logs import progress
+from closedloop.core.validation import check_dir, check_integer
 
 __all__ = ["NetworkOptions", "write_report", "write_selection_report"]
 

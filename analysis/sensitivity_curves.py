@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from closedloop.estimate import ATTACK, BASELINES
-from closedloop.validation import check_array, check_option
+from closedloop.core.validation import check_array, check_option
+from closedloop.sensitivity.estimator import ATTACK, BASELINES
 
 __all__ = ["compute_sensitivity_curves", "compute_response_scale"]
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from closedloop.bundle import make_event_codes
 from closedloop.config import CONFIG_NAME, build_config, render_config
-from closedloop.estimate import compute_sensitivity
-from closedloop.files import write_json, write_text
-from closedloop.responses import read_day_responses
-from closedloop.store import create_store
-from closedloop.validation import check_array, check_integer, check_option
+from closedloop.core.files import write_json, write_text
+from closedloop.core.validation import check_array, check_integer, check_option
+from closedloop.data.bundle import make_event_codes
+from closedloop.data.store import create_store
+from closedloop.sensitivity.estimator import compute_sensitivity
+from closedloop.sensitivity.responses import read_day_responses
 
 __all__ = ["make_synthetic_images", "write_synthetic_day"]
 

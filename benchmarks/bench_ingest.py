@@ -60,7 +60,7 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": _peak_mb(),
 
 _INGEST = _PEAK + """
 import json, sys, time
-from closedloop.ingest import compute_counts, compute_nev_counts, compute_onsets, read_nev
+from closedloop.data.nev import compute_counts, compute_nev_counts, compute_onsets, read_nev
 start = time.perf_counter()
 if sys.argv[2] == "neo":
     recording = read_nev(sys.argv[1])
@@ -75,7 +75,7 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": _peak_mb(),
 
 
 def _write_file(path: Path, size_gb: float, seed: int) -> int:
-    from closedloop.recording import Recording
+    from closedloop.data.recording import Recording
     from rigs.nev import write_nev
 
     rng = np.random.default_rng(seed)

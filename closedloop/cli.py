@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from closedloop.logs import set_log_level
+from closedloop.core.logs import set_log_level
+from closedloop.data.layout import STAGES
 
 __all__ = ["main", "cli"]
 
@@ -60,7 +61,7 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
     from closedloop.config import read_config
 
     config = read_config(experiment)
-    from closedloop.smoke import compute_model_check
+    from closedloop.model_check import compute_model_check
 
     result = compute_model_check(config, n_images=n_images)
     text = "\n".join(f"{key:>16}: {value}" for key, value in result.items())
@@ -107,8 +108,8 @@ def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int
 def _ingest_settings(experiment: Path | None, window: tuple | None, site_map: Path | None):
     """Window (s) and site table for ingest: options first, then experiment.toml, then defaults."""
     from closedloop.config import CONFIG_NAME, read_config
-    from closedloop.ingest import DEFAULT_WINDOW_S
-    from closedloop.sites import read_site_map
+    from closedloop.data.nev import DEFAULT_WINDOW_S
+    from closedloop.data.sites import read_site_map
 
     config = None
     if experiment is not None and (experiment / CONFIG_NAME).is_file():
@@ -165,8 +166,8 @@ def _report_text(report: dict) -> str:
 def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
            tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, as_json: bool) -> None:
     """Read a Blackrock RECORDING.nev: summarise it, or count spikes into a day's store."""
-    from closedloop.ingest import compute_summary, read_nev, write_day_counts
-    from closedloop.store import STORE_NAME
+    from closedloop.data import layout
+    from closedloop.data.nev import compute_summary, read_nev, write_day_counts
 
     if (experiment is None) != (day is None):
         raise click.UsageError("--experiment and --day go together")
@@ -179,7 +180,7 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
     if experiment is None:
         _emit(result, as_json, _summary_text(result))
         return
-    store = experiment / f"day_{day:03d}" / STORE_NAME
+    store = layout.day_folder(experiment, day) / layout.STORE
     report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
                               unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine)
     text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
@@ -200,7 +201,7 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
 @click.option("--json", "as_json", is_flag=True, help="Print the paths written as JSON.")
 def keys(folder: Path, force: bool, as_json: bool) -> None:
     """Make CURVE key pairs for the control PC and the rig in FOLDER, and allow the control key on the rig."""
-    from closedloop.keys import make_keys
+    from closedloop.link.keys import make_keys
 
     written = {name: str(path) for name, path in make_keys(folder, overwrite=force).items()}
     text = "\n".join(f"{name:>8}: {path}" for name, path in written.items())
@@ -234,20 +235,14 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
 
     from closedloop.config import read_config
     from rigs.agent import StreamFaults
-    from rigs.sim import compute_hidden_site_options, run_sim_rig
+    from rigs.sim import compute_sim_rig_options, run_sim_rig
 
     config = read_config(experiment)
-    rig = config.rig
     stop = threading.Event()
-    arguments = dict(
-        address=rig.address, state_dir=state_dir or Path(experiment) / "rig-sim", n_sites=config.sites.n_sites,
-        seed=config.sim.seed if seed is None else seed,
-        time_scale=config.sim.time_scale if time_scale is None else time_scale,
-        on_s=config.rsvp.on_s, off_s=config.rsvp.off_s,
-        fixation_break_rate=config.sim.fixation_break_rate if fixation_break_rate is None else fixation_break_rate,
+    arguments = compute_sim_rig_options(
+        config, address=config.rig.address, state_dir=state_dir or Path(experiment) / "rig-sim", seed=seed,
+        time_scale=time_scale, fixation_break_rate=fixation_break_rate,
         faults=StreamFaults(drop=drop, duplicate=duplicate, reorder=reorder, seed=config.experiment.seed),
-        security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s, timeout_s=rig.timeout_s,
-        hidden=compute_hidden_site_options(config),
     )
     try:
         run_sim_rig(stop, crash_after=crash_after, on_start=lambda agent: click.echo(f"serving on {agent.address}"),
@@ -259,16 +254,17 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
 @cli.command("fit-day")
 @click.argument("day", type=click.IntRange(0, 999))
 @_experiment_option
-@click.option("--until", type=click.Choice(["plan", "synthesize", "bundle", "present", "ingest", "estimate", "refit", "report"]),
+@click.option("--until", type=click.Choice(STAGES),
               default=None, help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Start the day over although it was begun with another configuration "
               "(the old day folder is kept as day_NNN.replaced-<time>).")
 @click.option("--json", "as_json", is_flag=True, help="Print what each stage did as JSON.")
 def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json: bool) -> None:
     """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report."""
-    from closedloop.day import run_day
+    from closedloop.day.runner import run_day
+    from rigs.launch import RigLauncher
 
-    results = run_day(experiment, day, force=force, until=until)
+    results = run_day(experiment, day, force=force, until=until, rig=RigLauncher())
     lines = [f"{stage:>10}: " + ("already done" if r["skipped"] else f"done in {r['seconds']:.1f} s")
              for stage, r in results.items()]
     _emit(results, as_json, f"day {day} of {experiment}\n" + "\n".join(lines))
@@ -279,8 +275,8 @@ def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(experiment: Path, as_json: bool) -> None:
     """Where every day of the experiment stands: stages done, presentations recorded, model fitted."""
-    from closedloop.day import read_status
-    from closedloop.validation import check_dir
+    from closedloop.core.validation import check_dir
+    from closedloop.day.runner import read_status
 
     records = read_status(check_dir("--experiment", experiment))
     lines = [f"{'day':>4}  {'next stage':<11} {'stimuli':>8} {'presentations':>13}  model"]
@@ -297,7 +293,7 @@ def status(experiment: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the demo's summary as JSON.")
 def demo(out: Path, days: int, as_json: bool) -> None:
     """The embedded demo: a fresh experiment against the simulated rig, days 0..DAYS-1, then the report."""
-    from closedloop.demo import run_demo
+    from closedloop.demos.loop import run_demo
 
     result = run_demo(out, n_days=days)
     _emit(result["summary"], as_json, result["text"])
@@ -342,7 +338,7 @@ def train_robust(out: Path, data: str, eps: float, attack_steps: int | None, att
     """
     import os
 
-    from closedloop.behavior_models import EMBEDDED_CATEGORIES, make_embedded_training_set
+    from closedloop.behavior.models import EMBEDDED_CATEGORIES, make_embedded_training_set
     from closedloop.images import read_image_folder
     from models.classifiers import make_classifier
     from models.training import CHECKPOINT_NAME, fit_classifier
@@ -384,7 +380,7 @@ def behavior() -> None:
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def behavior_init(path: Path, preset: str, force: bool) -> None:
     """Write a commented behavior.toml (PATH: a file, or a folder to hold behavior.toml)."""
-    from closedloop.behavior_config import write_default_behavior_config
+    from closedloop.behavior.config import write_default_behavior_config
 
     click.echo(f"wrote {write_default_behavior_config(path, preset=preset, overwrite=force)}")
 
@@ -399,8 +395,8 @@ def behavior_init(path: Path, preset: str, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def behavior_generate(out: Path, config_path: Path | None, preset: str, restart: bool, as_json: bool) -> None:
     """Make (or finish) a behavioural stimulus set in OUT: PNGs, manifest, every model's logits."""
-    from closedloop.behavior_config import make_preset_config, read_behavior_config
-    from closedloop.behavior_generate import write_behavior_stimuli
+    from closedloop.behavior.config import make_preset_config, read_behavior_config
+    from closedloop.behavior.generate import write_behavior_stimuli
 
     config = read_behavior_config(config_path) if config_path is not None else make_preset_config(preset)
     result = write_behavior_stimuli(config, out, restart=restart)
@@ -442,7 +438,7 @@ def behavior_build(stimuli: Path, out: Path, n_warmup: int, n_test: int, n_refer
                    n_subjects_per_image: int, detection_budgets: str | None, detection_modes: str | None,
                    n_detection_items: int, image_degrees: float, px_per_degree: float, seed: int, as_json: bool) -> None:
     """Build the web task (static jsPsych pages) for the stimulus set STIMULI into OUT."""
-    from closedloop.behavior_sessions import write_behavior_sessions
+    from closedloop.behavior.sessions import write_behavior_sessions
 
     result = write_behavior_sessions(
         stimuli, out, n_warmup=n_warmup, n_test=n_test, n_reference=n_reference, n_catch=n_catch,
@@ -462,7 +458,7 @@ def behavior_build(stimuli: Path, out: Path, n_warmup: int, n_test: int, n_refer
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: any free one).")
 def behavior_serve(out: Path, host: str, port: int) -> None:
     """Serve the built task OUT and save each finished session to OUT/results (Ctrl-C stops)."""
-    from closedloop.behavior_server import make_behavior_server
+    from closedloop.behavior.server import make_behavior_server
 
     server = make_behavior_server(out, host=host, port=port)
     address, bound = server.server_address[:2]
@@ -488,7 +484,7 @@ def behavior_serve(out: Path, host: str, port: int) -> None:
 def behavior_simulate(out: Path, model: str, temperature: float, lapse_rate: float, detection_scale: float,
                       sessions: str | None, n_parallel: int, seed: int) -> None:
     """Simulated subjects do sessions of the built task OUT in headless Chromium (results in OUT/results)."""
-    from closedloop.behavior_observers import ObserverModel, write_simulated_results
+    from closedloop.behavior.observers import ObserverModel, write_simulated_results
 
     observer = ObserverModel(model, temperature=temperature, lapse_rate=lapse_rate, detection_scale=detection_scale)
     files = write_simulated_results(out, observer, sessions=_split_names(sessions), n_parallel=n_parallel, seed=seed)
@@ -521,7 +517,7 @@ def behavior_report(out: Path, html_path: Path | None, n_boot: int, seed: int, a
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def behavior_demo(out: Path, n_parallel: int, seed: int, as_json: bool) -> None:
     """The behavioural pipeline on the embedded default: generate, build, simulated observers in Chromium, report."""
-    from closedloop.behavior_demo import run_behavior_demo
+    from closedloop.demos.behavior import run_behavior_demo
 
     result = run_behavior_demo(out, n_parallel=n_parallel, seed=seed)
     lines = [f"report: {result['report']}",
@@ -664,7 +660,7 @@ def evolve(experiment: Path, mode: str, encoding: str, day: int | None, sites: s
            rate_start: float, halve_every: int, network: str | None, classifier: str | None, layer: str, units: str | None,
            trust_checkpoint: bool, optimizer: str, sigma: float, overwrite: bool, seed: int, as_json: bool) -> None:
     """Evolve images that drive each site, unit or class (MAP-Elites, one elite each; CPPN or direct encoding)."""
-    from analysis.probes import write_evolution
+    from closedloop.probes.run import write_evolution
 
     result = write_evolution(experiment, mode=mode, encoding=encoding, day=day, sites=_site_list(sites), name=name,
                              n_generations=generations, n_children=children, genome_size=genome_size, eps=eps,
@@ -692,7 +688,7 @@ def evolve(experiment: Path, mode: str, encoding: str, day: int | None, sites: s
 def patterns(experiment: Path, day: int | None, sites: str | None, eps: float, n_images: int, n_aai: int, n_noise: int,
              n_steps: int, seed: int, as_json: bool) -> None:
     """Adversarial patterns per site (zero feed, noise feed, AAI) and their similarity to the data's contrast image."""
-    from analysis.probes import write_patterns
+    from closedloop.probes.run import write_patterns
 
     result = write_patterns(experiment, day=day, sites=_site_list(sites), eps=eps, n_images=n_images, n_aai=n_aai,
                             n_noise=n_noise, n_steps=n_steps, seed=seed)
@@ -717,7 +713,7 @@ def patterns(experiment: Path, day: int | None, sites: str | None, eps: float, n
 def geometry(experiment: Path, day: int | None, sites: str | None, eps: float, n_images: int, second: str, n_grid: int,
              n_steps: int, seed: int, as_json: bool) -> None:
     """Iso-response contours in the attack plane, their curvature, and curvature vs sensitivity."""
-    from analysis.probes import write_geometry
+    from closedloop.probes.run import write_geometry
 
     result = write_geometry(experiment, day=day, sites=_site_list(sites), eps=eps, n_images=n_images, second=second,
                             n_grid=n_grid, n_steps=n_steps, seed=seed)

@@ -390,8 +390,8 @@ def write_default_config(
     ``changes``: {section: {key: value}} applied over the preset (validated like the file).
     Returns the path written. Refuses to overwrite an existing file unless ``overwrite``.
     """
-    from closedloop.files import write_text
-    from closedloop.validation import check_option
+    from closedloop.core.files import write_text
+    from closedloop.core.validation import check_option
 
     check_option("preset", preset, PRESETS)
     folder = Path(folder).expanduser()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from closedloop.validation import check_dir, check_indices, check_option
+from closedloop.core.validation import check_dir, check_indices, check_option
 
 __all__ = [
     "IMAGE_SIZE",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from closedloop.validation import check_integer, check_option
+from closedloop.core.validation import check_integer, check_option
 
 if TYPE_CHECKING:
     from torch import nn

@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from closedloop.logs import logger
-from closedloop.validation import check_file
+from closedloop.core.logs import logger
+from closedloop.core.validation import check_file
 from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network
 
 __all__ = [
@@ -273,7 +273,7 @@ def read_sidecar_metadata(path: Path, *, format_name: str, format_version: int, 
     """
     import json
 
-    from closedloop.files import compute_file_digest
+    from closedloop.core.files import compute_file_digest
 
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():

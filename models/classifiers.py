@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from closedloop.files import atomic_path, compute_file_digest, write_json
-from closedloop.validation import check_file, check_integer, check_option
+from closedloop.core.files import atomic_path, compute_file_digest, write_json
+from closedloop.core.validation import check_file, check_integer, check_option
 from models.checkpoints import read_sidecar_metadata
 from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network, prepare_images
 

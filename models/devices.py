@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from closedloop.validation import check_option
+from closedloop.core.validation import check_option
 
 __all__ = ["DEVICES", "resolve_device"]
 

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from closedloop.core.logs import logger, progress
+from closedloop.core.validation import check_indices, check_integer, check_number, check_option
 from closedloop.images import to_tensor
-from closedloop.logs import logger, progress
-from closedloop.validation import check_indices, check_integer, check_number, check_option
 from models.devices import resolve_device
 from models.it_model import ITModel
 from models.predictivity import compute_pearson, compute_split_half_reliability

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from closedloop.files import atomic_path, compute_file_digest, write_json
-from closedloop.validation import check_file, check_integer
+from closedloop.core.files import atomic_path, compute_file_digest, write_json
+from closedloop.core.validation import check_file, check_integer
 from models.backbones import load_backbone
 from models.checkpoints import read_sidecar_metadata
 from models.devices import resolve_device

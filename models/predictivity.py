@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from closedloop.validation import check_indices, check_integer
+from closedloop.core.validation import check_indices, check_integer
 
 __all__ = ["compute_pearson", "compute_split_half_reliability"]
 

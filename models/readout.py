@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from closedloop.validation import check_integer
+from closedloop.core.validation import check_integer
 
 __all__ = ["FactorizedReadout"]
 

@@ -2,7 +2,7 @@
 
 Adversarial training (Madry et al.; the robustness library's recipe as used by Gaziv et al.):
 every training step first attacks its batch with L2 PGD at the training budget ε (the one engine,
-:func:`closedloop.attacks.compute_pgd`: model in eval mode, no random start, best iterate kept)
+:func:`closedloop.attacks.engine.compute_pgd`: model in eval mode, no random start, best iterate kept)
 and then takes an SGD step on the attacked images. ε = 0 is vanilla training. The published
 (steps, step size) per training ε are in :data:`TRAINING_ATTACKS`.
 
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from closedloop.attacks import compute_pgd, compute_predictions, make_classifier_attacks
+from closedloop.attacks.engine import compute_pgd, compute_predictions, make_classifier_attacks
+from closedloop.core.logs import logger, progress
+from closedloop.core.provenance import derive_seed
+from closedloop.core.validation import check_indices, check_integer, check_number
 from closedloop.images import ImageSet
-from closedloop.logs import logger, progress
-from closedloop.provenance import derive_seed
-from closedloop.validation import check_indices, check_integer, check_number
 from models.classifiers import Classifier, load_classifier, write_classifier
 from models.devices import resolve_device
 
@@ -140,7 +140,7 @@ def _to_images(pixels: torch.Tensor, flips: torch.Generator, device: torch.devic
 def _write_checkpoint(classifier: Classifier, optimizer, out: Path, epoch: int) -> None:
     from safetensors.torch import save_file
 
-    from closedloop.files import atomic_path
+    from closedloop.core.files import atomic_path
 
     names = {id(parameter): name for name, parameter in classifier.named_parameters()}
     state = {
@@ -303,7 +303,7 @@ def compute_accuracy(
 
     ``pixels``: uint8 (n_images, H, W, 3); ``labels``: (n_images,). ``eps`` = 0: the clean
     images; ``eps`` > 0: L2 PGD disruption attacks at that budget ([0, 1] pixel units; steps from
-    :func:`closedloop.attacks.compute_step_schedule` unless ``n_steps`` / ``step_size`` are given),
+    :func:`closedloop.attacks.engine.compute_step_schedule` unless ``n_steps`` / ``step_size`` are given),
     scored on the budget-safe 8-bit attack images.
     """
     labels = check_indices("labels", labels, classifier.n_categories)

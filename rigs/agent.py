@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from closedloop.files import write_json
-from closedloop.keys import load_curve_keys, make_authenticator
-from closedloop.logs import logger
-from closedloop.protocol import COMMANDS, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message
-from closedloop.validation import check_number, check_option
+from closedloop.core.files import write_json
+from closedloop.core.logs import logger
+from closedloop.core.validation import check_number, check_option
+from closedloop.link.keys import load_curve_keys, make_authenticator
+from closedloop.link.protocol import COMMANDS, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message
 
 __all__ = ["Outcome", "StreamFaults", "RigAgent"]
 

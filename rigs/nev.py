@@ -1,4 +1,4 @@
-"""Write a :class:`~closedloop.recording.Recording` as a Blackrock ``.nev`` (and optional ``.ns2``).
+"""Write a :class:`~closedloop.data.recording.Recording` as a Blackrock ``.nev`` (and optional ``.ns2``).
 
 The files follow Blackrock's published NEV/NSx layout (file specifications 2.2, 2.3 and 3.0),
 so ``neo.rawio.BlackrockRawIO`` and Blackrock's own tools read them:
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from closedloop.files import atomic_path
-from closedloop.recording import Recording
-from closedloop.validation import check_integer, check_option
+from closedloop.core.files import atomic_path
+from closedloop.core.validation import check_integer, check_option
+from closedloop.data.recording import Recording
 
 __all__ = ["write_nev", "write_nsx", "NEV_VERSIONS", "SPIKE_WIDTH"]
 

@@ -26,15 +26,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from closedloop.bundle import read_bundle
+from closedloop.core.logs import logger
+from closedloop.core.validation import check_integer, check_number
+from closedloop.data.bundle import read_bundle
+from closedloop.data.recording import NSP_CLOCK_HZ, Recording
+from closedloop.data.window import compute_duration_ticks, compute_window_ticks
 from closedloop.images import make_embedded_image_set, to_tensor
-from closedloop.logs import logger
-from closedloop.recording import NSP_CLOCK_HZ, Recording
-from closedloop.validation import check_integer, check_number
 from rigs.agent import Outcome, RigAgent, StreamFaults
 
 __all__ = [
-    "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "SimulatedPresenter", "make_hidden_sites", "make_sim_agent",
+    "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "compute_sim_rig_options", "SimulatedPresenter",
+    "make_hidden_sites", "make_sim_agent",
     "run_sim_rig",
 ]
 
@@ -124,11 +126,31 @@ def make_hidden_sites(n_sites: int, seed: int, **base) -> HiddenSites:
 
 def compute_hidden_site_options(config) -> dict:
     """The :class:`HiddenSites` arguments for an experiment: its base model and ``[sim] weight_noise``."""
-    from closedloop.day import compute_base_seed
+    from closedloop.data.layout import compute_base_seed
 
     model = config.model
     return {"backbone": model.backbone, "layer": model.layer, "base_seed": compute_base_seed(config),
             "weight_noise": config.sim.weight_noise, "trust": model.trust_checkpoint}
+
+
+def compute_sim_rig_options(config, *, address: str, state_dir: str | Path, seed: int | None = None,
+                            time_scale: float | None = None, fixation_break_rate: float | None = None,
+                            faults: StreamFaults | None = None) -> dict:
+    """The :func:`make_sim_agent` arguments for an experiment's simulated rig.
+
+    From the experiment config (``[sites]``, ``[rsvp]``, ``[rig]``, ``[sim]`` and its base model);
+    ``seed``, ``time_scale`` and ``fixation_break_rate`` override ``[sim]`` when given.
+    """
+    rig, sim = config.rig, config.sim
+    return dict(
+        address=address, state_dir=Path(state_dir), n_sites=config.sites.n_sites,
+        seed=sim.seed if seed is None else seed,
+        time_scale=sim.time_scale if time_scale is None else time_scale,
+        on_s=config.rsvp.on_s, off_s=config.rsvp.off_s,
+        fixation_break_rate=sim.fixation_break_rate if fixation_break_rate is None else fixation_break_rate,
+        faults=faults, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
+        timeout_s=rig.timeout_s, hidden=compute_hidden_site_options(config),
+    )
 
 
 class SimulatedPresenter:
@@ -185,7 +207,7 @@ class SimulatedPresenter:
         return ids
 
     def _ticks(self, seconds: float) -> int:
-        return math.ceil(seconds * NSP_CLOCK_HZ - 1e-6)
+        return compute_duration_ticks(seconds, NSP_CLOCK_HZ)
 
     def present(self, presentation_id: int, stimulus_id: int, window_s) -> Outcome:
         """Show one stimulus (sleeping ``(on_s + off_s) * time_scale``), draw its spikes, count them."""
@@ -206,7 +228,7 @@ class SimulatedPresenter:
             sites.append(np.repeat(np.arange(len(rate)), n_spikes))
             ticks.append(onset + rng.integers(low, high, size=int(n_spikes.sum())))
         sites, ticks = np.concatenate(sites), np.concatenate(ticks)
-        window = [self._ticks(edge) for edge in window_s]
+        window = compute_window_ticks(window_s, NSP_CLOCK_HZ)
         inside = (ticks >= onset + window[0]) & (ticks < onset + window[1])
         counts = np.bincount(sites[inside], minlength=len(self.sites))
         time.sleep(max(0.0, self._due - time.monotonic()))
@@ -298,10 +320,3 @@ def run_sim_rig(
     finally:
         agent.close()
 
-
-if __name__ == "__main__":
-    import sys
-
-    from closedloop.cli import main
-
-    main(["rig-sim", *sys.argv[1:]])

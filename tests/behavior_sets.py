@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from closedloop.files import write_json
+from closedloop.core.files import write_json
 
 CATEGORIES = ["dog", "cat", "frog", "turtle", "bird", "primate", "fish", "crab", "insect"]
 

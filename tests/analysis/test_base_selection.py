@@ -6,7 +6,7 @@ import pytest
 from analysis.base_selection import compute_base_selection, compute_layer_scores
 from analysis.experiment import read_experiment
 from analysis.synthetic import make_synthetic_images, write_synthetic_day
-from closedloop.attacks import compute_predictions
+from closedloop.attacks.engine import compute_predictions
 from models import load_backbone
 
 

@@ -15,10 +15,10 @@ from analysis.behavior import (
     read_behavior_data,
 )
 from analysis.behavior_report import write_behavior_report
-from closedloop.behavior_observers import ObserverModel, _choose, compute_observer_probabilities
-from closedloop.behavior_server import write_behavior_result
-from closedloop.behavior_sessions import read_behavior_build, write_behavior_sessions
-from closedloop.files import read_json
+from closedloop.behavior.observers import ObserverModel, _choose, compute_observer_probabilities
+from closedloop.behavior.server import write_behavior_result
+from closedloop.behavior.sessions import read_behavior_build, write_behavior_sessions
+from closedloop.core.files import read_json
 
 LAPSE, TEMPERATURE, SCALE = 0.3, 2.0, 20.0
 

@@ -55,7 +55,7 @@ def test_slope_tests_separate_a_moving_site_from_a_flat_one(tmp_path):
 
 
 def test_bad_inputs_are_refused(planted_experiment):
-    with pytest.raises(TypeError, match="'responses' must be closedloop.responses.DayResponses"):
+    with pytest.raises(TypeError, match="'responses' must be closedloop.sensitivity.responses.DayResponses"):
         compute_image_curves({"means": None})
     day = read_experiment(planted_experiment)[0]
     with pytest.raises(ValueError, match="Invalid value for 'kind'"):

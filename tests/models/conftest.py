@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from closedloop.logs import logger
+from closedloop.core.logs import logger
 
 
 def _make_images(n_images: int, size: int, seed: int) -> np.ndarray:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from neo.rawio import BlackrockRawIO
 
-from closedloop.recording import Recording
+from closedloop.data.recording import Recording
 from rigs.nev import SPIKE_WIDTH, write_nev
 
 

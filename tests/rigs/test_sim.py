@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from closedloop.bundle import make_event_codes, write_bundle
 from closedloop.cli import main
-from closedloop.ingest import compute_counts, compute_onsets, read_nev
-from closedloop.keys import make_keys
-from closedloop.link import RigClient
-from closedloop.present import run_presentations
+from closedloop.data.bundle import make_event_codes, write_bundle
+from closedloop.data.nev import compute_counts, compute_onsets, read_nev
+from closedloop.link.client import RigClient
+from closedloop.link.keys import make_keys
+from closedloop.link.presentations import run_presentations
 from rigs.agent import StreamFaults
 from rigs.sim import SimulatedPresenter, make_hidden_sites, run_sim_rig
 

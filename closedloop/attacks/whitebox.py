@@ -1,0 +1,109 @@
+"""White-box sensitivity of network units: the network side of the neural-vs-network comparison.
+
+s_i(x, ε) = max over ‖δ‖₂ ≤ ε of |h_i(x) − h_i(x + δ)|, solved as in Guo et al.: increase and
+decrease separately, best over many random starts; a first phase in the 2ε ball, then the ε
+ball from where the first ended; the step starts at ε and shrinks 10% whenever a step brings no
+progress (each new step taken from the best point so far), and is reset to ε when it has shrunk
+below 1% of ε, at most 4 times per phase. ε in [0, 1] pixel units; values are computed on float
+images (the network is not shown 8-bit stimuli).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from closedloop.attacks.engine import compute_pgd, compute_predictions
+from closedloop.core.logs import progress
+from closedloop.core.validation import check_device, check_indices, check_integer, check_number, check_uint8_images
+from closedloop.images import to_tensor
+
+__all__ = ["UnitSensitivity", "compute_unit_sensitivity"]
+
+_CPU_BATCH = 16
+
+
+@dataclass(frozen=True)
+class UnitSensitivity:
+    """White-box sensitivities, all float64 (n_images, n_units), in the units' activation units.
+
+    ``increase``: best h_i(x + δ) − h_i(x) found (≥ 0); ``decrease``: best h_i(x) − h_i(x + δ)
+    (≥ 0); ``sensitivity``: their maximum, s_i(x, ε); ``clean``: h_i(x); ``units``: (n_units,)
+    indices of the units in the flattened output of ``unit_fn``.
+    """
+
+    sensitivity: np.ndarray
+    increase: np.ndarray
+    decrease: np.ndarray
+    clean: np.ndarray
+    units: np.ndarray
+
+
+def _unit_objective(unit: torch.Tensor, sign: torch.Tensor):
+    rows = torch.arange(len(unit), device=unit.device)
+    return lambda output: sign * output.flatten(1)[rows, unit]
+
+
+def compute_unit_sensitivity(
+    unit_fn: torch.nn.Module,
+    clean_uint8: np.ndarray,
+    eps: float,
+    *,
+    units=None,
+    n_starts: int = 100,
+    n_steps: int = 250,
+    step_shrink: float = 0.9,
+    n_step_resets: int = 4,
+    batch_size: int = 0,
+    seed: int = 0,
+    device="cpu",
+) -> UnitSensitivity:
+    """s_i(x, ε) for units of a network on clean images.
+
+    ``unit_fn``: nn.Module, float images (N, 3, H, W) in [0, 1] → unit activations, any shape that
+    flattens to (N, n_all_units) (e.g. a penultimate layer); moved to ``device``. ``clean_uint8``:
+    uint8 (n_images, H, W, 3). ``eps``: budget in [0, 1] pixel units. ``units``: indices into the
+    flattened output (default all). Each (image, unit, direction) is solved from ``n_starts``
+    random starts (on the 2ε sphere) for ``n_steps`` steps in total, half in the 2ε ball and half
+    in the ε ball. ``step_shrink`` / ``n_step_resets``: the adaptive step (paper: 0.9 / 4).
+    ``batch_size``: problems per batch (0: 16). Returns :class:`UnitSensitivity`.
+    """
+    if not isinstance(unit_fn, torch.nn.Module):
+        raise TypeError(f"'unit_fn' must be a torch.nn.Module returning unit activations, but got {type(unit_fn).__name__}.")
+    check_uint8_images("clean_uint8", clean_uint8)
+    if len(clean_uint8) == 0:
+        raise ValueError("'clean_uint8' holds no images; give at least one (n_images >= 1).")
+    eps = check_number("eps", eps, minimum=0.0, inclusive=False)
+    n_starts = check_integer("n_starts", n_starts, minimum=1)
+    n_steps = check_integer("n_steps", n_steps, minimum=2)
+    batch_size = check_integer("batch_size", batch_size, minimum=0) or _CPU_BATCH
+    device = check_device("device", device)
+    unit_fn.to(device)
+    clean = compute_predictions(unit_fn, clean_uint8, batch_size=batch_size, device=device)
+    clean = clean.reshape(len(clean_uint8), -1).astype(np.float64)
+    units = np.arange(clean.shape[1]) if units is None else check_indices("units", np.atleast_1d(units), clean.shape[1])
+    n_images, n_units = len(clean_uint8), len(units)
+    # one row per (image, unit, direction, start); direction 0 = increase (minimise −h), 1 = decrease
+    image_of, unit_of, direction_of, _ = (a.ravel() for a in np.indices((n_images, n_units, 2, n_starts)))
+    sign_of = np.where(direction_of == 0, -1.0, 1.0)
+    reached = np.empty(len(image_of))
+    generator = torch.Generator().manual_seed(check_integer("seed", seed, minimum=0))
+    first_steps = n_steps // 2
+    batches = [np.arange(b, min(b + batch_size, len(image_of))) for b in range(0, len(image_of), batch_size)]
+    for rows in progress(batches, description="white-box sensitivity"):
+        images = to_tensor(clean_uint8[image_of[rows]], device)
+        sign = torch.as_tensor(sign_of[rows], dtype=torch.float32, device=device)
+        objective = _unit_objective(torch.as_tensor(units[unit_of[rows]], device=device), sign)
+        adaptive = dict(objective=objective, step_size=eps, step_shrink=step_shrink, n_step_resets=n_step_resets)
+        wide = compute_pgd(unit_fn, images, eps=2 * eps, n_steps=first_steps, random_start=True, generator=generator, **adaptive)
+        final = compute_pgd(unit_fn, images, eps=eps, n_steps=n_steps - first_steps, start=wide.images, **adaptive)
+        reached[rows] = (final.loss * sign).cpu().numpy()  # h_i(x + δ)
+    reached = reached.reshape(n_images, n_units, 2, n_starts)
+    at_clean = clean[:, units]
+    increase = np.maximum(reached[:, :, 0].max(axis=2) - at_clean, 0.0)
+    decrease = np.maximum(at_clean - reached[:, :, 1].min(axis=2), 0.0)
+    return UnitSensitivity(
+        sensitivity=np.maximum(increase, decrease), increase=increase, decrease=decrease, clean=at_clean, units=units
+    )

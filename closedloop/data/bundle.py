@@ -1,0 +1,175 @@
+"""The rig bundle ``stimuli.h5``: the day's 8-bit frames, their ids and event codes, for the rig.
+
+An HDF5 file that MATLAB's ``h5read`` reads as it is: default library version bounds, gzip
+compression only, fixed-length ASCII strings, booleans stored as uint8. Datasets:
+
+- ``pixels``        uint8 ``(n_stimuli, 224, 224, 3)``: RGB frames, 0–255.
+- ``stimulus_ids``  int64 ``(n_stimuli,)``: the stimulus index in the day store.
+- ``codes``         uint16 ``(n_stimuli,)``: the digital event word the rig sends at onset
+  (non-zero, unique).
+
+Root attributes: ``sha256`` (hex digest of the ``pixels`` bytes in C order, see
+:func:`compute_bundle_digest`), ``n_stimuli``, ``format_version`` and any caller attributes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from closedloop.core.files import atomic_path
+from closedloop.core.validation import check_array, check_file, check_integer, check_integer_array
+
+__all__ = [
+    "Bundle",
+    "write_bundle",
+    "read_bundle",
+    "compute_bundle_digest",
+    "make_event_codes",
+    "MAX_EVENT_CODE",
+    "BUNDLE_FORMAT_VERSION",
+]
+
+MAX_EVENT_CODE = 65535
+BUNDLE_FORMAT_VERSION = 1
+FRAME_SHAPE = (224, 224, 3)
+_RESERVED_ATTRS = ("sha256", "n_stimuli", "format_version")
+_DATASETS = ("pixels", "stimulus_ids", "codes")
+
+
+@dataclass(frozen=True, eq=False)
+class Bundle:
+    """A rig bundle in memory: ``pixels`` uint8 ``(n, 224, 224, 3)``, ``stimulus_ids`` int64
+    ``(n,)``, ``codes`` uint16 ``(n,)``, the frames' ``sha256`` and the caller's ``attrs``."""
+
+    pixels: np.ndarray
+    stimulus_ids: np.ndarray
+    codes: np.ndarray
+    sha256: str
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def n_stimuli(self) -> int:
+        return len(self.stimulus_ids)
+
+
+def compute_bundle_digest(pixels: np.ndarray) -> str:
+    """sha256 hex digest of 8-bit frames ``(n, 224, 224, 3)``, hashed as C-order bytes."""
+    pixels = check_array("pixels", pixels, shape=(None, *FRAME_SHAPE), dtype=np.uint8)
+    digest = hashlib.sha256()
+    for frame in pixels:
+        digest.update(np.ascontiguousarray(frame).data)
+    return digest.hexdigest()
+
+
+def make_event_codes(n: int) -> np.ndarray:
+    """Digital event codes ``1..n`` as uint16 ``(n,)``; at most 65535 stimuli fit one 16-bit port."""
+    n = check_integer("n", n, minimum=0)
+    if n > MAX_EVENT_CODE:
+        raise ValueError(
+            f"'n' = {n} stimuli do not fit the 16-bit digital port (codes 1..{MAX_EVENT_CODE}); "
+            "split the day's stimuli into bundles of at most 65535."
+        )
+    return np.arange(1, n + 1, dtype=np.uint16)
+
+
+def _check_codes(codes, n: int) -> np.ndarray:
+    codes = check_integer_array("codes", codes, shape=(n,), minimum=1, maximum=MAX_EVENT_CODE)
+    values, counts = np.unique(codes, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(
+            f"'codes' must be unique (one stimulus per event code), but {values[counts > 1][:5].tolist()} repeat; "
+            "make them with make_event_codes(n)."
+        )
+    return codes.astype(np.uint16)
+
+
+def _as_hdf5_attr(key: str, value):
+    """A caller attribute as MATLAB-friendly HDF5: fixed-length ASCII text, uint8 booleans."""
+    if isinstance(value, (bool, np.bool_)):
+        return np.uint8(value)
+    if isinstance(value, str):
+        if not value.isascii():
+            raise ValueError(f"attrs[{key!r}] = {value!r}: text attributes must be ASCII (MATLAB reads them as char).")
+        return np.bytes_(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return value
+    raise TypeError(
+        f"attrs[{key!r}] has type {type(value).__name__}; allowed are str (ASCII), bool, int and float."
+    )
+
+
+def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict | None = None) -> str:
+    """Write the rig bundle atomically; return the sha256 hex digest of ``pixels``.
+
+    ``pixels``: uint8 ``(n, 224, 224, 3)``; ``stimulus_ids``: integers ``(n,)`` (≥ 0);
+    ``codes``: event codes ``(n,)`` in 1..65535, unique; ``attrs``: extra root attributes
+    (str, bool, int, float).
+    """
+    pixels = check_array("pixels", pixels, shape=(None, *FRAME_SHAPE), dtype=np.uint8)
+    n = len(pixels)
+    stimulus_ids = check_integer_array("stimulus_ids", stimulus_ids, shape=(n,), minimum=0)
+    codes = _check_codes(codes, n)
+    attrs = dict(attrs or {})
+    reserved = sorted(set(attrs) & set(_RESERVED_ATTRS))
+    if reserved:
+        raise ValueError(f"attrs: the keys {reserved} are written by write_bundle itself; rename them.")
+    converted = {str(key): _as_hdf5_attr(str(key), value) for key, value in attrs.items()}
+    digest = compute_bundle_digest(pixels)
+
+    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
+        handle.create_dataset(
+            "pixels", data=pixels, chunks=(1, *FRAME_SHAPE) if n else None, compression="gzip" if n else None
+        )
+        handle.create_dataset("stimulus_ids", data=stimulus_ids, dtype=np.int64)
+        handle.create_dataset("codes", data=codes, dtype=np.uint16)
+        handle.attrs["sha256"] = np.bytes_(digest)
+        handle.attrs["n_stimuli"] = np.int64(n)
+        handle.attrs["format_version"] = np.int64(BUNDLE_FORMAT_VERSION)
+        for key, value in converted.items():
+            handle.attrs[key] = value
+    return digest
+
+
+def _as_python(value):
+    if isinstance(value, bytes):
+        return value.decode("ascii")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Read a rig bundle; with ``verify`` the frames' sha256 must match the stored attribute.
+
+    Raises ``ValueError`` naming the file for a file that is not a bundle or whose hash does not
+    match (both hashes are given).
+    """
+    path = check_file("bundle", path)
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"bundle {str(path)!r} is not an HDF5 file; give the stimuli.h5 written by write_bundle.")
+    with h5py.File(path, "r") as handle:
+        missing = [name for name in _DATASETS if name not in handle] + (
+            ["sha256 attribute"] if "sha256" not in handle.attrs else []
+        )
+        if missing:
+            raise ValueError(f"bundle {str(path)!r} lacks {', '.join(missing)}; it was not written by write_bundle.")
+        pixels = handle["pixels"][()]
+        stimulus_ids = handle["stimulus_ids"][()].astype(np.int64)
+        codes = handle["codes"][()].astype(np.uint16)
+        attrs = {key: _as_python(value) for key, value in handle.attrs.items()}
+    stored = attrs.pop("sha256")
+    for key in _RESERVED_ATTRS[1:]:
+        attrs.pop(key, None)
+    if verify:
+        actual = compute_bundle_digest(pixels)
+        if actual != stored:
+            raise ValueError(
+                f"bundle {str(path)!r}: the frames' sha256 is {actual} but the file records {stored}; "
+                "the frames were changed or damaged after writing; write the bundle again."
+            )
+    return Bundle(pixels=pixels, stimulus_ids=stimulus_ids, codes=codes, sha256=stored, attrs=attrs)

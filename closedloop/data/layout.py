@@ -1,0 +1,78 @@
+"""The layout of an experiment folder: every file name of a day, in one place.
+
+An experiment folder holds ``experiment.toml`` and one ``day_NNN/`` folder per day:
+
+| name | written by | what |
+| --- | --- | --- |
+| ``config.toml`` | the runner | the resolved configuration the day runs with (frozen) |
+| ``provenance.json`` | the runner | versions, git commit, seeds, input hashes |
+| ``log.jsonl`` | the runner | one JSON line per stage start / end |
+| ``stages/<stage>.json`` | the runner | a stage's marker (timing, summary), written after its artifact |
+| ``plan.json`` | plan | clean images, attacked images, sites, budgets |
+| ``store.zarr`` | synthesize, present, ingest | the day store (stimuli, presentations, counts) |
+| ``stimuli.h5`` | bundle | the rig bundle |
+| ``recording.nev`` | present (simulated rig) or the operator | the Blackrock recording |
+| ``sensitivity.json`` | estimate | the lower bounds per site, budget and kind |
+| ``model.safetensors`` + ``.json`` | refit | the IT model fitted on days 0..N |
+| ``report.html`` | report | the day's report |
+| ``rig_sim/`` | present (simulated rig) | the simulated rig's own state folder and recording |
+
+Every module that reads or writes a day goes through these names; none spells them itself.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from closedloop.core.provenance import derive_seed
+from closedloop.core.validation import check_integer
+
+__all__ = [
+    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RECORDING", "SENSITIVITY", "MODEL", "REPORT",
+    "RIG_STATE", "SYNTHESIS_PARTS", "day_folder", "find_day_folders", "marker_path", "compute_base_seed",
+]
+
+STAGES = ("plan", "synthesize", "bundle", "present", "ingest", "estimate", "refit", "report")
+
+CONFIG = "config.toml"
+PROVENANCE = "provenance.json"
+LOG = "log.jsonl"
+PLAN = "plan.json"
+STORE = "store.zarr"
+BUNDLE = "stimuli.h5"
+RECORDING = "recording.nev"
+SENSITIVITY = "sensitivity.json"
+MODEL = "model.safetensors"
+REPORT = "report.html"
+RIG_STATE = "rig_sim"
+SYNTHESIS_PARTS = "synthesis_parts"
+_MARKERS = "stages"
+_DAY_NAME = re.compile(r"day_(\d{3})")
+
+
+def day_folder(experiment: str | Path, day: int) -> Path:
+    """``<experiment>/day_NNN`` for day ``day`` (0..999)."""
+    return Path(experiment) / f"day_{check_integer('day', day, minimum=0, maximum=999):03d}"
+
+
+def find_day_folders(experiment: str | Path) -> dict[int, Path]:
+    """Every ``day_NNN`` folder of an experiment, by day number, in day order."""
+    found = {}
+    for path in sorted(Path(experiment).glob("day_[0-9][0-9][0-9]")):
+        match = _DAY_NAME.fullmatch(path.name)
+        if match and path.is_dir():
+            found[int(match.group(1))] = path
+    return found
+
+
+def marker_path(folder: str | Path, stage: str) -> Path:
+    """The marker a finished stage leaves in day folder ``folder``: ``stages/<stage>.json``."""
+    return Path(folder) / _MARKERS / f"{stage}.json"
+
+
+def compute_base_seed(config) -> int:
+    """Seed of the day-0 model (random-weight backbones and the random readout) of an
+    :class:`~closedloop.config.ExperimentConfig`; the simulated rig builds its base network
+    from the same seed."""
+    return derive_seed(config.experiment.seed, "day-0 model")

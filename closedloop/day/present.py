@@ -1,0 +1,160 @@
+"""Stage 4 of a day: present the day's stimuli on the rig and record every outcome.
+
+The shuffled RSVP list goes to the day's rig (:class:`~closedloop.link.access.RigAccess`: the
+``[rig] address``, or the simulated IT rig that :class:`rigs.launch.RigLauncher` starts on
+loopback for the session, with CURVE keys made on first use); every outcome is
+appended to the day store as it arrives, so a crash loses nothing and a rerun resumes with the
+presentations already stored (:func:`closedloop.link.presentations.run_presentations`). The operator sees a
+live view on a terminal (presentations, valid and fixation-break rates, ETA, link health,
+per-site mean rates) and plain log lines otherwise.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+from closedloop.config import ExperimentConfig
+from closedloop.core.logs import logger
+from closedloop.data import layout
+from closedloop.data.store import open_store
+from closedloop.link.client import make_rig_client
+from closedloop.link.presentations import run_presentations
+
+__all__ = ["SessionMonitor", "run_stage"]
+
+
+class SessionMonitor:
+    """What the operator watches during ``present``; ``update`` per outcome, ``render`` for display.
+
+    ``n_target``: valid presentations needed (n_stimuli × repetitions); ``window_s``: response
+    window length, s (to turn counts into rates, Hz).
+    """
+
+    def __init__(self, n_target: int, n_sites: int, window_s: float, *, n_valid: int = 0, n_done: int = 0) -> None:
+        self.n_target, self.window_s = n_target, window_s
+        self.n_done, self.n_valid, self.n_new, self.n_valid_before = n_done, n_valid, 0, n_valid
+        self.rate_sum = np.zeros(n_sites)
+        self.started = time.monotonic()
+        self.link_s = 0.0
+
+    def update(self, outcome: dict) -> None:
+        self.n_done += 1
+        self.n_new += 1
+        if outcome["valid"]:
+            self.n_valid += 1
+            self.rate_sum += np.asarray(outcome["counts"], dtype=float) / self.window_s
+
+    def facts(self) -> dict:
+        elapsed = time.monotonic() - self.started
+        per_valid = elapsed / max(self.n_valid - self.n_valid_before, 1)
+        remaining = max(self.n_target - self.n_valid, 0)
+        return {
+            "presentations": self.n_done,
+            "valid": self.n_valid,
+            "target_valid": self.n_target,
+            "valid_rate": self.n_valid / self.n_done if self.n_done else float("nan"),
+            "fixation_break_rate": 1 - self.n_valid / self.n_done if self.n_done else float("nan"),
+            "eta_s": remaining * per_valid if self.n_new else float("nan"),
+            "link_silent_s": self.link_s,
+            "mean_rate_hz": (self.rate_sum / max(self.n_valid, 1)).round(1).tolist(),
+        }
+
+    def render(self):
+        from rich.table import Table
+
+        facts = self.facts()
+        table = Table(title="present", show_header=False)
+        table.add_row("presentations", f"{facts['presentations']} ({facts['valid']}/{facts['target_valid']} valid)")
+        table.add_row("valid / fixation breaks", f"{facts['valid_rate']:.0%} / {facts['fixation_break_rate']:.0%}")
+        table.add_row("ETA", f"{facts['eta_s']:.0f} s" if np.isfinite(facts["eta_s"]) else "…")
+        health = "ok" if facts["link_silent_s"] < 2.0 else f"silent {facts['link_silent_s']:.1f} s"
+        table.add_row("rig link", health)
+        rates = facts["mean_rate_hz"]
+        table.add_row("mean rate per site (Hz)", " ".join(f"{r:.0f}" for r in rates[:24]) + (" …" if len(rates) > 24 else ""))
+        return table
+
+
+def _run(client, monitor: SessionMonitor, store, n_stimuli: int, config: ExperimentConfig, seed: int) -> dict:
+    def on_result(outcome: dict) -> None:
+        store.append_presentations(
+            [outcome["presentation_id"]], [outcome["stimulus_id"]], [outcome["onset_s"]], [bool(outcome["valid"])],
+            np.asarray(outcome["counts"], dtype=np.int64)[None, :],
+        )
+        monitor.update(outcome)
+        monitor.link_s = client.seconds_since_heard
+
+    recorded = store.read_presentations()
+    return run_presentations(
+        client, np.arange(n_stimuli), repetitions=config.rsvp.repetitions, seed=seed, on_result=on_result,
+        already_recorded=(recorded["id"], recorded["stimulus"], recorded["valid"]),
+    )
+
+
+@contextmanager
+def _display(monitor: SessionMonitor, every_s: float = 0.5, log_every_s: float = 10.0):
+    """Show ``monitor`` while the block runs: a live table on a terminal, else a log line now and then."""
+    import sys
+
+    from rich.live import Live
+
+    done = threading.Event()
+    if sys.stderr.isatty():
+        live = Live(monitor.render(), refresh_per_second=2, console=None)
+
+        def refresh() -> None:
+            while not done.wait(every_s):
+                live.update(monitor.render())
+    else:
+        live = None
+
+        def refresh() -> None:
+            while not done.wait(log_every_s):
+                facts = monitor.facts()
+                logger.info("present: %d presentations, %d/%d valid, %.0f%% fixation breaks, ETA %.0f s, link silent %.1f s",
+                            facts["presentations"], facts["valid"], facts["target_valid"],
+                            100 * facts["fixation_break_rate"], facts["eta_s"], facts["link_silent_s"])
+    thread = threading.Thread(target=refresh, daemon=True)
+    if live:
+        live.start()
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        if live:
+            live.update(monitor.render())
+            live.stop()
+
+
+def run_stage(day) -> dict:
+    """The present stage: show the day's stimuli (its ``stimuli.h5`` and ``store.zarr``) on the day's rig.
+
+    Every outcome goes into the store at once; resumable. The rig's recording is collected into
+    the day folder when the rig wrote it elsewhere (the simulated rig). Returns a summary
+    (presentations, valid, fixation breaks, seconds, recording path on the rig).
+    """
+    config = day.config
+    store = open_store(day.path(layout.STORE), mode="a")
+    recorded = store.read_presentations()
+    window = config.response.window_s
+    monitor = SessionMonitor(store.n_stimuli * config.rsvp.repetitions, store.n_sites, window[1] - window[0],
+                             n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]))
+    with day.rig.open(config, day.folder) as address:
+        rig = config.rig.model_copy(update={"address": address})
+        with make_rig_client(rig, window_s=window) as client:
+            client.connect()
+            client.load_bundle(day.path(layout.BUNDLE))
+            with _display(monitor):
+                result = _run(client, monitor, store, store.n_stimuli, config, day.seed("present"))
+            stopped = client.stop()
+    day.rig.collect_recording(config, day.folder)
+    store.finish()
+    facts = monitor.facts()
+    logger.info("present: %d presentations, %d valid (%.0f%%)", facts["presentations"], facts["valid"],
+                100 * facts["valid_rate"])
+    return {**result, "n_presentations": store.n_presentations, "recording_on_rig": stopped.get("recording")}

@@ -1,0 +1,51 @@
+"""Recorded responses of a day: the counts a stage should trust, and their means per stimulus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from closedloop.data.store import open_store
+from closedloop.sensitivity.estimator import compute_mean_responses
+
+__all__ = ["DayResponses", "read_day_responses"]
+
+
+@dataclass(frozen=True)
+class DayResponses:
+    """A day's stimuli (without pixels) and responses.
+
+    ``stimuli``: the store's ``stimuli/`` arrays (n_stimuli rows); ``stimulus``, ``valid``:
+    (n_presentations,); ``counts``: (n_presentations, n_sites) spikes per response window, from
+    the ``.nev`` where the day was ingested and the presentation matched, else from the live
+    stream; ``means``: (n_stimuli, n_sites) mean count over valid presentations (NaN if none);
+    ``n_valid``: (n_stimuli,); ``source``: "nev", "stream" or "nev+stream".
+    """
+
+    stimuli: dict
+    stimulus: np.ndarray
+    valid: np.ndarray
+    counts: np.ndarray
+    means: np.ndarray
+    n_valid: np.ndarray
+    source: str
+
+
+def read_day_responses(store_path: str | Path) -> DayResponses:
+    """Read a day store and average its valid presentations per stimulus (see :class:`DayResponses`)."""
+    store = open_store(store_path)
+    stimuli = store.read_stimuli(pixels=False)
+    presentations = store.read_presentations()
+    counts = presentations["counts"].astype(np.int64)
+    source = "stream"
+    ingest = store.read_ingest()
+    if ingest is not None:
+        n = len(ingest["matched"])
+        matched = np.zeros(len(counts), dtype=bool)
+        matched[:n] = ingest["matched"]
+        counts[matched] = ingest["counts"][ingest["matched"]]
+        source = "nev" if matched.all() else "nev+stream"
+    means, n_valid = compute_mean_responses(presentations["stimulus"], presentations["valid"], counts, store.n_stimuli)
+    return DayResponses(stimuli, presentations["stimulus"], presentations["valid"], counts, means, n_valid, source)

@@ -1,0 +1,61 @@
+"""White-box unit sensitivity: exact on linear units, at least what plain PGD finds on a small net."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from closedloop.attacks.engine import compute_pgd, compute_predictions
+from closedloop.attacks.whitebox import compute_unit_sensitivity
+from closedloop.images import to_tensor
+
+SIZE = 12
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, stride=2), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.AdaptiveAvgPool2d(2), nn.Flatten()
+    )
+
+
+def test_linear_units_reach_the_exact_sensitivity():
+    torch.manual_seed(1)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 3))
+    clean = np.full((2, SIZE, SIZE, 3), 128, np.uint8)
+    eps = 0.5  # far from the [0, 1] walls: the optimum is δ = ±ε w/‖w‖
+    result = compute_unit_sensitivity(linear, clean, eps, n_starts=2, n_steps=30)
+    exact = eps * linear[1].weight.detach().norm(dim=1).numpy()
+    np.testing.assert_allclose(result.increase, np.broadcast_to(exact, (2, 3)), rtol=1e-3)
+    np.testing.assert_allclose(result.decrease, np.broadcast_to(exact, (2, 3)), rtol=1e-3)
+    np.testing.assert_allclose(result.sensitivity, np.maximum(result.increase, result.decrease))
+
+
+def test_whitebox_finds_at_least_what_plain_pgd_finds():
+    net = _net()
+    clean = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    eps, units = 0.5, np.array([0, 5, 17, 31])
+    result = compute_unit_sensitivity(net, clean, eps, units=units, n_starts=3, n_steps=60, seed=2, batch_size=64)
+    images = to_tensor(clean)
+    at_clean = compute_predictions(net, clean)[:, units]
+    plain = np.zeros((2, len(units)))
+    for column, unit in enumerate(units):
+        for sign in (-1.0, 1.0):  # −1: increase, +1: decrease
+            found = compute_pgd(net, images, eps=eps, step_size=eps / 3, n_steps=30,
+                                objective=lambda out, u=unit, s=sign: s * out[:, u], random_start=True, generator=5)
+            plain[:, column] = np.maximum(plain[:, column], sign * (at_clean[:, column] - sign * found.loss.numpy()))
+    assert (result.sensitivity >= plain - 1e-6).all(), result.sensitivity - plain
+    assert (result.sensitivity > 0).all()
+    np.testing.assert_array_equal(result.units, units)
+
+
+def test_whitebox_bad_input():
+    clean = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"'eps' must lie in \(0, inf\)"):
+        compute_unit_sensitivity(_net(), clean, 0.0)
+    with pytest.raises(ValueError, match=r"'units' must lie in \[0, 31\]"):
+        compute_unit_sensitivity(_net(), clean, 1.0, units=[40])
+    with pytest.raises(TypeError, match="'unit_fn' must be a torch.nn.Module"):
+        compute_unit_sensitivity(lambda x: x, clean, 1.0)
+    with pytest.raises(ValueError, match=r"'n_steps' must lie in \[2, inf\]"):
+        compute_unit_sensitivity(_net(), clean, 1.0, n_steps=1)

@@ -1,0 +1,341 @@
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+
+from closedloop.data.nev import (
+    compute_counts,
+    compute_onsets,
+    compute_reconciliation,
+    compute_summary,
+    read_nev,
+    write_day_counts,
+)
+from closedloop.data.recording import Recording
+from closedloop.data.sites import SiteTable, make_default_sites
+from closedloop.data.store import create_store, open_store
+from rigs.nev import write_nev
+
+START, STOP = 2100, 5100  # the 0.07-0.17 s window in 30 kHz ticks
+ELECTRODES = (1, 2, 3, 4)
+
+
+def _edge_recording():
+    """Two onsets; spikes one tick inside and outside each window edge, on several units."""
+    onsets = np.array([30000, 60000])
+    spikes, electrodes, units = [], [], []
+    for onset in onsets:
+        for offset in (START - 1, START, STOP - 1, STOP):  # in: START, STOP - 1
+            spikes += [onset + offset] * 3
+            electrodes += [1, 2, 2]
+            units += [0, 1, 2]
+    spikes += [30000 + 3000, 60000 + 3000]
+    electrodes += [3, 3]
+    units += [255, 1]  # noise is not counted; unit 1 is
+    events = [30000, 30100, 60000, 60100]
+    return Recording.from_ticks(spikes, electrodes, units, events, [5, 0, 9, 0], ELECTRODES)
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "closedloop", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"PYTHONPATH": os.getcwd()})
+
+
+def _snapshot(path):
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize("version", ["2.2", "2.3", "3.0"])
+@pytest.mark.parametrize("with_ns2", [False, True])
+def test_round_trip_counts_are_exact_at_window_edges(tmp_path, version, with_ns2):
+    original = _edge_recording()
+    recording = read_nev(write_nev(tmp_path / "rec.nev", original, version=version, write_ns2=with_ns2))
+    assert recording.electrodes == ELECTRODES and recording.sampling_rate_hz == 30000.0
+    np.testing.assert_array_equal(recording.spike_ticks, np.sort(original.spike_ticks))
+    onsets = compute_onsets(recording)
+    assert onsets.codes.tolist() == [5, 9] and onsets.times_s.tolist() == [1.0, 2.0]
+    counts = compute_counts(recording, onsets.times_s, window_s=(0.07, 0.17))
+    assert counts.dtype == np.uint16
+    assert counts.tolist() == [[2, 4, 0, 0], [2, 4, 1, 0]]
+    units = SiteTable(array=[0, 0], electrode=[2, 3], unit=[2, 255], label=("e2u2", "e3 noise"))
+    assert compute_counts(recording, onsets.times_s, sites=units, unmapped="ignore").tolist() == [[2, 1], [2, 0]]
+
+
+def test_file_handles_are_released(tmp_path):
+    path = write_nev(tmp_path / "rec.nev", _edge_recording(), write_ns2=True)
+    read_nev(path)
+    open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                  if os.path.exists(f"/proc/self/fd/{fd}")]
+    with open("/proc/self/maps") as handle:
+        mapped = handle.read()
+    assert not [name for name in open_files if str(tmp_path) in name]
+    assert str(tmp_path) not in mapped
+
+
+def test_counts_match_a_brute_force_count(tmp_path):
+    rng = np.random.default_rng(7)
+    onsets = np.sort(rng.choice(np.arange(3000, 600000, 6000), size=60, replace=False))
+    spikes = np.sort(rng.integers(0, 610000, size=20000))
+    electrodes, units = rng.choice(ELECTRODES, size=spikes.size), rng.integers(0, 4, size=spikes.size)
+    recording = read_nev(write_nev(tmp_path / "r.nev", Recording.from_ticks(
+        spikes, electrodes, units, onsets, np.arange(1, 61), ELECTRODES)))
+    counts = compute_counts(recording, compute_onsets(recording).times_s, window_s=(0.05, 0.25))
+    expected = [[np.sum((electrodes == e) & (spikes >= t + 1500) & (spikes < t + 7500)) for e in ELECTRODES]
+                for t in onsets]
+    assert counts.tolist() == expected
+
+
+def test_zero_words_clear_and_every_nonzero_word_is_an_onset():
+    recording = Recording.from_ticks([], [], [], [10, 20, 30, 40, 50], [3, 0, 3, 7, 0], (1,))
+    onsets = compute_onsets(recording)
+    assert onsets.codes.tolist() == [3, 3, 7] and (onsets.times_s * 30000).round().tolist() == [10, 30, 40]
+
+
+def test_summary_is_the_operator_check():
+    summary = compute_summary(_edge_recording())
+    assert summary == {"n_presentations": 2, "electrodes": [1, 2, 3, 4], "window_s": [0.07, 0.17],
+                       "counts": {"1": 4, "2": 8, "3": 1, "4": 0}, "codes": {"5": 1, "9": 1}}
+
+
+def test_unmapped_electrodes_are_an_error_unless_ignored():
+    sites = make_default_sites([1, 2])
+    with pytest.raises(ValueError, match=r"'\(in memory\)': 2 spikes on electrodes \[3\] that are missing from "
+                                         r"the site map"):
+        compute_counts(_edge_recording(), [1.0], sites=sites)
+    assert compute_counts(_edge_recording(), [1.0], sites=sites, unmapped="ignore").tolist() == [[2, 4]]
+
+
+def test_bad_windows_and_onsets():
+    with pytest.raises(ValueError, match=r"'window_s' needs start < stop"):
+        compute_counts(_edge_recording(), [1.0], window_s=(0.2, 0.1))
+    with pytest.raises(ValueError, match=r"'window_s start' must lie in \[0, 5\]"):
+        compute_counts(_edge_recording(), [1.0], window_s=(-0.1, 0.1))
+    with pytest.raises(ValueError, match=r"'onset_times_s' must be finite"):
+        compute_counts(_edge_recording(), [np.nan])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda data: data[:-7], r"ends 97 bytes into a 104-byte data packet \(truncated or corrupt\)"),
+        (lambda data: data[:300], r"inside the 336-byte basic header \(truncated\)"),
+        (lambda data: data[:16] + (7).to_bytes(4, "little") + data[20:], r"7 bytes per data packet \(corrupt header\)"),
+        (lambda data: data[:-104 * 3] + b"\x55" * 104 * 3, r"has packet id 21845, neither an electrode"),
+        (lambda data: data[:8] + b"\x01\x09" + data[10:], r"file specification 1.9 is not supported"),
+        (lambda data: b"timestamp,electrode\n0,1\n" * 20, r"is not a Blackrock NEV file"),
+        (lambda data: b"", r"is not a Blackrock NEV file"),
+    ],
+)
+def test_damaged_files_give_clear_errors(tmp_path, damage, message):
+    path = write_nev(tmp_path / "rec.nev", _edge_recording())
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=r"recording '.*rec.nev'.*" + message):
+        read_nev(path)
+
+
+def test_time_going_backwards_is_refused(tmp_path):
+    path = write_nev(tmp_path / "rec.nev", _edge_recording())
+    data = bytearray(path.read_bytes())
+    header_bytes = int.from_bytes(data[12:16], "little")
+    data[header_bytes + 104 * 5 : header_bytes + 104 * 5 + 4] = (1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"time goes backwards at data packet 5"):
+        read_nev(path)
+
+
+def test_truncated_file_can_be_read_when_allowed(tmp_path):
+    path = write_nev(tmp_path / "rec.nev", _edge_recording())
+    path.write_bytes(path.read_bytes()[:-50])
+    assert read_nev(path, allow_truncated=True).n_spikes == _edge_recording().n_spikes - 1
+
+
+def test_other_inputs_are_refused(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'recording': the file .*missing.nev' does not exist"):
+        read_nev(tmp_path / "missing.nev")
+    (tmp_path / "rec.ns5").write_bytes(b"NEURALCD")
+    with pytest.raises(ValueError, match=r"must be a Blackrock .nev file"):
+        read_nev(tmp_path / "rec.ns5")
+
+
+# -- a day: store + recording -----------------------------------------------------------------
+def _make_day(root, n_stimuli=6, n_repeats=2, seed=0):
+    """An experiment folder with day_001/store.zarr and the matching recording (time in ticks)."""
+    rng = np.random.default_rng(seed)
+    store = create_store(root / "day_001" / "store.zarr", sites=make_default_sites(ELECTRODES))
+    frames = rng.integers(0, 256, size=(n_stimuli, 224, 224, 3), dtype=np.uint8)
+    codes = np.arange(100, 100 + n_stimuli)
+    store.append_stimuli(frames, parent=-1, site=-1, eps=0.0, direction=0, kind="clean",
+                         predicted=np.zeros((n_stimuli, len(ELECTRODES))), code=codes)
+    order = np.concatenate([rng.permutation(n_stimuli) for _ in range(n_repeats)])
+    onset_ticks = 30000 + 6000 * np.arange(order.size)
+    store.append_presentations(np.arange(order.size) + 1000, order, onset_ticks / 30000.0 + 0.002,
+                               np.ones(order.size, bool), np.zeros((order.size, len(ELECTRODES)), int))
+    spikes = np.sort(rng.integers(0, onset_ticks[-1] + 9000, size=3000))
+    events = np.stack([onset_ticks, onset_ticks + 300], axis=1).ravel()
+    words = np.stack([codes[order], np.zeros_like(order)], axis=1).ravel()
+    recording = Recording.from_ticks(spikes, rng.choice(ELECTRODES, spikes.size), rng.integers(0, 3, spikes.size),
+                                     events, words, ELECTRODES)
+    return store, recording
+
+
+def test_day_counts_are_reconciled_and_stored(tmp_path):
+    store, recording = _make_day(tmp_path)
+    nev = write_nev(tmp_path / "day1.nev", recording)
+    live = store.read_presentations()
+    report = write_day_counts(nev, store.path)
+    assert report["written"] and report["n_mismatches"] == 0 and report["n_matched"] == store.n_presentations
+    stored = open_store(store.path).read_ingest()
+    onsets = compute_onsets(recording)
+    np.testing.assert_array_equal(stored["counts"], compute_counts(recording, onsets.times_s, sites=store.sites))
+    assert stored["matched"].all() and stored["attrs"]["sha256"] == hashlib.sha256(nev.read_bytes()).hexdigest()
+    after = open_store(store.path).read_presentations()
+    for name, values in live.items():
+        np.testing.assert_array_equal(after[name], values)
+    streamed = write_day_counts(nev, store.path, engine="stream")
+    assert streamed["written"] and streamed["engine"] == "stream"
+    np.testing.assert_array_equal(open_store(store.path).read_ingest()["counts"], stored["counts"])
+    store.finish()
+    again = write_day_counts(nev, store.path, window_s=(0.05, 0.1))
+    assert again["written"] and open_store(store.path).read_ingest()["attrs"]["window_s"] == [0.05, 0.1]
+    assert "ingest" in json.loads((store.path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
+
+
+def test_every_mismatch_is_reported_and_nothing_written(tmp_path):
+    store, recording = _make_day(tmp_path)
+    ticks, words = recording.event_ticks.copy(), recording.event_words.copy()
+    words[2] = 999  # presentation 1: unknown code
+    ticks[4] += 1500  # presentation 2: shifted by 50 ms
+    ticks, words = np.delete(ticks, 6), np.delete(words, 6)  # presentation 3: missing onset
+    damaged = Recording.from_ticks(recording.spike_ticks, recording.spike_electrodes, recording.spike_units,
+                                   ticks, words, ELECTRODES)
+    nev = write_nev(tmp_path / "day1.nev", damaged)
+    before = _snapshot(store.path)
+    report = write_day_counts(nev, store.path)
+    kinds = sorted((m["kind"], m["presentation"]) for m in report["mismatches"] if m["presentation"] is not None)
+    assert kinds == [("missing_onset", 3), ("shifted_timing", 2), ("unknown_code", 1)]
+    assert [m["nev_code"] for m in report["mismatches"] if m["kind"] == "unknown_code"] == [999]
+    shifted = next(m for m in report["mismatches"] if m["kind"] == "shifted_timing")
+    assert shifted["shift_s"] == pytest.approx(0.048)
+    assert not report["written"] and _snapshot(store.path) == before
+    report = write_day_counts(nev, store.path, allow_mismatch=True)
+    stored = open_store(store.path).read_ingest()
+    assert report["written"] and stored["matched"].sum() == store.n_presentations - 3
+    assert np.isnan(stored["onset"][[1, 2, 3]]).all() and not stored["counts"][[1, 2, 3]].any()
+
+
+def test_code_mismatch_and_extra_onsets():
+    times = np.array([1.0, 1.2, 1.4])
+    from closedloop.data.nev import Onsets
+    result = compute_reconciliation(Onsets(times, np.array([5, 6, 7], np.uint16)), [5, 8], [1.0, 1.2], [5, 6, 7, 8])
+    assert result.onset_index.tolist() == [0, -1]
+    assert [(m["kind"], m["code"]) for m in result.mismatches] == [("code_mismatch", 8), ("extra_onset", 7)]
+    assert result.mismatches[0]["nev_code"] == 6
+
+
+def test_spikes_off_the_site_map_leave_the_store_alone(tmp_path):
+    store, recording = _make_day(tmp_path)
+    extra = Recording.from_ticks(np.append(recording.spike_ticks, 40000), np.append(recording.spike_electrodes, 9),
+                                 np.append(recording.spike_units, 0), recording.event_ticks, recording.event_words,
+                                 ELECTRODES + (9,))
+    nev = write_nev(tmp_path / "day1.nev", extra)
+    before = _snapshot(store.path)
+    with pytest.raises(ValueError, match=r"day1.nev': 1 spikes on electrodes \[9\] that are missing from the site map"):
+        write_day_counts(nev, store.path)
+    assert _snapshot(store.path) == before
+    assert write_day_counts(nev, store.path, unmapped="ignore")["written"]
+
+
+# -- the command line -------------------------------------------------------------------------
+def test_cli_summary_json(tmp_path):
+    nev = write_nev(tmp_path / "rec.nev", _edge_recording(), version="3.0")
+    result = _run("ingest", nev, "--summary", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == compute_summary(_edge_recording())
+    streamed = _run("ingest", nev, "--json", "--engine", "stream")
+    assert json.loads(streamed.stdout) == json.loads(result.stdout) == compute_summary(nev)
+    result = _run("ingest", nev, "--json", "--window", "0.07", "0.1701")
+    assert json.loads(result.stdout)["counts"]["1"] == 6 and json.loads(result.stdout)["window_s"] == [0.07, 0.1701]
+
+
+def test_cli_ingests_a_day_with_the_experiment_settings(tmp_path):
+    store, recording = _make_day(tmp_path)
+    (tmp_path / "sites.csv").write_text("site,array,electrode,unit,label\n" + "".join(
+        f"{i},0,{e},-1,e{e}\n" for i, e in enumerate(ELECTRODES)))
+    (tmp_path / "experiment.toml").write_text(
+        '[sites]\nn_sites = 4\nsite_map = "sites.csv"\n[response]\nwindow_s = [0.05, 0.15]\n')
+    nev = write_nev(tmp_path / "day1.nev", recording)
+    result = _run("ingest", nev, "--experiment", tmp_path, "--day", 1, "--json", "--summary")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["written"] and report["window_s"] == [0.05, 0.15] and report["summary"]["window_s"] == [0.05, 0.15]
+    assert open_store(store.path).read_ingest()["attrs"]["window_s"] == [0.05, 0.15]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    store, recording = _make_day(tmp_path)
+    nev = write_nev(tmp_path / "day1.nev", recording)
+    nev.write_bytes(nev.read_bytes()[:-3])
+    result = _run("ingest", nev, "--experiment", tmp_path, "--day", 1)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert "error: recording" in result.stderr and "truncated or corrupt" in result.stderr
+
+    words = recording.event_words.copy()
+    words[0] = 4242
+    nev = write_nev(tmp_path / "day1.nev", Recording.from_ticks(
+        recording.spike_ticks, recording.spike_electrodes, recording.spike_units, recording.event_ticks, words,
+        ELECTRODES))
+    result = _run("ingest", nev, "--experiment", tmp_path, "--day", 1)
+    assert result.returncode == 2 and "unknown_code: presentation 0, code " in result.stdout
+    assert "recorded code 4242" in result.stdout
+    assert "1 mismatches" in result.stderr and "nothing written" in result.stderr
+
+    root = zarr.open_group(str(store.path), mode="r+")
+    root.attrs["schema_version"] = 2
+    before = _snapshot(store.path)
+    result = _run("ingest", nev, "--experiment", tmp_path, "--day", 1)
+    assert result.returncode == 2 and "written with schema version 2" in result.stderr
+    assert _snapshot(store.path) == before
+    result = _run("ingest", nev, "--day", 1)
+    assert result.returncode == 2 and "--experiment and --day go together" in result.stderr
+
+
+@pytest.mark.parametrize("version", ["2.2", "2.3", "3.0"])
+def test_streaming_counts_equal_the_neo_path(tmp_path, version, monkeypatch):
+    import closedloop.data.nev as ingest
+
+    monkeypatch.setattr(ingest, "_SCAN_PACKETS", 1000)  # many windows, onsets and spikes across their edges
+    store, recording = _make_day(tmp_path, n_stimuli=20, n_repeats=3, seed=3)
+    nev = write_nev(tmp_path / "day.nev", recording, version=version)
+    for window in [(0.07, 0.17), (0.0, 0.5), (0.1, 1.3)]:
+        onsets, counts = ingest.compute_nev_counts(nev, window_s=window)
+        from_neo = read_nev(nev)
+        expected = compute_onsets(from_neo)
+        np.testing.assert_array_equal(onsets.times_s, expected.times_s)
+        np.testing.assert_array_equal(onsets.codes, expected.codes)
+        np.testing.assert_array_equal(counts, compute_counts(from_neo, expected.times_s, window_s=window))
+    edges = write_nev(tmp_path / "edges.nev", _edge_recording(), version=version)
+    assert ingest.compute_nev_counts(edges)[1].tolist() == [[2, 4, 0, 0], [2, 4, 1, 0]]
+    with pytest.raises(ValueError, match=r"edges.nev': 2 spikes on electrodes \[3\] that are missing"):
+        ingest.compute_nev_counts(edges, sites=make_default_sites([1, 2]))
+
+
+def test_streaming_counts_a_spike_written_just_before_its_onset_at_the_same_tick(tmp_path, monkeypatch):
+    import closedloop.data.nev as ingest
+
+    path = write_nev(tmp_path / "tie.nev", Recording.from_ticks([3000, 3100], [1, 1], [0, 0], [3000], [8], (1,)))
+    data = bytearray(path.read_bytes())
+    header_bytes = int.from_bytes(data[12:16], "little")
+    event, spike = data[header_bytes : header_bytes + 104], data[header_bytes + 104 : header_bytes + 208]
+    data[header_bytes : header_bytes + 208] = spike + event  # same tick: the spike packet comes first
+    path.write_bytes(bytes(data))
+    monkeypatch.setattr(ingest, "_SCAN_PACKETS", 1)
+    assert ingest.compute_nev_counts(path, window_s=(0.0, 0.001))[1].tolist() == [[1]]
+    assert ingest.compute_nev_counts(path, window_s=(0.0, 0.01))[1].tolist() == [[2]]
+    recording = read_nev(path)
+    assert compute_counts(recording, [0.1], window_s=(0.0, 0.001)).tolist() == [[1]]

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from closedloop.core.files import write_json
+from closedloop.data.layout import day_folder
+from closedloop.demos.loop import _render, compute_demo_summary
+
+
+def _record(site, eps, kind, estimate, sem, truth=None, expected=None, right=None):
+    return {"site": site, "eps": eps, "kind": kind, "n_images": 4, "estimate": estimate, "sem": sem, "sigma": 3.0,
+            "normalized": estimate / 3.0, "truth": truth, "expected": expected, "direction_right": right}
+
+
+def _write_days(tmp_path, attack_by_day):
+    for day, (site0, site1) in enumerate(attack_by_day):
+        records = [
+            _record(0, 1.0, "attack", site0, 0.3, truth=2.0, expected=site0, right=0.75),
+            _record(1, 1.0, "attack", site1, 0.4, truth=2.5, expected=site1 - 0.1, right=0.5),
+            _record(0, 1.0, "gaussian", 0.1, 0.2), _record(1, 1.0, "gaussian", -0.1, 0.2),
+            _record(0, 1.0, "interpolation", 0.0, 0.2), _record(1, 1.0, "interpolation", 3.0, 0.2),
+        ]
+        folder = day_folder(tmp_path, day)
+        folder.mkdir(parents=True)
+        write_json(folder / "sensitivity.json", records)
+
+
+def test_demo_summary_averages_over_sites_with_their_standard_errors(tmp_path):
+    _write_days(tmp_path, [(0.2, 0.0), (0.5, 1.0), (1.0, 3.5)])
+    summary = compute_demo_summary(tmp_path, 3)
+    day2 = summary["by_day"][2]["attack"]["1.0"]
+    assert day2["estimate"] == pytest.approx(2.25) and day2["sem"] == pytest.approx(np.sqrt(0.3**2 + 0.4**2) / 2)
+    assert day2["expected"] == pytest.approx(2.2) and day2["direction_right"] == pytest.approx(0.625)
+    assert day2["truth"] == pytest.approx(2.25)
+    growth = summary["growth"]["1.0"]
+    assert (growth["first_day"], growth["last_day"]) == (1, 2)
+    assert (growth["first"]["estimate"], growth["last"]["estimate"]) == pytest.approx((0.75, 2.25))
+    # pooled over days 1..2: attack 1.5 beats gaussian 0 but not interpolation 1.5
+    assert summary["attack_beats_baselines"]["1.0"]["attack_beats_all"] is False
+    # site 1 on day 2: 3.5 > 2.5 + 2 × 0.4 → the one estimate above its truth beyond 2 s.e.
+    assert summary["lower_bound"] == {"n_records": 6, "n_at_or_below_truth": 5, "n_above_truth_beyond_2_se": 1}
+    text = _render(summary | {"report": "r.html"}, 12.0, tmp_path)
+    assert "right direction" in text and "62%" in text and "attack beats baselines: NO" in text
+    assert "day 1 0.75 ± 0.25 -> day 2 2.25 ± 0.25" in text
