@@ -30,6 +30,8 @@ from closedloop.attacks.engine import compute_predictions
 from closedloop.core.logs import progress
 from closedloop.core.validation import check_array, check_device, check_indices, check_integer
 from closedloop.data.store import open_store
+from models import load_backbone
+from models.predictivity import compute_pearson
 
 __all__ = ["compute_layer_scores", "compute_base_selection", "CRITERIA"]
 
@@ -104,7 +106,6 @@ def compute_layer_scores(
         train, test = fold != k, fold == k
         coefficients, mean = _fit_ridge(gram[np.ix_(train, train)], responses[train])
         predicted[test] = gram[np.ix_(test, train)] @ coefficients + mean
-    from models.predictivity import compute_pearson
 
     scores["predictivity"] = float(np.nanmedian(compute_pearson(predicted, responses)))
     if n_pairs == 0:
@@ -175,7 +176,6 @@ def compute_base_selection(
       ``n_images``, ``n_pairs``;
     - ``"best"``: per criterion the best ``candidate`` and ``layer`` and its ``score``.
     """
-    from models import load_backbone
 
     if not isinstance(candidates, dict) or not candidates:
         raise ValueError("'candidates' must be a non-empty dict {label: backbone name or checkpoint path}.")

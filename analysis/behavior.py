@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from closedloop.behavior.manifest import read_manifest
+from closedloop.behavior.server import read_behavior_results
+from closedloop.behavior.sessions import read_behavior_build
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer, check_number
 
@@ -119,9 +122,6 @@ def read_behavior_data(out: str | Path) -> BehaviorData:
 
     Categorisation subjects whose catch accuracy is ≤ 1/9 are left out (listed in ``excluded``).
     """
-    from closedloop.behavior.generate import read_manifest
-    from closedloop.behavior.server import read_behavior_results
-    from closedloop.behavior.sessions import read_behavior_build
 
     out = Path(out).expanduser()
     build = read_behavior_build(out)

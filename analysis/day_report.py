@@ -8,6 +8,7 @@ import numpy as np
 
 from analysis.html import make_figure, render_figure, render_table, write_page
 from closedloop.core.files import read_json
+from closedloop.data.layout import STAGES
 
 __all__ = ["compute_sensitivity_summary", "write_day_report"]
 
@@ -65,7 +66,6 @@ def _sensitivity_figure(summary: list[dict]) -> str:
 def write_day_report(folder: str | Path) -> Path:
     """Write ``folder/report.html`` from the day's artifacts; return its path."""
     folder = Path(folder)
-    from closedloop.data.layout import STAGES
 
     stages = {stage: read_json(folder / "stages" / f"{stage}.json") for stage in STAGES
               if (folder / "stages" / f"{stage}.json").exists()}

@@ -21,6 +21,7 @@ from closedloop.attacks.engine import compute_predictions
 from closedloop.attacks.whitebox import compute_unit_sensitivity
 from closedloop.core.logs import progress
 from closedloop.core.validation import check_device, check_integer, check_number, check_uint8_images
+from models import load_backbone
 
 __all__ = ["compute_network_sensitivity"]
 
@@ -32,7 +33,6 @@ def _unit_network(source, layer: str, trust: bool) -> torch.nn.Module:
         raise TypeError(
             f"each network must be a backbone name, a checkpoint path or a torch.nn.Module, but got {type(source).__name__}."
         )
-    from models import load_backbone
 
     return load_backbone(source, layer, trust=trust)
 

@@ -60,7 +60,8 @@ print(json.dumps({"seconds": seconds, "peak_rss_mb": _peak_mb(),
 
 _INGEST = _PEAK + """
 import json, sys, time
-from closedloop.data.nev import compute_counts, compute_nev_counts, compute_onsets, read_nev
+from closedloop.data.counts import compute_counts, compute_nev_counts, compute_onsets
+from closedloop.data.nev import read_nev
 start = time.perf_counter()
 if sys.argv[2] == "neo":
     recording = read_nev(sys.argv[1])

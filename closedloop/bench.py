@@ -7,7 +7,7 @@ after a warm-up, with the thread count left as it is, as medians over repeats:
   respect to the input images (parameters frozen, exactly the work one attack step needs);
 - the attack engine (:func:`closedloop.attacks.engine.compute_pgd`) on the same batch and objective;
 - ``attack_over_fwd_bwd``: attack time per image-step ÷ bare forward+backward time per image;
-- the batched per-site attacks (:func:`closedloop.attacks.engine.make_site_attacks`, all jobs packed)
+- the batched per-site attacks (:func:`closedloop.attacks.sites.make_site_attacks`, all jobs packed)
   against a naive loop over sites, images and directions that makes one attack at a time with the
   same engine, end to end (clean predictions, 8-bit output, final predictions);
 - the estimated attack time of a paper-size day: 21 sites × 42 images × 5 budgets × 2 directions
@@ -22,7 +22,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from closedloop.attacks.engine import SITE_TARGET, compute_pgd, compute_predictions, make_site_attacks, quantize_within_budget
+from closedloop.attacks.engine import compute_pgd, compute_predictions, quantize_within_budget
+from closedloop.attacks.sites import SITE_TARGET, make_site_attacks
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_device, check_integer
 from closedloop.images import from_tensor, to_tensor

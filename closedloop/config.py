@@ -11,10 +11,15 @@ from __future__ import annotations
 import math
 import textwrap
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from closedloop.core.files import write_text
+from closedloop.core.validation import check_option
+from models.backbones import registered_backbones
 
 __all__ = [
     "ExperimentConfig",
@@ -22,6 +27,7 @@ __all__ = [
     "build_config",
     "render_config",
     "write_default_config",
+    "write_preset_config",
     "format_config_error",
     "ConfigSection",
     "validate_config",
@@ -277,7 +283,6 @@ def _allowed_keys(section: tuple, root: type[BaseModel]) -> list[str]:
 
 def _check_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
     """Resolve relative paths against ``base`` and check that the named files and folders exist."""
-    from models.backbones import registered_backbones
 
     def resolve(text: str) -> str:
         return str((base / Path(text).expanduser()).resolve())
@@ -387,20 +392,39 @@ def write_default_config(
 ) -> Path:
     """Write a commented ``experiment.toml`` with the defaults of ``preset`` into ``folder``.
 
-    ``changes``: {section: {key: value}} applied over the preset (validated like the file).
-    Returns the path written. Refuses to overwrite an existing file unless ``overwrite``.
+    ``changes``: {section: {key: value}} applied over the preset (validated like the file); the
+    experiment's name is the folder's. Returns the path written. Refuses to overwrite an existing
+    file unless ``overwrite``.
     """
-    from closedloop.core.files import write_text
-    from closedloop.core.validation import check_option
-
-    check_option("preset", preset, PRESETS)
     folder = Path(folder).expanduser()
-    path = folder / CONFIG_NAME
+    changes = dict(changes or {})
+    changes["experiment"] = dict(changes.get("experiment", {})) | {"name": folder.resolve().name}
+    return write_preset_config(
+        folder / CONFIG_NAME, ExperimentConfig, PRESETS, preset, overwrite=overwrite, changes=changes
+    )
+
+
+def write_preset_config(
+    path: Path,
+    root: type[ConfigSection],
+    presets: dict[str, dict],
+    preset: str,
+    *,
+    render: Callable[[ConfigSection], str] = render_config,
+    overwrite: bool = False,
+    changes: dict | None = None,
+) -> Path:
+    """Write to ``path``, atomically, the commented TOML of ``preset`` (a name in ``presets``).
+
+    ``presets``: name -> {section: {key: value}} over the defaults of ``root``, the config class;
+    ``changes`` (same shape) are applied over the preset, and the result is validated into
+    ``root`` and written as ``render`` gives it. Refuses to overwrite an existing file unless
+    ``overwrite``. Returns ``path``.
+    """
+    check_option("preset", preset, presets)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    data = {section: dict(values) for section, values in PRESETS[preset].items()}
+    data = {section: dict(values) for section, values in presets[preset].items()}
     for section, values in (changes or {}).items():
         data.setdefault(section, {}).update(values)
-    data.setdefault("experiment", {})["name"] = folder.resolve().name
-    text = render_config(build_config(data, source=f"preset {preset!r}"))
-    return write_text(path, text)
+    return write_text(path, render(validate_config(root, data, source=f"preset {preset!r}")))

@@ -7,6 +7,7 @@ import time
 from closedloop.config import ExperimentConfig
 from closedloop.core.validation import check_integer
 from closedloop.images import read_image_source, to_tensor
+from models import make_it_model, resolve_device
 
 __all__ = ["compute_model_check"]
 
@@ -21,7 +22,6 @@ def compute_model_check(config: ExperimentConfig, n_images: int = 4) -> dict:
     """
     import torch
 
-    from models import make_it_model, resolve_device
 
     if not isinstance(config, ExperimentConfig):
         raise TypeError(f"'config' must be an ExperimentConfig (from read_config), but got {type(config).__name__}.")

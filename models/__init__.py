@@ -7,7 +7,7 @@ experiment config, which only validates backbone names.
 
 from __future__ import annotations
 
-import importlib
+from closedloop.core.exports import make_lazy_exports
 
 _EXPORTS = {
     "registered_backbones": "models.backbones",
@@ -32,14 +32,4 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'models' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = make_lazy_exports(__name__, _EXPORTS, globals())

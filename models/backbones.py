@@ -42,6 +42,8 @@ def load_backbone(source: str | Path, layer: str = "layer4.0", *, trust: bool = 
     downsampling to the checkpoint's ``input_size`` when its metadata gives one (our classifiers
     trained on small images, docs/behavior.md).
     """
+    # torch-importing modules stay inside: the experiment config imports this module to check
+    # backbone names, and `import torch` costs seconds of CLI start-up (docs/architecture.md).
     from models.checkpoints import load_network_weights, read_checkpoint_weights
     from models.networks import make_backbone, make_network
 

@@ -10,6 +10,10 @@ Three layouts are understood (see docs/models.md):
 - our own ``.safetensors`` (an IT model written by :func:`models.write_it_model`, or a bare
   backbone state dict) with a sidecar ``.json`` naming the architecture.
 
+Our own files (IT models, classifiers) are written by :func:`write_checkpoint`: the weights as
+``NAME.safetensors`` and a sidecar ``NAME.json`` (format, version, the weights' sha256 and what
+rebuilds the model), read back checked by :func:`read_sidecar_metadata`.
+
 ``.pt`` files are opened with ``torch.load(weights_only=True)``, which only rebuilds tensors and
 plain containers. A file that needs full unpickling (it holds other Python objects, whose
 unpickling can run arbitrary code) is refused unless the caller passes ``trust=True``.
@@ -27,15 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from closedloop.core.files import atomic_path, compute_file_digest, write_json
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_file
 from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network
 
 __all__ = [
     "CheckpointWeights", "read_checkpoint_weights", "load_network_weights", "describe_key_mismatch", "TRUST_HINT",
-    "read_sidecar_metadata",
+    "write_checkpoint", "read_sidecar_metadata", "SIDECAR_KEYS",
 ]
 
 TRUST_HINT = "trust=True (in experiment.toml: [model] trust_checkpoint = true)"
@@ -49,6 +55,8 @@ _NORMALIZERS = (
 )
 _NESTED = ("model", "state_dict")
 _OPTIONAL = ".num_batches_tracked"  # batch-norm step counters: absent from old checkpoints, unused in eval
+# What write_checkpoint adds to a sidecar, beside the caller's document.
+SIDECAR_KEYS = ("format", "format_version", "weights_sha256")
 
 
 @dataclass(frozen=True)
@@ -163,8 +171,6 @@ def _unwrap(loaded: object, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str, int, int]:
-    from safetensors.torch import load_file
-
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         raise FileNotFoundError(
@@ -264,6 +270,38 @@ def _rounded(values: tuple[float, ...]) -> list[float]:
     return [round(v, 4) for v in values]
 
 
+def write_checkpoint(
+    state: Mapping[str, torch.Tensor],
+    path: str | Path,
+    document: Mapping,
+    *,
+    format_name: str,
+    format_version: int,
+    document_name: str = "metadata",
+) -> Path:
+    """Write ``state`` to ``path`` (.safetensors) and ``document`` to ``path.with_suffix(".json")``.
+
+    The JSON holds ``document``, then ``format``/``format_version`` and the sha256 of the weights
+    file (see :data:`SIDECAR_KEYS`), so :func:`read_sidecar_metadata` detects a mismatched pair.
+    Both files are written under temporary names and renamed into place, the weights last.
+    ``document_name`` names the caller's parameter that ``document`` came from, for the message
+    refusing values that are not JSON-able. Returns ``path``.
+    """
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        raise ValueError(f"'path' must end in '.safetensors', but got {str(path)!r}; e.g. {path.stem}.safetensors.")
+    document = dict(document) | {"format": format_name, "format_version": format_version}
+    try:
+        json.dumps(document)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{document_name!r} must hold JSON-able values (str, numbers, lists, dicts): {error}.") from None
+    with atomic_path(path) as weights_tmp:
+        save_file({key: value.detach().cpu().contiguous() for key, value in state.items()}, weights_tmp)
+        document["weights_sha256"] = compute_file_digest(weights_tmp)
+        write_json(path.with_suffix(".json"), document)
+    return path
+
+
 def read_sidecar_metadata(path: Path, *, format_name: str, format_version: int, what: str, noun: str, fix: str) -> dict:
     """The JSON metadata beside a ``.safetensors`` file we wrote, checked against the weights.
 
@@ -271,10 +309,6 @@ def read_sidecar_metadata(path: Path, *, format_name: str, format_version: int, 
     the one recorded (an interrupted write, or files from two different saves). For the
     messages: ``what`` names the kind of metadata, ``noun`` the thing saved, ``fix`` how to write it.
     """
-    import json
-
-    from closedloop.core.files import compute_file_digest
-
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no metadata file {str(sidecar)!r}; {fix}.")

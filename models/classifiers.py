@@ -14,15 +14,13 @@ architecture, categories, input handling, how it was trained, sha256 of the weig
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from closedloop.core.files import atomic_path, compute_file_digest, write_json
 from closedloop.core.validation import check_file, check_integer, check_option
-from models.checkpoints import read_sidecar_metadata
+from models.checkpoints import load_network_weights, read_checkpoint_weights, read_sidecar_metadata, write_checkpoint
 from models.networks import ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, make_network, prepare_images
 
 __all__ = [
@@ -205,8 +203,6 @@ def load_classifier(source: str | Path, *, trust: bool = False, seed: int = 0, r
     logits; ``None`` means yes for a 1000-way network. ``trust``: allow full unpickling of a
     ``.pt`` that needs it (runs code from the file).
     """
-    from models.checkpoints import load_network_weights, read_checkpoint_weights
-
     if not isinstance(source, (str, Path)):
         raise TypeError(f"'source' must be a checkpoint path or an architecture name, but got {type(source).__name__}.")
     check_option("restricted", restricted, [None, False, True])
@@ -253,27 +249,15 @@ def write_classifier(classifier: Classifier, path: str | Path) -> Path:
     """Write ``classifier`` to ``path`` (.safetensors: the ResNet's state dict) and ``path.with_suffix(".json")``.
 
     The JSON holds :meth:`Classifier.describe`, ``classifier.metadata`` (e.g. ``training``) and the
-    sha256 of the weights; both files are written under temporary names and renamed into place.
-    Returns ``path``.
+    sha256 of the weights; both files are written under temporary names and renamed into place
+    (:func:`models.checkpoints.write_checkpoint`). Returns ``path``.
     """
-    from safetensors.torch import save_file
-
     if not isinstance(classifier, Classifier):
         raise TypeError(f"'classifier' must be a models.Classifier, but got {type(classifier).__name__}.")
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        raise ValueError(f"'path' must end in '.safetensors', but got {str(path)!r}; e.g. {path.stem}.safetensors.")
-    document = classifier.metadata | classifier.describe() | {"format": FORMAT, "format_version": FORMAT_VERSION}
-    try:
-        json.dumps(document)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"'classifier.metadata' must hold JSON-able values: {error}.") from None
-    with atomic_path(path) as weights_tmp:
-        state = {key: value.detach().cpu().contiguous() for key, value in classifier.network.state_dict().items()}
-        save_file(state, weights_tmp)
-        document["weights_sha256"] = compute_file_digest(weights_tmp)
-        write_json(path.with_suffix(".json"), document)
-    return path
+    return write_checkpoint(
+        classifier.network.state_dict(), path, classifier.metadata | classifier.describe(),
+        format_name=FORMAT, format_version=FORMAT_VERSION, document_name="classifier.metadata",
+    )
 
 
 def _read_metadata(path: Path) -> dict:

@@ -11,17 +11,16 @@ architecture, layer, sites, training history and a sha256 of the weights file). 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from closedloop.core.files import atomic_path, compute_file_digest, write_json
 from closedloop.core.validation import check_file, check_integer
 from models.backbones import load_backbone
-from models.checkpoints import read_sidecar_metadata
+from models.checkpoints import SIDECAR_KEYS, read_sidecar_metadata, write_checkpoint
 from models.devices import resolve_device
 from models.networks import Backbone, make_backbone, make_network
 from models.readout import FactorizedReadout
@@ -30,7 +29,6 @@ __all__ = ["ITModel", "make_it_model", "write_it_model", "read_it_model"]
 
 FORMAT = "closedloop.it_model"
 FORMAT_VERSION = 1
-_FILE_KEYS = ("format", "format_version", "weights_sha256")
 
 
 class ITModel(nn.Module):
@@ -53,7 +51,7 @@ class ITModel(nn.Module):
                 f"at layer {backbone.layer!r}; build the readout with in_shape=backbone.out_shape()."
             )
         self.backbone, self.readout = backbone, readout
-        self.metadata = {key: value for key, value in (metadata or {}).items() if key not in _FILE_KEYS}
+        self.metadata = {key: value for key, value in (metadata or {}).items() if key not in SIDECAR_KEYS}
         self.metadata.update(backbone=backbone.describe(), readout=readout.describe(), n_sites=readout.n_sites)
         self.metadata.setdefault("history", [])
 
@@ -97,33 +95,18 @@ def write_it_model(model: ITModel, path: str | Path, *, metadata: dict | None = 
     ``metadata``: extra JSON-able entries stored next to ``model.metadata`` (e.g. the day, the
     config); they cannot replace the model's own entries.
     Both files are written under temporary names and renamed into place, the weights
-    last; the JSON records the weights' sha256 so a mismatched pair is detected on reading.
-    Returns ``path``.
+    last; the JSON records the weights' sha256 so a mismatched pair is detected on reading
+    (:func:`models.checkpoints.write_checkpoint`). Returns ``path``.
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, ITModel):
         raise TypeError(f"'model' must be a models.ITModel, but got {type(model).__name__}.")
-    path = Path(path).expanduser()
-    if path.suffix != ".safetensors":
-        raise ValueError(f"'path' must end in '.safetensors', but got {str(path)!r}; e.g. {path.stem}.safetensors.")
-    document = dict(metadata or {}) | model.metadata | {"format": FORMAT, "format_version": FORMAT_VERSION}
-    try:
-        json.dumps(document)
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"'metadata' must hold JSON-able values (str, numbers, lists, dicts): {error}.") from None
-    with atomic_path(path) as weights_tmp:
-        state = {key: value.detach().cpu().contiguous() for key, value in model.state_dict().items()}
-        save_file(state, weights_tmp)
-        document["weights_sha256"] = compute_file_digest(weights_tmp)
-        write_json(path.with_suffix(".json"), document)
-    return path
+    return write_checkpoint(
+        model.state_dict(), path, dict(metadata or {}) | model.metadata, format_name=FORMAT, format_version=FORMAT_VERSION
+    )
 
 
 def read_it_model(path: str | Path, *, device: str | torch.device = "cpu") -> ITModel:
     """An :class:`ITModel` written by :func:`write_it_model`, in eval mode on ``device``."""
-    from safetensors.torch import load_file
-
     path = check_file("path", path)
     document = _read_metadata(path)
     described, readout_facts = document["backbone"], document["readout"]

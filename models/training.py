@@ -32,7 +32,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from closedloop.attacks.engine import compute_pgd, compute_predictions, make_classifier_attacks
+from closedloop.attacks.classifiers import make_classifier_attacks
+from closedloop.attacks.engine import compute_pgd, compute_predictions
+from closedloop.core.files import atomic_path
 from closedloop.core.logs import logger, progress
 from closedloop.core.provenance import derive_seed
 from closedloop.core.validation import check_indices, check_integer, check_number
@@ -140,7 +142,6 @@ def _to_images(pixels: torch.Tensor, flips: torch.Generator, device: torch.devic
 def _write_checkpoint(classifier: Classifier, optimizer, out: Path, epoch: int) -> None:
     from safetensors.torch import save_file
 
-    from closedloop.core.files import atomic_path
 
     names = {id(parameter): name for name, parameter in classifier.named_parameters()}
     state = {

@@ -25,14 +25,12 @@ import numpy as np
 
 from closedloop.core.files import atomic_path
 from closedloop.core.validation import check_integer, check_option
+from closedloop.data.nev_header import BASIC_HEADER_BYTES, EXTENDED_HEADER_BYTES, NEV_VERSIONS
 from closedloop.data.recording import Recording
 
 __all__ = ["write_nev", "write_nsx", "NEV_VERSIONS", "SPIKE_WIDTH"]
 
-NEV_VERSIONS = ("2.2", "2.3", "3.0")
 SPIKE_WIDTH = 48
-BASIC_HEADER_BYTES = 336
-EXTENDED_HEADER_BYTES = 32
 NS2_PERIOD = 30  # ticks of the 30 kHz clock per sample: 1 kS/s
 DIGITAL_INPUT_REASON = 1
 DIGITIZATION_NV = 250  # nV per waveform bit

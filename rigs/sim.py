@@ -1,7 +1,7 @@
 """The simulated IT rig: a digital twin of the monkey, the display and the Blackrock NSP.
 
-Its sites are units of a hidden network (:func:`make_hidden_sites`: a small random CNN with a
-per-site factorized readout, unlike the fitted ResNet model) whose output is turned into firing
+Its sites are units of a hidden network (:func:`make_hidden_sites`: a noisy copy of the
+experiment's base network with a per-site readout, see :class:`HiddenSites`) whose output is turned into firing
 rates (tens of Hz at baseline, hundreds for strong responses). For each presentation the
 presenter draws Poisson spike trains on the 30 kHz NSP clock: baseline rate, then the
 stimulus-driven rate from ``latency_s`` after onset for ``on_s``; a fixation break (probability
@@ -12,7 +12,7 @@ recording clock keeps real-time values. At ``stop`` it writes what it recorded a
 port at each onset and 0 at its offset). Its site function is exposed as a differentiable torch
 module (``site_function``) for validation only; the loop never reads it.
 
-Run it with ``closedloop rig-sim`` or ``python -m rigs.sim``.
+Run it with ``closedloop rig-sim``; a day starts it through :class:`rigs.launch.RigLauncher`.
 """
 
 from __future__ import annotations
@@ -29,10 +29,13 @@ from torch import nn
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer, check_number
 from closedloop.data.bundle import read_bundle
+from closedloop.data.layout import compute_base_seed
 from closedloop.data.recording import NSP_CLOCK_HZ, Recording
 from closedloop.data.window import compute_duration_ticks, compute_window_ticks
 from closedloop.images import make_embedded_image_set, to_tensor
+from models import load_backbone
 from rigs.agent import Outcome, RigAgent, StreamFaults
+from rigs.nev import write_nev
 
 __all__ = [
     "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "compute_sim_rig_options", "SimulatedPresenter",
@@ -59,7 +62,6 @@ class HiddenSites(nn.Module):
 
     def __init__(self, n_sites: int, seed: int, *, backbone: str = "resnet_tiny", layer: str = "layer4.0",
                  base_seed: int = 0, weight_noise: float = 0.3, trust: bool = False) -> None:
-        from models import load_backbone
 
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
@@ -126,7 +128,6 @@ def make_hidden_sites(n_sites: int, seed: int, **base) -> HiddenSites:
 
 def compute_hidden_site_options(config) -> dict:
     """The :class:`HiddenSites` arguments for an experiment: its base model and ``[sim] weight_noise``."""
-    from closedloop.data.layout import compute_base_seed
 
     model = config.model
     return {"backbone": model.backbone, "layer": model.layer, "base_seed": compute_base_seed(config),
@@ -238,7 +239,6 @@ class SimulatedPresenter:
 
     def finish(self, outcomes: list[dict]) -> str:
         """Write the session's recording (from the journaled ``outcomes``) as a Blackrock .nev; return its path."""
-        from rigs.nev import write_nev
 
         records = [entry["record"] for entry in outcomes]
         off = self._ticks(self.on_s)

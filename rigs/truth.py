@@ -19,6 +19,7 @@ import numpy as np
 from closedloop.attacks.whitebox import compute_unit_sensitivity
 from closedloop.config import ExperimentConfig
 from closedloop.data.store import open_store
+from rigs.sim import ExpectedCounts, compute_hidden_site_options, make_hidden_sites
 
 __all__ = ["SimTruth", "compute_sim_truth"]
 
@@ -42,7 +43,6 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
     response window of every stimulus (the 8-bit images shown), in store order.
     """
     from closedloop.attacks.engine import compute_predictions
-    from rigs.sim import ExpectedCounts, compute_hidden_site_options, make_hidden_sites
 
     store = open_store(store_path)
     stimuli = store.read_stimuli(pixels=False)

@@ -16,7 +16,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from closedloop.config import ConfigSection, read_toml_config, render_config, validate_config
+from closedloop.attacks.classifiers import CLASSIFIER_MODES
+from closedloop.config import ConfigSection, read_toml_config, render_config, validate_config, write_preset_config
+from closedloop.core.validation import check_option
 
 __all__ = [
     "BEHAVIOR_CONFIG_NAME",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 BEHAVIOR_CONFIG_NAME = "behavior.toml"
-BEHAVIOR_MODES = ("disrupt", "target", "composite", "centroid", "interpolation", "gaussian", "control")
+BEHAVIOR_MODES = (*CLASSIFIER_MODES, "interpolation", "gaussian", "control")
 EMBEDDED = "embedded"
 EMBEDDED_PREFIX = "embedded:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -200,8 +202,6 @@ def read_behavior_config(path: str | Path, *, check_paths: bool = True) -> Behav
 
 def make_preset_config(preset: str, *, base: str | Path = ".") -> BehaviorConfig:
     """The configuration of ``preset`` ("paper" or "embedded"), paths resolved against ``base``."""
-    from closedloop.core.validation import check_option
-
     check_option("preset", preset, BEHAVIOR_PRESETS)
     return _resolve_paths(build_behavior_config(BEHAVIOR_PRESETS[preset], source=f"preset {preset!r}"), Path(base))
 
@@ -216,14 +216,9 @@ def write_default_behavior_config(path: str | Path, *, preset: str = "embedded",
 
     Returns the path written. Refuses to overwrite an existing file unless ``overwrite``.
     """
-    from closedloop.core.files import write_text
-    from closedloop.core.validation import check_option
-
-    check_option("preset", preset, BEHAVIOR_PRESETS)
     path = Path(path).expanduser()
     if path.is_dir() or not path.suffix:
         path = path / BEHAVIOR_CONFIG_NAME
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    text = render_behavior_config(build_behavior_config(BEHAVIOR_PRESETS[preset], source=f"preset {preset!r}"))
-    return write_text(path, text)
+    return write_preset_config(
+        path, BehaviorConfig, BEHAVIOR_PRESETS, preset, render=render_behavior_config, overwrite=overwrite
+    )

@@ -4,8 +4,8 @@ From start images with categories and a set of guide classifiers, for every budg
 configuration: disruption, targeted toward each other category, composite targets (pairs and
 triples), feature-centroid toward a new class, interpolation toward an image of each other
 category, Gaussian noise, and the unperturbed control (Gaziv et al.; DESIGN.md §6). Every
-perturbation comes from :mod:`closedloop.attacks.engine` / :mod:`closedloop.attacks.baselines`, so the budget
-holds on the 8-bit image: ‖png/255 − start/255‖₂ ≤ ε.
+perturbation comes from :mod:`closedloop.attacks.classifiers` / :mod:`closedloop.attacks.baselines`, so the
+budget holds on the 8-bit image: ‖png/255 − start/255‖₂ ≤ ε.
 
 The output folder::
 
@@ -26,24 +26,28 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from closedloop.attacks.baselines import make_gaussian_baseline, make_interpolation_baseline
+from closedloop.attacks.classifiers import CLASSIFIER_MODES, make_classifier_attacks
+from closedloop.attacks.engine import compute_predictions, compute_realised_eps
 from closedloop.behavior.config import EMBEDDED, BehaviorConfig, render_behavior_config
+from closedloop.behavior.manifest import MANIFEST_FIELDS, MANIFEST_NAME
+from closedloop.behavior.models import EMBEDDED_CATEGORIES, EMBEDDED_NEW_CLASS, load_behavior_models
 from closedloop.core.files import read_json, write_bytes, write_json, write_text
 from closedloop.core.logs import logger, progress
 from closedloop.core.provenance import compute_provenance, derive_seed
+from closedloop.images import IMAGE_EXTENSIONS, make_embedded_image_set, quantize, read_image, read_image_folder, select_categories
+from models.devices import resolve_device
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_FIELDS", "write_behavior_stimuli", "read_manifest"]
+__all__ = ["write_behavior_stimuli"]
 
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FIELDS = (
-    "item", "file", "start_image", "category", "guide", "mode", "targets", "target_image", "budget", "realised_eps",
-)
-_ATTACK_MODES = ("disrupt", "target", "composite", "centroid")
 _RUN_NAME = "run.json"
 
 
@@ -74,9 +78,6 @@ def _budget_key(budget: float) -> str:
 
 def _read_starts(config: BehaviorConfig, category_names: tuple[str, ...]):
     """(pool ImageSet with categories in the guides' order, chosen start images)."""
-    from closedloop.behavior.models import EMBEDDED_CATEGORIES
-    from closedloop.images import make_embedded_image_set, read_image_folder, select_categories
-
     stimuli = config.stimuli
     if stimuli.start_images == EMBEDDED:
         pool = make_embedded_image_set(per_photo=stimuli.embedded_per_photo, seed=derive_seed(stimuli.seed, "start images"))
@@ -104,9 +105,6 @@ def _read_starts(config: BehaviorConfig, category_names: tuple[str, ...]):
 
 def _read_new_class(config: BehaviorConfig) -> tuple[str, np.ndarray]:
     """(name, uint8 pixels (n, 224, 224, 3)) of the new class's images."""
-    from closedloop.behavior.models import EMBEDDED_NEW_CLASS
-    from closedloop.images import IMAGE_EXTENSIONS, make_embedded_image_set, quantize, read_image, select_categories
-
     stimuli = config.stimuli
     if stimuli.new_class == EMBEDDED:
         pool = make_embedded_image_set(per_photo=stimuli.n_new_class, seed=derive_seed(stimuli.seed, "new class"))
@@ -153,7 +151,7 @@ def _make_units(config: BehaviorConfig, guides: list[str], starts: _Starts, n_ca
             reachable = [tuple(t for t in row_targets if t[0] in interpolation_targets) for row_targets in others]
             units.append(_Unit(f"interpolation/{eps}", "interpolation", "", budget, *expand(reachable)))
         for guide in guides:
-            for mode in (m for m in _ATTACK_MODES if m in modes):
+            for mode in (m for m in CLASSIFIER_MODES if m in modes):
                 if mode == "target":
                     unit_rows, targets = expand(others)
                 elif mode == "composite":
@@ -167,9 +165,6 @@ def _make_units(config: BehaviorConfig, guides: list[str], starts: _Starts, n_ca
 
 def _perturb(unit: _Unit, starts: _Starts, models, context: dict, config: BehaviorConfig, device) -> np.ndarray:
     """uint8 (len(unit.rows), 224, 224, 3): the unit's images."""
-    from closedloop.attacks.baselines import make_gaussian_baseline, make_interpolation_baseline
-    from closedloop.attacks.engine import make_classifier_attacks
-
     clean = starts.pixels[unit.rows]
     if unit.mode == "control":
         return clean.copy()
@@ -199,24 +194,18 @@ def _perturb(unit: _Unit, starts: _Starts, models, context: dict, config: Behavi
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
-    from PIL import Image
-
     buffer = io.BytesIO()
     Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
     write_bytes(path, buffer.getvalue())
 
 
 def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 
 
 def _run_unit(unit: _Unit, out: Path, starts: _Starts, models, category_names, context, config, device) -> list[dict]:
     """Make, save and score one unit; returns its records."""
-    from closedloop.attacks.engine import compute_predictions, compute_realised_eps
-
     pixels = _perturb(unit, starts, models, context, config, device)
     files = []
     for row, targets, image in zip(unit.rows, unit.targets, pixels):
@@ -261,8 +250,6 @@ def _interpolation_images(pool, chosen: np.ndarray, seed: int) -> tuple[dict, di
 
 def _check_run(out: Path, run: dict, restart: bool) -> None:
     """Refuse to mix two configurations or two sets of models in one folder (unless ``restart``)."""
-    import shutil
-
     path = out / _RUN_NAME
     if path.is_file() and not restart:
         before = read_json(path)
@@ -289,9 +276,6 @@ def write_behavior_stimuli(config: BehaviorConfig, out: str | Path, *, restart: 
     earlier set in ``out`` first. Returns a summary: ``out``, ``n_items``, ``n_units``,
     ``n_units_done_before``, ``seconds``, ``manifest``.
     """
-    from closedloop.behavior.models import load_behavior_models
-    from models.devices import resolve_device
-
     if not isinstance(config, BehaviorConfig):
         raise TypeError(f"'config' must be a BehaviorConfig (read_behavior_config), but got {type(config).__name__}.")
     started = time.monotonic()
@@ -343,8 +327,6 @@ def _part_path(out: Path, unit: _Unit) -> Path:
 
 def _compute_centroid(classifier, pixels: np.ndarray, device) -> np.ndarray:
     """Mean penultimate feature (n_features,) of the classifier over ``pixels``."""
-    from closedloop.attacks.engine import compute_predictions
-
     features = classifier.features().to(device)
     return compute_predictions(features, pixels, device=device).reshape(len(pixels), -1).mean(0)
 
@@ -358,10 +340,3 @@ def _render_csv(records: list[dict], model_names: list[str], category_names) -> 
         row = [("+".join(record[key]) if key == "targets" else record[key]) for key in MANIFEST_FIELDS]
         writer.writerow(row + [f"{value:.6g}" for model in model_names for value in record["logits"][model]])
     return buffer.getvalue()
-
-
-def read_manifest(out: str | Path) -> dict:
-    """The ``manifest.json`` of a finished stimulus set: ``category_names``, ``models``, ``records``."""
-    from closedloop.core.validation import check_file
-
-    return read_json(check_file("out", Path(out).expanduser() / MANIFEST_NAME))

@@ -16,13 +16,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from closedloop.core.files import compute_file_digest, read_json, write_json
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_option
-
-if TYPE_CHECKING:
-    from models.classifiers import Classifier
+from closedloop.images import make_embedded_image_set, select_categories
+from models.classifiers import Classifier, load_classifier, make_classifier
+from models.training import CHECKPOINT_NAME, compute_accuracy, fit_classifier
 
 __all__ = [
     "EMBEDDED_CATEGORIES",
@@ -70,7 +70,6 @@ def make_embedded_training_set(per_photo: int = 40, seed: int = 0):
     """(uint8 pixels (9 × per_photo, 224, 224, 3), labels (9 × per_photo,)) of the embedded categories."""
     import numpy as np
 
-    from closedloop.images import make_embedded_image_set, select_categories
 
     images = select_categories(make_embedded_image_set(per_photo=per_photo, seed=seed), EMBEDDED_CATEGORIES)
     return images.read(np.arange(len(images))), images.categories.copy()
@@ -83,9 +82,6 @@ def make_embedded_classifier(name: str, cache: str | Path, *, device="auto") -> 
     interrupted run. The held-out accuracy (clean, and under 20-step PGD at ε = 3 for ε_train 3)
     on crops of seed 1 is logged and stored in ``held_out.json`` beside the checkpoint.
     """
-    from closedloop.core.files import read_json, write_json
-    from models.classifiers import load_classifier, make_classifier
-    from models.training import CHECKPOINT_NAME, compute_accuracy, fit_classifier
 
     check_option("name", name, EMBEDDED_CLASSIFIERS)
     eps, seed = EMBEDDED_CLASSIFIERS[name]
@@ -117,8 +113,6 @@ def load_behavior_models(models, *, device="auto") -> dict[str, BehaviorModel]:
     Embedded sources are trained into ``models.cache`` first if needed. All models must share
     their category names (in order); they are returned on the CPU in eval mode, guides first.
     """
-    from closedloop.core.files import compute_file_digest
-    from models.classifiers import load_classifier
 
     loaded = {}
     for role, entries in (("guide", models.guides), ("surrogate", models.surrogates)):

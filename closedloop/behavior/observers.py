@@ -28,6 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from closedloop.behavior.manifest import read_manifest
+from closedloop.behavior.server import make_behavior_server
+from closedloop.behavior.sessions import read_behavior_build
+from closedloop.core.files import read_json
 from closedloop.core.logs import logger
 from closedloop.core.provenance import derive_seed
 from closedloop.core.validation import check_integer, check_number, check_option
@@ -158,10 +162,6 @@ def write_simulated_results(
     ``"categorization"`` or ``"detection"``). ``n_parallel``: browser pages at once. Returns the
     results files written.
     """
-    from closedloop.behavior.generate import read_manifest
-    from closedloop.behavior.server import make_behavior_server
-    from closedloop.behavior.sessions import read_behavior_build
-    from closedloop.core.files import read_json
 
     out = Path(out).expanduser()
     build = read_behavior_build(out)

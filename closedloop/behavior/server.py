@@ -20,6 +20,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
+from closedloop.behavior.sessions import read_behavior_build
 from closedloop.core.files import read_json, write_json
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer
@@ -132,7 +133,6 @@ def make_behavior_server(out: str | Path, *, host: str = "127.0.0.1", port: int 
     ``port`` 0 picks a free port (read it from ``server.server_address``). Raises
     ``FileNotFoundError`` when ``out`` holds no build.
     """
-    from closedloop.behavior.sessions import read_behavior_build
 
     out = Path(out).expanduser().resolve()
     sessions = read_behavior_build(out)["sessions"]

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from closedloop.behavior.manifest import MANIFEST_NAME, read_manifest
 from closedloop.core.files import read_json, write_bytes, write_json, write_text
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance, derive_seed
@@ -207,7 +208,6 @@ def write_behavior_sessions(
     ``round(image_degrees * px_per_degree)`` px (40 px/° ≈ a 96 dpi screen at 57 cm). Returns
     ``out``, ``n_sessions`` per kind, ``sessions`` (id, kind, n_trials, url) and ``image_px``.
     """
-    from closedloop.behavior.generate import MANIFEST_NAME, read_manifest
 
     stimuli = check_dir("stimuli", stimuli)
     manifest = read_manifest(stimuli)

@@ -7,7 +7,7 @@ integer ticks of the recording clock, so the edges are exact: a duration of ``t`
 error in ``t · rate``), and a spike at tick ``k`` counts iff
 ``onset + start_ticks ≤ k < onset + stop_ticks``.
 
-This module is the one owner of the rule: the ``.nev`` ingest (:mod:`closedloop.data.nev`) and
+This module is the one owner of the rule: the ``.nev`` ingest (:mod:`closedloop.data.counts`) and
 the simulated rig's live counts (:mod:`rigs.sim`) both apply it, which is why the live stream's
 counts and the recording's agree.
 """

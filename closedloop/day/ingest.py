@@ -2,13 +2,13 @@
 
 When the day folder holds ``recording.nev`` (the simulated rig's, or the NSP's copied in by the
 operator), its counts are reconciled with the day store's log and stored beside the live ones
-(:func:`closedloop.data.nev.write_day_counts`); without a recording the live counts stand.
+(:func:`closedloop.data.reconcile.write_day_counts`); without a recording the live counts stand.
 """
 
 from __future__ import annotations
 
 from closedloop.data import layout
-from closedloop.data.nev import write_day_counts
+from closedloop.data.reconcile import write_day_counts
 
 __all__ = ["run_stage"]
 

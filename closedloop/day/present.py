@@ -21,7 +21,6 @@ from closedloop.config import ExperimentConfig
 from closedloop.core.logs import logger
 from closedloop.data import layout
 from closedloop.data.store import open_store
-from closedloop.link.client import make_rig_client
 from closedloop.link.presentations import run_presentations
 
 __all__ = ["SessionMonitor", "run_stage"]
@@ -144,14 +143,11 @@ def run_stage(day) -> dict:
     window = config.response.window_s
     monitor = SessionMonitor(store.n_stimuli * config.rsvp.repetitions, store.n_sites, window[1] - window[0],
                              n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]))
-    with day.rig.open(config, day.folder) as address:
-        rig = config.rig.model_copy(update={"address": address})
-        with make_rig_client(rig, window_s=window) as client:
-            client.connect()
-            client.load_bundle(day.path(layout.BUNDLE))
-            with _display(monitor):
-                result = _run(client, monitor, store, store.n_stimuli, config, day.seed("present"))
-            stopped = client.stop()
+    with day.rig.connect(config, day.folder) as client:
+        client.load_bundle(day.path(layout.BUNDLE))
+        with _display(monitor):
+            result = _run(client, monitor, store, store.n_stimuli, config, day.seed("present"))
+        stopped = client.stop()
     day.rig.collect_recording(config, day.folder)
     store.finish()
     facts = monitor.facts()

@@ -2,7 +2,7 @@
 
 Attacks come from the generating model (day N−1's fitted model; on day 0 the base backbone with
 a random readout): for every attacked clean image, targeted site and budget, both directions are
-solved and the one with the larger predicted change kept (:func:`closedloop.attacks.engine.make_site_attacks`).
+solved and the one with the larger predicted change kept (:func:`closedloop.attacks.sites.make_site_attacks`).
 Baselines at the same budgets: Gaussian noise and interpolation toward a clean image of another
 category. Every stimulus carries the generating model's prediction on its 8-bit image.
 
@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from closedloop.attacks.baselines import make_gaussian_baseline, make_interpolation_baseline
-from closedloop.attacks.engine import compute_predictions, make_site_attacks
+from closedloop.attacks.engine import compute_predictions
+from closedloop.attacks.sites import make_site_attacks
 from closedloop.config import AttackSection
 from closedloop.core.files import read_json, write_npz
 from closedloop.core.logs import progress

@@ -17,6 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.behavior import lapse_rate, read_behavior_data
+from analysis.behavior_report import write_behavior_report
+from closedloop.behavior.config import make_preset_config
+from closedloop.behavior.generate import write_behavior_stimuli
+from closedloop.behavior.manifest import read_manifest
+from closedloop.behavior.observers import ObserverModel, compute_observer_probabilities, write_simulated_results
+from closedloop.behavior.sessions import write_behavior_sessions
 from closedloop.core.logs import logger
 
 __all__ = ["DEMO_OBSERVER", "compute_demo_truth", "run_behavior_demo"]
@@ -29,8 +36,6 @@ def compute_demo_truth(out: str | Path, model: str, temperature: float) -> dict:
 
     ``out``: a built task folder; keys are ``"mode/guide/eps"`` (``"control//0"`` for clean images).
     """
-    from closedloop.behavior.generate import read_manifest
-    from closedloop.behavior.observers import compute_observer_probabilities
 
     manifest = read_manifest(out)
     names = manifest["category_names"]
@@ -50,12 +55,6 @@ def run_behavior_demo(out: str | Path, *, n_parallel: int = 3, n_boot: int = 500
     paths, seconds per stage, the true and recovered lapse rate, and per budget the true and
     measured disruption rate of the simulated people with its 95% CI (``within_ci``).
     """
-    from analysis.behavior import lapse_rate, read_behavior_data
-    from analysis.behavior_report import write_behavior_report
-    from closedloop.behavior.config import make_preset_config
-    from closedloop.behavior.generate import write_behavior_stimuli
-    from closedloop.behavior.observers import ObserverModel, write_simulated_results
-    from closedloop.behavior.sessions import write_behavior_sessions
 
     out = Path(out).expanduser()
     seconds, started = {}, time.monotonic()

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.report import write_report
+from closedloop.behavior.models import make_embedded_classifier
 from closedloop.config import CONFIG_NAME, write_default_config
 from closedloop.core.files import read_json
 from closedloop.core.logs import logger
@@ -38,7 +40,6 @@ __all__ = ["run_demo", "compute_demo_summary"]
 
 
 def _prepare(out: Path, cache: Path) -> None:
-    from closedloop.behavior.models import make_embedded_classifier
 
     if out.exists() and not (out / CONFIG_NAME).exists():
         raise FileExistsError(f"{out} exists and is not a closedloop experiment; choose another --out")
@@ -170,7 +171,6 @@ def run_demo(out: str | Path = "daily_runs/demo", *, n_days: int = 4, cache: str
         logger.info("demo: day %d of %d", day, n_days - 1)
         run_day(out, day, rig=RigLauncher())
     summary = compute_demo_summary(out, n_days)
-    from analysis.report import write_report
 
     report = write_report(out)
     summary["report"] = str(report["html"])

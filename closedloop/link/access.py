@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from closedloop.link.client import RigClient, make_rig_client
+
 __all__ = ["RigAccess"]
 
 
@@ -28,6 +30,15 @@ class RigAccess:
                 "`closedloop fit-day`, or pass rig=rigs.RigLauncher() to closedloop.day.run_day"
             )
         yield config.rig.address
+
+    @contextmanager
+    def connect(self, config, folder: Path) -> Iterator[RigClient]:
+        """A client of the day's rig that has said hello (:meth:`open`, then ``hello``), closed afterwards."""
+        with self.open(config, folder) as address:
+            rig = config.rig.model_copy(update={"address": address})
+            with make_rig_client(rig, window_s=config.response.window_s) as client:
+                client.connect()
+                yield client
 
     def collect_recording(self, config, folder: Path) -> None:
         """Put the session's recording into the day folder, where the rig wrote it elsewhere (a real

@@ -9,16 +9,24 @@ per site, every file atomically. ``closedloop report`` embeds what it finds ther
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from analysis.experiment import read_clean_images, read_experiment
 from analysis.html import make_figure, write_csv
+from closedloop.config import read_config
 from closedloop.core.files import atomic_path, write_json, write_npz
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_dir, check_integer, check_number, check_option
+from closedloop.probes.evolution import EvolutionSettings, RigScorer, make_model_scorer, read_evolution, run_evolution
+from closedloop.probes.geometry import compute_response_geometry
+from closedloop.probes.patterns import compute_site_patterns
+from models import load_backbone, load_classifier, read_it_model
+from rigs.launch import RigLauncher
 
 __all__ = ["PROBES_DIR", "ProbeInputs", "read_probe_inputs", "write_evolution", "write_patterns", "write_geometry"]
 
@@ -43,9 +51,6 @@ class ProbeInputs:
 def read_probe_inputs(experiment: str | Path, *, day: int | None = None, n_images: int | None = None, seed: int = 0) -> ProbeInputs:
     """The fitted model of ``day`` (default: the last finished day) and up to ``n_images`` clean
     images (chosen with ``seed``; default all) with their recorded responses."""
-    from closedloop.config import read_config
-    from models import read_it_model
-
     experiment = check_dir("experiment", experiment)
     days = read_experiment(experiment, last_day=day)
     model_path = days[-1].folder / "model.safetensors"
@@ -67,6 +72,8 @@ def _sites(sites, n_sites: int) -> list[int]:
 
 
 def _write_png(path: Path, figure) -> Path:
+    # pyplot is imported where a figure is written, as in analysis.html (whose make_figure selects the
+    # off-screen Agg backend before pyplot's first import): importing this module does not load it.
     from matplotlib import pyplot as plt
 
     buffer = io.BytesIO()
@@ -95,86 +102,78 @@ def _show(ax, image_chw: np.ndarray, title: str, *, signed: bool) -> None:
 
 def write_evolution(
     experiment: str | Path,
+    settings: EvolutionSettings,
     *,
     mode: str = "silico",
-    encoding: str = "cppn",
     day: int | None = None,
     sites=None,
     name: str | None = None,
-    n_generations: int = 20,
-    n_children: int = 16,
-    genome_size: int | None = None,
-    eps: float | None = None,
     clean_index: int = 0,
     n_references: int = 4,
     repetitions: int = 2,
-    rate_start: float = 0.1,
-    halve_every: int = 1000,
     network: str | None = None,
     classifier: str | None = None,
     layer: str = "avgpool",
     units=None,
     trust: bool = False,
     overwrite: bool = False,
-    optimizer: str = "map-elites",
-    sigma: float = 0.2,
-    seed: int = 0,
 ) -> dict:
     """Evolve images for the experiment's sites into ``probes/evolve/<name>/`` (see :mod:`closedloop.probes.evolution`).
 
-    ``mode``: "silico" (scored by the IT model of ``day``) or "loop" (scored by spike counts from the
-    experiment's rig, simulated or real, ``repetitions`` valid presentations per image, with
-    ``n_references`` recorded clean images shown every generation as drift controls; the elites are
-    shown again every generation and ranked by their mean count over all showings). ``eps`` with
-    ``clean_index``: search inside the ε-ball around that recorded clean image. ``name``: the run
-    folder (default ``<mode>_<encoding>``, or ``<network|classifier>_<encoding>``). In silico,
-    instead of the sites: ``network`` (a backbone name or checkpoint; ``units`` of its ``layer``,
-    flattened) or ``classifier`` (a classifier source for :func:`models.load_classifier`; ``units``
-    are class indices, default all; scored as softmax confidence). ``trust``: allow checkpoints
-    that need unpickling. ``overwrite``: replace an earlier run of the same name. ``optimizer``
-    ("map-elites" or "cma") and ``sigma``: see :func:`closedloop.probes.evolution.run_evolution`. Also writes
-    ``elites.png``. Returns the summary.
+    ``settings``: how to search (:class:`closedloop.probes.evolution.EvolutionSettings`; its
+    ``image_size`` is replaced by that of the recorded images, its ``seed`` also draws the
+    reference images and the rig's shuffles). ``mode``: "silico" (scored by the IT model of
+    ``day``) or "loop" (scored by spike counts from the experiment's rig, simulated or real,
+    ``repetitions`` valid presentations per image, with ``n_references`` recorded clean images
+    shown every generation as drift controls; the elites are shown again every generation and
+    ranked by their mean count over all showings). ``settings.eps`` with ``clean_index``: search
+    inside the ε-ball around that recorded clean image. ``name``: the run folder (default
+    ``<mode>_<encoding>``, or ``<network|classifier>_<encoding>``). In silico, instead of the
+    sites: ``network`` (a backbone name or checkpoint; ``units`` of its ``layer``, flattened) or
+    ``classifier`` (a classifier source for :func:`models.load_classifier`; ``units`` are class
+    indices, default all; scored as softmax confidence); these search without the ε-ball.
+    ``trust``: allow checkpoints that need unpickling. ``overwrite``: replace an earlier run of the
+    same name. Also writes ``elites.png``. Returns the summary.
     """
-    from closedloop.probes.evolution import make_model_scorer, run_evolution
-
     check_option("mode", mode, ("silico", "loop"))
     if network is not None and classifier is not None:
         raise ValueError("give at most one of 'network' and 'classifier' (got both); run them as separate evolutions.")
     if (network is not None or classifier is not None) and mode != "silico":
         raise ValueError(f"'network' and 'classifier' are scored in silico, but got mode={mode!r}; use mode='silico'.")
-    inputs = read_probe_inputs(experiment, day=day, seed=seed)
+    inputs = read_probe_inputs(experiment, day=day, seed=settings.seed)
+    settings = replace(settings, image_size=inputs.pixels.shape[1])
     if network is not None or classifier is not None:
-        summary = _evolve_network(inputs, network, classifier, layer, units, trust, name, encoding=encoding, seed=seed,
-                                  n_generations=n_generations, n_children=n_children, genome_size=genome_size,
-                                  rate_start=rate_start, halve_every=halve_every, overwrite=overwrite,
-                                  optimizer=optimizer, sigma=sigma)
+        summary = _evolve_network(inputs, replace(settings, eps=None), network, classifier, layer, units, trust, name=name,
+                                  overwrite=overwrite)
     else:
-        chosen = _sites(sites, inputs.responses.shape[1])
-        out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{mode}_{encoding}")
-        clean = None
-        if eps is not None:
-            clean = inputs.pixels[check_integer("clean_index", clean_index, minimum=0, maximum=len(inputs.pixels) - 1)]
-        options = dict(encoding=encoding, n_generations=n_generations, n_children=n_children, image_size=inputs.pixels.shape[1],
-                       genome_size=genome_size, objective_labels=[f"site {s}" for s in chosen], clean=clean, eps=eps,
-                       rate_start=rate_start, halve_every=halve_every, seed=seed, overwrite=overwrite, optimizer=optimizer,
-                       sigma=sigma)
-        settings = {"mode": mode, "experiment": str(inputs.experiment), "day": inputs.day, "sites": chosen,
-                    "clean_index": clean_index if eps is not None else None}
-        if mode == "silico":
-            summary = run_evolution(make_model_scorer(inputs.model, units=chosen), out, settings=settings, **options)
-        else:
-            summary = _evolve_in_the_loop(inputs, chosen, out, options, settings, n_references, repetitions, seed)
+        summary = _evolve_sites(inputs, settings, mode, sites, name=name, clean_index=clean_index, n_references=n_references,
+                                repetitions=repetitions, overwrite=overwrite)
     folder = Path(summary["out"])
     _write_png(folder / "elites.png", _elites_figure(folder))
     return summary
 
 
-def _evolve_network(inputs: ProbeInputs, network, classifier, layer: str, units, trust: bool, name: str | None, *,
-                    encoding: str, seed: int, **options) -> dict:
-    """Evolution in silico on units of a network or classes of a classifier (fooling images)."""
-    from closedloop.probes.evolution import make_model_scorer, run_evolution
-    from models import load_backbone, load_classifier
+def _evolve_sites(inputs: ProbeInputs, settings: EvolutionSettings, mode: str, sites, *, name: str | None, clean_index: int,
+                  n_references: int, repetitions: int, overwrite: bool) -> dict:
+    """Evolution on the experiment's sites, scored by the IT model (silico) or by the rig (loop)."""
+    chosen = _sites(sites, inputs.responses.shape[1])
+    out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{mode}_{settings.encoding}")
+    clean = None
+    if settings.eps is not None:
+        clean = inputs.pixels[check_integer("clean_index", clean_index, minimum=0, maximum=len(inputs.pixels) - 1)]
+    metadata = {"mode": mode, "experiment": str(inputs.experiment), "day": inputs.day, "sites": chosen,
+                "clean_index": clean_index if settings.eps is not None else None}
+    options = dict(clean=clean, objective_labels=[f"site {s}" for s in chosen], overwrite=overwrite)
+    if mode == "silico":
+        return run_evolution(make_model_scorer(inputs.model, units=chosen), out, settings, metadata=metadata, **options)
+    with _rig_scorer(inputs, chosen, out, n_references=n_references, repetitions=repetitions, seed=settings.seed) as scorer:
+        metadata = {**metadata, "n_references": len(scorer.references), "repetitions": repetitions}
+        return run_evolution(scorer, out, replace(settings, rescore_elites=True), metadata=metadata, **options)
 
+
+def _evolve_network(inputs: ProbeInputs, settings: EvolutionSettings, network, classifier, layer: str, units, trust: bool, *,
+                    name: str | None, overwrite: bool) -> dict:
+    """Evolution in silico on units of a network or classes of a classifier (fooling images)."""
     if classifier is not None:
         model = load_classifier(classifier, trust=trust)
         names = list(model.category_names)
@@ -188,37 +187,27 @@ def _evolve_network(inputs: ProbeInputs, network, classifier, layer: str, units,
             raise ValueError(f"'units' must name the units of {network!r} at layer {layer!r} to evolve for, e.g. [0, 5, 9].")
         model, chosen = load_backbone(network, layer, trust=trust).eval(), [int(u) for u in units]
         labels, source, kind = [f"unit {u}" for u in chosen], network, "network"
-    out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{Path(str(source)).stem}_{encoding}")
-    return run_evolution(make_model_scorer(model, units=chosen, softmax=classifier is not None), out, encoding=encoding,
-                         image_size=inputs.pixels.shape[1], objective_labels=labels, seed=seed,
-                         settings={"mode": "silico", kind: str(source), "layer": layer if network else None,
-                                   "units": chosen}, **options)
+    out = inputs.experiment / PROBES_DIR / "evolve" / (name or f"{Path(str(source)).stem}_{settings.encoding}")
+    return run_evolution(make_model_scorer(model, units=chosen, softmax=classifier is not None), out, settings,
+                         objective_labels=labels, overwrite=overwrite,
+                         metadata={"mode": "silico", kind: str(source), "layer": layer if network else None, "units": chosen})
 
 
-def _evolve_in_the_loop(inputs: ProbeInputs, sites: list[int], out: Path, options: dict, settings: dict,
-                        n_references: int, repetitions: int, seed: int) -> dict:
-    from closedloop.link.client import make_rig_client
-    from closedloop.probes.evolution import RigScorer, run_evolution
-    from rigs.launch import RigLauncher
-
+@contextmanager
+def _rig_scorer(inputs: ProbeInputs, sites: list[int], out: Path, *, n_references: int, repetitions: int,
+                seed: int) -> Iterator[RigScorer]:
+    """A :class:`RigScorer` on the experiment's rig (launched for the run, simulated or real) with
+    ``n_references`` recorded clean images drawn with ``seed`` as drift controls; the rig is stopped after."""
     config = inputs.config
     n_references = check_integer("n_references", n_references, minimum=0)
     references = inputs.pixels[np.random.default_rng(seed).choice(len(inputs.pixels), min(n_references, len(inputs.pixels)),
                                                                   replace=False)]
-    with RigLauncher().open(config, out) as address:
-        rig = config.rig.model_copy(update={"address": address})
-        with make_rig_client(rig, window_s=config.response.window_s) as client:
-            client.connect()
-            scorer = RigScorer(client, references, out, sites=sites, repetitions=repetitions, seed=seed)
-            summary = run_evolution(scorer, out, settings={**settings, "n_references": len(references),
-                                                           "repetitions": repetitions}, rescore_elites=True, **options)
-            client.stop()
-    return summary
+    with RigLauncher().connect(config, out) as client:
+        yield RigScorer(client, references, out, sites=sites, repetitions=repetitions, seed=seed)
+        client.stop()
 
 
 def _elites_figure(folder: Path):
-    from closedloop.probes.evolution import read_evolution
-
     record = read_evolution(folder)
     elites, history = record["elites"], record["history"]
     n = len(elites["scores"])
@@ -252,8 +241,6 @@ def write_patterns(experiment: str | Path, *, day: int | None = None, sites=None
     Writes ``patterns.npz`` (``site_<k>_<pattern>`` float32 (3, 224, 224)), ``similarity.csv``,
     ``site_<k>.png`` and ``summary.json``. Returns the summary.
     """
-    from closedloop.probes.patterns import compute_site_patterns
-
     check_number("eps", eps, minimum=0.0, inclusive=False)
     inputs = read_probe_inputs(experiment, day=day, n_images=n_images, seed=seed)
     chosen = _sites(sites, inputs.responses.shape[1])
@@ -291,8 +278,6 @@ def write_geometry(experiment: str | Path, *, day: int | None = None, sites=None
     ``maps.npz`` (``responses`` (n_maps, n_grid, n_grid), ``a``/``b`` grid, ``unit``, ``image``,
     ``path_length``), ``contours.png``, ``curvature_vs_sensitivity.png`` and ``summary.json``.
     """
-    from closedloop.probes.geometry import compute_response_geometry
-
     inputs = read_probe_inputs(experiment, day=day, n_images=n_images, seed=seed)
     chosen = _sites(sites, inputs.responses.shape[1])
     out = inputs.experiment / PROBES_DIR / "geometry"

@@ -4,7 +4,7 @@ import pytest
 
 from analysis.categories import compute_category_preference
 from analysis.experiment import read_experiment
-from tests.analysis.conftest import CATEGORIES, GAIN, OTHER, PREFERRED
+from tests.planted import CATEGORIES, GAIN, OTHER, PREFERRED
 
 
 def test_preferred_category_and_planted_crossing(planted_experiment):

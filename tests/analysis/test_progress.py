@@ -4,7 +4,7 @@ import pytest
 
 from analysis.experiment import read_experiment
 from analysis.progress import compute_progress
-from tests.analysis.conftest import GAIN
+from tests.planted import GAIN
 
 
 def test_fold_change_is_the_planted_gain_ratio(planted_experiment):

@@ -8,7 +8,7 @@ import pytest
 
 from analysis.report import NetworkOptions, write_report
 from closedloop.cli import main
-from tests.analysis.conftest import GAIN
+from tests.planted import GAIN
 
 SECTIONS = ["Overview", "1. Sensitivity curves", "2. Image-specific curves", "3. Day-over-day progress",
             "4. Category preference and super-stimuli", "5. Network-unit comparison", "6. Model quality",

@@ -5,7 +5,7 @@ import pytest
 
 from analysis.experiment import read_experiment
 from analysis.sensitivity_curves import compute_response_scale, compute_sensitivity_curves
-from tests.analysis.conftest import BUDGETS, OTHER, PREFERRED
+from tests.planted import BUDGETS, OTHER, PREFERRED
 
 
 def test_normalised_bound_equals_the_planted_change_over_sigma(planted_experiment):

@@ -4,11 +4,13 @@ import pytest
 
 from closedloop.config import (
     CONFIG_NAME,
+    ConfigSection,
     ExperimentConfig,
     build_config,
     read_config,
     render_config,
     write_default_config,
+    write_preset_config,
 )
 
 
@@ -44,6 +46,42 @@ def test_init_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already exists; pass --force"):
         write_default_config(tmp_path)
     write_default_config(tmp_path, overwrite=True)
+
+
+def test_init_applies_changes_over_the_preset_and_names_the_experiment_after_the_folder(tmp_path):
+    changes = {"sites": {"n_sites": 5}, "experiment": {"name": "other", "seed": 7}}
+    config = read_config(write_default_config(tmp_path / "exp", preset="demo", changes=changes), check_paths=False)
+    assert config.sites.n_sites == 5 and config.attack.steps == 20  # change, then preset
+    assert config.experiment.name == "exp" and config.experiment.seed == 7
+    assert changes == {"sites": {"n_sites": 5}, "experiment": {"name": "other", "seed": 7}}  # left as given
+
+
+class _Section(ConfigSection):
+    """[part]: a test section."""
+
+    size: int = 1
+    label: str = "a"
+
+
+class _Small(ConfigSection):
+    part: _Section = _Section()
+
+
+def test_write_preset_config_serves_any_config_class(tmp_path):
+    presets = {"plain": {}, "big": {"part": {"size": 9}}}
+    path = write_preset_config(tmp_path / "small.toml", _Small, presets, "big", render=lambda c: repr(c.to_dict()),
+                               changes={"part": {"label": "b"}})
+    assert path.read_text() == "{'part': {'size': 9, 'label': 'b'}}"
+    assert presets == {"plain": {}, "big": {"part": {"size": 9}}}  # the preset is not changed
+    with pytest.raises(FileExistsError, match=r"small\.toml already exists; pass --force to overwrite it"):
+        write_preset_config(path, _Small, presets, "plain")
+    write_preset_config(path, _Small, presets, "plain", render=lambda c: repr(c.to_dict()), overwrite=True)
+    assert path.read_text() == "{'part': {'size': 1, 'label': 'a'}}"
+    with pytest.raises(ValueError, match=r"'preset': allowed values are 'plain', 'big', but got 'huge'"):
+        write_preset_config(tmp_path / "new.toml", _Small, presets, "huge")
+    with pytest.raises(ValueError, match=r"preset 'plain': invalid configuration: 'part.size' = 'x'"):
+        write_preset_config(tmp_path / "new.toml", _Small, presets, "plain", changes={"part": {"size": "x"}})
+    assert not (tmp_path / "new.toml").exists()
 
 
 def test_unknown_preset(tmp_path):

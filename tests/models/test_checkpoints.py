@@ -1,15 +1,17 @@
 """Every checkpoint layout, made here from seeded torchvision networks (nothing downloaded)."""
 
 import argparse
+import hashlib
+import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import resnet50
 
 from models import load_backbone
-from models.checkpoints import _detect_architecture
+from models.checkpoints import SIDECAR_KEYS, _detect_architecture, read_sidecar_metadata, write_checkpoint
 from models.networks import IMAGENET_MEAN, IMAGENET_STD, make_network
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
@@ -124,6 +126,33 @@ def test_safetensors_without_sidecar_or_with_unknown_architecture_is_refused(tmp
     path.with_suffix(".json").write_text('{"architecture": "vgg16"}')
     with pytest.raises(ValueError, match=r"'architecture' must be one of resnet50, .*, but got 'vgg16'"):
         load_backbone(path)
+
+
+def test_write_checkpoint_writes_weights_and_a_sidecar_that_reads_back_checked(tmp_path, tiny):
+    path = write_checkpoint(tiny.state_dict(), tmp_path / "sub" / "w.safetensors", {"architecture": "resnet_tiny", "day": 2},
+                            format_name="closedloop.test", format_version=3)
+    assert path == tmp_path / "sub" / "w.safetensors"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["w.json", "w.safetensors"]
+    document = json.loads(path.with_suffix(".json").read_text())
+    assert list(document) == ["architecture", "day", *SIDECAR_KEYS]
+    assert document["format"] == "closedloop.test" and document["format_version"] == 3
+    assert document["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    read = read_sidecar_metadata(path, format_name="closedloop.test", format_version=3, what="test", noun="test", fix="-")
+    assert read == document
+    weights = load_file(path)
+    assert weights.keys() == tiny.state_dict().keys()
+    assert all(torch.equal(weights[key], value) for key, value in tiny.state_dict().items())
+    with pytest.raises(ValueError, match=r"is not closedloop other metadata \(format 'closedloop.other' version 3\)"):
+        read_sidecar_metadata(path, format_name="closedloop.other", format_version=3, what="other", noun="-", fix="-")
+
+
+def test_write_checkpoint_refuses_a_bad_path_or_document_and_leaves_nothing(tmp_path, tiny):
+    with pytest.raises(ValueError, match=r"'path' must end in '\.safetensors', but got .*w\.pt'; e\.g\. w\.safetensors"):
+        write_checkpoint(tiny.state_dict(), tmp_path / "w.pt", {}, format_name="f", format_version=1)
+    with pytest.raises(TypeError, match=r"'extra' must hold JSON-able values \(str, numbers, lists, dicts\): "):
+        write_checkpoint(tiny.state_dict(), tmp_path / "w.safetensors", {"when": object()}, format_name="f",
+                         format_version=1, document_name="extra")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_different_normaliser_is_used_and_logged(tmp_path, tiny, log_messages):

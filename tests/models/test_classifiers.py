@@ -142,6 +142,11 @@ def test_classifier_bad_input(tmp_path):
         write_classifier(classifier, tmp_path / "c.pt")
     with pytest.raises(TypeError, match=r"'classifier' must be a models.Classifier"):
         write_classifier(network, tmp_path / "c.safetensors")
+    classifier.metadata["training"] = {"when": object()}
+    with pytest.raises(TypeError, match=r"'classifier\.metadata' must hold JSON-able values"):
+        write_classifier(classifier, tmp_path / "c.safetensors")
+    assert list(tmp_path.glob("c.*")) == []
+    classifier.metadata.clear()
     path = write_classifier(classifier, tmp_path / "c.safetensors")
     document = json.loads(path.with_suffix(".json").read_text())
     path.with_suffix(".json").write_text(json.dumps(document | {"weights_sha256": "0" * 64}))

@@ -11,7 +11,8 @@ import torch
 
 from closedloop.cli import main
 from closedloop.data.bundle import make_event_codes, write_bundle
-from closedloop.data.nev import compute_counts, compute_onsets, read_nev
+from closedloop.data.counts import compute_counts, compute_onsets
+from closedloop.data.nev import read_nev
 from closedloop.link.client import RigClient
 from closedloop.link.keys import make_keys
 from closedloop.link.presentations import run_presentations
@@ -134,8 +135,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_python_m_rigs_sim_serves_a_session(tmp_path):
-    """`python -m rigs.sim` (= `closedloop rig-sim`) from an experiment config, stopped with Ctrl-C."""
+def test_rig_sim_command_serves_a_session(tmp_path):
+    """`closedloop rig-sim` (as `python -m closedloop rig-sim`) from an experiment config, stopped with Ctrl-C."""
     import os
     import signal
     import subprocess
@@ -150,7 +151,7 @@ def test_python_m_rigs_sim_serves_a_session(tmp_path):
     write_bundle(tmp_path / "stimuli.h5", _images(2, 3), [5, 6], make_event_codes(2))
     root = Path(__file__).resolve().parents[2]
     process = subprocess.Popen(
-        [sys.executable, "-m", "rigs.sim", "--experiment", str(tmp_path), "--time-scale", "0.01"],
+        [sys.executable, "-m", "closedloop", "rig-sim", "--experiment", str(tmp_path), "--time-scale", "0.01"],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )

@@ -28,6 +28,10 @@ def test_defaults_and_presets_round_trip(tmp_path):
     assert make_preset_config("paper", base=tmp_path).perturbations.budgets[-1] == 30.0
     with pytest.raises(FileExistsError, match="already exists; pass --force"):
         write_default_behavior_config(path)
+    assert write_default_behavior_config(path, preset="demo", overwrite=True) == path
+    assert read_behavior_config(path).perturbations.budgets == [15.0, 30.0]
+    assert write_default_behavior_config(tmp_path / "new").read_text() == text  # no suffix: a folder
+    assert (tmp_path / "new" / "behavior.toml").is_file()
 
 
 def test_paths_are_resolved_against_the_file_and_checked(tmp_path):
@@ -72,6 +76,8 @@ def test_bad_values_are_refused_with_the_key(data, message):
 def test_bad_preset_and_bad_toml(tmp_path):
     with pytest.raises(ValueError, match=r"Invalid value for 'preset': allowed values are 'paper', 'embedded', 'demo', but got 'x'"):
         make_preset_config("x")
+    with pytest.raises(ValueError, match=r"Invalid value for 'preset': allowed values are 'paper', 'embedded', 'demo', but got 'x'"):
+        write_default_behavior_config(tmp_path, preset="x")
     (tmp_path / "behavior.toml").write_text("[stimuli\n")
     with pytest.raises(ValueError, match=r"not valid TOML"):
         read_behavior_config(tmp_path)

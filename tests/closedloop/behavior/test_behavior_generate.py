@@ -12,7 +12,8 @@ from PIL import Image
 
 from closedloop.attacks.engine import compute_predictions
 from closedloop.behavior.config import build_behavior_config, read_behavior_config
-from closedloop.behavior.generate import read_manifest, write_behavior_stimuli
+from closedloop.behavior.generate import write_behavior_stimuli
+from closedloop.behavior.manifest import read_manifest
 from closedloop.behavior.models import EMBEDDED_CATEGORIES, make_embedded_training_set
 from models.classifiers import load_classifier, make_classifier
 from models.training import CHECKPOINT_NAME, fit_classifier

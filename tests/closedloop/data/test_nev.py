@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 import zarr
 
-from closedloop.data.nev import (
-    compute_counts,
-    compute_onsets,
-    compute_reconciliation,
-    compute_summary,
-    read_nev,
-    write_day_counts,
-)
+import closedloop.data.nev_scan as nev_scan
+from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, compute_onsets, compute_summary
+from closedloop.data.nev import read_nev
+from closedloop.data.reconcile import compute_reconciliation, write_day_counts
 from closedloop.data.recording import Recording
 from closedloop.data.sites import SiteTable, make_default_sites
 from closedloop.data.store import create_store, open_store
@@ -231,7 +227,6 @@ def test_every_mismatch_is_reported_and_nothing_written(tmp_path):
 
 def test_code_mismatch_and_extra_onsets():
     times = np.array([1.0, 1.2, 1.4])
-    from closedloop.data.nev import Onsets
     result = compute_reconciliation(Onsets(times, np.array([5, 6, 7], np.uint16)), [5, 8], [1.0, 1.2], [5, 6, 7, 8])
     assert result.onset_index.tolist() == [0, -1]
     assert [(m["kind"], m["code"]) for m in result.mismatches] == [("code_mismatch", 8), ("extra_onset", 7)]
@@ -307,35 +302,31 @@ def test_cli_errors_are_one_line(tmp_path):
 
 @pytest.mark.parametrize("version", ["2.2", "2.3", "3.0"])
 def test_streaming_counts_equal_the_neo_path(tmp_path, version, monkeypatch):
-    import closedloop.data.nev as ingest
-
-    monkeypatch.setattr(ingest, "_SCAN_PACKETS", 1000)  # many windows, onsets and spikes across their edges
+    monkeypatch.setattr(nev_scan, "_SCAN_PACKETS", 1000)  # many windows, onsets and spikes across their edges
     store, recording = _make_day(tmp_path, n_stimuli=20, n_repeats=3, seed=3)
     nev = write_nev(tmp_path / "day.nev", recording, version=version)
     for window in [(0.07, 0.17), (0.0, 0.5), (0.1, 1.3)]:
-        onsets, counts = ingest.compute_nev_counts(nev, window_s=window)
+        onsets, counts = compute_nev_counts(nev, window_s=window)
         from_neo = read_nev(nev)
         expected = compute_onsets(from_neo)
         np.testing.assert_array_equal(onsets.times_s, expected.times_s)
         np.testing.assert_array_equal(onsets.codes, expected.codes)
         np.testing.assert_array_equal(counts, compute_counts(from_neo, expected.times_s, window_s=window))
     edges = write_nev(tmp_path / "edges.nev", _edge_recording(), version=version)
-    assert ingest.compute_nev_counts(edges)[1].tolist() == [[2, 4, 0, 0], [2, 4, 1, 0]]
+    assert compute_nev_counts(edges)[1].tolist() == [[2, 4, 0, 0], [2, 4, 1, 0]]
     with pytest.raises(ValueError, match=r"edges.nev': 2 spikes on electrodes \[3\] that are missing"):
-        ingest.compute_nev_counts(edges, sites=make_default_sites([1, 2]))
+        compute_nev_counts(edges, sites=make_default_sites([1, 2]))
 
 
 def test_streaming_counts_a_spike_written_just_before_its_onset_at_the_same_tick(tmp_path, monkeypatch):
-    import closedloop.data.nev as ingest
-
     path = write_nev(tmp_path / "tie.nev", Recording.from_ticks([3000, 3100], [1, 1], [0, 0], [3000], [8], (1,)))
     data = bytearray(path.read_bytes())
     header_bytes = int.from_bytes(data[12:16], "little")
     event, spike = data[header_bytes : header_bytes + 104], data[header_bytes + 104 : header_bytes + 208]
     data[header_bytes : header_bytes + 208] = spike + event  # same tick: the spike packet comes first
     path.write_bytes(bytes(data))
-    monkeypatch.setattr(ingest, "_SCAN_PACKETS", 1)
-    assert ingest.compute_nev_counts(path, window_s=(0.0, 0.001))[1].tolist() == [[1]]
-    assert ingest.compute_nev_counts(path, window_s=(0.0, 0.01))[1].tolist() == [[2]]
+    monkeypatch.setattr(nev_scan, "_SCAN_PACKETS", 1)
+    assert compute_nev_counts(path, window_s=(0.0, 0.001))[1].tolist() == [[1]]
+    assert compute_nev_counts(path, window_s=(0.0, 0.01))[1].tolist() == [[2]]
     recording = read_nev(path)
     assert compute_counts(recording, [0.1], window_s=(0.0, 0.001)).tolist() == [[1]]

@@ -1,0 +1,152 @@
+"""Per-site attacks on an IT model (the daily loop): push one site's predicted count up or down.
+
+Guo et al.: for job j, minimise (f_site(x + δ) − t)² with t = +1000 (increase) and t = −1000
+(decrease), ‖δ‖₂ ≤ ε ([0, 1] pixel units), and keep the direction with the larger predicted change
+|f_site(x + δ) − f_site(x)| on the final 8-bit image. Every job and direction is one image of a
+batch of the engine (:func:`closedloop.attacks.engine.compute_pgd`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from closedloop.attacks.engine import (
+    RunSettings,
+    compute_batch_size,
+    compute_predictions,
+    compute_realised_eps,
+    make_attack_pixels,
+    make_attack_runner,
+)
+from closedloop.core.logs import progress
+from closedloop.core.validation import (
+    check_budgets,
+    check_device,
+    check_indices,
+    check_integer,
+    check_number,
+    check_uint8_images,
+)
+
+__all__ = ["SITE_TARGET", "SiteAttacks", "make_site_attacks"]
+
+SITE_TARGET = 1000.0  # Guo et al.: minimise MSE(f_i(x + δ), ±1000)
+
+
+@dataclass(frozen=True)
+class SiteAttacks:
+    """Per-site attacks, one row per job (image_index[j], site[j], eps[j]).
+
+    ``pixels``: uint8 (n_jobs, H, W, 3), the 8-bit attack image; ``direction``: int8 (n_jobs,),
+    +1 increase, −1 decrease; ``predicted``: float32 (n_jobs, n_sites), model prediction on the
+    8-bit attack image; ``predicted_clean``: float32 (n_jobs, n_sites) on the 8-bit clean image;
+    ``realised_eps``: float64 (n_jobs,), ‖pixels/255 − clean/255‖₂ ≤ eps.
+    """
+
+    pixels: np.ndarray
+    direction: np.ndarray
+    predicted: np.ndarray
+    predicted_clean: np.ndarray
+    realised_eps: np.ndarray
+
+
+def _site_objective(site: torch.Tensor, target: torch.Tensor):
+    """The per-image loss to minimise (model output (N, n_sites) → (N,)): (f_site[n] − target[n])²."""
+    rows = torch.arange(len(site), device=site.device)
+
+    def objective(predicted: torch.Tensor) -> torch.Tensor:
+        return (predicted[rows, site] - target) ** 2
+
+    return objective
+
+
+def make_site_attacks(
+    model: torch.nn.Module,
+    clean_uint8: np.ndarray,
+    image_index,
+    site,
+    eps,
+    *,
+    n_steps: int = 100,
+    step_ratio: float = 1 / 3,
+    random_start: bool = True,
+    n_restarts: int = 1,
+    batch_size: int = 0,
+    seed: int = 0,
+    device="cpu",
+    autocast: bool = False,
+    channels_last: bool = False,
+    compile_model: bool = False,
+) -> SiteAttacks:
+    """Increase/decrease attacks on single sites of an IT model, all jobs packed into large batches.
+
+    ``model``: nn.Module, float images (N, 3, H, W) in [0, 1] → predicted counts (N, n_sites);
+    moved to ``device``. ``clean_uint8``: uint8 (n_images, H, W, 3). Job j attacks site
+    ``site[j]`` of image ``image_index[j]`` within L2 budget ``eps[j]`` ([0, 1] pixel units); the
+    three broadcast to (n_jobs,). For each job both directions are solved — minimise
+    MSE(f_site(x + δ), +1000) and MSE(f_site(x + δ), −1000) — with step ``step_ratio`` × ε,
+    ``n_steps`` steps and random starts; the direction with the larger predicted
+    |f_site(x + δ) − f_site(x)| on the final 8-bit image is kept. ``batch_size``: images (job ×
+    direction pairs) per batch; 0 sizes it to the device memory (CUDA) or uses 32 (CPU).
+    ``autocast`` (bf16), ``channels_last``, ``compile_model`` (torch.compile): GPU switches, off by
+    default. Random starts come from ``seed`` (results also depend on ``batch_size``).
+    """
+    check_uint8_images("clean_uint8", clean_uint8)
+    n_steps = check_integer("n_steps", n_steps, minimum=1)
+    step_ratio = check_number("step_ratio", step_ratio, minimum=0.0, inclusive=False)
+    batch_size = check_integer("batch_size", batch_size, minimum=0)
+    seed = check_integer("seed", seed, minimum=0)
+    image_index, site, eps = np.broadcast_arrays(np.asarray(image_index), np.asarray(site), np.asarray(eps))
+    if image_index.ndim != 1:
+        raise ValueError(
+            f"'image_index', 'site' and 'eps' must broadcast to one dimension (n_jobs,), but got shape {image_index.shape}."
+        )
+    if image_index.size == 0:
+        raise ValueError("'image_index', 'site' and 'eps' describe no jobs; give at least one (image, site, eps).")
+    image_index = check_indices("image_index", image_index, len(clean_uint8))
+    eps = check_budgets("eps", eps, len(image_index))
+    device = check_device("device", device)
+    settings = RunSettings(autocast=autocast, channels_last=channels_last)
+    runner = make_attack_runner(model, device, settings, compile_model=compile_model)
+    if batch_size == 0:
+        batch_size = compute_batch_size(model, (3, *clean_uint8.shape[1:3]), device, settings)
+    used = np.unique(image_index)
+    predicted_used = compute_predictions(
+        model, clean_uint8[used], batch_size=batch_size, device=device, channels_last=channels_last
+    )
+    if predicted_used.ndim != 2:
+        raise ValueError(f"'model' must return (n_images, n_sites), but returned shape {predicted_used.shape}.")
+    clean_predicted = np.zeros((len(clean_uint8), predicted_used.shape[1]), np.float32)
+    clean_predicted[used] = predicted_used
+    site = check_indices("site", site, clean_predicted.shape[1])
+    n_jobs = len(image_index)
+    pixels = np.empty((n_jobs, *clean_uint8.shape[1:]), np.uint8)
+    direction = np.empty(n_jobs, np.int8)
+    predicted = np.empty((n_jobs, clean_predicted.shape[1]), np.float32)
+    generator = torch.Generator().manual_seed(seed)
+    jobs_per_batch = max(1, batch_size // 2)
+    batches = [np.arange(b, min(b + jobs_per_batch, n_jobs)) for b in range(0, n_jobs, jobs_per_batch)]
+    for jobs in progress(batches, description="site attacks"):
+        pairs = np.repeat(jobs, 2)  # (job, +1), (job, −1), ...
+        signs = np.tile(np.array([1, -1], np.int8), len(jobs))
+        site_tensor = torch.as_tensor(site[pairs], device=device)
+        target = torch.as_tensor(signs * SITE_TARGET, dtype=torch.float32, device=device)
+        attacked = make_attack_pixels(
+            runner, clean_uint8[image_index[pairs]], eps=eps[pairs], step_size=eps[pairs] * step_ratio, n_steps=n_steps,
+            objective=_site_objective(site_tensor, target), device=device, settings=settings,
+            random_start=random_start, n_restarts=n_restarts, generator=generator,
+        )
+        outputs = compute_predictions(model, attacked, batch_size=len(attacked), device=device, channels_last=channels_last)
+        change = np.abs(outputs[np.arange(len(pairs)), site[pairs]] - clean_predicted[image_index[pairs], site[pairs]])
+        keep = 2 * np.arange(len(jobs)) + (change[1::2] > change[0::2])
+        pixels[jobs], direction[jobs], predicted[jobs] = attacked[keep], signs[keep], outputs[keep]
+    return SiteAttacks(
+        pixels=pixels,
+        direction=direction,
+        predicted=predicted,
+        predicted_clean=clean_predicted[image_index],
+        realised_eps=compute_realised_eps(pixels, clean_uint8[image_index]),
+    )

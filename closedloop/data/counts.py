@@ -1,0 +1,228 @@
+"""Stimulus onsets and spike counts per site in the response window.
+
+Each non-zero word on the digital input port is a stimulus onset carrying that stimulus's event
+code; a zero word clears the strobe. A site's response to a presentation is its number of
+spikes in the response window (:mod:`closedloop.data.window`, default 0.07–0.17 s after onset),
+computed in integer clock ticks so that edges are exact. Counts come from a
+:class:`~closedloop.data.recording.Recording` (:func:`compute_onsets`, :func:`compute_counts`)
+or straight from a ``.nev`` in one streaming pass (:func:`compute_nev_counts`); both give the
+same onsets and counts.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from closedloop.core.validation import check_array, check_option
+from closedloop.data.nev_header import check_nev_path, read_nev_header
+from closedloop.data.nev_scan import SYSTEM_PACKET_IDS, iterate_packets
+from closedloop.data.recording import Recording, compute_ticks
+from closedloop.data.sites import SiteTable, make_default_sites
+from closedloop.data.window import DEFAULT_WINDOW_S, check_window, compute_window_ticks
+
+__all__ = ["Onsets", "compute_onsets", "compute_counts", "compute_nev_counts", "compute_summary"]
+
+_KEY = 256  # spike key = electrode * 256 + unit class
+
+
+class Onsets(NamedTuple):
+    """Stimulus onsets: ``times_s`` float64 ``(n,)`` (s, recording clock), ``codes`` uint16 ``(n,)``."""
+
+    times_s: np.ndarray
+    codes: np.ndarray
+
+
+def compute_onsets(recording: Recording) -> Onsets:
+    """Stimulus onsets: every non-zero word on the digital input port, in time order."""
+    keep = recording.event_words != 0
+    order = np.argsort(recording.event_ticks[keep], kind="stable")
+    ticks = recording.event_ticks[keep][order]
+    return Onsets(times_s=ticks / recording.sampling_rate_hz, codes=recording.event_words[keep][order])
+
+
+def _count_spikes_per_electrode(electrodes: np.ndarray) -> Counter:
+    """Spikes per electrode id, from the electrode of each spike ``(n_spikes,)``."""
+    found, n_spikes = np.unique(electrodes, return_counts=True)
+    return Counter(dict(zip(found.tolist(), n_spikes.tolist())))
+
+
+def _check_unmapped(source: str, spikes_per_electrode: dict[int, int], sites: SiteTable, unmapped: str) -> None:
+    """Refuse spikes on electrodes no site names, unless ``unmapped="ignore"``."""
+    check_option("unmapped", unmapped, ("error", "ignore"))
+    missing = sorted(set(spikes_per_electrode) - set(sites.electrode.tolist()))
+    if missing and unmapped == "error":
+        n_spikes = sum(spikes_per_electrode[e] for e in missing)
+        raise ValueError(
+            f"recording {source or '(in memory)'!r}: {n_spikes} spikes on electrodes {missing[:10]} that are missing "
+            "from the site map; add them to the site map, or ignore them (unmapped='ignore', --ignore-unmapped)."
+        )
+
+
+def _as_uint16(counts: np.ndarray) -> np.ndarray:
+    """Counts as stored, uint16 (same shape); more than 65535 spikes in one window is an error."""
+    if counts.max(initial=0) > np.iinfo(np.uint16).max:
+        raise ValueError("a site has more than 65535 spikes in one window; check the window and the recording.")
+    return counts.astype(np.uint16)
+
+
+def _add_window_counts(counts: np.ndarray, sites: SiteTable, keys: np.ndarray, spike_ticks: np.ndarray,
+                       onset_ticks: np.ndarray, edges: tuple[int, int]) -> None:
+    """Add each site's spikes in each onset's window to ``counts`` int64 ``(n_onsets, n_sites)``, in place.
+
+    ``keys`` (electrode * 256 + unit class) and ``spike_ticks`` int64 ``(n_spikes,)``;
+    ``onset_ticks`` int64 ``(n_onsets,)``; ``edges``: the window in ticks after onset
+    (:func:`~closedloop.data.window.compute_window_ticks`).
+    """
+    start, stop = edges
+    order = np.lexsort((spike_ticks, keys))
+    sorted_keys, sorted_ticks = keys[order], spike_ticks[order]
+    unique_keys, first = np.unique(sorted_keys, return_index=True)
+    last = np.append(first[1:], len(sorted_keys))
+    membership = sites.compute_membership(unique_keys // _KEY, unique_keys % _KEY)
+    for key_index in np.flatnonzero(membership.any(axis=1)):
+        ticks = sorted_ticks[first[key_index] : last[key_index]]
+        found = np.searchsorted(ticks, onset_ticks + stop) - np.searchsorted(ticks, onset_ticks + start)
+        counts[:, membership[key_index]] += found[:, None]
+
+
+def compute_counts(
+    recording: Recording,
+    onset_times_s,
+    *,
+    window_s=DEFAULT_WINDOW_S,
+    sites: SiteTable | None = None,
+    unmapped: str = "error",
+) -> np.ndarray:
+    """Spikes per site in ``[onset + start, onset + stop)``: uint16 ``(n_presentations, n_sites)``.
+
+    ``onset_times_s`` ``(n_presentations,)`` s on the recording clock (rounded to clock ticks);
+    ``window_s`` (start, stop) s after onset; ``sites`` default: one site per electrode of the
+    recording, units merged. Spikes on electrodes no site names raise ``ValueError`` unless
+    ``unmapped="ignore"``.
+    """
+    window = check_window(window_s)
+    sites = make_default_sites(recording.electrodes) if sites is None else sites
+    _check_unmapped(recording.source, _count_spikes_per_electrode(recording.spike_electrodes), sites, unmapped)
+    onsets = check_array("onset_times_s", onset_times_s, shape=(None,)).astype(np.float64)
+    if not np.isfinite(onsets).all():
+        raise ValueError("'onset_times_s' must be finite times in s on the recording clock.")
+    counts = np.zeros((len(onsets), sites.n_sites), dtype=np.int64)
+    _add_window_counts(counts, sites, recording.spike_electrodes * _KEY + recording.spike_units, recording.spike_ticks,
+                       compute_ticks(onsets, recording.sampling_rate_hz),
+                       compute_window_ticks(window, recording.sampling_rate_hz))
+    return _as_uint16(counts)
+
+
+# -- counting while streaming a .nev ------------------------------------------------------------
+class _GrowingCounts:
+    """Onset ticks, codes and a counts table that grow as onsets stream in."""
+
+    def __init__(self, n_sites: int) -> None:
+        self.ticks, self.codes = np.zeros(1024, np.int64), np.zeros(1024, np.uint16)
+        self.counts = np.zeros((1024, n_sites), np.int64)
+        self.n = 0
+
+    def add(self, ticks: np.ndarray, codes: np.ndarray) -> None:
+        while self.n + len(ticks) > len(self.ticks):
+            size = 2 * len(self.ticks)
+            self.ticks, self.codes = np.resize(self.ticks, size), np.resize(self.codes, size)
+            self.counts = np.concatenate([self.counts, np.zeros_like(self.counts)])
+        self.ticks[self.n : self.n + len(ticks)], self.codes[self.n : self.n + len(ticks)] = ticks, codes
+        self.n += len(ticks)
+
+
+def _add_spikes(table: _GrowingCounts, sites: SiteTable, keys: np.ndarray, spike_ticks: np.ndarray,
+                edges: tuple[int, int], spikes_per_electrode: Counter) -> None:
+    """Add time-ordered spikes (keys = electrode * 256 + unit) to the counts of the onsets seen so far."""
+    if not keys.size:
+        return
+    spikes_per_electrode.update(_count_spikes_per_electrode(keys // _KEY))
+    start, stop = edges
+    onsets = table.ticks[: table.n]
+    low, high = np.searchsorted(onsets, [spike_ticks[0] - stop, spike_ticks[-1] - start], side="right")
+    _add_window_counts(table.counts[low:high], sites, keys, spike_ticks, onsets[low:high], edges)
+
+
+def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | None, allow_truncated: bool):
+    """One pass over the packets: onsets, int64 counts per site, spikes per electrode, header facts.
+
+    Spikes at a window's last tick wait for the next window, whose onsets may share that tick.
+    """
+    facts = read_nev_header(path, allow_truncated)
+    sites = make_default_sites(facts["electrodes"]) if sites is None else sites
+    edges = compute_window_ticks(window, facts["resolution"])
+    table, spikes_per_electrode = _GrowingCounts(sites.n_sites), Counter()
+    waiting_keys, waiting_ticks = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    for ticks, ids, units, words in iterate_packets(path, facts):
+        onset = (ids == 0) & ((units & 0x81) == 1) & (words != 0)  # digital input port, non-zero word
+        table.add(ticks[onset], words[onset])
+        spike = (ids > 0) & (ids < SYSTEM_PACKET_IDS[0])
+        keys = np.concatenate([waiting_keys, ids[spike].astype(np.int64) * _KEY + units[spike]])
+        spike_ticks = np.concatenate([waiting_ticks, ticks[spike]])
+        ready = spike_ticks < ticks[-1]
+        _add_spikes(table, sites, keys[ready], spike_ticks[ready], edges, spikes_per_electrode)
+        waiting_keys, waiting_ticks = keys[~ready], spike_ticks[~ready]
+    _add_spikes(table, sites, waiting_keys, waiting_ticks, edges, spikes_per_electrode)
+    onsets = Onsets(times_s=table.ticks[: table.n] / facts["resolution"], codes=table.codes[: table.n].copy())
+    return onsets, table.counts[: table.n], spikes_per_electrode, facts
+
+
+def compute_nev_counts(
+    path: str | Path,
+    *,
+    window_s=DEFAULT_WINDOW_S,
+    sites: SiteTable | None = None,
+    unmapped: str = "error",
+    allow_truncated: bool = False,
+) -> tuple[Onsets, np.ndarray]:
+    """Onsets and spike counts straight from a ``.nev`` in one streaming pass (no neo).
+
+    The same result as ``compute_counts(read_nev(path), compute_onsets(...).times_s, ...)``, with
+    memory that grows with the number of presentations, not with the file's length: for
+    recordings too long to hold in memory. Returns ``(onsets, counts)``, counts uint16
+    ``(n_presentations, n_sites)``; ``sites`` default: one per electrode in the file's header.
+    """
+    window = check_window(window_s)
+    check_option("unmapped", unmapped, ("error", "ignore"))
+    path = check_nev_path(path)
+    onsets, counts, spikes_per_electrode, facts = _stream_counts(path, window, sites, allow_truncated)
+    _check_unmapped(str(path), spikes_per_electrode, sites or make_default_sites(facts["electrodes"]), unmapped)
+    return onsets, _as_uint16(counts)
+
+
+def compute_summary(recording: Recording | str | Path, *, window_s=DEFAULT_WINDOW_S, sites: SiteTable | None = None,
+                    unmapped: str = "error") -> dict:
+    """The operator's first check of a recording, JSON-ready.
+
+    ``{"n_presentations", "electrodes", "window_s", "counts": {"<electrode>": in-window spikes
+    over all presentations, units merged}, "codes": {"<code>": number of onsets}}``. ``sites``
+    (optional) only checks that every spiking electrode is mapped. ``recording`` is a
+    :class:`Recording` or the path of a ``.nev``, which is then streamed (see
+    :func:`compute_nev_counts`).
+    """
+    window = check_window(window_s)
+    check_option("unmapped", unmapped, ("error", "ignore"))
+    if isinstance(recording, Recording):
+        electrodes, source = recording.electrodes, recording.source
+        spikes_per_electrode = _count_spikes_per_electrode(recording.spike_electrodes)
+        onsets = compute_onsets(recording)
+        counts = compute_counts(recording, onsets.times_s, window_s=window, sites=make_default_sites(electrodes))
+    else:
+        source = str(check_nev_path(recording))
+        onsets, counts, spikes_per_electrode, facts = _stream_counts(Path(source), window, None, False)
+        electrodes = facts["electrodes"]
+    if sites is not None:
+        _check_unmapped(source, spikes_per_electrode, sites, unmapped)
+    totals = counts.sum(axis=0, dtype=np.int64)
+    codes, n_onsets = np.unique(onsets.codes, return_counts=True)
+    return {
+        "n_presentations": len(onsets.times_s),
+        "electrodes": list(electrodes),
+        "window_s": list(window),
+        "counts": {str(e): int(n) for e, n in zip(electrodes, totals.tolist())},
+        "codes": {str(c): int(n) for c, n in zip(codes.tolist(), n_onsets.tolist())},
+    }

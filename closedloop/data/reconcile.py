@@ -1,0 +1,176 @@
+"""A recording reconciled with the day's presentation log, and its counts stored in the day store.
+
+:func:`compute_reconciliation` matches each logged presentation to the recorded onset with the
+same code nearest in time within a tolerance and explains, never guesses, what is left.
+:func:`write_day_counts` reads a ``.nev``, reconciles it with the day store's log (codes, order,
+onset times) and stores the ``.nev`` counts next to the live ones, reporting every mismatch.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from closedloop.core.files import compute_file_digest
+from closedloop.core.logs import logger
+from closedloop.core.validation import check_array, check_number, check_option
+from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, compute_onsets
+from closedloop.data.nev import read_nev
+from closedloop.data.sites import SiteTable
+from closedloop.data.store import open_store
+from closedloop.data.window import DEFAULT_WINDOW_S, check_window
+
+__all__ = ["Reconciliation", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S", "ENGINES"]
+
+DEFAULT_TOLERANCE_S = 0.010
+ENGINES = ("neo", "stream")
+SHIFT_SEARCH_S = 1.0
+
+
+class Reconciliation(NamedTuple):
+    """``onset_index`` int64 ``(n_presentations,)``: the matching onset of each logged
+    presentation, −1 if none; ``mismatches``: one dict per problem found."""
+
+    onset_index: np.ndarray
+    mismatches: list[dict]
+
+
+def _mismatch(kind: str, presentation, code, log_s, nev_s) -> dict:
+    shift = None if log_s is None or nev_s is None else round(nev_s - log_s, 6)
+    return {"kind": kind, "presentation": presentation, "code": int(code),
+            "log_onset_s": None if log_s is None else float(log_s),
+            "nev_onset_s": None if nev_s is None else float(nev_s), "shift_s": shift}
+
+
+def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes, *,
+                           tolerance_s: float = DEFAULT_TOLERANCE_S) -> Reconciliation:
+    """Match logged presentations to recorded onsets by code and time; list every mismatch.
+
+    ``log_codes``, ``log_onsets_s`` ``(n_presentations,)``: event code and onset (s) of each
+    logged presentation; ``known_codes``: every code of the day's stimuli. A presentation matches
+    the recorded onset with the same code nearest in time within ``tolerance_s``; what is left
+    unmatched is then explained. Mismatch kinds: ``code_mismatch`` / ``unknown_code`` (an onset
+    within tolerance carries another stimulus's code / a code no stimulus has),
+    ``shifted_timing`` (the code is recorded further than the tolerance but within 1 s),
+    ``missing_onset`` (not recorded), ``unknown_code`` or ``extra_onset`` for recorded onsets no
+    presentation explains, ``order`` (matches out of order).
+    """
+    tolerance = check_number("tolerance_s", tolerance_s, minimum=0.0)
+    log_codes = np.asarray(log_codes, dtype=np.int64)
+    log_onsets = check_array("log_onsets_s", log_onsets_s, shape=(len(log_codes),)).astype(np.float64)
+    times, codes = onsets.times_s, onsets.codes.astype(np.int64)
+    known = np.isin(codes, np.asarray(known_codes, dtype=np.int64))
+    used = np.zeros(len(times), dtype=bool)
+    onset_index = np.full(len(log_codes), -1, dtype=np.int64)
+    by_time = np.argsort(log_onsets, kind="stable")
+
+    def unused_near(log_s: float, reach: float) -> np.ndarray:
+        low, high = np.searchsorted(times, [log_s - reach, log_s + reach + 1e-9])
+        candidates = np.arange(low, high)[~used[low:high]]
+        return candidates[np.argsort(np.abs(times[candidates] - log_s), kind="stable")]
+
+    for presentation in by_time:  # first pass: same code within the tolerance
+        same = [j for j in unused_near(log_onsets[presentation], tolerance) if codes[j] == log_codes[presentation]]
+        if same:
+            onset_index[presentation], used[same[0]] = same[0], True
+    mismatches = []
+    for presentation in by_time[onset_index[by_time] < 0]:  # second pass: explain what is left
+        log_s, code = log_onsets[presentation], log_codes[presentation]
+        near = unused_near(log_s, tolerance)
+        shifted = [j for j in unused_near(log_s, SHIFT_SEARCH_S) if codes[j] == code]
+        if near.size:
+            other = near[0]
+            kind = "code_mismatch" if known[other] else "unknown_code"
+            found = _mismatch(kind, int(presentation), code, log_s, times[other]) | {"nev_code": int(codes[other])}
+        elif shifted:
+            other = shifted[0]
+            found = _mismatch("shifted_timing", int(presentation), code, log_s, times[other])
+        else:
+            other, found = None, _mismatch("missing_onset", int(presentation), code, log_s, None)
+        if other is not None:
+            used[other] = True
+        mismatches.append(found)
+    for index in np.flatnonzero(~used):
+        kind = "extra_onset" if known[index] else "unknown_code"
+        mismatches.append(_mismatch(kind, None, codes[index], None, times[index]))
+    matched = onset_index[np.argsort(log_onsets, kind="stable")]
+    matched = matched[matched >= 0]
+    for position in np.flatnonzero(np.diff(matched) < 0):
+        index = int(matched[position + 1])
+        mismatches.append(_mismatch("order", int(np.flatnonzero(onset_index == index)[0]), codes[index], None,
+                                    times[index]))
+    return Reconciliation(onset_index=onset_index, mismatches=mismatches)
+
+
+def write_day_counts(
+    nev_path: str | Path,
+    store_path: str | Path,
+    *,
+    window_s=DEFAULT_WINDOW_S,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    sites: SiteTable | None = None,
+    unmapped: str = "error",
+    allow_mismatch: bool = False,
+    engine: str = "neo",
+) -> dict:
+    """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
+
+    Counts use the store's site table (``sites``, when given, must equal it). With any mismatch
+    nothing is written unless ``allow_mismatch``, in which case matched presentations get their
+    ``.nev`` counts and the rest are marked unmatched. Returns a JSON-ready report:
+    ``n_presentations`` (logged), ``n_onsets`` (recorded), ``n_matched``, ``n_mismatches``,
+    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``. ``engine``: "neo" reads
+    the file with :func:`read_nev`; "stream" counts with :func:`compute_nev_counts` (same result,
+    memory independent of the recording's length).
+    """
+    window = check_window(window_s)
+    check_option("engine", engine, ENGINES)
+    check_option("unmapped", unmapped, ("error", "ignore"))
+    store = open_store(store_path, mode="a")
+    if sites is not None and sites != store.sites:
+        raise ValueError(
+            f"the site map ({sites.n_sites} sites) differs from the sites of day store {str(store.path)!r} "
+            f"({store.n_sites} sites); use the site map the day was recorded with."
+        )
+    if engine == "neo":
+        recording = read_nev(nev_path)
+        onsets = compute_onsets(recording)
+        nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped=unmapped)
+    else:
+        onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped)
+    log = store.read_presentations()
+    stimulus_codes = store.read_stimuli(pixels=False)["code"]
+    reconciliation = compute_reconciliation(onsets, stimulus_codes[log["stimulus"]], log["onset"], stimulus_codes,
+                                            tolerance_s=tolerance_s)
+    matched = reconciliation.onset_index >= 0
+    report = {
+        "source": str(Path(nev_path).resolve()),
+        "sha256": compute_file_digest(nev_path),
+        "store": str(store.path),
+        "window_s": list(window),
+        "tolerance_s": float(tolerance_s),
+        "engine": engine,
+        "n_presentations": store.n_presentations,
+        "n_onsets": len(onsets.times_s),
+        "n_matched": int(matched.sum()),
+        "n_mismatches": len(reconciliation.mismatches),
+        "mismatches": reconciliation.mismatches,
+        "written": False,
+    }
+    if reconciliation.mismatches and not allow_mismatch:
+        logger.warning("%s: %d mismatches with the day's log; nothing written", Path(nev_path).name,
+                       len(reconciliation.mismatches))
+        return report
+    counts = np.zeros((store.n_presentations, store.n_sites), dtype=np.uint16)
+    counts[matched] = nev_counts[reconciliation.onset_index[matched]]
+    onset = np.full(store.n_presentations, np.nan)
+    onset[matched] = onsets.times_s[reconciliation.onset_index[matched]]
+    report["written"] = True
+    attrs = {key: value for key, value in report.items() if key != "store"}
+    store.write_ingest(counts, matched, onset,
+                       attrs=attrs | {"ingested_at": datetime.now(UTC).isoformat(timespec="seconds")})
+    return report
+

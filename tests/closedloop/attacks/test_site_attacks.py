@@ -1,0 +1,72 @@
+"""Per-site increase/decrease attacks on an IT model (small CPU models)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from closedloop.attacks.baselines import make_gaussian_baseline
+from closedloop.attacks.engine import compute_predictions, compute_realised_eps
+from closedloop.attacks.sites import make_site_attacks
+from tests.closedloop.attacks.conftest import SIZE, TinyNet, check_budget, make_images
+
+
+def test_site_attacks_move_the_targeted_site_within_budget():
+    model = TinyNet(5)
+    clean = make_images(4, seed=5)
+    image_index = np.array([0, 1, 2, 3, 0, 1])
+    site = np.array([0, 1, 2, 3, 4, 4])
+    eps = np.array([0.5, 0.5, 1.0, 1.0, 2.0, 0.05])
+    attacks = make_site_attacks(model, clean, image_index, site, eps, n_steps=12, batch_size=4, seed=1)
+    rows = np.arange(len(site))
+    change = attacks.predicted[rows, site] - attacks.predicted_clean[rows, site]
+    assert set(attacks.direction.tolist()) <= {1, -1} and attacks.direction.dtype == np.int8
+    assert (np.sign(change) == attacks.direction).all()  # increase raised, decrease lowered
+    check_budget(attacks.pixels, clean[image_index], eps)
+    np.testing.assert_allclose(attacks.realised_eps, compute_realised_eps(attacks.pixels, clean[image_index]))
+    np.testing.assert_allclose(attacks.predicted, compute_predictions(model, attacks.pixels), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(attacks.predicted_clean, compute_predictions(model, clean[image_index]), rtol=1e-5, atol=1e-5)
+    noise = make_gaussian_baseline(clean[image_index], eps, seed=0)
+    noise_change = compute_predictions(model, noise)[rows, site] - attacks.predicted_clean[rows, site]
+    assert (np.abs(change) > 3 * np.abs(noise_change))[:5].all()
+
+
+def test_site_attacks_both_directions_work():
+    """Forcing one direction per site by sign flips: the kept direction follows the model."""
+    model = TinyNet(2)
+
+    class Flipped(nn.Module):  # site 1 is minus site 0: whatever raises one lowers the other
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, images):
+            out = self.inner(images)[:, :1]
+            return torch.cat([out, -out], dim=1)
+
+    clean = make_images(2, seed=6)
+    attacks = make_site_attacks(Flipped(), clean, [0, 0, 1, 1], [0, 1, 0, 1], 1.0, n_steps=10, random_start=False)
+    rows = np.arange(4)
+    change = attacks.predicted[rows, [0, 1, 0, 1]] - attacks.predicted_clean[rows, [0, 1, 0, 1]]
+    assert (np.sign(change) == attacks.direction).all() and (np.abs(change) > 0.05).all()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"site": [0, 7]}, ValueError, r"'site' must lie in \[0, 4\], but got \[7\]"),
+        ({"site": [-1, 0]}, ValueError, r"'site' must lie in \[0, 4\], but got \[-1\]"),
+        ({"image_index": [0, 5]}, ValueError, r"'image_index' must lie in \[0, 1\]"),
+        ({"eps": [1.0, 0.0]}, ValueError, "'eps' must be finite and > 0"),
+        ({"eps": [1.0, float("nan")]}, ValueError, "'eps' must be finite and > 0"),
+        ({"clean_uint8": np.zeros((2, 3, SIZE, SIZE), np.uint8)}, ValueError, r"shape \(n_images, H, W, 3\)"),
+        ({"clean_uint8": np.zeros((2, SIZE, SIZE, 3), np.float32)}, TypeError, "must be a uint8 numpy array"),
+        ({"site": [[0, 1], [1, 0]]}, ValueError, r"broadcast to one dimension \(n_jobs,\)"),
+        ({"device": "tpu"}, ValueError, "allowed values are 'cpu', 'cuda'"),
+    ],
+)
+def test_site_attacks_bad_input(change, error, message):
+    arguments = dict(clean_uint8=make_images(2), image_index=[0, 1], site=[0, 1], eps=[1.0, 1.0])
+    arguments.update(change)
+    with pytest.raises(error, match=message):
+        make_site_attacks(TinyNet(5), n_steps=1, **arguments)

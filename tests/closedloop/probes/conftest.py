@@ -1,0 +1,3 @@
+"""The planted experiment (tests/planted.py) for the probe tests."""
+
+from tests.planted import planted_experiment  # noqa: F401  (a fixture)
