@@ -1,6 +1,7 @@
 """The ``closedloop`` command line: thin wrappers that check input, call the library, print.
 
-Every subcommand has ``--help``; bad input ends with a one-line ``error:`` message and exit
+Every subcommand has ``--help``; bad input (and a rig that cannot be reached,
+:class:`~closedloop.link.client.RigLinkError`) ends with a one-line ``error:`` message and exit
 status 2; commands that print results accept ``--json``.
 
 Each command imports the library it calls inside its function: importing every command's
@@ -738,7 +739,7 @@ _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyErro
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning bad input into a one-line error and exit status 2."""
+    """Entry point: run the CLI, turning bad input or an unreachable rig into a one-line error and exit status 2."""
     try:
         cli.main(args=argv, prog_name="closedloop", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -752,4 +753,11 @@ def main(argv: list[str] | None = None) -> None:
     except _BAD_INPUT as error:
         message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         click.echo("error: " + " ".join(message.split()), err=True)
+        sys.exit(2)
+    except RuntimeError as error:
+        from closedloop.link.client import RigLinkError  # here, not above: the link is zmq, loaded on demand
+
+        if not isinstance(error, RigLinkError):
+            raise
+        click.echo("error: " + " ".join(str(error).split()), err=True)
         sys.exit(2)

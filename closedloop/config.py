@@ -2,13 +2,19 @@
 
 Every field has a documented default; :func:`write_default_config` writes a commented file with
 them (``closedloop init DIR``). Unknown keys, wrong types, out-of-range values and missing paths
-are refused with a message naming the key, the bad value and what is allowed. Relative paths in
-the file are relative to the folder that holds it.
+are refused with a message naming the key, the bad value and what is allowed. Numbers and
+booleans are strict: ``"4"``, ``true`` or ``["3"]`` is never taken for a number (a whole number is
+accepted where a float is expected), and ``inf``/``nan`` are refused. Relative paths in the file are
+relative to the folder that holds it; :func:`make_relative_paths` writes a config whose paths
+inside a folder are relative (a day's frozen config, so that a moved experiment folder resumes) and
+:func:`resolve_paths` reads them back.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import textwrap
 import tomllib
 from collections.abc import Callable
@@ -32,6 +38,8 @@ __all__ = [
     "ConfigSection",
     "validate_config",
     "read_toml_config",
+    "resolve_paths",
+    "make_relative_paths",
     "PRESETS",
     "CONFIG_NAME",
 ]
@@ -41,13 +49,30 @@ EMBEDDED = "embedded"
 
 
 class ConfigSection(BaseModel):
-    """Base of every configuration and its sections: unknown keys refused, frozen, defaults validated."""
+    """Base of every configuration and its sections: unknown keys refused, frozen, defaults validated.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    Strict: a number or boolean must be written as one (``"4"``, ``true`` or ``4.5`` is not an
+    integer; a whole number is a float); ``inf`` and ``nan`` are refused.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, strict=True, allow_inf_nan=False)
 
     def to_dict(self) -> dict:
         """The configuration as plain TOML-ready data."""
         return self.model_dump(mode="json")
+
+
+class _KeyValueError(ValueError):
+    """A value refused by a check across keys: names the one key and value that it is about.
+
+    Raised inside a validator of a section (or of the whole config); ``key`` is relative to it,
+    e.g. "targets" in [sites]. :func:`format_config_error` shows "'sites.targets' = [0, 5]: …"
+    rather than the section (or the whole config) that the validator was handed.
+    """
+
+    def __init__(self, key: str, value, message: str) -> None:
+        super().__init__(message)
+        self.key, self.value = key, value
 
 
 class ExperimentSection(ConfigSection):
@@ -107,6 +132,16 @@ class SitesSection(ConfigSection):
     )
     targets: list[int] = Field([], description="Sites to attack (0-based); [] attacks every site.")
 
+    @model_validator(mode="after")
+    def _targets_exist(self) -> SitesSection:
+        bad = [t for t in self.targets if not 0 <= t < self.n_sites]
+        if bad:
+            raise _KeyValueError(
+                "targets", self.targets,
+                f"sites {bad} do not exist; allowed are 0..{self.n_sites - 1} (n_sites = {self.n_sites})",
+            )
+        return self
+
 
 class AttackSection(ConfigSection):
     """[attack]: per-site L2 PGD attacks (Guo et al.)."""
@@ -153,6 +188,11 @@ class ResponseSection(ConfigSection):
         (0.07, 0.17), description="Spike-count window [start, stop) after image onset, s."
     )
 
+    @field_validator("window_s", mode="before")
+    @classmethod
+    def _list_as_pair(cls, window):
+        return tuple(window) if isinstance(window, list) else window  # TOML has arrays, not tuples
+
     @field_validator("window_s")
     @classmethod
     def _ordered_window(cls, window: tuple[float, float]) -> tuple[float, float]:
@@ -179,6 +219,24 @@ class RigSection(ConfigSection):
     reconnect_s: float = Field(
         60.0, ge=0.0, le=3600.0, description="Keep reconnecting (with back-off) to a vanished rig this long before giving up, s."
     )
+
+    @field_validator("address")
+    @classmethod
+    def _zmq_endpoint(cls, address: str) -> str:
+        found = re.fullmatch(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d+)", address)
+        if not (found and 1 <= int(found[2]) <= 65535) and not re.fullmatch(r"ipc://\S+", address):
+            raise ValueError("must be a ZeroMQ endpoint tcp://HOST:PORT (port 1-65535), e.g. tcp://192.168.1.20:5555")
+        return address
+
+    @model_validator(mode="after")
+    def _heartbeat_within_timeout(self) -> RigSection:
+        if self.heartbeat_s >= self.timeout_s:
+            raise _KeyValueError(
+                "heartbeat_s", self.heartbeat_s,
+                f"must be shorter than timeout_s ({self.timeout_s} s), or a live rig is taken for a dead one; "
+                "e.g. heartbeat_s = timeout_s / 5",
+            )
+        return self
 
 
 class SimSection(ConfigSection):
@@ -230,16 +288,6 @@ class ExperimentConfig(ConfigSection):
     sim: SimSection = SimSection()
     fit: FitSection = FitSection()
 
-    @model_validator(mode="after")
-    def _targets_exist(self) -> ExperimentConfig:
-        bad = [t for t in self.sites.targets if not 0 <= t < self.sites.n_sites]
-        if bad:
-            raise ValueError(
-                f"[sites] targets: sites {bad} do not exist; allowed are 0..{self.sites.n_sites - 1} "
-                f"(n_sites = {self.sites.n_sites})"
-            )
-        return self
-
 
 PRESETS: dict[str, dict] = {
     "paper": {},
@@ -259,14 +307,18 @@ def format_config_error(source: str, error: ValidationError, root: type[BaseMode
     """One message for every problem in ``error``; ``root``: the config class (ExperimentConfig by default)."""
     parts = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"])
+        location, value = item["loc"], item.get("input")
+        cause = item.get("ctx", {}).get("error")
+        if isinstance(cause, _KeyValueError):
+            location, value = (*location, cause.key), cause.value
+        key = ".".join(str(p) for p in location)
         if item["type"] == "extra_forbidden":
-            section = item["loc"][:-1]
-            allowed = _allowed_keys(section, root or ExperimentConfig)
+            allowed = _allowed_keys(location[:-1], root or ExperimentConfig)
             parts.append(f"unknown key '{key}'; allowed keys here are: {', '.join(allowed)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            shown = "" if item["type"] == "missing" else f" = {item['input']!r}"
+            # never a whole section or config (what a check across keys is handed): only the value
+            shown = "" if item["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
             parts.append(f"'{key}'{shown}: {message}")
     return f"{source}: invalid configuration: " + "; ".join(parts)
 
@@ -281,37 +333,56 @@ def _allowed_keys(section: tuple, root: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
-def _check_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
-    """Resolve relative paths against ``base`` and check that the named files and folders exist."""
+def _path_keys(config: ExperimentConfig) -> list[tuple[str, str]]:
+    """The (section, key) pairs that hold a file or folder path in ``config``."""
+    keys = [("images", "source")] if config.images.source != EMBEDDED else []
+    keys += [("model", "backbone")] if config.model.backbone not in registered_backbones() else []
+    keys += [("sites", "site_map")] if config.sites.site_map else []
+    return [*keys, ("rig", "keys_dir")]
 
-    def resolve(text: str) -> str:
-        return str((base / Path(text).expanduser()).resolve())
 
+def _map_paths(config: ExperimentConfig, change: Callable[[Path], str]) -> ExperimentConfig:
     updates: dict[str, dict] = {}
-    if config.images.source != EMBEDDED:
-        folder = resolve(config.images.source)
-        if not Path(folder).is_dir():
-            raise FileNotFoundError(
-                f"[images] source = {config.images.source!r}: no such folder ({folder}); "
-                'give "embedded" or a folder in ImageFolder layout'
-            )
-        updates["images"] = {"source": folder}
-    if config.model.backbone not in registered_backbones():
-        path = resolve(config.model.backbone)
-        if not Path(path).is_file():
-            raise FileNotFoundError(
-                f"[model] backbone = {config.model.backbone!r}: neither a registered name "
-                f"({', '.join(registered_backbones())}) nor an existing checkpoint file ({path})"
-            )
-        updates["model"] = {"backbone": path}
-    if config.sites.site_map:
-        path = resolve(config.sites.site_map)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"[sites] site_map = {config.sites.site_map!r}: no such file ({path})")
-        updates["sites"] = {"site_map": path}
-    updates["rig"] = {"keys_dir": resolve(config.rig.keys_dir)}
+    for section, key in _path_keys(config):
+        updates.setdefault(section, {})[key] = change(Path(getattr(getattr(config, section), key)).expanduser())
     sections = {name: getattr(config, name).model_copy(update=values) for name, values in updates.items()}
     return config.model_copy(update=sections)
+
+
+def resolve_paths(config: ExperimentConfig, base: str | Path) -> ExperimentConfig:
+    """``config`` with every relative path resolved against the folder ``base`` (absolute ones kept)."""
+    return _map_paths(config, lambda path: str((Path(base) / path).resolve()))
+
+
+def make_relative_paths(config: ExperimentConfig, folder: str | Path, *, within: str | Path) -> ExperimentConfig:
+    """``config`` (absolute paths) with each path inside the folder ``within`` written relative to
+    ``folder``; paths outside ``within`` stay absolute. :func:`resolve_paths` against ``folder``
+    gives ``config`` back, also after ``within`` (holding ``folder``) has been moved."""
+    within, folder = Path(within).resolve(), Path(folder).resolve()
+
+    def relative(path: Path) -> str:
+        path = path.resolve()
+        return Path(os.path.relpath(path, folder)).as_posix() if path.is_relative_to(within) else str(path)
+
+    return _map_paths(config, relative)
+
+
+def _check_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Resolve relative paths against ``base`` and check that the named files and folders exist."""
+    resolved = resolve_paths(config, base)
+    if config.images.source != EMBEDDED and not Path(resolved.images.source).is_dir():
+        raise FileNotFoundError(
+            f"[images] source = {config.images.source!r}: no such folder ({resolved.images.source}); "
+            'give "embedded" or a folder in ImageFolder layout'
+        )
+    if config.model.backbone not in registered_backbones() and not Path(resolved.model.backbone).is_file():
+        raise FileNotFoundError(
+            f"[model] backbone = {config.model.backbone!r}: neither a registered name "
+            f"({', '.join(registered_backbones())}) nor an existing checkpoint file ({resolved.model.backbone})"
+        )
+    if config.sites.site_map and not Path(resolved.sites.site_map).is_file():
+        raise FileNotFoundError(f"[sites] site_map = {config.sites.site_map!r}: no such file ({resolved.sites.site_map})")
+    return resolved
 
 
 def read_toml_config(path: str | Path, name: str, *, missing: str) -> tuple[dict, Path]:

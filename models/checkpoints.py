@@ -18,19 +18,26 @@ rebuilds the model), read back checked by :func:`read_sidecar_metadata`.
 plain containers. A file that needs full unpickling (it holds other Python objects, whose
 unpickling can run arbitrary code) is refused unless the caller passes ``trust=True``.
 The architecture of a ``.pt`` file is recognised from its weight names and shapes.
+
+Every file that is not what it should be (a text file named ``.pt``, a truncated or corrupt
+``.safetensors``, a sidecar that is not a JSON object) is refused with a ``ValueError`` naming
+the file and what is wrong with it, never an exception from deep inside torch or safetensors.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import json
 import pickle
+import pickletools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -57,6 +64,8 @@ _NESTED = ("model", "state_dict")
 _OPTIONAL = ".num_batches_tracked"  # batch-norm step counters: absent from old checkpoints, unused in eval
 # What write_checkpoint adds to a sidecar, beside the caller's document.
 SIDECAR_KEYS = ("format", "format_version", "weights_sha256")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save since torch 1.6
+_LEGACY_HEAD_BYTES = 4096  # the legacy format opens with a small pickle of torch's magic number
 
 
 @dataclass(frozen=True)
@@ -125,7 +134,28 @@ def load_network_weights(network: nn.Module, weights: CheckpointWeights, *, need
     network.load_state_dict(state, strict=True, assign=True)
 
 
+def _check_torch_file(path: Path) -> None:
+    """Refuse a file that torch.save did not write: neither its zip archive nor its legacy pickle,
+    which opens with torch's magic number. Reads the first bytes only; runs nothing."""
+    with path.open("rb") as stream:
+        head = stream.read(_LEGACY_HEAD_BYTES)
+    if head.startswith(_ZIP_MAGIC):
+        return
+    try:
+        first = [arg for _, arg, _ in pickletools.genops(io.BytesIO(head))]  # the first pickle, to its STOP
+    except Exception:  # noqa: BLE001 - any parse failure means: not a pickle
+        first = []
+    if torch.serialization.MAGIC_NUMBER not in first:
+        shown = head[:16]
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a PyTorch checkpoint: it is neither a torch.save zip archive nor "
+            f"a legacy torch pickle (it starts with {shown!r}); give a .pt/.pth written by torch.save, or a "
+            ".safetensors file."
+        )
+
+
 def _torch_load(path: Path, trust: bool) -> object:
+    _check_torch_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -136,12 +166,12 @@ def _torch_load(path: Path, trust: bool) -> object:
                 f"and plain containers ({reason}). Loading it fully runs code stored in the file; if you "
                 f"trust where the file came from, pass {TRUST_HINT}."
             ) from None
-    except (RuntimeError, EOFError, KeyError, OSError) as error:
-        raise ValueError(f"cannot read checkpoint {str(path)!r}: not a PyTorch file ({error!r}).") from None
+    except Exception as error:  # noqa: BLE001 - a damaged file fails anywhere inside torch.load
+        raise ValueError(f"cannot read checkpoint {str(path)!r}: a damaged PyTorch file ({error!r}).") from None
     logger.warning("loading %s with full unpickling (trusted by the caller)", path)
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, OSError, AttributeError, ImportError) as error:
+    except Exception as error:  # noqa: BLE001 - full unpickling can fail with any exception
         raise ValueError(f"cannot read checkpoint {str(path)!r}, even with full unpickling: {error!r}.") from None
 
 
@@ -177,9 +207,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str, int, in
             f"checkpoint {str(path)!r} has no metadata file {str(sidecar)!r} naming its architecture; "
             f"write checkpoints with models.write_it_model, which writes both."
         )
-    metadata = json.loads(sidecar.read_text(encoding="utf-8"))
+    metadata = _read_json_object(sidecar)
     described = metadata.get("backbone", metadata)
-    architecture = described.get("architecture")
+    architecture = described.get("architecture") if isinstance(described, dict) else None
     if architecture not in ARCHITECTURES:
         raise ValueError(
             f"{str(sidecar)!r}: 'architecture' must be one of {', '.join(ARCHITECTURES)}, but got {architecture!r}."
@@ -189,7 +219,34 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str, int, in
         raise ValueError(
             f"{str(sidecar)!r}: 'input_size' must be a whole number of pixels >= 0 (0 = none), but got {input_size!r}."
         )
-    return load_file(path), architecture, int(described.get("num_classes", 1000)), input_size
+    num_classes = described.get("num_classes", 1000)
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"{str(sidecar)!r}: 'num_classes' must be a whole number >= 1, but got {num_classes!r}.")
+    return _load_safetensors(path), architecture, num_classes, input_size
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} is not a valid safetensors file ({error}); it may be truncated or damaged: "
+            "copy or write it again."
+        ) from None
+
+
+def _read_json_object(path: Path) -> dict:
+    """The JSON object in the file ``path``; a ``ValueError`` naming it for anything else."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}); write the metadata file again.") from None
+    if not isinstance(document, dict):
+        raise ValueError(
+            f"{str(path)!r} must hold a JSON object ({{\"architecture\": ...}}), but holds a "
+            f"{type(document).__name__}: {json.dumps(document)[:60]}."
+        )
+    return document
 
 
 def _find_prefix(tensors: Mapping[str, torch.Tensor], path: Path) -> str:
@@ -312,7 +369,7 @@ def read_sidecar_metadata(path: Path, *, format_name: str, format_version: int, 
     sidecar = path.with_suffix(".json")
     if not sidecar.is_file():
         raise FileNotFoundError(f"{str(path)!r} has no metadata file {str(sidecar)!r}; {fix}.")
-    document = json.loads(sidecar.read_text(encoding="utf-8"))
+    document = _read_json_object(sidecar)
     if document.get("format") != format_name or document.get("format_version") != format_version:
         raise ValueError(
             f"{str(sidecar)!r} is not closedloop {what} metadata (format {format_name!r} version {format_version}); "

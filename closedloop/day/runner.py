@@ -10,6 +10,14 @@ the first unfinished stage; a half-written artifact is never mistaken for a fini
 the marker only appears after it (and artifacts are themselves written under temporary names and
 renamed, or append-only with committed lengths, as the day store is). Stages never import this
 module.
+
+Before anything is written, :func:`closedloop.day.preflight.check_experiment` opens every input
+of the day. The day's config is then frozen into ``config.toml`` (paths inside the experiment
+folder written relative to the day folder, so a moved experiment folder resumes). A later run
+with another ``experiment.toml`` is accepted when no stage that has used the changed sections
+has finished or begun keeping partial work (:data:`STAGE_SECTIONS`); the frozen config is
+rewritten and the change appended to ``provenance.json`` under ``config_changes``. Otherwise it
+is refused unless ``force``.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-from closedloop.config import read_config, render_config
+from closedloop.config import build_config, make_relative_paths, read_config, render_config, resolve_paths
 from closedloop.core.files import compute_file_digest, read_json, write_json, write_text
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
@@ -30,9 +38,10 @@ from closedloop.data.layout import STAGES
 from closedloop.data.store import open_store
 from closedloop.day import bundle, estimate, ingest, plan, present, refit, report, synthesize
 from closedloop.day.context import DayContext
+from closedloop.day.preflight import check_experiment
 from closedloop.link.access import RigAccess
 
-__all__ = ["run_day", "read_status"]
+__all__ = ["run_day", "read_status", "STAGE_SECTIONS"]
 
 _STAGE_FUNCTIONS: dict[str, Callable[[DayContext], dict]] = {
     "plan": plan.run_stage,
@@ -46,6 +55,27 @@ _STAGE_FUNCTIONS: dict[str, Callable[[DayContext], dict]] = {
 }
 assert tuple(_STAGE_FUNCTIONS) == STAGES
 
+# The config sections each stage reads: itself, or through what it builds (the day-0 model from
+# [model], the simulated rig from [model], [sites], [rsvp], [response] and [sim]). [experiment]
+# holds the seed every stage derives its own from.
+STAGE_SECTIONS: dict[str, frozenset[str]] = {
+    "plan": frozenset({"experiment", "images", "sites", "attack", "rsvp"}),
+    "synthesize": frozenset({"experiment", "images", "model", "sites", "attack"}),
+    "bundle": frozenset({"experiment"}),
+    "present": frozenset({"experiment", "model", "sites", "rsvp", "response", "rig", "sim"}),
+    "ingest": frozenset({"experiment", "sites", "response"}),
+    "estimate": frozenset({"experiment", "model", "sites", "rsvp", "response", "sim"}),
+    "refit": frozenset({"experiment", "model", "fit"}),
+    "report": frozenset({"experiment"}),
+}
+assert tuple(STAGE_SECTIONS) == STAGES
+# Stages that keep their work so far when interrupted (attacks saved in parts, presentations
+# stored as they come): once begun, the settings they read are as fixed as a finished stage's.
+_KEEPS_PARTIAL_WORK = ("synthesize", "present")
+# How to reach the rig, never what a stage makes: a change is accepted at any point.
+_LINK_KEYS = frozenset({"rig.address", "rig.security", "rig.keys_dir", "rig.heartbeat_s", "rig.timeout_s",
+                        "rig.retries", "rig.reconnect_s"})
+
 
 # -- the runner -------------------------------------------------------------------------------
 def _log(day: DayContext, **event) -> None:
@@ -54,47 +84,114 @@ def _log(day: DayContext, **event) -> None:
         stream.write(json.dumps(event) + "\n")
 
 
-def _freeze_config(day: DayContext, force: bool) -> None:
-    """Write the day's config once; refuse a different one for an existing day unless ``force``."""
-    text = render_config(day.config)
+def _freeze_config(day: DayContext, force: bool) -> dict[str, dict]:
+    """Write the day's config once, paths inside the experiment folder relative to the day folder.
+
+    For a day already begun, a different config is accepted when no stage that has used the changed
+    sections has finished or begun keeping partial work: the frozen config is rewritten and the
+    changes are returned ({"section.key": {"before", "after"}}) for the provenance. Otherwise it is
+    refused unless ``force`` (the old day folder is set aside and the day starts over).
+    """
+    text = render_config(make_relative_paths(day.config, day.folder, within=day.experiment))
     frozen = day.path(layout.CONFIG)
-    if frozen.exists() and frozen.read_text(encoding="utf-8") != text:
-        if not force:
-            changed = _changed_keys(frozen.read_text(encoding="utf-8"), text)
-            raise ValueError(
-                f"day {day.number} ({day.folder}) was started with a different configuration (changed: {changed}); "
-                "restore experiment.toml, or pass --force to set the old day folder aside and start the day over"
-            )
-        aside = day.folder.with_name(f"{day.folder.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
-        day.folder.rename(aside)
-        logger.warning("day %d: configuration changed; the old day folder was moved to %s", day.number, aside)
-    day.folder.mkdir(parents=True, exist_ok=True)
-    if not frozen.exists():
+    changes = _changed_keys(_read_frozen_config(frozen), day.config.to_dict()) if frozen.exists() else {}
+    if not changes:
+        if not frozen.exists():
+            day.folder.mkdir(parents=True, exist_ok=True)
+            write_text(frozen, text)
+        return {}
+    users = _stages_using(day, changes)
+    if not users:
         write_text(frozen, text)
+        logger.info("day %d: configuration changed (%s); no stage has used it yet", day.number, _describe(changes))
+        return changes
+    if not force:
+        raise ValueError(
+            f"day {day.number} ({day.folder}) was started with a different configuration "
+            f"(changed: {_describe(changes)}); {', '.join(users)} already used these settings; "
+            "restore experiment.toml, or pass --force to set the old day folder aside and start the day over"
+        )
+    aside = day.folder.with_name(f"{day.folder.name}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+    day.folder.rename(aside)
+    logger.warning("day %d: configuration changed; the old day folder was moved to %s", day.number, aside)
+    day.folder.mkdir(parents=True, exist_ok=True)
+    write_text(frozen, text)
+    return {}
 
 
-def _changed_keys(old: str, new: str) -> str:
-    before, after = tomllib.loads(old), tomllib.loads(new)
-    changes = [
-        f"{section}.{key} {before.get(section, {}).get(key)!r} -> {value!r}"
+def _read_frozen_config(path: Path) -> dict:
+    """A day's frozen config as plain data, its relative paths resolved against the day folder."""
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    try:
+        return resolve_paths(build_config(data, source=str(path)), path.parent).to_dict()
+    except ValueError:
+        return data  # frozen under older, looser rules: compare it as written
+
+
+def _changed_keys(before: dict, after: dict) -> dict[str, dict]:
+    return {
+        f"{section}.{key}": {"before": before.get(section, {}).get(key), "after": value}
         for section, values in after.items() for key, value in values.items()
         if before.get(section, {}).get(key) != value
+    }
+
+
+def _describe(changes: dict[str, dict]) -> str:
+    return "; ".join(f"{key} {change['before']!r} -> {change['after']!r}" for key, change in changes.items())
+
+
+def _stages_using(day: DayContext, changes: dict[str, dict]) -> list[str]:
+    """The stages that have used a changed section: finished, or begun and keeping partial work."""
+    sections = {key.split(".")[0] for key in changes if key not in _LINK_KEYS}
+    begun = _begun_stages(day)
+    return [
+        stage for stage in STAGES
+        if STAGE_SECTIONS[stage] & sections
+        and (layout.marker_path(day.folder, stage).exists() or (stage in _KEEPS_PARTIAL_WORK and stage in begun))
     ]
-    return "; ".join(changes) or "formatting"
 
 
-def _write_provenance(day: DayContext) -> None:
-    path = day.path(layout.PROVENANCE)
-    if path.exists():
-        return
+def _begun_stages(day: DayContext) -> set[str]:
+    """Stages with a start event in the day's log (a line cut short by a crash is skipped)."""
+    path = day.path(layout.LOG)
+    if not path.exists():
+        return set()
+    begun = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "start":
+            begun.add(event.get("stage"))
+    return begun
+
+
+def _compute_inputs(day: DayContext) -> tuple[dict, dict]:
+    """The seeds of every stage and the digests of the day's inputs, for the provenance."""
     inputs = {"image_pool": day.images.digest()}
     backbone = Path(day.config.model.backbone)
     if backbone.is_file():
         inputs["base_checkpoint"] = compute_file_digest(backbone)
     if day.number > 0 and day.previous_model_path().exists():
         inputs["previous_model"] = compute_file_digest(day.previous_model_path())
-    seeds = {stage: day.seed(stage) for stage in (*STAGES, "truth")}
-    write_json(path, compute_provenance(seeds={"experiment": day.config.experiment.seed, **seeds}, inputs=inputs))
+    seeds = {"experiment": day.config.experiment.seed} | {stage: day.seed(stage) for stage in (*STAGES, "truth")}
+    return seeds, inputs
+
+
+def _write_provenance(day: DayContext, changes: dict[str, dict]) -> None:
+    """Write the day's provenance once; after an accepted config change, update its seeds and
+    inputs and append the change under ``config_changes`` (time, keys, before and after)."""
+    path = day.path(layout.PROVENANCE)
+    if path.exists() and not changes:
+        return
+    seeds, inputs = _compute_inputs(day)
+    record = read_json(path) if path.exists() else compute_provenance(seeds=seeds, inputs=inputs)
+    if changes:
+        record.update(seeds=seeds, inputs=inputs)
+        time_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        record.setdefault("config_changes", []).append({"time_utc": time_utc, "changes": changes})
+    write_json(path, record)
 
 
 def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str | None = None,
@@ -103,9 +200,12 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
 
     ``rig``: how the day reaches its rig (default: the rig at ``[rig] address``;
     :class:`rigs.launch.RigLauncher` also starts the simulated rig of ``[rig] kind = "sim"``).
-    Stages already finished are skipped; ``until`` stops after the named stage. A configuration
-    that differs from the one the day was started with is refused unless ``force`` (the old day
-    folder is then set aside as ``day_NNN.replaced-<time>`` and the day starts over).
+    Every input is checked first (:func:`~closedloop.day.preflight.check_experiment`), before
+    anything is written. Stages already finished are skipped; ``until`` stops after the named
+    stage. A configuration that differs from the one the day was started with is accepted and
+    recorded when no stage that used the changed sections has finished (or begun, for stages that
+    keep partial work); otherwise it is refused unless ``force`` (the old day folder is then set
+    aside as ``day_NNN.replaced-<time>`` and the day starts over).
     Returns ``{stage: {"skipped": bool, "seconds": float, "summary": dict}}``.
     """
     experiment = Path(experiment)
@@ -119,8 +219,10 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
             f"day {day} needs day {day - 1}'s fitted model {state.previous_model_path()}; "
             f"run `closedloop fit-day {day - 1}` first"
         )
-    _freeze_config(state, force)
-    _write_provenance(state)
+    previous = state.previous_model_path() if day > 0 else None
+    check_experiment(config, images=state.images, previous_model=previous)
+    changes = _freeze_config(state, force)
+    _write_provenance(state, changes)
     results = {}
     for stage in STAGES:
         marker = layout.marker_path(state.folder, stage)

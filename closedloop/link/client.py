@@ -202,11 +202,23 @@ class RigClient:
     def _open_socket(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.linger = 0
-        if self.security == "curve":
-            load_curve_keys(socket, self.keys_dir, "control")
-        self._monitor = socket.get_monitor_socket(_AUTH_EVENTS)
-        socket.connect(self.address)
-        self._socket = socket
+        try:
+            if self.security == "curve":
+                load_curve_keys(socket, self.keys_dir, "control")
+            monitor = socket.get_monitor_socket(_AUTH_EVENTS)
+        except BaseException:
+            socket.close(linger=0)  # an open socket would block close() (the context waits for it)
+            raise
+        try:
+            socket.connect(self.address)
+        except zmq.ZMQError as error:
+            socket.disable_monitor()
+            monitor.close(linger=0)
+            socket.close(linger=0)
+            raise RigLinkError(
+                f"cannot connect to the rig at {self.address!r}: {error}; give [rig] address as tcp://HOST:PORT."
+            ) from None
+        self._socket, self._monitor = socket, monitor
         self._last_heard = time.monotonic()
 
     def _drop_session(self) -> None:

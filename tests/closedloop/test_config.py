@@ -136,3 +136,78 @@ def test_paths_are_checked_and_resolved(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="closedloop init DIR"):
         read_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[attack]\nsteps = '4'\n", r"'attack.steps' = '4': Input should be a valid integer"),
+        ("[attack]\nsteps = true\n", r"'attack.steps' = True: Input should be a valid integer"),
+        ("[attack]\nsteps = 4.0\n", r"'attack.steps' = 4.0: Input should be a valid integer"),
+        ("[attack]\nbudgets = ['3']\n", r"'attack.budgets.0' = '3': Input should be a valid number"),
+        ("[attack]\nbudgets = [true]\n", r"'attack.budgets.0' = True: Input should be a valid number"),
+        ("[fit]\nlearning_rate = '0.1'\n", r"'fit.learning_rate' = '0.1': Input should be a valid number"),
+        ("[model]\nreadout_positive = 1\n", r"'model.readout_positive' = 1: Input should be a valid boolean"),
+        ("[model]\nreadout_positive = 'yes'\n", r"'model.readout_positive' = 'yes': Input should be a valid boolean"),
+        ("[sites]\ntargets = ['1']\n", r"'sites.targets.0' = '1': Input should be a valid integer"),
+        ("[response]\nwindow_s = ['0.07', 0.1]\n", r"'response.window_s.0' = '0.07': Input should be a valid number"),
+    ],
+)
+def test_numbers_and_booleans_are_not_coerced(tmp_path, text, message):
+    _write(tmp_path, text)
+    with pytest.raises(ValueError, match=message):
+        read_config(tmp_path)
+
+
+def test_whole_numbers_are_accepted_where_floats_are_expected(tmp_path):
+    _write(tmp_path, "[fit]\nlearning_rate = 1\n[attack]\nbudgets = [1, 3]\n[response]\nwindow_s = [0, 1]\n")
+    config = read_config(tmp_path)
+    assert config.fit.learning_rate == 1.0 and isinstance(config.fit.learning_rate, float)
+    assert config.attack.budgets == [1.0, 3.0] and config.response.window_s == (0.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[fit]\nlearning_rate = inf\n", r"'fit.learning_rate' = inf: Input should be a finite number"),
+        ("[model]\nreadout_l1 = inf\n", r"'model.readout_l1' = inf: Input should be a finite number"),
+        ("[fit]\nbackbone_learning_rate = nan\n", r"'fit.backbone_learning_rate' = nan: Input should be a finite"),
+        ("[rig]\nheartbeat_s = 5.0\ntimeout_s = 5.0\n",
+         r"'rig.heartbeat_s' = 5.0: must be shorter than timeout_s \(5.0 s\)"),
+        ("[rig]\naddress = 'tcp://127.0.0.1'\n", r"'rig.address' = 'tcp://127.0.0.1': must be a ZeroMQ endpoint"),
+        ("[rig]\naddress = 'rig-pc:5555'\n", r"'rig.address' = 'rig-pc:5555': must be a ZeroMQ endpoint"),
+        ("[rig]\naddress = 'tcp://rig-pc:99999'\n", r"'rig.address' = 'tcp://rig-pc:99999': must be a ZeroMQ endpoint"),
+    ],
+)
+def test_values_that_would_fail_hours_later_are_refused_on_load(tmp_path, text, message):
+    _write(tmp_path, text)
+    with pytest.raises(ValueError, match=message):
+        read_config(tmp_path)
+
+
+def test_targets_error_names_the_key_value_and_range_only(tmp_path):
+    _write(tmp_path, "[sites]\nn_sites = 3\ntargets = [0, 5]\n")
+    with pytest.raises(ValueError) as error:
+        read_config(tmp_path)
+    message = str(error.value)
+    assert message.endswith(
+        "invalid configuration: 'sites.targets' = [0, 5]: sites [5] do not exist; allowed are 0..2 (n_sites = 3)"
+    )
+    assert "{" not in message and "budgets" not in message  # not the whole config, nor the [sites] section
+
+
+def test_paths_inside_a_folder_are_written_relative_and_resolved_on_read(tmp_path):
+    from closedloop.config import make_relative_paths, resolve_paths
+
+    (tmp_path / "exp" / "images" / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere.pt").write_bytes(b"")
+    (tmp_path / "exp" / "map.csv").write_text("")
+    _write(tmp_path / "exp", "[images]\nsource = 'images'\n[model]\nbackbone = '../elsewhere.pt'\n"
+                             "[sites]\nsite_map = 'map.csv'\n")
+    config = read_config(tmp_path / "exp")
+    day = tmp_path / "exp" / "day_000"
+    portable = make_relative_paths(config, day, within=tmp_path / "exp")
+    assert portable.images.source == "../images" and portable.sites.site_map == "../map.csv"
+    assert portable.rig.keys_dir == "../keys"
+    assert portable.model.backbone == str(tmp_path / "elsewhere.pt")  # outside the folder: kept absolute
+    assert resolve_paths(portable, day) == config

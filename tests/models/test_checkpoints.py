@@ -198,7 +198,7 @@ def test_files_without_resnet_weights_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"holds no state dict: expected a dict of tensors.*found \['epoch', 'note'\]"):
         load_backbone(tmp_path / "empty.pt")
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(ValueError, match=r"cannot read checkpoint .*text\.pt': not a PyTorch file"):
+    with pytest.raises(ValueError, match=r"checkpoint .*text\.pt' is not a PyTorch checkpoint"):
         load_backbone(tmp_path / "text.pt")
 
 
