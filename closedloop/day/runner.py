@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-from closedloop.config import read_config, render_config
+from closedloop.config import DAY_INDEPENDENT_SECTIONS, read_config, render_config
 from closedloop.core.files import compute_file_digest, read_json, write_json, write_text
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
@@ -55,8 +55,11 @@ def _log(day: DayContext, **event) -> None:
 
 
 def _freeze_config(day: DayContext, force: bool) -> None:
-    """Write the day's config once; refuse a different one for an existing day unless ``force``."""
-    text = render_config(day.config)
+    """Write the day's config once; refuse a different one for an existing day unless ``force``.
+
+    The export-only sections (``[nwb]``) are not part of it: the lab may fill them in any time.
+    """
+    text = render_config(day.config, exclude=DAY_INDEPENDENT_SECTIONS)
     frozen = day.path(layout.CONFIG)
     if frozen.exists() and frozen.read_text(encoding="utf-8") != text:
         if not force:
