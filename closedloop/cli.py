@@ -200,6 +200,33 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
         )
 
 
+def _export_text(summary: dict) -> str:
+    return (f"day {summary['day']}: {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, {summary['n_stimuli']} stimuli, "
+            f"{summary['n_presentations']} presentations, {summary['n_units']} units, {summary['seconds']:.1f} s)")
+
+
+@cli.command("export-nwb")
+@click.argument("out", type=click.Path(path_type=Path))
+@_experiment_option
+@click.option("--day", type=click.IntRange(0, 999), default=None, help="Export day N into the file OUT (ending in .nwb).")
+@click.option("--all", "all_days", is_flag=True, help="Export every finished day into the folder OUT, one .nwb each.")
+@click.option("--overwrite", is_flag=True, help="Replace existing .nwb files.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
+def export_nwb(out: Path, experiment: Path, day: int | None, all_days: bool, overwrite: bool, as_json: bool) -> None:
+    """Export finished days as NWB files for DANDI (subject and lab from experiment.toml [nwb])."""
+    from closedloop.data.nwb import write_day_nwb, write_experiment_nwb
+
+    if (day is None) == (not all_days):
+        raise click.UsageError("give either --day N (one file OUT) or --all (a folder OUT)")
+    if all_days:
+        result = write_experiment_nwb(experiment, out, overwrite=overwrite)
+        skipped = f"\nskipped unfinished days {result['skipped']}" if result["skipped"] else ""
+        _emit(result, as_json, "\n".join(_export_text(summary) for summary in result["days"]) + skipped)
+    else:
+        summary = write_day_nwb(experiment, day, out, overwrite=overwrite)
+        _emit(summary, as_json, _export_text(summary))
+
+
 # ----- rig link (keys, simulated rig) ------------------------------------------------------------
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "make_relative_paths",
     "PRESETS",
     "CONFIG_NAME",
+    "DAY_INDEPENDENT_SECTIONS",
+    "NWB_REQUIRED",
 ]
 
 CONFIG_NAME = "experiment.toml"
@@ -274,6 +276,54 @@ class FitSection(ConfigSection):
     freeze_backbone: bool = Field(False, description="Train only the readout.")
 
 
+_ISO_DURATION = re.compile(r"P(?!$)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?")
+NWB_REQUIRED = ("subject_id", "species", "sex", "age")
+
+
+class NwbSection(ConfigSection):
+    """[nwb]: subject and lab for closedloop export-nwb; DANDI needs subject_id, species, sex, age."""
+
+    subject_id: str = Field("", description='The monkey\'s id (no "/"), e.g. "monkeyA". Required for export.')
+    species: str = Field("Macaca mulatta", description="Latin binomial of the subject's species. Required for export.")
+    sex: Literal["", "M", "F", "U", "O"] = Field(
+        "", description='"M", "F", "U" (unknown) or "O" (other). Required for export.'
+    )
+    age: str = Field("", description='Age at the first day, an ISO 8601 duration such as "P5Y" or "P5Y3M". Required for export.')
+    experimenter: list[str] = Field([], description='People who ran the sessions, each "Last, First".')
+    institution: str = Field("", description="Institution where the experiment was done.")
+    lab: str = Field("", description="Lab where the experiment was done.")
+    session_description: str = Field(
+        "", description='What one day is, in a sentence; "" writes a description of the closed-loop day.'
+    )
+    location: str = Field("inferior temporal cortex", description="Brain area of the Utah arrays.")
+
+    @field_validator("subject_id")
+    @classmethod
+    def _no_slash(cls, subject_id: str) -> str:
+        if "/" in subject_id:
+            raise ValueError(f'must not contain "/" (DANDI uses it in file paths); got {subject_id!r}')
+        return subject_id
+
+    @field_validator("age")
+    @classmethod
+    def _iso_duration(cls, age: str) -> str:
+        if age and not _ISO_DURATION.fullmatch(age):
+            raise ValueError(f'must be an ISO 8601 duration such as "P5Y" (5 years) or "P70M" (70 months); got {age!r}')
+        return age
+
+    @field_validator("experimenter")
+    @classmethod
+    def _last_first(cls, experimenter: list[str]) -> list[str]:
+        bad = [name for name in experimenter if "," not in name]
+        if bad:
+            raise ValueError(f'each experimenter must be written "Last, First"; got {bad}')
+        return experimenter
+
+    def find_missing(self) -> list[str]:
+        """The DANDI-required fields (:data:`NWB_REQUIRED`) that are still empty."""
+        return [name for name in NWB_REQUIRED if not getattr(self, name)]
+
+
 class ExperimentConfig(ConfigSection):
     """The whole experiment configuration (one TOML file)."""
 
@@ -287,7 +337,12 @@ class ExperimentConfig(ConfigSection):
     rig: RigSection = RigSection()
     sim: SimSection = SimSection()
     fit: FitSection = FitSection()
+    nwb: NwbSection = NwbSection()
 
+
+# Sections that describe the experiment for export, not how a day runs: left out of a day's
+# frozen config.toml, so that filling them in later never makes a day look reconfigured.
+DAY_INDEPENDENT_SECTIONS = ("nwb",)
 
 PRESETS: dict[str, dict] = {
     "paper": {},
@@ -442,14 +497,20 @@ def _toml_value(value) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def render_config(config: BaseModel, *, title: str = "closedloop experiment configuration.") -> str:
-    """The configuration (any config class made of sections) as a commented TOML document."""
+def render_config(config: BaseModel, *, title: str = "closedloop experiment configuration.",
+                  exclude: tuple[str, ...] = ()) -> str:
+    """The configuration (any config class made of sections) as a commented TOML document.
+
+    ``exclude``: names of sections to leave out (e.g. :data:`DAY_INDEPENDENT_SECTIONS`).
+    """
     lines = [
         f"# {title}",
         "# Every key is optional; a missing key takes the default shown here.",
         "# Relative paths are relative to this file's folder.",
     ]
     for section_name, section_field in type(config).model_fields.items():
+        if section_name in exclude:
+            continue
         section = getattr(config, section_name)
         lines += ["", f"# {section_field.annotation.__doc__}", f"[{section_name}]"]
         for key, field in type(section).model_fields.items():

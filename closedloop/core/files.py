@@ -16,19 +16,21 @@ from pathlib import Path
 
 from closedloop.core.validation import check_file
 
-__all__ = ["atomic_path", "write_text", "write_bytes", "write_npz", "write_json", "read_json", "compute_file_digest"]
+__all__ = ["atomic_path", "write_text", "write_bytes", "write_npz", "write_json", "read_json", "compute_file_digest",
+           "compute_folder_digest"]
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path``; rename it to ``path`` if the block succeeds.
 
     The parent folder is created if needed. If the block raises, the temporary is removed and
-    ``path`` is left as it was.
+    ``path`` is left as it was. ``suffix``: the end of the temporary's name (for writers that
+    check the extension).
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(handle)
     temporary = Path(name)
     try:
@@ -86,4 +88,15 @@ def compute_file_digest(path: str | Path) -> str:
     with check_file("path", path).open("rb") as handle:
         for block in iter(lambda: handle.read(8 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def compute_folder_digest(path: str | Path) -> str:
+    """sha256 hex digest of a folder's files: each file's path relative to the folder and its
+    bytes, in sorted path order (the same tree gives the same digest wherever it lies)."""
+    digest = hashlib.sha256()
+    root = Path(path)
+    for file in sorted(item for item in root.rglob("*") if item.is_file()):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(bytes.fromhex(compute_file_digest(file)))
     return digest.hexdigest()

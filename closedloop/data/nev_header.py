@@ -9,6 +9,7 @@ facts the packet scanner (:mod:`closedloop.data.nev_scan`) and the reader
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,10 @@ NEV_VERSIONS = ("2.2", "2.3", "3.0")
 _NEV_MAGIC = (b"NEURALEV", b"BREVENTS")
 BASIC_HEADER_BYTES = 336
 EXTENDED_HEADER_BYTES = 32
+_SYSTEMTIME = ("year", "month", "weekday", "day", "hour", "minute", "second", "ms")
 _BASIC_HEADER = np.dtype([("magic", "S8"), ("major", "u1"), ("minor", "u1"), ("flags", "<u2"), ("header_bytes", "<u4"),
-                          ("packet_bytes", "<u4"), ("resolution", "<u4")])
+                          ("packet_bytes", "<u4"), ("resolution", "<u4"), ("sample_resolution", "<u4"),
+                          *[(name, "<u2") for name in _SYSTEMTIME]])
 _EXTENDED_HEADER = np.dtype([("id", "S8"), ("electrode", "<u2"), ("rest", "S22")])
 
 
@@ -66,12 +69,24 @@ def _find_layout_problem(version: str, size: int, header_bytes: int, packet_byte
     return ""
 
 
+def _read_time_origin(header: np.void) -> datetime | None:
+    """The header's time origin (Windows SYSTEMTIME, UTC: when the recording's clock started), or
+    None when the NSP left it empty or invalid."""
+    values = {name: int(header[name]) for name in _SYSTEMTIME}
+    try:
+        return datetime(values["year"], values["month"], values["day"], values["hour"], values["minute"],
+                        values["second"], values["ms"] * 1000, tzinfo=UTC)
+    except ValueError:
+        return None
+
+
 def read_nev_header(path: Path, allow_truncated: bool) -> dict:
     """Check the published NEV layout (magic, version, sizes) and return the header's facts.
 
     Reads only the headers. Returns ``{"version": "2.2" | "2.3" | "3.0", "header_bytes",
     "packet_bytes" (bytes), "resolution" (clock, Hz), "electrodes" (sorted ids of the NEUEVWAV
-    headers), "n_packets" (whole data packets)}``. Anything that does not add up raises
+    headers), "n_packets" (whole data packets), "time_origin" (UTC ``datetime`` at which the
+    clock started, or None if the header has none)}``. Anything that does not add up raises
     ``ValueError`` naming the file and the problem; a partial last packet is dropped only with
     ``allow_truncated``.
     """
@@ -89,4 +104,4 @@ def read_nev_header(path: Path, allow_truncated: bool) -> dict:
     electrodes = tuple(sorted(int(e) for e in extended["electrode"][extended["id"] == b"NEUEVWAV"]))
     return {"version": version, "header_bytes": header_bytes, "packet_bytes": packet_bytes,
             "resolution": float(header["resolution"]), "electrodes": electrodes,
-            "n_packets": (size - header_bytes) // packet_bytes}
+            "n_packets": (size - header_bytes) // packet_bytes, "time_origin": _read_time_origin(header)}

@@ -176,6 +176,18 @@ class DayStore:
         result["attrs"] = dict(group.attrs)
         return result
 
+    def read_counts(self) -> tuple[np.ndarray, np.ndarray]:
+        """The counts to trust: uint16 ``(n_pres, n_sites)`` spikes per response window from the
+        ``.nev`` ingest where the day was ingested and the presentation matched, else from the live
+        stream; and bool ``(n_pres,)``, True where the count came from the ``.nev``."""
+        counts = self._read("counts")
+        from_nev = np.zeros(len(counts), dtype=bool)
+        ingest = self.read_ingest()
+        if ingest is not None:
+            from_nev[: len(ingest["matched"])] = ingest["matched"]
+            counts[from_nev] = ingest["counts"][ingest["matched"]]
+        return counts, from_nev
+
     # -- appending ----------------------------------------------------------------------------
     def _check_writable(self) -> None:
         if self.mode == "r":

@@ -28,7 +28,9 @@ import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
-from closedloop.config import build_config, make_relative_paths, read_config, render_config, resolve_paths
+from closedloop.config import (
+    DAY_INDEPENDENT_SECTIONS, build_config, make_relative_paths, read_config, render_config, resolve_paths,
+)
 from closedloop.core.files import compute_file_digest, read_json, write_json, write_text
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
@@ -90,11 +92,13 @@ def _freeze_config(day: DayContext, force: bool) -> dict[str, dict]:
     For a day already begun, a different config is accepted when no stage that has used the changed
     sections has finished or begun keeping partial work: the frozen config is rewritten and the
     changes are returned ({"section.key": {"before", "after"}}) for the provenance. Otherwise it is
-    refused unless ``force`` (the old day folder is set aside and the day starts over).
+    refused unless ``force`` (the old day folder is set aside and the day starts over). The
+    export-only sections (``[nwb]``) are not part of it: the lab may fill them in at any time.
     """
-    text = render_config(make_relative_paths(day.config, day.folder, within=day.experiment))
+    text = render_config(make_relative_paths(day.config, day.folder, within=day.experiment), exclude=DAY_INDEPENDENT_SECTIONS)
     frozen = day.path(layout.CONFIG)
-    changes = _changed_keys(_read_frozen_config(frozen), day.config.to_dict()) if frozen.exists() else {}
+    current = {section: values for section, values in day.config.to_dict().items() if section not in DAY_INDEPENDENT_SECTIONS}
+    changes = _changed_keys(_read_frozen_config(frozen), current) if frozen.exists() else {}
     if not changes:
         if not frozen.exists():
             day.folder.mkdir(parents=True, exist_ok=True)

@@ -38,14 +38,8 @@ def read_day_responses(store_path: str | Path) -> DayResponses:
     store = open_store(store_path)
     stimuli = store.read_stimuli(pixels=False)
     presentations = store.read_presentations()
-    counts = presentations["counts"].astype(np.int64)
-    source = "stream"
-    ingest = store.read_ingest()
-    if ingest is not None:
-        n = len(ingest["matched"])
-        matched = np.zeros(len(counts), dtype=bool)
-        matched[:n] = ingest["matched"]
-        counts[matched] = ingest["counts"][ingest["matched"]]
-        source = "nev" if matched.all() else "nev+stream"
+    counts, from_nev = store.read_counts()
+    counts = counts.astype(np.int64)
+    source = "stream" if store.read_ingest() is None else "nev" if from_nev.all() else "nev+stream"
     means, n_valid = compute_mean_responses(presentations["stimulus"], presentations["valid"], counts, store.n_stimuli)
     return DayResponses(stimuli, presentations["stimulus"], presentations["valid"], counts, means, n_valid, source)

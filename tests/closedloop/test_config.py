@@ -107,6 +107,10 @@ def test_missing_keys_take_defaults(tmp_path):
         ("[sites]\nn_sites = 3\ntargets = [0, 5]\n", r"sites \[5\] do not exist; allowed are 0..2"),
         ("[rsvp]\nrepetitions = 'two'\n", r"'rsvp.repetitions' = 'two': Input should be a valid integer"),
         ("[attack\n", r"not valid TOML"),
+        ("[nwb]\nsex = 'male'\n", r"'nwb.sex' = 'male': Input should be '', 'M', 'F', 'U' or 'O'"),
+        ("[nwb]\nage = '5 years'\n", r"'nwb.age' = '5 years': must be an ISO 8601 duration such as \"P5Y\""),
+        ("[nwb]\nsubject_id = 'a/b'\n", r"'nwb.subject_id' = 'a/b': must not contain \"/\""),
+        ("[nwb]\nexperimenter = ['Jane Doe']\n", r"each experimenter must be written \"Last, First\"; got \['Jane Doe'\]"),
     ],
 )
 def test_bad_values_name_key_value_and_allowed(tmp_path, text, message):
@@ -211,3 +215,21 @@ def test_paths_inside_a_folder_are_written_relative_and_resolved_on_read(tmp_pat
     assert portable.rig.keys_dir == "../keys"
     assert portable.model.backbone == str(tmp_path / "elsewhere.pt")  # outside the folder: kept absolute
     assert resolve_paths(portable, day) == config
+
+
+def test_init_writes_the_nwb_section_and_it_reads_back(tmp_path):
+    text = write_default_config(tmp_path).read_text()
+    assert "\n[nwb]\n" in text and "# The monkey's id" in text and 'species = "Macaca mulatta"' in text
+    nwb = read_config(tmp_path).nwb
+    assert nwb.find_missing() == ["subject_id", "sex", "age"] and nwb.location == "inferior temporal cortex"
+    _write(tmp_path, "[nwb]\nsubject_id = 'monkeyA'\nsex = 'F'\nage = 'P5Y3M'\nexperimenter = ['Doe, Jane']\n")
+    assert read_config(tmp_path).nwb.find_missing() == []
+
+
+def test_a_day_config_leaves_the_nwb_section_out():
+    from closedloop.config import DAY_INDEPENDENT_SECTIONS, ExperimentConfig, build_config, render_config
+
+    config = build_config({"nwb": {"subject_id": "monkeyA"}})
+    assert render_config(config, exclude=DAY_INDEPENDENT_SECTIONS) == render_config(ExperimentConfig(),
+                                                                                     exclude=DAY_INDEPENDENT_SECTIONS)
+    assert "[nwb]" not in render_config(config, exclude=DAY_INDEPENDENT_SECTIONS)

@@ -63,6 +63,20 @@ def test_round_trip_counts_are_exact_at_window_edges(tmp_path, version, with_ns2
     assert compute_counts(recording, onsets.times_s, sites=units, unmapped="ignore").tolist() == [[2, 1], [2, 0]]
 
 
+def test_the_header_gives_the_time_origin(tmp_path):
+    from datetime import UTC, datetime
+
+    from closedloop.data.nev_header import read_nev_header
+
+    when = datetime(2026, 3, 4, 5, 6, 7, 891000, tzinfo=UTC)
+    path = write_nev(tmp_path / "rec.nev", _edge_recording(), recorded_at=when)
+    assert read_nev_header(path, False)["time_origin"] == when
+    raw = bytearray(path.read_bytes())
+    raw[28:44] = bytes(16)  # an NSP that left the time origin empty
+    (tmp_path / "empty.nev").write_bytes(bytes(raw))
+    assert read_nev_header(tmp_path / "empty.nev", False)["time_origin"] is None
+
+
 def test_file_handles_are_released(tmp_path):
     path = write_nev(tmp_path / "rec.nev", _edge_recording(), write_ns2=True)
     read_nev(path)
