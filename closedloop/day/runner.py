@@ -29,7 +29,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from closedloop.config import (
-    DAY_INDEPENDENT_SECTIONS, build_config, make_relative_paths, read_config, render_config, resolve_paths,
+    DAY_INDEPENDENT_SECTIONS,
+    build_config,
+    make_relative_paths,
+    read_config,
+    render_config,
+    resolve_paths,
 )
 from closedloop.core.files import compute_file_digest, read_json, write_json, write_text
 from closedloop.core.logs import logger
