@@ -30,7 +30,7 @@ img { max-width: 100%; } .summary { background: #f7f7f2; padding: 0.6em 1em; bor
 
 def make_figure(width: float = 7.0, height: float = 4.0, ncols: int = 1, nrows: int = 1):
     """A matplotlib (figure, axes) pair drawn off-screen (Agg); axes as plt.subplots returns them (squeezed)."""
-    import matplotlib
+    import matplotlib  # inside: the backend must be chosen before pyplot loads, and pyplot costs ~2 s of start-up
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt

@@ -17,6 +17,9 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
 
 from closedloop.core.validation import check_dir, check_indices, check_option
 
@@ -70,8 +73,6 @@ def preprocess_image(array: np.ndarray, *, resize: int = RESIZE_SIZE, crop: int 
     ``array``: one image, (H, W) or (H, W, 3|4), uint8 or float in [0, 1].
     Returns float32 (crop, crop, 3) in [0, 1].
     """
-    import torch
-    from torchvision.transforms.v2 import functional as F
 
     image = torch.from_numpy(np.ascontiguousarray(_as_rgb_float(array).transpose(2, 0, 1)))
     image = F.resize(image, [resize], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
@@ -84,7 +85,6 @@ def read_image(path: str | Path) -> np.ndarray:
 
     Returns float32 (224, 224, 3) in [0, 1].
     """
-    from PIL import Image
 
     try:
         with Image.open(path) as image:
@@ -112,7 +112,6 @@ def dequantize(images: np.ndarray) -> np.ndarray:
 
 def to_tensor(images: np.ndarray, device=None):
     """(n_images, 224, 224, 3) uint8 or float in [0, 1] → torch float32 (n_images, 3, 224, 224)."""
-    import torch
 
     images = dequantize(images) if images.dtype == np.uint8 else np.asarray(images, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device)
@@ -158,7 +157,6 @@ class ImageSet:
 
 
 def _read_embedded_photo(name: str) -> np.ndarray:
-    from PIL import Image
 
     with resources.as_file(resources.files("skimage.data") / name) as path, Image.open(path) as image:
         return np.asarray(image.convert("RGB"))

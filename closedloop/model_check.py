@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from closedloop.config import ExperimentConfig
 from closedloop.core.validation import check_integer
 from closedloop.images import read_image_source, to_tensor
@@ -20,7 +22,6 @@ def compute_model_check(config: ExperimentConfig, n_images: int = 4) -> dict:
     ``n_images``, the mean and standard deviation of the predicted counts (spikes per window) and
     the forward ``seconds_per_image`` (after one warm-up image).
     """
-    import torch
 
 
     if not isinstance(config, ExperimentConfig):

@@ -79,7 +79,7 @@ def load_backbone(source: str | Path, layer: str = "layer4.0", *, trust: bool = 
 
 
 def _check_layer(network: nn.Module, architecture: str, layer: str) -> None:
-    from models.networks import layer_names
+    from models.networks import layer_names  # inside, as in load_backbone
 
     names = layer_names(network)
     if layer not in names:

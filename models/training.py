@@ -30,7 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from closedloop.attacks.classifiers import make_classifier_attacks
 from closedloop.attacks.engine import compute_pgd, compute_predictions
@@ -92,7 +96,6 @@ def _process_group(device: str | torch.device) -> Iterator[tuple[int, int, torch
     if world == 1:
         yield 0, 1, device
         return
-    import torch.distributed as dist
 
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -140,7 +143,6 @@ def _to_images(pixels: torch.Tensor, flips: torch.Generator, device: torch.devic
 
 
 def _write_checkpoint(classifier: Classifier, optimizer, out: Path, epoch: int) -> None:
-    from safetensors.torch import save_file
 
 
     names = {id(parameter): name for name, parameter in classifier.named_parameters()}
@@ -156,7 +158,6 @@ def _write_checkpoint(classifier: Classifier, optimizer, out: Path, epoch: int) 
 
 def _resume(classifier: Classifier, optimizer, out: Path, settings: dict) -> list[dict]:
     """Load the checkpoint in ``out`` if it was made with ``settings``; return its history (epochs done)."""
-    from safetensors import safe_open
 
     path = out / CHECKPOINT_NAME
     if not path.is_file():
@@ -249,7 +250,6 @@ def fit_classifier(
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, num_workers=num_workers)
         model = classifier
         if world > 1:
-            from torch.nn.parallel import DistributedDataParallel
 
             model = DistributedDataParallel(classifier, device_ids=[device] if device.type == "cuda" else None)
         for epoch in range(len(history), epochs):
@@ -273,7 +273,6 @@ def fit_classifier(
                 correct = (logits.detach().argmax(1) == target).sum()
                 totals += torch.stack([loss.detach().double() * len(target), correct.double(), totals.new_tensor(len(target))])
             if world > 1:
-                import torch.distributed as dist
 
                 dist.all_reduce(totals)
             loss_sum, n_correct, n_seen = totals.tolist()

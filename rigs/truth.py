@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from closedloop.attacks.engine import compute_predictions
 from closedloop.attacks.whitebox import compute_unit_sensitivity
 from closedloop.config import ExperimentConfig
 from closedloop.data.store import open_store
@@ -42,7 +43,6 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
     ``expected_counts``: (n_stimuli, n_sites) float64 noise-free expected spike counts per
     response window of every stimulus (the 8-bit images shown), in store order.
     """
-    from closedloop.attacks.engine import compute_predictions
 
     store = open_store(store_path)
     stimuli = store.read_stimuli(pixels=False)

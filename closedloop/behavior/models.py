@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from closedloop.core.files import compute_file_digest, read_json, write_json
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_option
@@ -68,7 +70,6 @@ class BehaviorModel:
 
 def make_embedded_training_set(per_photo: int = 40, seed: int = 0):
     """(uint8 pixels (9 × per_photo, 224, 224, 3), labels (9 × per_photo,)) of the embedded categories."""
-    import numpy as np
 
 
     images = select_categories(make_embedded_image_set(per_photo=per_photo, seed=seed), EMBEDDED_CATEGORIES)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from playwright.async_api import async_playwright
 
 from closedloop.behavior.manifest import read_manifest
 from closedloop.behavior.server import make_behavior_server
@@ -128,7 +129,6 @@ async def _run_session(browser, base_url: str, session: dict, observer, items, c
 
 async def _run_all(base_url: str, sessions: list[dict], observer, items, category_names, n_parallel: int, seed: int,
                    chromium: str) -> None:
-    from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
         # Playwright gives every launch a fresh temporary profile (--user-data-dir) of its own.

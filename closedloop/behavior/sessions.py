@@ -28,11 +28,13 @@ two different clean images. ``n_detection_items`` images (so 4× as many trials)
 from __future__ import annotations
 
 import html
+import io
 import math
 import shutil
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from closedloop.behavior.manifest import MANIFEST_NAME, read_manifest
 from closedloop.core.files import read_json, write_bytes, write_json, write_text
@@ -82,9 +84,7 @@ def read_task_bundle() -> dict[str, bytes]:
 
 def _make_catch_image(shape: str, size: int = 224) -> bytes:
     """A black circle or triangle on mid-grey, PNG bytes (size × size px)."""
-    import io
 
-    from PIL import Image, ImageDraw
 
     image = Image.new("RGB", (size, size), (128, 128, 128))
     draw = ImageDraw.Draw(image)

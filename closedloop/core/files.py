@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from closedloop.core.validation import check_file
 
 __all__ = ["atomic_path", "write_text", "write_bytes", "write_npz", "write_json", "read_json", "compute_file_digest",
@@ -61,7 +63,6 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 def write_npz(path: str | Path, *, compressed: bool = True, **arrays) -> Path:
     """Write numpy ``arrays`` (name → array) as one ``.npz`` atomically; ``compressed``: zip-deflate them."""
-    import numpy as np
 
     with atomic_path(path) as temporary, temporary.open("wb") as stream:
         (np.savez_compressed if compressed else np.savez)(stream, **arrays)

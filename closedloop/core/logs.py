@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from rich.progress import Progress
+
 __all__ = ["logger", "set_log_level", "progress"]
 
 logger = logging.getLogger("closedloop")
@@ -66,7 +68,6 @@ def progress(
         yield from iterable
         return
     if sys.stderr.isatty():
-        from rich.progress import Progress
 
         with Progress(transient=True) as bar:
             task = bar.add_task(description, total=total)

@@ -168,7 +168,7 @@ def check_budgets(name: str, eps, n: int) -> np.ndarray:
 
 def check_device(name: str, device):
     """Return ``device`` as a ``torch.device`` if it is "cpu" or an available "cuda" device."""
-    import torch
+    import torch  # inside: every module checks its input with this one, and the CLI must start without torch
 
     try:
         resolved = torch.device(device)

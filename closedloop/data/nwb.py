@@ -32,6 +32,14 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from hdmf.backends.hdf5 import H5DataIO
+from hdmf.common import DynamicTable, VectorData
+from pynwb import NWBHDF5IO, NWBFile
+from pynwb.base import ImageReferences, Images
+from pynwb.epoch import TimeIntervals
+from pynwb.file import Subject
+from pynwb.image import IndexSeries, RGBImage
+from pynwb.misc import Units
 
 from closedloop.config import ExperimentConfig, NwbSection, read_config
 from closedloop.core.files import atomic_path, compute_file_digest, compute_folder_digest, read_json
@@ -148,13 +156,11 @@ def _read_day(experiment: str | Path, day: int) -> _Day:
 
 # -- the parts of the file ----------------------------------------------------------------------
 def _compressed(values):
-    from hdmf.backends.hdf5 import H5DataIO
 
     return H5DataIO(np.ascontiguousarray(values), **_GZIP)
 
 
 def _column(name: str, description: str, values, *, compress: bool = False):
-    from hdmf.common import VectorData
 
     values = np.asarray(values)
     if values.dtype.kind in "UT":  # HDF5 stores variable-length UTF-8 strings from Python str
@@ -163,8 +169,6 @@ def _column(name: str, description: str, values, *, compress: bool = False):
 
 
 def _make_nwbfile(day: _Day):
-    from pynwb import NWBFile
-    from pynwb.file import Subject
 
     name, lab = day.config.experiment.name, day.lab
     description = lab.session_description or (
@@ -235,8 +239,6 @@ def _add_units(nwbfile, day: _Day) -> None:
     """Spike times per site from the day's recording (row i = site i = electrodes row i)."""
     recording, sites = day.recording, day.store.sites
     start, stop = day.config.response.window_s
-    from hdmf.backends.hdf5 import H5DataIO
-    from pynwb.misc import Units
 
     nwbfile.units = Units(
         name="units",
@@ -267,8 +269,6 @@ def _describe_stimulus(stimuli: dict, k: int) -> str:
 
 def _add_templates(nwbfile, stimuli: dict):
     """The day's frames as RGBImage ``stimulus_NNNNN`` in one ordered ``Images``; returns it."""
-    from pynwb.base import ImageReferences, Images
-    from pynwb.image import RGBImage
 
     frames = [RGBImage(name=f"stimulus_{k:05d}", data=_compressed(pixels), description=_describe_stimulus(stimuli, k))
               for k, pixels in enumerate(stimuli["pixels"])]
@@ -295,8 +295,6 @@ def _time_arguments(times: np.ndarray) -> dict:
 
 def _add_presentations(nwbfile, day: _Day, stimuli: dict, images) -> int:
     """The ``presentations`` table (onset order) and the ``IndexSeries`` of onsets; returns n_presentations."""
-    from pynwb.epoch import TimeIntervals
-    from pynwb.image import IndexSeries
 
     log = day.store.read_presentations()
     counts, from_nev = day.store.read_counts()
@@ -346,7 +344,6 @@ def _add_presentations(nwbfile, day: _Day, stimuli: dict, images) -> int:
 
 def _add_sensitivity(nwbfile, day: _Day) -> None:
     """``sensitivity.json`` as the table ``lower_bounds`` in the processing module ``sensitivity``."""
-    from hdmf.common import DynamicTable
 
     records = day.sensitivity
     columns = []
@@ -390,7 +387,6 @@ def _check_out(out: str | Path, overwrite: bool) -> Path:
 
 
 def _write(day: _Day, out: Path, started: float) -> dict:
-    from pynwb import NWBHDF5IO
 
     nwbfile = _make_nwbfile(day)
     _add_electrodes(nwbfile, day)

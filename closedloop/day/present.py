@@ -11,11 +11,14 @@ per-site mean rates) and plain log lines otherwise.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from contextlib import contextmanager
 
 import numpy as np
+from rich.live import Live
+from rich.table import Table
 
 from closedloop.config import ExperimentConfig
 from closedloop.core.logs import logger
@@ -63,7 +66,6 @@ class SessionMonitor:
         }
 
     def render(self):
-        from rich.table import Table
 
         facts = self.facts()
         table = Table(title="present", show_header=False)
@@ -96,9 +98,7 @@ def _run(client, monitor: SessionMonitor, store, n_stimuli: int, config: Experim
 @contextmanager
 def _display(monitor: SessionMonitor, every_s: float = 0.5, log_every_s: float = 10.0):
     """Show ``monitor`` while the block runs: a live table on a terminal, else a log line now and then."""
-    import sys
 
-    from rich.live import Live
 
     done = threading.Event()
     if sys.stderr.isatty():

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from closedloop.core.files import write_text
 from closedloop.core.validation import check_dir, check_file, check_option
@@ -151,7 +152,6 @@ def make_authenticator(context, keys_dir: str | Path):
 
     Returns the started ``zmq.auth.thread.ThreadAuthenticator``; call ``.stop()`` when done.
     """
-    from zmq.auth.thread import ThreadAuthenticator
 
     allowed = check_dir("allowed keys folder", Path(keys_dir) / ALLOWED_DIR)
     if not any(allowed.glob("*.key")):

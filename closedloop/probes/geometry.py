@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import stats
 
 from closedloop.attacks.engine import compute_pgd, compute_predictions
 from closedloop.core.logs import progress
@@ -128,7 +129,6 @@ def compute_response_geometry(
     at ε), ``normalized_sensitivity`` (÷ the unit's s.d. over the images); ``correlation``:
     Pearson and Spearman r between |κ| and the normalised sensitivity over all rows, and n.
     """
-    from scipy import stats
 
     check_uint8_images("images_uint8", images_uint8)
     eps = check_number("eps", eps, minimum=0.0, inclusive=False)

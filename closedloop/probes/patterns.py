@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from closedloop.attacks.engine import compute_pgd
+from closedloop.attacks.engine import compute_pgd, compute_predictions
 from closedloop.core.logs import progress
 from closedloop.core.validation import check_array, check_integer, check_number, check_option, check_uint8_images
 from closedloop.images import to_tensor
@@ -128,7 +128,6 @@ def compute_site_patterns(
     ``pattern`` (zero_feed, noise_feed, aai, predicted_pnc), ``similarity_to_data`` (cosine with the
     recorded PNC).
     """
-    from closedloop.attacks.engine import compute_predictions
 
     check_uint8_images("images_uint8", images_uint8)
     responses = check_array("responses", responses, shape=(len(images_uint8), None)).astype(np.float64)
