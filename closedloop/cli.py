@@ -20,6 +20,7 @@ import click
 
 from closedloop.core.logs import set_log_level
 from closedloop.data.layout import STAGES
+from closedloop.day.lock import DayLockedError
 
 __all__ = ["main", "cli"]
 
@@ -762,7 +763,7 @@ def geometry(experiment: Path, day: int | None, sites: str | None, eps: float, n
 # --- end probes -------------------------------------------------------------------------------------
 
 
-_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError)
+_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, DayLockedError)
 
 
 def main(argv: list[str] | None = None) -> None:

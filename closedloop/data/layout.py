@@ -17,6 +17,9 @@ An experiment folder holds ``experiment.toml`` and one ``day_NNN/`` folder per d
 | ``report.html`` | report | the day's report |
 | ``rig_sim/`` | present (simulated rig) | the simulated rig's own state folder and recording |
 
+Beside each day folder, ``day_NNN.lock`` is the lock of the process running the day (empty when
+no process holds it; see :mod:`closedloop.day.lock`).
+
 Every module that reads or writes a day goes through these names; none spells them itself.
 """
 
@@ -30,7 +33,7 @@ from closedloop.core.validation import check_integer
 
 __all__ = [
     "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RECORDING", "SENSITIVITY", "MODEL", "REPORT",
-    "RIG_STATE", "SYNTHESIS_PARTS", "day_folder", "find_day_folders", "marker_path", "compute_base_seed",
+    "RIG_STATE", "SYNTHESIS_PARTS", "day_folder", "day_lock_path", "find_day_folders", "marker_path", "compute_base_seed",
 ]
 
 STAGES = ("plan", "synthesize", "bundle", "present", "ingest", "estimate", "refit", "report")
@@ -54,6 +57,12 @@ _DAY_NAME = re.compile(r"day_(\d{3})")
 def day_folder(experiment: str | Path, day: int) -> Path:
     """``<experiment>/day_NNN`` for day ``day`` (0..999)."""
     return Path(experiment) / f"day_{check_integer('day', day, minimum=0, maximum=999):03d}"
+
+
+def day_lock_path(experiment: str | Path, day: int) -> Path:
+    """``<experiment>/day_NNN.lock``: the lock file of the process running day ``day``."""
+    folder = day_folder(experiment, day)
+    return folder.with_name(folder.name + ".lock")
 
 
 def find_day_folders(experiment: str | Path) -> dict[int, Path]:

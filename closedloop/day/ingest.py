@@ -3,14 +3,20 @@
 When the day folder holds ``recording.nev`` (the simulated rig's, or the NSP's copied in by the
 operator), its counts are reconciled with the day store's log and stored beside the live ones
 (:func:`closedloop.data.reconcile.write_day_counts`); without a recording the live counts stand.
+A recording that does not match the log stops the day with nothing stored: the estimate must not
+quietly fall back to the live counts. An operator who has checked it can store the matched part
+with ``closedloop ingest … --allow-mismatch``; the stage then keeps that ingest.
 """
 
 from __future__ import annotations
 
 from closedloop.data import layout
 from closedloop.data.reconcile import write_day_counts
+from closedloop.data.store import open_store
 
 __all__ = ["run_stage"]
+
+_SUMMARY_KEYS = ("n_presentations", "n_onsets", "n_matched", "n_mismatches")
 
 
 def run_stage(day) -> dict:
@@ -18,5 +24,17 @@ def run_stage(day) -> dict:
     recording = day.path(layout.RECORDING)
     if not recording.exists():
         return {"reconciled": False, "reason": f"no {recording.name} in the day folder"}
+    ingest = open_store(day.path(layout.STORE)).read_ingest()
+    if ingest is not None:  # an earlier run (killed before its marker) or the operator stored it
+        return {"reconciled": True, **{key: ingest["attrs"][key] for key in _SUMMARY_KEYS}}
     report = write_day_counts(recording, day.path(layout.STORE), window_s=day.config.response.window_s)
-    return {"reconciled": True, **{k: report[k] for k in ("n_presentations", "n_onsets", "n_matched", "n_mismatches")}}
+    if not report["written"]:
+        first = report["mismatches"][0] if report["mismatches"] else {}
+        raise ValueError(
+            f"{recording} does not match day {day.number}'s presentation log: {report['n_matched']} of "
+            f"{report['n_presentations']} presentations matched, {report['n_mismatches']} mismatches (first: {first}); "
+            "nothing was stored. Check that this is the day's recording; to keep the matched presentations, run "
+            f"`closedloop ingest {recording} --experiment {day.experiment} --day {day.number} --allow-mismatch` "
+            "and then fit-day again"
+        )
+    return {"reconciled": True, **{key: report[key] for key in _SUMMARY_KEYS}}

@@ -21,8 +21,10 @@ from rich.live import Live
 from rich.table import Table
 
 from closedloop.config import ExperimentConfig
+from closedloop.core.files import compute_file_digest, read_json
 from closedloop.core.logs import logger
 from closedloop.data import layout
+from closedloop.data.bundle import read_bundle
 from closedloop.data.store import open_store
 from closedloop.link.presentations import run_presentations
 
@@ -130,27 +132,58 @@ def _display(monitor: SessionMonitor, every_s: float = 0.5, log_every_s: float =
             live.stop()
 
 
+def _check_bundle(day) -> None:
+    """The bundle about to be sent is the one the bundle stage wrote (its frames' sha256)."""
+    expected = read_json(layout.marker_path(day.folder, "bundle"))["summary"]["sha256"]
+    actual = read_bundle(day.path(layout.BUNDLE)).sha256
+    if actual != expected:
+        raise ValueError(
+            f"{day.path(layout.BUNDLE)} changed after the bundle stage: its frames hash to {actual[:16]}…, the bundle "
+            f"stage wrote {expected[:16]}…; restore the file, or run the day again with --force"
+        )
+
+
+def _session_over(client, bundle) -> bool:
+    """The rig reports this day's session (same bundle) as stopped: it ended before a crash."""
+    return client.rig.get("stopped", False) and client.rig.get("bundle_sha256") == compute_file_digest(bundle)
+
+
 def run_stage(day) -> dict:
     """The present stage: show the day's stimuli (its ``stimuli.h5`` and ``store.zarr``) on the day's rig.
 
-    Every outcome goes into the store at once; resumable. The rig's recording is collected into
-    the day folder when the rig wrote it elsewhere (the simulated rig). Returns a summary
-    (presentations, valid, fixation breaks, seconds, recording path on the rig).
+    Every outcome goes into the store at once; resumable. A session that the rig reports as
+    stopped (the control side died after ``stop``) is not begun again: its recording is collected
+    as it is. The rig's recording is collected into the day folder when the rig wrote it
+    elsewhere (the simulated rig). Returns a summary (presentations, valid, fixation breaks,
+    recording path on the rig).
     """
     config = day.config
     store = open_store(day.path(layout.STORE), mode="a")
+    stopped = {}
+    if not store.finished:  # finished: killed after the session ended and its recording was collected
+        _check_bundle(day)
+        stopped = _present(day, store)
+        day.rig.collect_recording(config, day.folder)
+        store.finish()
+    recorded = store.read_presentations()
+    n_valid = int(recorded["valid"].sum())
+    logger.info("present: %d presentations, %d valid", store.n_presentations, n_valid)
+    return {"n_presentations": store.n_presentations, "n_valid": n_valid,
+            "n_fixation_breaks": store.n_presentations - n_valid, "recording_on_rig": stopped.get("recording")}
+
+
+def _present(day, store) -> dict:
+    """Run the session on the rig; the rig's answer to ``stop`` (``recording``: its path on the rig)."""
+    config = day.config
     recorded = store.read_presentations()
     window = config.response.window_s
     monitor = SessionMonitor(store.n_stimuli * config.rsvp.repetitions, store.n_sites, window[1] - window[0],
                              n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]))
     with day.rig.connect(config, day.folder) as client:
+        if _session_over(client, day.path(layout.BUNDLE)):
+            logger.warning("present: the rig's session of this day was already stopped; collecting its recording")
+            return {"recording": None}
         client.load_bundle(day.path(layout.BUNDLE))
         with _display(monitor):
-            result = _run(client, monitor, store, store.n_stimuli, config, day.seed("present"))
-        stopped = client.stop()
-    day.rig.collect_recording(config, day.folder)
-    store.finish()
-    facts = monitor.facts()
-    logger.info("present: %d presentations, %d valid (%.0f%%)", facts["presentations"], facts["valid"],
-                100 * facts["valid_rate"])
-    return {**result, "n_presentations": store.n_presentations, "recording_on_rig": stopped.get("recording")}
+            _run(client, monitor, store, store.n_stimuli, config, day.seed("present"))
+        return client.stop()

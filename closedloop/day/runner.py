@@ -39,12 +39,13 @@ from closedloop.config import (
 from closedloop.core.files import compute_file_digest, read_json, write_json, write_text
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
-from closedloop.core.validation import check_integer, check_option
+from closedloop.core.validation import check_dir, check_integer, check_option
 from closedloop.data import layout
 from closedloop.data.layout import STAGES
 from closedloop.data.store import open_store
 from closedloop.day import bundle, estimate, ingest, plan, present, refit, report, synthesize
 from closedloop.day.context import DayContext
+from closedloop.day.lock import hold_day_lock
 from closedloop.day.preflight import check_experiment
 from closedloop.link.access import RigAccess
 
@@ -215,8 +216,16 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
     recorded when no stage that used the changed sections has finished (or begun, for stages that
     keep partial work); otherwise it is refused unless ``force`` (the old day folder is then set
     aside as ``day_NNN.replaced-<time>`` and the day starts over).
+    One process at a time runs a day: a second is refused with
+    :class:`~closedloop.day.lock.DayLockedError` naming the holder (``day_NNN.lock``).
     Returns ``{stage: {"skipped": bool, "seconds": float, "summary": dict}}``.
     """
+    check_dir("experiment", experiment)  # before the lock file is made beside its days
+    with hold_day_lock(layout.day_lock_path(experiment, day)):
+        return _run_day(experiment, day, force=force, until=until, rig=rig)
+
+
+def _run_day(experiment: str | Path, day: int, *, force: bool, until: str | None, rig: RigAccess | None) -> dict:
     experiment = Path(experiment)
     config = read_config(experiment)
     if until is not None:

@@ -27,7 +27,7 @@ from closedloop.core.logs import progress
 from closedloop.core.provenance import derive_seed
 from closedloop.data import layout
 from closedloop.data.bundle import make_event_codes
-from closedloop.data.store import create_store
+from closedloop.data.store import create_store, open_store
 from closedloop.day.context import make_site_table
 from closedloop.day.plan import Plan, read_plan
 
@@ -152,16 +152,28 @@ def make_day_stimuli(
 
 
 def run_stage(day) -> dict:
-    """The synthesize stage: make the day's stimuli and write them into a new day store."""
+    """The synthesize stage: make the day's stimuli and write them into a new day store.
+
+    The store is built as ``store.zarr.partial`` and renamed when complete, so an existing
+    ``store.zarr`` is a finished one (a run killed between the rename and the marker): it is kept.
+    """
+    store_path, parts = day.path(layout.STORE), day.path(layout.SYNTHESIS_PARTS)
+    if not store_path.exists():
+        _write_store(day, store_path, parts)
+    shutil.rmtree(parts, ignore_errors=True)
+    kinds, counts = np.unique(open_store(store_path).read_stimuli(pixels=False)["kind"], return_counts=True)
+    return {"n_stimuli": int(counts.sum()), "by_kind": dict(zip(kinds.tolist(), counts.tolist()))}
+
+
+def _write_store(day, store_path: Path, parts: Path) -> None:
     plan = read_plan(read_json(day.path(layout.PLAN)))
     model = day.generating_model().to(day.device)
     clean = day.images.read(plan.clean)
-    parts = day.path(layout.SYNTHESIS_PARTS)
     stimuli = make_day_stimuli(
         model, clean, day.images.categories[list(plan.clean)], plan, day.config.attack,
         seed=day.seed("synthesize"), parts_dir=parts, part_size=day.config.attack.part_size, device=day.device,
     )
-    partial = day.path(layout.STORE + ".partial")
+    partial = store_path.with_name(store_path.name + ".partial")
     store = create_store(partial, sites=make_site_table(day.config), overwrite=True)
     clean_row = np.where(stimuli.parent < 0, np.arange(len(stimuli.parent)), stimuli.parent)
     pool_index = np.asarray(plan.clean)[clean_row]
@@ -171,7 +183,4 @@ def run_stage(day) -> dict:
         image_id=np.array(day.images.ids)[pool_index],
         category=np.array(day.images.category_names)[day.images.categories[pool_index]],
     )
-    partial.rename(day.path(layout.STORE))
-    shutil.rmtree(parts, ignore_errors=True)
-    kinds, counts = np.unique(stimuli.kind, return_counts=True)
-    return {"n_stimuli": len(stimuli.pixels), "by_kind": dict(zip(kinds.tolist(), counts.tolist()))}
+    partial.rename(store_path)

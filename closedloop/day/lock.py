@@ -1,0 +1,73 @@
+"""One process per day: an exclusive lock beside the day folder, released when its holder dies.
+
+``day_NNN.lock`` (beside ``day_NNN/``, so ``--force`` can set the folder aside while holding it)
+is locked with ``flock``: the kernel releases the lock when the holding process exits or is
+killed, so a lock left by a dead process is taken over without any guessing about pids. The file
+names its holder (pid, host, start time, command), which the refusal quotes; a lock file whose
+holder died is reported in the log when it is taken over.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from closedloop.core.logs import logger
+
+__all__ = ["DayLockedError", "hold_day_lock"]
+
+
+class DayLockedError(RuntimeError):
+    """Another live process holds the day."""
+
+
+def _describe(holder: dict) -> str:
+    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started_utc', '?')}"
+            f" ({holder.get('command', '?')})")
+
+
+@contextmanager
+def hold_day_lock(path: str | Path) -> Iterator[None]:
+    """Hold the lock file ``path`` for the duration; ``DayLockedError`` naming the holder if a live
+    process holds it."""
+    path = Path(path)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(descriptor)
+            raise DayLockedError(
+                f"{path.stem} is being run by another process ({_describe(holder)}); wait for it to finish, "
+                f"or stop that process first (a killed process releases {path.name} by itself)"
+            ) from None
+        earlier = _read_holder(descriptor)
+        if earlier:
+            logger.warning("%s: taking over the lock of a process that is gone (%s)", path.name, _describe(earlier))
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv)[:200]}
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, json.dumps(holder).encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(descriptor, 0)  # an empty file: released cleanly (a killed holder leaves its name)
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)
+
+
+def _read_holder(descriptor: int) -> dict:
+    text = os.pread(descriptor, 4096, 0).decode(errors="replace")
+    try:
+        holder = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError:
+        return {"command": "unreadable lock file"}
+    return holder if isinstance(holder, dict) else {}

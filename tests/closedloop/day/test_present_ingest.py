@@ -1,0 +1,51 @@
+"""Silent wrong data is refused: a bundle replaced after the bundle stage, a recording of another day."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from closedloop.data.bundle import read_bundle, write_bundle
+from closedloop.data.nev import read_nev
+from closedloop.data.store import open_store
+from closedloop.day.runner import run_day
+from rigs.launch import RigLauncher
+from rigs.nev import write_nev
+from tests.closedloop.day.test_runner import TINY
+
+
+def _experiment(folder):
+    folder.mkdir(parents=True)
+    (folder / "experiment.toml").write_text(TINY.format(time_scale=0.0))
+    return folder
+
+
+@pytest.mark.slow
+def test_a_replaced_bundle_is_not_presented(tmp_path):
+    experiment = _experiment(tmp_path / "exp")
+    run_day(experiment, 0, until="bundle", rig=RigLauncher())
+    path = experiment / "day_000/stimuli.h5"
+    bundle = read_bundle(path)
+    write_bundle(path, 255 - bundle.pixels, bundle.stimulus_ids, bundle.codes, attrs=bundle.attrs)  # self-consistent
+    with pytest.raises(ValueError, match=r"stimuli.h5 changed after the bundle stage: its frames hash to .* restore the file"):
+        run_day(experiment, 0, rig=RigLauncher())
+    assert open_store(experiment / "day_000/store.zarr").n_presentations == 0  # nothing was shown
+
+
+@pytest.mark.slow
+def test_a_recording_of_another_day_stops_the_day(tmp_path):
+    experiment = _experiment(tmp_path / "exp")
+    run_day(experiment, 0, until="present", rig=RigLauncher())
+    path = experiment / "day_000/recording.nev"
+    recording = read_nev(path)
+    other = dataclasses.replace(recording, event_words=np.where(recording.event_words > 0, recording.event_words + 500, 0))
+    path.unlink()
+    write_nev(path, other)
+    with pytest.raises(ValueError, match=r"recording.nev does not match day 0's presentation log: 0 of \d+ presentations "
+                                         r"matched.*nothing was stored.*--allow-mismatch"):
+        run_day(experiment, 0, rig=RigLauncher())
+    folder = experiment / "day_000"
+    assert open_store(folder / "store.zarr").read_ingest() is None
+    assert not (folder / "stages/ingest.json").exists() and not (folder / "sensitivity.json").exists()
