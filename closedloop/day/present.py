@@ -143,7 +143,7 @@ def run_stage(day) -> dict:
     window = config.response.window_s
     monitor = SessionMonitor(store.n_stimuli * config.rsvp.repetitions, store.n_sites, window[1] - window[0],
                              n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]))
-    with day.rig.connect(config, day.folder) as client:
+    with day.rig.connect(config, day.folder, n_sites=config.sites.n_sites) as client:
         client.load_bundle(day.path(layout.BUNDLE))
         with _display(monitor):
             result = _run(client, monitor, store, store.n_stimuli, config, day.seed("present"))
