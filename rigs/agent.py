@@ -9,12 +9,22 @@ after a crash continues the same session: the stream and the set of shown presen
 read back; only the queue of not-yet-shown presentations is lost, and the control side
 re-queues it.
 
+Faults (docs/reliability.md): every request is checked before it changes anything (the protocol's
+size limits, then each command's own checks; a bundle is checked in full with
+:func:`closedloop.data.bundle.check_bundle` before it replaces the session) and a bad one is
+answered ``ok: false``; an unexpected error in a command is logged with its traceback and refused
+the same way, and the agent serves on. A new bundle drops the queue and waits for the image on
+screen to finish, so that outcome is journaled in its own session. A thread that dies anyway
+(the presenter raised, the socket failed) stops the agent: it logs the traceback, stops serving
+and :meth:`RigAgent.check` raises :class:`RigAgentError`, which ends ``closedloop rig-sim``.
+
 A presenter is any object with:
 
 - ``sites``: sequence of site labels (its length is the number of counts per outcome);
 - ``load_bundle(path, outcomes) -> stimulus ids``: read a verified bundle file; ``outcomes`` is
   the journal of the session so far (a list of dicts, see :class:`Outcome`), so a restarted
-  presenter can continue its recording clock;
+  presenter can continue its recording clock. It either succeeds or raises and leaves the
+  presenter as it was (the agent then refuses the bundle and the old session goes on);
 - ``present(presentation_id, stimulus_id, window_s) -> Outcome``: show one stimulus (blocking
   for its on + off time) and return what happened;
 - ``finish(outcomes) -> str``: the recording has ended (``stop``); returns the path of what it
@@ -39,15 +49,32 @@ import zmq
 from closedloop.core.files import write_json
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_number, check_option
+from closedloop.data.bundle import BundleError, check_bundle
 from closedloop.link.keys import load_curve_keys, make_authenticator
-from closedloop.link.protocol import COMMANDS, PROTOCOL_VERSION, ProtocolError, decode_message, encode_message
+from closedloop.link.protocol import (
+    COMMANDS,
+    MAX_BUNDLE_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_CHUNKS,
+    MAX_FRAME_BYTES,
+    MAX_QUEUED,
+    PROTOCOL_VERSION,
+    ProtocolError,
+    decode_message,
+    encode_message,
+)
 
-__all__ = ["Outcome", "StreamFaults", "RigAgent"]
+__all__ = ["Outcome", "StreamFaults", "RigAgent", "RigAgentError"]
 
 _SESSION = "session.json"
 _STREAM = "stream.jsonl"
 _MAX_CACHED_REPLIES = 4096
 _POLL_MS = 10
+_ON_SCREEN_WAIT_S = 30.0  # how long stop and a new bundle wait for the image on screen to finish
+
+
+class RigAgentError(RuntimeError):
+    """A thread of the rig agent died; the agent has stopped serving (the cause is chained)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +112,47 @@ class StreamFaults:
             raise ValueError(
                 f"'drop' + 'duplicate' + 'reorder' must be <= 1, but got {self.drop + self.duplicate + self.reorder:g}."
             )
+
+
+@dataclass
+class _Transfer:
+    """A bundle upload in progress: its announced layout and the chunks received so far."""
+
+    sha256: str
+    n_bytes: int
+    chunk_size: int
+    path: Path
+    received: set[int] = field(default_factory=set)
+
+    @property
+    def n_chunks(self) -> int:
+        return max(1, -(-self.n_bytes // self.chunk_size))
+
+
+def _check_chunk(n_bytes: int, chunk_size: int, index: int, payload: bytes) -> None:
+    """Refuse a ``bundle_chunk`` whose sizes break the protocol's limits or do not fit together."""
+    if n_bytes > MAX_BUNDLE_BYTES:
+        raise ValueError(f"bundle of {n_bytes} bytes is over the maximum bundle size of {MAX_BUNDLE_BYTES} bytes; "
+                         "split the day's stimuli into smaller bundles")
+    if not 1 <= chunk_size <= MAX_CHUNK_BYTES:
+        raise ValueError(f"'chunk_size' must lie in [1, {MAX_CHUNK_BYTES}], but got {chunk_size}")
+    n_chunks = max(1, -(-n_bytes // chunk_size))
+    if n_chunks > MAX_CHUNKS:
+        raise ValueError(f"{n_bytes} bytes in chunks of {chunk_size} make {n_chunks} chunks, more than {MAX_CHUNKS}; "
+                         "send larger chunks")
+    if index >= n_chunks:
+        raise ValueError(f"chunk index {index} out of range for {n_bytes} bytes in chunks of {chunk_size}")
+    expected = min(chunk_size, n_bytes - index * chunk_size)
+    if len(payload) != expected:
+        raise ValueError(f"chunk {index} has {len(payload)} bytes, expected {expected}")
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _read_journal(path: Path) -> list[dict]:
@@ -138,6 +206,7 @@ class RigAgent:
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.linger = 0
         self._socket.router_handover = 1
+        self._socket.maxmsgsize = MAX_FRAME_BYTES
         if security == "curve":
             load_curve_keys(self._socket, keys_dir, "rig")
         self._socket.bind(address)
@@ -148,7 +217,9 @@ class RigAgent:
         self._to_send: queue.Queue[int] = queue.Queue()
         self._halt = threading.Event()
         self._replies: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
-        self._chunks: dict[str, set[int]] = {}
+        self._transfer: _Transfer | None = None
+        self._failure: BaseException | None = None
+        self._failed_thread = ""
         self._held: list[int] = []
         self._peer: bytes | None = None
         self._peer_seen = 0.0
@@ -172,15 +243,30 @@ class RigAgent:
             logger.info("rig %s: resumed session %s with %d outcomes", self.rig_id, self._session["sha256"][:12],
                         len(self._outcomes))
         self._shown = {entry["presentation_id"] for entry in self._outcomes}
+        for partial in self.state_dir.glob("incoming-*.part"):  # uploads cut off by a crash; never resumed
+            partial.unlink()
         self._journal = open(self.state_dir / _STREAM, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
 
     def _start_session(self, sha256: str, bundle: Path) -> None:
+        """Drop the queue, let the image on screen finish (journaled in the old session), then load ``bundle``."""
+        with self._lock:
+            self._queue.clear()
+            deadline = time.monotonic() + _ON_SCREEN_WAIT_S
+            while self._current is not None and time.monotonic() < deadline and not self._halt.is_set():
+                self._lock.wait(0.05)
+            if self._current is not None:
+                raise ValueError(f"an image is still on screen after {_ON_SCREEN_WAIT_S:g} s; send the bundle again")
+        self._flush_stream()  # the old session's last outcomes go out under its numbering
+        self._release_held()
         stimuli = set(self.presenter.load_bundle(bundle, []))
         with self._lock:
             self._journal.close()
-            old = self.state_dir / _STREAM
+            old, stamp = self.state_dir / _STREAM, f"{self._session['sha256'][:12]}-{time.time_ns()}"
             if old.is_file() and self._session["sha256"]:
-                old.replace(self.state_dir / f"stream-{self._session['sha256'][:12]}-{time.time_ns()}.jsonl")
+                old.replace(self.state_dir / f"stream-{stamp}.jsonl")
+            recording = Path(self._session.get("recording") or self.state_dir / "-")
+            if recording.is_file():  # a finished session's recording is kept, never written over by the next
+                recording.replace(recording.with_name(f"{recording.stem}-{stamp}{recording.suffix}"))
             self._journal = open(old, "w", encoding="utf-8")  # noqa: SIM115
             self._session = {"sha256": sha256, "bundle": bundle.name, "stopped": False}
             write_json(self.state_dir / _SESSION, self._session)
@@ -190,15 +276,39 @@ class RigAgent:
     # ----- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> RigAgent:
-        """Serve in background threads (one for the socket, one for the presenter); returns self."""
+        """Serve in background threads (one for the socket, one for the presenter); returns self.
+
+        A thread that dies stops the agent; call :meth:`check` to learn it.
+        """
         self._threads = [
-            threading.Thread(target=self._serve, name=f"{self.rig_id}-io", daemon=True),
-            threading.Thread(target=self._present_loop, name=f"{self.rig_id}-present", daemon=True),
+            threading.Thread(target=self._guard, args=(self._serve,), name=f"{self.rig_id}-io", daemon=True),
+            threading.Thread(target=self._guard, args=(self._present_loop,), name=f"{self.rig_id}-present",
+                             daemon=True),
         ]
         for thread in self._threads:
             thread.start()
         logger.info("rig %s serving on %s", self.rig_id, self.address)
         return self
+
+    def check(self) -> None:
+        """Raise :class:`RigAgentError` (chained to the cause) when a thread of the agent died."""
+        if self._failure is not None:
+            raise RigAgentError(
+                f"rig {self.rig_id}: the {self._failed_thread} thread died: {type(self._failure).__name__}: {self._failure}; "
+                "the agent stopped serving (traceback in the log): fix the cause and restart the rig"
+            ) from self._failure
+
+    def _guard(self, loop) -> None:
+        """Run a thread's loop; if it raises, record the failure, log it loudly and stop the agent."""
+        try:
+            loop()
+        except BaseException as error:  # noqa: B036 (any death must stop the agent, never leave a zombie)
+            self._failure, self._failed_thread = error, threading.current_thread().name
+            logger.critical("rig %s: the %s thread died; the agent stops serving", self.rig_id,
+                            self._failed_thread, exc_info=error)
+            self._halt.set()
+            with self._lock:
+                self._lock.notify_all()
 
     def close(self) -> None:
         """Stop serving: the presentation in progress finishes and is journaled, the queue is dropped.
@@ -253,9 +363,9 @@ class RigAgent:
                 self._journal.flush()
                 self._outcomes.append(entry)
                 self._shown.add(presentation_id)
+                self._to_send.put(entry["seq"])  # before the lock goes: a new session flushes it first
                 self._current = None
                 self._lock.notify_all()
-            self._to_send.put(entry["seq"])
 
     # ----- socket thread -----------------------------------------------------------------------
 
@@ -346,6 +456,10 @@ class RigAgent:
             frames = encode_message("reply", id=request_id, ok=True, data=data)
         except (ValueError, OSError) as error:
             frames = encode_message("reply", id=request_id, ok=False, error=str(error)[:256])
+        except Exception as error:  # a bug or a presenter fault: refuse, log, serve on
+            logger.error("rig %s: %r failed", self.rig_id, message.type, exc_info=error)
+            frames = encode_message("reply", id=request_id, ok=False,
+                                    error=f"refused: internal error {type(error).__name__}: {error}"[:256])
         if message.type not in ("hello", "status", "resend"):
             self._replies[request_id] = frames
             while len(self._replies) > _MAX_CACHED_REPLIES:
@@ -369,39 +483,64 @@ class RigAgent:
         sha256, n_bytes, chunk_size, index = message["sha256"], message["n_bytes"], message["chunk_size"], message["index"]
         if sha256 == self._session["sha256"] and not self._session["stopped"]:
             return {"complete": True, "n_stimuli": len(self._stimuli)}
-        n_chunks = max(1, -(-n_bytes // chunk_size)) if chunk_size else 0
-        if not chunk_size or index >= n_chunks:
-            raise ValueError(f"chunk index {index} out of range for {n_bytes} bytes in chunks of {chunk_size}")
         chunk = message.payload[0]
-        expected = min(chunk_size, n_bytes - index * chunk_size)
-        if len(chunk) != expected:
-            raise ValueError(f"chunk {index} has {len(chunk)} bytes, expected {expected}")
-        partial = self.state_dir / f"incoming-{sha256}.part"
-        with open(partial, "r+b" if partial.exists() else "wb") as file:
+        _check_chunk(n_bytes, chunk_size, index, chunk)
+        transfer = self._transfer
+        if transfer is None or (transfer.sha256, transfer.n_bytes, transfer.chunk_size) != (sha256, n_bytes, chunk_size):
+            self._drop_transfer()  # one upload at a time: another bundle or another layout starts over
+            transfer = self._transfer = _Transfer(sha256, n_bytes, chunk_size, self.state_dir / f"incoming-{sha256}.part")
+            transfer.path.write_bytes(b"")
+        with open(transfer.path, "r+b") as file:
             file.seek(index * chunk_size)
             file.write(chunk)
-        received = self._chunks.setdefault(sha256, set())
-        received.add(index)
-        if len(received) < n_chunks:
-            return {"complete": False, "n_received": len(received)}
-        del self._chunks[sha256]
-        actual = hashlib.sha256(partial.read_bytes()).hexdigest()
-        if actual != sha256:
-            partial.unlink()
-            raise ValueError(
-                f"bundle sha256 mismatch: announced {sha256}, received bytes hash to {actual}; "
-                "the file changed or was corrupted in transfer: send it again"
-            )
-        bundle = self.state_dir / f"stimuli-{sha256[:16]}.h5"
-        os.replace(partial, bundle)
-        self._start_session(sha256, bundle)
+        transfer.received.add(index)
+        if len(transfer.received) < transfer.n_chunks:
+            return {"complete": False, "n_received": len(transfer.received)}
+        self._transfer = None
+        try:
+            bundle = self._accept_bundle(transfer)
+        finally:
+            transfer.path.unlink(missing_ok=True)
+        try:
+            self._start_session(sha256, bundle)
+        except BaseException:
+            if bundle.name != self._session["bundle"]:  # keep the file of the session that goes on
+                bundle.unlink(missing_ok=True)
+            raise
         logger.info("rig %s: loaded bundle %s (%d stimuli)", self.rig_id, sha256[:12], len(self._stimuli))
         return {"complete": True, "n_stimuli": len(self._stimuli)}
+
+    def _drop_transfer(self) -> None:
+        if self._transfer is not None:
+            self._transfer.path.unlink(missing_ok=True)
+            self._transfer = None
+
+    def _accept_bundle(self, transfer: _Transfer) -> Path:
+        """Check a complete upload (file sha256, then the bundle in full) and move it into place."""
+        actual = _hash_file(transfer.path)
+        if actual != transfer.sha256:
+            raise ValueError(
+                f"bundle sha256 mismatch: announced {transfer.sha256}, received bytes hash to {actual}; "
+                "the file changed or was corrupted in transfer: send it again"
+            )
+        try:
+            check_bundle(transfer.path)
+        except BundleError as error:
+            logger.warning("rig %s: refused bundle %s: %s", self.rig_id, transfer.sha256[:12], error)
+            raise ValueError(f"refused the bundle {transfer.sha256[:12]}: {error.problem}") from None
+        bundle = self.state_dir / f"stimuli-{transfer.sha256[:16]}.h5"
+        os.replace(transfer.path, bundle)
+        return bundle
 
     def _on_queue(self, peer: bytes, message) -> dict:
         if not self._session["sha256"] or self._session["stopped"]:
             raise ValueError("no session: load a stimulus bundle before queueing presentations")
         pairs = [tuple(pair) for pair in message["presentations"]]
+        with self._lock:
+            n_waiting = len(self._queue)
+        if n_waiting + len(pairs) > MAX_QUEUED:
+            raise ValueError(f"queue full: at most {MAX_QUEUED} presentations wait on the rig, {n_waiting} do; "
+                             f"queue fewer than {len(pairs)} at a time")
         unknown = sorted({sid for _, sid in pairs} - self._stimuli)
         if unknown:
             raise ValueError(f"unknown stimulus ids {unknown[:10]}: not in the loaded bundle; nothing was queued")
@@ -433,15 +572,17 @@ class RigAgent:
         with self._lock:
             cancelled = [pid for pid, _ in self._queue]
             self._queue.clear()
-            deadline = time.monotonic() + 30.0
-            while self._current is not None and time.monotonic() < deadline:
+            deadline = time.monotonic() + _ON_SCREEN_WAIT_S
+            while self._current is not None and time.monotonic() < deadline and not self._halt.is_set():
                 self._lock.wait(0.05)
             outcomes = list(self._outcomes)
         self._flush_stream()
-        recording = self.presenter.finish(outcomes) if self._session["sha256"] else ""
-        self._session = {**self._session, "stopped": True}
+        if self._session["stopped"]:  # stopped before: its recording is final, never written again
+            return {"n_cancelled": len(cancelled), "cancelled": cancelled, "recording": self._session.get("recording", "")}
+        recording = str(self.presenter.finish(outcomes)) if self._session["sha256"] else ""
+        self._session = {**self._session, "stopped": True, "recording": recording}
         write_json(self.state_dir / _SESSION, self._session)
-        return {"n_cancelled": len(cancelled), "cancelled": cancelled, "recording": str(recording)}
+        return {"n_cancelled": len(cancelled), "cancelled": cancelled, "recording": recording}
 
 
 def _request_id(frames: list[bytes]) -> str | None:

@@ -299,7 +299,9 @@ def run_sim_rig(
 
     Fault injection: after ``crash_after`` outcomes the agent dies without a word (queue and
     sockets gone), stays away ``restart_delay_s`` s and restarts from its state folder, once.
-    ``on_start(agent)`` is called after each start (e.g. to learn the bound address).
+    ``on_start(agent)`` is called after each start (e.g. to learn the bound address). Raises
+    :class:`rigs.agent.RigAgentError` when a thread of the agent died (it stopped serving), so
+    ``closedloop rig-sim`` exits with a non-zero status and the traceback.
     """
     agent = make_sim_agent(**agent_arguments).start()
     address = agent.address
@@ -308,6 +310,7 @@ def run_sim_rig(
         if on_start:
             on_start(agent)
         while not stop.wait(0.02):
+            agent.check()
             if crash_after is not None and not crashed and agent.n_sent >= crash_after:
                 logger.warning("simulated rig: crashing after %d outcomes", agent.n_sent)
                 agent.close()

@@ -10,11 +10,17 @@ compression only, fixed-length ASCII strings, booleans stored as uint8. Datasets
 
 Root attributes: ``sha256`` (hex digest of the ``pixels`` bytes in C order, see
 :func:`compute_bundle_digest`), ``n_stimuli``, ``format_version`` and any caller attributes.
+
+:func:`read_bundle` and :func:`check_bundle` check all of it (datasets, not groups; dtypes;
+``n`` ids and ``n`` codes for ``n`` frames; unique ids; codes in 1..65535 and unique; the
+frames' sha256) and raise :class:`BundleError` for a file that breaks any of it, so a reader
+(e.g. the rig agent, before it accepts a bundle) never holds half a bundle.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +32,10 @@ from closedloop.core.validation import check_array, check_file, check_integer, c
 
 __all__ = [
     "Bundle",
+    "BundleError",
     "write_bundle",
     "read_bundle",
+    "check_bundle",
     "compute_bundle_digest",
     "make_event_codes",
     "MAX_EVENT_CODE",
@@ -39,6 +47,17 @@ BUNDLE_FORMAT_VERSION = 1
 FRAME_SHAPE = (224, 224, 3)
 _RESERVED_ATTRS = ("sha256", "n_stimuli", "format_version")
 _DATASETS = ("pixels", "stimulus_ids", "codes")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_FRAMES_PER_READ = 64
+
+
+class BundleError(ValueError):
+    """A file that is not a valid rig bundle. ``path``: the file; ``problem``: what is wrong (the
+    message without the file's name, e.g. for a reply that must stay short)."""
+
+    def __init__(self, path, problem: str) -> None:
+        super().__init__(f"bundle {str(path)!r}: {problem}")
+        self.path, self.problem = Path(path), problem
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +107,14 @@ def _check_codes(codes, n: int) -> np.ndarray:
     return codes.astype(np.uint16)
 
 
+def _check_ids(stimulus_ids, n: int) -> np.ndarray:
+    stimulus_ids = check_integer_array("stimulus_ids", stimulus_ids, shape=(n,), minimum=0)
+    values, counts = np.unique(stimulus_ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"'stimulus_ids' must be unique (one frame per stimulus), but {values[counts > 1][:5].tolist()} repeat.")
+    return stimulus_ids
+
+
 def _as_hdf5_attr(key: str, value):
     """A caller attribute as MATLAB-friendly HDF5: fixed-length ASCII text, uint8 booleans."""
     if isinstance(value, (bool, np.bool_)):
@@ -106,13 +133,13 @@ def _as_hdf5_attr(key: str, value):
 def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict | None = None) -> str:
     """Write the rig bundle atomically; return the sha256 hex digest of ``pixels``.
 
-    ``pixels``: uint8 ``(n, 224, 224, 3)``; ``stimulus_ids``: integers ``(n,)`` (≥ 0);
+    ``pixels``: uint8 ``(n, 224, 224, 3)``; ``stimulus_ids``: integers ``(n,)`` (≥ 0, unique);
     ``codes``: event codes ``(n,)`` in 1..65535, unique; ``attrs``: extra root attributes
     (str, bool, int, float).
     """
     pixels = check_array("pixels", pixels, shape=(None, *FRAME_SHAPE), dtype=np.uint8)
     n = len(pixels)
-    stimulus_ids = check_integer_array("stimulus_ids", stimulus_ids, shape=(n,), minimum=0)
+    stimulus_ids = _check_ids(stimulus_ids, n)
     codes = _check_codes(codes, n)
     attrs = dict(attrs or {})
     reserved = sorted(set(attrs) & set(_RESERVED_ATTRS))
@@ -143,33 +170,98 @@ def _as_python(value):
     return value
 
 
+def _dataset(handle: h5py.File, name: str) -> h5py.Dataset:
+    item = handle[name]
+    if not isinstance(item, h5py.Dataset):
+        raise ValueError(f"{name!r} must be a dataset, but it is a {type(item).__name__.lower()}; write the bundle "
+                         "with write_bundle.")
+    return item
+
+
+def _read_vector(handle: h5py.File, name: str, n: int) -> np.ndarray:
+    """Dataset ``name`` as an integer array ``(n,)``; its shape and dtype are checked before it is read."""
+    dataset = _dataset(handle, name)
+    if dataset.shape != (n,):
+        raise ValueError(f"{name!r} must have shape ({n},), one per frame of 'pixels', but got {dataset.shape}.")
+    if not np.issubdtype(dataset.dtype, np.integer):
+        raise ValueError(f"{name!r} must hold integers, but got dtype {dataset.dtype}.")
+    return dataset[()]
+
+
+def _read_index(handle: h5py.File) -> tuple[h5py.Dataset, np.ndarray, np.ndarray, str]:
+    """The checked frames dataset (not read), ids, codes and stored sha256 of an open bundle."""
+    missing = [name for name in _DATASETS if name not in handle] + (
+        ["sha256 attribute"] if "sha256" not in handle.attrs else []
+    )
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}; it was not written by write_bundle.")
+    pixels = _dataset(handle, "pixels")
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"'pixels' must have dtype uint8, but got {pixels.dtype}.")
+    if pixels.ndim != 4 or pixels.shape[1:] != FRAME_SHAPE:
+        raise ValueError(f"'pixels' must have shape (n, 224, 224, 3), but got {pixels.shape}.")
+    n = pixels.shape[0]
+    if n > MAX_EVENT_CODE:
+        raise ValueError(f"'pixels' holds {n} frames, more than the {MAX_EVENT_CODE} event codes of a 16-bit port.")
+    stimulus_ids = _check_ids(_read_vector(handle, "stimulus_ids", n), n)
+    codes = _check_codes(_read_vector(handle, "codes", n), n)
+    stored = _as_python(handle.attrs["sha256"])
+    if not isinstance(stored, str) or not _SHA256.fullmatch(stored):
+        raise ValueError(f"the 'sha256' attribute must be 64 lower-case hexadecimal characters, but got {stored!r:.80}.")
+    return pixels, stimulus_ids, codes, stored
+
+
+def _open_bundle(path):
+    path = check_file("bundle", path)
+    if not h5py.is_hdf5(path):
+        raise BundleError(path, "not an HDF5 file; give the stimuli.h5 written by write_bundle.")
+    return path
+
+
+def _check_digest(actual: str, stored: str) -> None:
+    if actual != stored:
+        raise ValueError(
+            f"the frames' sha256 is {actual} but the file records {stored}; "
+            "the frames were changed or damaged after writing; write the bundle again."
+        )
+
+
+_READ_ERRORS = (ValueError, TypeError, KeyError, OSError, RuntimeError)  # h5py reports damage as any of these
+
+
 def read_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     """Read a rig bundle; with ``verify`` the frames' sha256 must match the stored attribute.
 
-    Raises ``ValueError`` naming the file for a file that is not a bundle or whose hash does not
-    match (both hashes are given).
+    Raises :class:`BundleError` (a ``ValueError``) naming the file and the problem for a file that
+    is not a complete, consistent bundle (see the module docstring) or whose hash does not match
+    (both hashes are given).
     """
-    path = check_file("bundle", path)
-    if not h5py.is_hdf5(path):
-        raise ValueError(f"bundle {str(path)!r} is not an HDF5 file; give the stimuli.h5 written by write_bundle.")
-    with h5py.File(path, "r") as handle:
-        missing = [name for name in _DATASETS if name not in handle] + (
-            ["sha256 attribute"] if "sha256" not in handle.attrs else []
-        )
-        if missing:
-            raise ValueError(f"bundle {str(path)!r} lacks {', '.join(missing)}; it was not written by write_bundle.")
-        pixels = handle["pixels"][()]
-        stimulus_ids = handle["stimulus_ids"][()].astype(np.int64)
-        codes = handle["codes"][()].astype(np.uint16)
-        attrs = {key: _as_python(value) for key, value in handle.attrs.items()}
-    stored = attrs.pop("sha256")
-    for key in _RESERVED_ATTRS[1:]:
+    path = _open_bundle(path)
+    try:
+        with h5py.File(path, "r") as handle:
+            dataset, stimulus_ids, codes, stored = _read_index(handle)
+            pixels = dataset[()]
+            attrs = {key: _as_python(value) for key, value in handle.attrs.items()}
+        if verify:
+            _check_digest(compute_bundle_digest(pixels), stored)
+    except _READ_ERRORS as error:
+        raise BundleError(path, str(error)) from error
+    for key in _RESERVED_ATTRS:
         attrs.pop(key, None)
-    if verify:
-        actual = compute_bundle_digest(pixels)
-        if actual != stored:
-            raise ValueError(
-                f"bundle {str(path)!r}: the frames' sha256 is {actual} but the file records {stored}; "
-                "the frames were changed or damaged after writing; write the bundle again."
-            )
-    return Bundle(pixels=pixels, stimulus_ids=stimulus_ids, codes=codes, sha256=stored, attrs=attrs)
+    return Bundle(pixels=pixels, stimulus_ids=stimulus_ids, codes=codes.astype(np.uint16), sha256=stored, attrs=attrs)
+
+
+def check_bundle(path: str | Path) -> np.ndarray:
+    """Check a rig bundle as :func:`read_bundle` does, frames' sha256 included, holding at most 64
+    frames in memory; return its stimulus ids, int64 ``(n,)``. Raises :class:`BundleError`."""
+    path = _open_bundle(path)
+    try:
+        with h5py.File(path, "r") as handle:
+            pixels, stimulus_ids, _, stored = _read_index(handle)
+            digest = hashlib.sha256()
+            for start in range(0, len(pixels), _FRAMES_PER_READ):
+                digest.update(np.ascontiguousarray(pixels[start:start + _FRAMES_PER_READ]).data)
+        _check_digest(digest.hexdigest(), stored)
+    except _READ_ERRORS as error:
+        raise BundleError(path, str(error)) from error
+    return stimulus_ids

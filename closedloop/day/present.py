@@ -179,7 +179,7 @@ def _present(day, store) -> dict:
     window = config.response.window_s
     monitor = SessionMonitor(store.n_stimuli * config.rsvp.repetitions, store.n_sites, window[1] - window[0],
                              n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]))
-    with day.rig.connect(config, day.folder) as client:
+    with day.rig.connect(config, day.folder, n_sites=config.sites.n_sites) as client:
         if _session_over(client, day.path(layout.BUNDLE)):
             logger.warning("present: the rig's session of this day was already stopped; collecting its recording")
             return {"recording": None}

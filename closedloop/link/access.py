@@ -32,11 +32,15 @@ class RigAccess:
         yield config.rig.address
 
     @contextmanager
-    def connect(self, config, folder: Path) -> Iterator[RigClient]:
-        """A client of the day's rig that has said hello (:meth:`open`, then ``hello``), closed afterwards."""
+    def connect(self, config, folder: Path, *, n_sites: int | None = None) -> Iterator[RigClient]:
+        """A client of the day's rig that has said hello (:meth:`open`, then ``hello``), closed afterwards.
+
+        ``n_sites``: the sites the day expects (``config.sites.n_sites``); a rig that records another
+        number is refused at hello with a ``ValueError`` naming both, before any bundle is sent.
+        """
         with self.open(config, folder) as address:
             rig = config.rig.model_copy(update={"address": address})
-            with make_rig_client(rig, window_s=config.response.window_s) as client:
+            with make_rig_client(rig, window_s=config.response.window_s, n_sites=n_sites) as client:
                 client.connect()
                 yield client
 

@@ -10,6 +10,8 @@ reconnects with exponential back-off for up to ``reconnect_s`` before raising
 :class:`RigLinkError`. After every (re)connection the client reconciles with the rig: it
 catches up on the stream and re-queues any presentation the rig no longer holds (e.g. after a
 rig crash), and adopts presentations queued by an earlier control process. Nothing blocks forever.
+Given the experiment's number of sites, it refuses a rig that records another number at hello,
+before any bundle is sent.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from zmq.utils.monitor import recv_monitor_message
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_file, check_integer, check_number, check_option
 from closedloop.link.keys import load_curve_keys
-from closedloop.link.protocol import ProtocolError, decode_message, encode_message
+from closedloop.link.protocol import (
+    MAX_BUNDLE_BYTES,
+    MAX_CHUNK_BYTES,
+    MAX_FRAME_BYTES,
+    ProtocolError,
+    decode_message,
+    encode_message,
+)
 
 __all__ = ["RigLinkError", "RigRefusedError", "RigClient", "make_rig_client", "CHUNK_BYTES"]
 
@@ -55,6 +64,8 @@ class RigClient:
     marks the rig as gone, s; ``retries``: tries per command; ``reconnect_s``: how long to keep
     reconnecting before giving up, s; ``window_s``: response window [start, stop) after onset, s,
     sent to the rig in hello. ``name`` prefixes request ids (use one name per control process).
+    ``n_sites``: the number of sites the experiment expects (``[sites] n_sites``); when given, a rig
+    whose hello lists another number of sites is refused with a ``ValueError`` (None: any).
     """
 
     def __init__(
@@ -69,6 +80,7 @@ class RigClient:
         reconnect_s: float = 30.0,
         window_s: tuple[float, float] = (0.07, 0.17),
         name: str | None = None,
+        n_sites: int | None = None,
     ) -> None:
         check_option("security", security, ("curve", "plain"))
         if security == "curve" and keys_dir is None:
@@ -80,6 +92,7 @@ class RigClient:
         self.reconnect_s = check_number("reconnect_s", reconnect_s, minimum=0.0)
         self.window_s = (check_number("window_s[0]", window_s[0], minimum=0.0), check_number("window_s[1]", window_s[1]))
         self.name = name or f"control-{os.getpid()}-{time.time_ns() % 10**9}"
+        self.n_sites = None if n_sites is None else check_integer("n_sites", n_sites, minimum=1)
         self.rig: dict = {}
         self.outstanding: dict[int, int] = {}
         self._ids = itertools.count()
@@ -103,7 +116,10 @@ class RigClient:
         return time.monotonic() - self._last_heard if self._last_heard else float("inf")
 
     def connect(self) -> dict:
-        """Say hello and reconcile with the rig; returns the rig's hello data (rig_id, sites, ...)."""
+        """Say hello and reconcile with the rig; returns the rig's hello data (rig_id, sites, ...).
+
+        Raises ``ValueError`` when ``n_sites`` was given and the rig records another number of sites.
+        """
         self._ensure_session()
         return self.rig
 
@@ -115,7 +131,10 @@ class RigClient:
         """
         data = check_file("path", path).read_bytes()
         sha256 = hashlib.sha256(data).hexdigest()
-        check_integer("chunk_bytes", chunk_bytes, minimum=1)
+        check_integer("chunk_bytes", chunk_bytes, minimum=1, maximum=MAX_CHUNK_BYTES)
+        if len(data) > MAX_BUNDLE_BYTES:
+            raise ValueError(f"bundle {str(path)!r} has {len(data)} bytes, over the rig's limit of {MAX_BUNDLE_BYTES} "
+                             "(MAX_BUNDLE_BYTES); split the day's stimuli into smaller bundles.")
         self._ensure_session()
         if self.rig.get("bundle_sha256") == sha256 and not self.rig.get("stopped"):
             self._bundle_sha256 = sha256
@@ -202,6 +221,7 @@ class RigClient:
     def _open_socket(self) -> None:
         socket = self._context.socket(zmq.DEALER)
         socket.linger = 0
+        socket.maxmsgsize = MAX_FRAME_BYTES
         try:
             if self.security == "curve":
                 load_curve_keys(socket, self.keys_dir, "control")
@@ -255,8 +275,16 @@ class RigClient:
                 delay = min(2 * delay, 2.0)
 
     def _reconcile(self) -> None:
-        """Catch up on the stream, adopt the rig's pending presentations, re-queue lost ones."""
+        """Check the rig's sites, catch up on the stream, adopt the rig's pending presentations, re-queue lost ones."""
         logger.info("in session with rig %r (%d sites)", self.rig["rig_id"], len(self.rig["sites"]))
+        if self.n_sites is not None and len(self.rig["sites"]) != self.n_sites:
+            self._drop_session()
+            raise ValueError(
+                f"the rig {self.rig['rig_id']!r} at {self.address} records {len(self.rig['sites'])} sites, but the "
+                f"experiment expects {self.n_sites} ([sites] n_sites); set [sites] n_sites = {len(self.rig['sites'])} "
+                "in experiment.toml if this is the right rig, or point [rig] address at the rig that records "
+                f"{self.n_sites} sites."
+            )
         if self._bundle_sha256 and self.rig["bundle_sha256"] != self._bundle_sha256:
             self._drop_session()
             raise RigLinkError(
@@ -402,9 +430,11 @@ class RigClient:
             self._gap_since = now
 
 
-def make_rig_client(rig, *, window_s: tuple[float, float] = (0.07, 0.17), name: str | None = None) -> RigClient:
-    """A :class:`RigClient` configured from a :class:`closedloop.config.RigSection`."""
+def make_rig_client(rig, *, window_s: tuple[float, float] = (0.07, 0.17), name: str | None = None,
+                    n_sites: int | None = None) -> RigClient:
+    """A :class:`RigClient` configured from a :class:`closedloop.config.RigSection` (``n_sites``: see RigClient)."""
     return RigClient(
         rig.address, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
         timeout_s=rig.timeout_s, retries=rig.retries, reconnect_s=rig.reconnect_s, window_s=window_s, name=name,
+        n_sites=n_sites,
     )

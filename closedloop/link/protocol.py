@@ -6,7 +6,8 @@ carries one more frame with raw bytes, every other type none. Each type has a fi
 fields (:data:`MESSAGE_FIELDS`); a missing, unknown or mistyped field, another version, an
 unknown type, a wrong number of frames, invalid JSON or a header over :data:`MAX_HEADER_BYTES`
 is refused with :class:`ProtocolError`. The page docs/protocol.md documents every message for
-labs that write their own rig agent.
+labs that write their own rig agent, and the size limits below (``MAX_*``) that bound what one
+peer can make the other hold.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from dataclasses import dataclass, field
 __all__ = [
     "PROTOCOL_VERSION",
     "MAX_HEADER_BYTES",
+    "MAX_CHUNK_BYTES",
+    "MAX_FRAME_BYTES",
+    "MAX_BUNDLE_BYTES",
+    "MAX_CHUNKS",
+    "MAX_QUEUED",
     "MESSAGE_FIELDS",
     "COMMANDS",
     "Message",
@@ -29,6 +35,17 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
+#: Largest ``bundle_chunk`` payload (its ``chunk_size``), bytes.
+MAX_CHUNK_BYTES = 1 << 24
+#: ZMQ_MAXMSGSIZE of both sockets: a frame larger than this (the largest chunk plus room for
+#: CURVE's framing) makes the receiving socket cut the sender off before anything reads it.
+MAX_FRAME_BYTES = MAX_CHUNK_BYTES + 4096
+#: Largest bundle file a rig accepts (``n_bytes`` of ``bundle_chunk``), bytes.
+MAX_BUNDLE_BYTES = 1 << 32
+#: Most chunks one bundle may be sent in (so ``chunk_size`` >= ``n_bytes`` / 65536).
+MAX_CHUNKS = 1 << 16
+#: Most presentations waiting in a rig's queue; a ``queue`` command that would pass it is refused.
+MAX_QUEUED = 1 << 16
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_INT = 2**63 - 1
 

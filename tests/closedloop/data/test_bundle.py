@@ -66,7 +66,7 @@ def test_bad_inputs_are_refused(tmp_path, frames):
         write_bundle(path, frames, [0, 1, 2], [1, 2, 3], attrs={"bad": [1]})
     assert not path.exists()
     (tmp_path / "note.h5").write_text("not hdf5")
-    with pytest.raises(ValueError, match=r"note.h5' is not an HDF5 file"):
+    with pytest.raises(ValueError, match=r"note.h5': not an HDF5 file"):
         read_bundle(tmp_path / "note.h5")
     with pytest.raises(FileNotFoundError, match=r"does not exist"):
         read_bundle(tmp_path / "missing.h5")
@@ -80,3 +80,32 @@ def test_event_codes():
         make_event_codes(65536)
     with pytest.raises(ValueError, match=r"'n' must lie in \[0, inf\]"):
         make_event_codes(-1)
+
+
+def test_damaged_bundles_are_refused_in_full_by_read_and_check(tmp_path, frames):
+    from closedloop.data.bundle import BundleError, check_bundle
+
+    path = tmp_path / "stimuli.h5"
+    write_bundle(path, frames, [7, 8, 9], make_event_codes(3))
+    assert check_bundle(path).tolist() == [7, 8, 9]
+    cases = {
+        "pixels": (lambda h: (h.__delitem__("pixels"), h.create_group("pixels")),
+                   "'pixels' must be a dataset, but it is a group"),
+        "stimulus_ids": (lambda h: (h.__delitem__("stimulus_ids"), h.create_dataset("stimulus_ids", data=[1, 2, 3, 4])),
+                         r"'stimulus_ids' must have shape \(3,\), one per frame of 'pixels', but got \(4,\)"),
+        "codes": (lambda h: (h.__delitem__("codes"), h.create_dataset("codes", data=[1.0, 2.0, 3.0])),
+                  "'codes' must hold integers, but got dtype float64"),
+        "sha256": (lambda h: h.attrs.__setitem__("sha256", np.bytes_("zz")),
+                   "the 'sha256' attribute must be 64 lower-case hexadecimal characters"),
+    }
+    for name, (damage, message) in cases.items():
+        damaged = tmp_path / f"{name}.h5"
+        damaged.write_bytes(path.read_bytes())
+        with h5py.File(damaged, "r+") as handle:
+            damage(handle)
+        for read in (read_bundle, check_bundle):
+            with pytest.raises(BundleError, match=message) as caught:
+                read(damaged)
+            assert caught.value.problem in str(caught.value) and f"{name}.h5" in str(caught.value)
+    with pytest.raises(ValueError, match=r"'stimulus_ids' must be unique \(one frame per stimulus\), but \[7\] repeat"):
+        write_bundle(tmp_path / "x.h5", frames, [7, 7, 9], make_event_codes(3))

@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import zmq
 
+from closedloop.data.bundle import read_bundle
 from closedloop.link.client import RigClient, RigLinkError, RigRefusedError
 from closedloop.link.keys import make_key_pair, make_keys
 from closedloop.link.presentations import run_presentations
 from closedloop.link.protocol import decode_message, encode_message
 from rigs.agent import Outcome, RigAgent, StreamFaults
+from tests.rigs.agent_peer import write_test_bundle
 
 pytestmark = pytest.mark.timeout(60)
 FAST = {"heartbeat_s": 0.05, "timeout_s": 0.5}
@@ -31,7 +33,7 @@ class CountingPresenter:
 
     def load_bundle(self, path: Path, outcomes: list[dict]) -> list[int]:
         self.clock_s = max([o["onset_s"] for o in outcomes], default=-0.2) + 0.2
-        return json.loads(Path(path).read_text())["ids"]
+        return read_bundle(path).stimulus_ids.tolist()
 
     def present(self, presentation_id: int, stimulus_id: int, window_s) -> Outcome:
         time.sleep(self.period_s)
@@ -45,9 +47,7 @@ class CountingPresenter:
 
 
 def _bundle(folder: Path, ids) -> Path:
-    path = folder / "bundle.json"
-    path.write_text(json.dumps({"ids": [int(i) for i in ids]}))
-    return path
+    return write_test_bundle(folder / "bundle.h5", ids)
 
 
 def _agent(tmp_path, presenter, *, address="tcp://127.0.0.1:*", **kwargs) -> RigAgent:
@@ -170,12 +170,13 @@ def test_bundle_hash_mismatch_is_refused(tmp_path):
 def test_bundle_in_many_chunks_and_resumed_session_skips_the_transfer(tmp_path):
     agent = _agent(tmp_path, CountingPresenter())
     try:
-        bundle = _bundle(tmp_path, range(500))
+        bundle = _bundle(tmp_path, range(50))
+        assert bundle.stat().st_size > 50 * 100
         with _client(agent) as client:
-            assert client.load_bundle(bundle, chunk_bytes=100)["n_stimuli"] == 500
+            assert client.load_bundle(bundle, chunk_bytes=100)["n_stimuli"] == 50
         with _client(agent) as client:
             client.connect()
-            assert client.rig["bundle_sha256"] and client.load_bundle(bundle)["n_stimuli"] == 500
+            assert client.rig["bundle_sha256"] and client.load_bundle(bundle)["n_stimuli"] == 50
     finally:
         agent.close()
 
@@ -297,6 +298,19 @@ def test_rig_stop_cancels_the_queue_and_refuses_more(tmp_path):
         agent.close()
 
 
+def test_client_refuses_a_rig_with_another_number_of_sites(tmp_path):
+    agent = _agent(tmp_path, CountingPresenter())
+    try:
+        with _client(agent, n_sites=5) as client:
+            with pytest.raises(ValueError, match=r"the rig 'rig' at .* records 3 sites, but the experiment expects 5 "
+                                                 r"\(\[sites\] n_sites\); set \[sites\] n_sites = 3 in experiment.toml"):
+                client.connect()
+        with _client(agent, n_sites=3) as client:
+            assert client.connect()["sites"] == ["a", "b", "c"]
+    finally:
+        agent.close()
+
+
 def test_client_checks_its_arguments(tmp_path):
     with pytest.raises(ValueError, match="'keys_dir' is required when security is 'curve'"):
         RigClient("tcp://127.0.0.1:1")
@@ -304,6 +318,8 @@ def test_client_checks_its_arguments(tmp_path):
         RigClient("tcp://127.0.0.1:1", security="tls")
     with pytest.raises(ValueError, match="'timeout_s' must lie in"):
         RigClient("tcp://127.0.0.1:1", security="plain", timeout_s=0)
+    with pytest.raises(ValueError, match="'n_sites' must lie in"):
+        RigClient("tcp://127.0.0.1:1", security="plain", n_sites=0)
     with pytest.raises(ValueError, match="'repetitions' must lie in"):
         run_presentations(None, [1], repetitions=0, seed=0, on_result=print)
     with pytest.raises(ValueError, match="'stimulus_ids' must be unique"):
