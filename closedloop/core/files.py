@@ -18,8 +18,10 @@ import numpy as np
 
 from closedloop.core.validation import check_file
 
-__all__ = ["atomic_path", "write_text", "write_bytes", "write_npz", "write_json", "read_json", "compute_file_digest",
-           "compute_folder_digest"]
+__all__ = [
+    "atomic_path", "remove_temporaries", "write_text", "write_bytes", "write_npz", "write_json", "read_json",
+    "compute_file_digest", "compute_folder_digest",
+]
 
 
 @contextmanager
@@ -40,6 +42,16 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what :func:`atomic_path` leaves when its process is killed mid-write: files named
+    ``.<name>.<random>.tmp`` anywhere under ``folder``. Only for a folder no other process is
+    writing (e.g. a day folder under its lock). Returns the removed paths."""
+    removed = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def write_text(path: str | Path, text: str, *, mode: int | None = None) -> Path:

@@ -36,7 +36,7 @@ from closedloop.config import (
     render_config,
     resolve_paths,
 )
-from closedloop.core.files import compute_file_digest, read_json, write_json, write_text
+from closedloop.core.files import compute_file_digest, read_json, remove_temporaries, write_json, write_text
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
 from closedloop.core.validation import check_dir, check_integer, check_option
@@ -241,6 +241,8 @@ def _run_day(experiment: str | Path, day: int, *, force: bool, until: str | None
     check_experiment(config, images=state.images, previous_model=previous)
     changes = _freeze_config(state, force)
     _write_provenance(state, changes)
+    for leftover in remove_temporaries(state.folder):  # half-written by a process killed mid-write
+        logger.info("day %d: removed %s, left by an interrupted write", day, leftover.relative_to(state.folder))
     results = {}
     for stage in STAGES:
         marker = layout.marker_path(state.folder, stage)

@@ -1,0 +1,26 @@
+"""Atomic writes leave nothing half-written, and what a killed writer left is found and removed."""
+
+from __future__ import annotations
+
+import pytest
+
+from closedloop.core.files import atomic_path, remove_temporaries, write_text
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    write_text(tmp_path / "a.json", "old")
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "a.json") as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("killed")
+    assert (tmp_path / "a.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / "stages").mkdir()
+    left = [tmp_path / ".model.safetensors.ab12cd.tmp", tmp_path / "stages" / ".plan.json.x1y2z3.tmp"]
+    kept = [tmp_path / "model.safetensors", tmp_path / ".hidden", tmp_path / "notes.tmp", tmp_path / "stages" / "plan.json"]
+    for path in left + kept:
+        path.write_text("x")
+    assert sorted(remove_temporaries(tmp_path)) == sorted(left)
+    assert all(path.exists() for path in kept) and not any(path.exists() for path in left)
