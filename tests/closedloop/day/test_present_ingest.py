@@ -49,3 +49,18 @@ def test_a_recording_of_another_day_stops_the_day(tmp_path):
     folder = experiment / "day_000"
     assert open_store(folder / "store.zarr").read_ingest() is None
     assert not (folder / "stages/ingest.json").exists() and not (folder / "sensitivity.json").exists()
+
+
+@pytest.mark.slow
+def test_a_store_renamed_before_its_marker_is_kept(tmp_path):
+    """The state SIGKILL leaves between synthesize's rename of store.zarr.partial and its marker
+    (a rerun used to fail with 'Directory not empty')."""
+    experiment = _experiment(tmp_path / "exp")
+    run_day(experiment, 0, until="synthesize", rig=RigLauncher())
+    folder = experiment / "day_000"
+    pixels = open_store(folder / "store.zarr").read_stimuli(pixels=True)["pixels"]
+    (folder / "stages/synthesize.json").unlink()
+    results = run_day(experiment, 0, until="synthesize", rig=RigLauncher())
+    assert not results["synthesize"]["skipped"] and results["synthesize"]["summary"]["n_stimuli"] == len(pixels)
+    np.testing.assert_array_equal(open_store(folder / "store.zarr").read_stimuli(pixels=True)["pixels"], pixels)
+    assert not (folder / "store.zarr.partial").exists() and not (folder / "synthesis_parts").exists()
