@@ -113,7 +113,7 @@ class PerturbationsSection(ConfigSection):
         0, ge=0, description="PGD iterations per attack; 0 uses the published budget -> (step, iterations) schedule."
     )
     logit_push: float = Field(0.1, ge=0.0, description="Composite targets: weight of the push on the target logits.")
-    batch_size: int = Field(0, ge=0, description="Images per attack batch; 0 sizes batches to the device (16 on CPU).")
+    batch_size: int = Field(0, ge=0, description="Images per attack batch; 0 sizes batches to the device (32 on CPU).")
 
     @field_validator("budgets")
     @classmethod
