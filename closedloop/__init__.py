@@ -16,7 +16,7 @@ _EXPORTS = {
     "read_config": "closedloop.config",
     "write_default_config": "closedloop.config",
     "run_day": "closedloop.day.runner",
-    "read_status": "closedloop.day.runner",
+    "read_status": "closedloop.day.status",
     "day_folder": "closedloop.data.layout",
     "DayStore": "closedloop.data.store",
     "create_store": "closedloop.data.store",

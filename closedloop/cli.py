@@ -312,7 +312,7 @@ def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json:
 def status(experiment: Path, as_json: bool) -> None:
     """Where every day of the experiment stands: stages done, presentations recorded, model fitted."""
     from closedloop.core.validation import check_dir
-    from closedloop.day.runner import read_status
+    from closedloop.day.status import read_status
 
     records = read_status(check_dir("--experiment", experiment))
     lines = [f"{'day':>4}  {'next stage':<11} {'stimuli':>8} {'presentations':>13}  model"]

@@ -42,14 +42,13 @@ from closedloop.core.provenance import compute_provenance
 from closedloop.core.validation import check_dir, check_integer, check_option
 from closedloop.data import layout
 from closedloop.data.layout import STAGES
-from closedloop.data.store import open_store
 from closedloop.day import bundle, estimate, ingest, plan, present, refit, report, synthesize
 from closedloop.day.context import DayContext
 from closedloop.day.lock import hold_day_lock
 from closedloop.day.preflight import check_experiment
 from closedloop.link.access import RigAccess
 
-__all__ = ["run_day", "read_status", "STAGE_SECTIONS"]
+__all__ = ["run_day", "STAGE_SECTIONS"]
 
 _STAGE_FUNCTIONS: dict[str, Callable[[DayContext], dict]] = {
     "plan": plan.run_stage,
@@ -262,28 +261,3 @@ def _run_day(experiment: str | Path, day: int, *, force: bool, until: str | None
         if stage == until:
             break
     return results
-
-
-def read_status(experiment: str | Path) -> list[dict]:
-    """Where every day of an experiment stands.
-
-    One record per ``day_NNN`` folder: ``day``, ``stages_done`` (names), ``next_stage`` (or
-    None when complete), ``n_stimuli``, ``n_presentations`` (committed rows of the day store),
-    ``model_fitted`` (bool).
-    """
-    records = []
-    for number, folder in layout.find_day_folders(experiment).items():
-        done = [stage for stage in STAGES if layout.marker_path(folder, stage).exists()]
-        n_stimuli = n_presentations = 0
-        if (folder / layout.STORE).exists():
-            store = open_store(folder / layout.STORE)
-            n_stimuli, n_presentations = store.n_stimuli, store.n_presentations
-        records.append({
-            "day": number,
-            "stages_done": done,
-            "next_stage": next((s for s in STAGES if s not in done), None),
-            "n_stimuli": n_stimuli,
-            "n_presentations": n_presentations,
-            "model_fitted": (folder / layout.MODEL).exists() and "refit" in done,
-        })
-    return records

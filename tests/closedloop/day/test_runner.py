@@ -13,7 +13,8 @@ import zarr
 
 from closedloop.core.files import read_json
 from closedloop.data.layout import STAGES
-from closedloop.day.runner import read_status, run_day
+from closedloop.day.runner import run_day
+from closedloop.day.status import read_status
 from rigs.launch import RigLauncher
 
 TINY = """
