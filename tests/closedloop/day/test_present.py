@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 
 from closedloop.config import build_config
+from closedloop.core.files import write_json
+from closedloop.data import layout
+from closedloop.data.bundle import make_event_codes, write_bundle
+from closedloop.data.store import create_store
 from closedloop.day import present
 from closedloop.link.access import RigAccess
 from tests.rigs.agent_peer import Peer, start_agent
@@ -15,21 +19,24 @@ from tests.rigs.agent_peer import Peer, start_agent
 pytestmark = pytest.mark.timeout(60)
 
 
-class _Store:
-    """What the present stage reads from the day store before it talks to the rig."""
+def _day_until_bundle(folder, n_sites: int) -> None:
+    """A real day store with two clean stimuli, its bundle and the bundle stage's marker."""
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    codes = make_event_codes(2)
+    store = create_store(folder / layout.STORE, sites=n_sites)
+    store.append_stimuli(pixels, parent=[-1, -1], site=[-1, -1], eps=[0.0, 0.0], direction=[0, 0], kind=["clean", "clean"],
+                         predicted=np.zeros((2, n_sites)), code=codes)
+    digest = write_bundle(folder / layout.BUNDLE, pixels, np.arange(2), codes)
+    write_json(layout.marker_path(folder, "bundle"), {"stage": "bundle", "seconds": 0.0, "summary": {"sha256": digest}})
 
-    n_stimuli, n_sites = 2, 3
 
-    def read_presentations(self) -> dict:
-        return {"id": np.zeros(0, np.int64), "stimulus": np.zeros(0, np.int64), "valid": np.zeros(0, bool)}
-
-
-def test_a_rig_with_other_sites_is_refused_before_any_bundle_is_sent(tmp_path, monkeypatch):
-    agent = start_agent(tmp_path)  # its presenter records 2 sites
+def test_a_rig_with_other_sites_is_refused_before_any_bundle_is_sent(tmp_path):
+    agent = start_agent(tmp_path / "rig")  # its presenter records 2 sites
     config = build_config({"rig": {"kind": "zmq", "address": agent.address, "security": "plain", "heartbeat_s": 0.05,
                                    "timeout_s": 0.5, "reconnect_s": 2.0}, "sites": {"n_sites": 3}})
-    monkeypatch.setattr(present, "open_store", lambda *args, **kwargs: _Store())
-    day = SimpleNamespace(config=config, folder=tmp_path, rig=RigAccess(), path=lambda name: tmp_path / name,
+    folder = tmp_path / "day_000"
+    _day_until_bundle(folder, n_sites=3)
+    day = SimpleNamespace(config=config, folder=folder, rig=RigAccess(), path=lambda name: folder / name,
                           seed=lambda stage: 0)
     try:
         with pytest.raises(ValueError, match=r"the rig 'rig' at tcp://127\.0\.0\.1:\d+ records 2 sites, but the experiment "
