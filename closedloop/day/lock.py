@@ -38,6 +38,8 @@ def hold_day_lock(path: str | Path) -> Iterator[None]:
     """Hold the lock file ``path`` for the duration; ``DayLockedError`` naming the holder if a live
     process holds it."""
     path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{str(path)!r} is a folder, not a lock file; remove it and run the day again")
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
