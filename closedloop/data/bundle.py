@@ -12,10 +12,12 @@ Root attributes: ``sha256`` (hex digest of the ``pixels`` bytes in C order, see
 :func:`compute_bundle_digest`), ``n_stimuli``, ``format_version`` and any caller attributes.
 
 :func:`read_bundle` and :func:`check_bundle` check all of it (datasets, not groups; dtypes;
-``n`` ids and ``n`` codes for ``n`` frames; unique ids; codes in 1..65535 and unique; the
-frames' sha256) and raise :class:`BundleError` for a file that breaks any of it, so a reader
-(e.g. the rig agent, before it accepts a bundle) never holds half a bundle.
+``n`` ids and ``n`` codes for ``n`` frames; unique ids; codes in 1..65279 and unique, since
+65280 and up are the rig's control codes (:mod:`closedloop.data.event_codes`); the frames'
+sha256) and raise :class:`BundleError` for a file that breaks any of it, so a reader (e.g. the
+rig agent, before it accepts a bundle) never holds half a bundle.
 """
+
 
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 
 from closedloop.core.files import atomic_path
 from closedloop.core.validation import check_array, check_file, check_integer, check_integer_array
+from closedloop.data.event_codes import MAX_STIMULUS_CODE
 
 __all__ = [
     "Bundle",
@@ -42,7 +45,7 @@ __all__ = [
     "BUNDLE_FORMAT_VERSION",
 ]
 
-MAX_EVENT_CODE = 65535
+MAX_EVENT_CODE = MAX_STIMULUS_CODE
 BUNDLE_FORMAT_VERSION = 1
 FRAME_SHAPE = (224, 224, 3)
 _RESERVED_ATTRS = ("sha256", "n_stimuli", "format_version")
@@ -86,12 +89,13 @@ def compute_bundle_digest(pixels: np.ndarray) -> str:
 
 
 def make_event_codes(n: int) -> np.ndarray:
-    """Digital event codes ``1..n`` as uint16 ``(n,)``; at most 65535 stimuli fit one 16-bit port."""
+    """Digital event codes ``1..n`` as uint16 ``(n,)``; at most 65279 stimuli fit one 16-bit port
+    (the codes above are the rig's control codes, :mod:`closedloop.data.event_codes`)."""
     n = check_integer("n", n, minimum=0)
     if n > MAX_EVENT_CODE:
         raise ValueError(
-            f"'n' = {n} stimuli do not fit the 16-bit digital port (codes 1..{MAX_EVENT_CODE}); "
-            "split the day's stimuli into bundles of at most 65535."
+            f"'n' = {n} stimuli do not fit the 16-bit digital port (stimulus codes 1..{MAX_EVENT_CODE}); "
+            f"split the day's stimuli into bundles of at most {MAX_EVENT_CODE}."
         )
     return np.arange(1, n + 1, dtype=np.uint16)
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from closedloop.data.bundle import compute_bundle_digest, make_event_codes, read_bundle, write_bundle
+from closedloop.data.event_codes import OFFSET, SESSION_END, VALID, is_stimulus_code
 
 
 @pytest.fixture
@@ -58,8 +59,10 @@ def test_bad_inputs_are_refused(tmp_path, frames):
         write_bundle(path, frames[:, :100], [0, 1, 2], [1, 2, 3])
     with pytest.raises(ValueError, match=r"'codes' must be unique"):
         write_bundle(path, frames, [0, 1, 2], [1, 1, 3])
-    with pytest.raises(ValueError, match=r"'codes' must lie in \[1, 65535\], but got \[0\]"):
+    with pytest.raises(ValueError, match=r"'codes' must lie in \[1, 65279\], but got \[0\]"):
         write_bundle(path, frames, [0, 1, 2], [0, 1, 3])
+    with pytest.raises(ValueError, match=r"'codes' must lie in \[1, 65279\], but got \[65280\]"):
+        write_bundle(path, frames, [0, 1, 2], [65280, 1, 3])
     with pytest.raises(ValueError, match=r"written by write_bundle itself"):
         write_bundle(path, frames, [0, 1, 2], [1, 2, 3], attrs={"sha256": "x"})
     with pytest.raises(TypeError, match=r"attrs\['bad'\] has type list"):
@@ -73,11 +76,12 @@ def test_bad_inputs_are_refused(tmp_path, frames):
 
 
 def test_event_codes():
-    codes = make_event_codes(65535)
-    assert codes.dtype == np.uint16 and codes[0] == 1 and codes[-1] == 65535
+    codes = make_event_codes(65279)
+    assert codes.dtype == np.uint16 and codes[0] == 1 and codes[-1] == 65279
+    assert is_stimulus_code(codes).all() and not is_stimulus_code([0, OFFSET, VALID, SESSION_END]).any()
     assert make_event_codes(0).shape == (0,)
-    with pytest.raises(ValueError, match=r"'n' = 65536 stimuli do not fit the 16-bit digital port"):
-        make_event_codes(65536)
+    with pytest.raises(ValueError, match=r"'n' = 65280 stimuli do not fit the 16-bit digital port"):
+        make_event_codes(65280)
     with pytest.raises(ValueError, match=r"'n' must lie in \[0, inf\]"):
         make_event_codes(-1)
 
