@@ -13,6 +13,9 @@ WEB_BUNDLE := closedloop/behavior/_web/task.js
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# the peer of `closedloop bench --peers` (tests/closedloop/test_bench.py); --no-deps: its metadata
+	# pins requests~=2.25.1, which only its unused download helpers need (pyproject.toml, extra `bench`)
+	$(BIN)/python -m pip install --quiet --no-deps 'torchattacks==3.5.1'
 	touch $(STAMP)
 
 # The behavioural web task: jsPsych from npm (web/package-lock.json), bundled by esbuild into

@@ -12,26 +12,39 @@ after a warm-up, with the thread count left as it is, as medians over repeats:
   same engine, end to end (clean predictions, 8-bit output, final predictions);
 - the estimated attack time of a paper-size day: 21 sites × 42 images × 5 budgets × 2 directions
   × 100 steps image-steps at the measured engine speed.
+
+``closedloop bench --peers`` (:func:`compute_peer_bench`) times the day's site attacks end to end
+against torchattacks' PGDL2 doing the same work on the same model, images, ε, steps and step size.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from closedloop.attacks.engine import compute_pgd, compute_predictions, quantize_within_budget
+from closedloop.attacks.engine import (
+    compute_pgd,
+    compute_predictions,
+    compute_realised_eps,
+    make_attack_runner,
+    make_run_settings,
+    quantize_within_budget,
+    resolve_precision,
+)
 from closedloop.attacks.sites import SITE_TARGET, make_site_attacks
 from closedloop.core.logs import logger
-from closedloop.core.validation import check_device, check_integer
+from closedloop.core.validation import check_device, check_integer, check_number
 from closedloop.images import from_tensor, to_tensor
 
-__all__ = ["PAPER_DAY", "compute_bench"]
+__all__ = ["PAPER_DAY", "TORCHATTACKS_INSTALL", "compute_bench", "compute_peer_bench"]
 
 PAPER_DAY = {"n_sites": 21, "n_images": 42, "n_budgets": 5, "n_directions": 2, "n_steps": 100}
 _EPS = 1.0
+TORCHATTACKS_INSTALL = "pip install --no-deps torchattacks==3.5.1"
 
 
 def _synchronize(device: torch.device) -> None:
@@ -46,16 +59,17 @@ def _seconds(work: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _paired_seconds(first: Callable[[], object], second: Callable[[], object], n_repeats: int, device) -> dict:
-    """Wall times of two pieces of work, s: one warm-up run each, then timed runs alternating.
-
-    Alternating exposes both to the same load on a shared machine. Returns the medians and the
-    minima (the least disturbed runs) of each.
-    """
-    first(), second()
+def _interleaved_seconds(works: dict[str, Callable[[], object]], n_repeats: int, device) -> dict[str, np.ndarray]:
+    """Wall times of several pieces of work, s, (n_repeats,) each: one warm-up run each, then timed
+    runs in turn, the order rotating every repeat, so that all see the same load on a shared machine."""
+    for work in works.values():
+        work()
     _synchronize(device)
-    times = np.array([(_seconds(first, device), _seconds(second, device)) for _ in range(n_repeats)])
-    return {"median": np.median(times, axis=0).tolist(), "min": times.min(axis=0).tolist()}
+    names, times = list(works), {name: [] for name in works}
+    for repeat in range(n_repeats):
+        for name in names[repeat % len(names):] + names[: repeat % len(names)]:
+            times[name].append(_seconds(works[name], device))
+    return {name: np.array(values) for name, values in times.items()}
 
 
 def _site_objective(n_images: int, n_sites: int, device: torch.device):
@@ -73,11 +87,12 @@ def _fwd_bwd(model, images: torch.Tensor, objective, n_steps: int, autocast: boo
         torch.autograd.grad(objective(predicted).sum(), x)
 
 
-def _per_site_loop(model, pixels, image_index, site, n_steps: int, seed: int, device, autocast: bool, channels_last: bool) -> None:
+def _per_site_loop(model, runner, pixels, image_index, site, n_steps: int, seed: int, device, settings) -> None:
     """The naive reference: site by site, image by image, direction by direction, one attack at a time.
 
     Same engine and same end-to-end work as :func:`make_site_attacks` (clean prediction, PGD with a
-    random start, budget-safe 8-bit output, prediction on it), each attack a batch of one image.
+    random start on ``runner``, budget-safe 8-bit output, prediction on it with ``model``), each
+    attack a batch of one image.
     """
     generator = torch.Generator().manual_seed(seed)
     for target_site in np.unique(site):
@@ -86,11 +101,18 @@ def _per_site_loop(model, pixels, image_index, site, n_steps: int, seed: int, de
             compute_predictions(model, clean, device=device)
             for sign in (1.0, -1.0):
                 result = compute_pgd(
-                    model, to_tensor(clean, device), eps=_EPS, step_size=_EPS / 3, n_steps=n_steps,
+                    runner, to_tensor(clean, device), eps=_EPS, step_size=_EPS / 3, n_steps=n_steps,
                     objective=lambda predicted, s=target_site, t=sign * SITE_TARGET: (predicted[:, s] - t) ** 2,
-                    random_start=True, generator=generator, autocast=autocast, channels_last=channels_last,
+                    random_start=True, generator=generator, autocast=settings.autocast,
+                    channels_last=settings.channels_last,
                 )
                 compute_predictions(model, quantize_within_budget(from_tensor(result.images), clean, _EPS), device=device)
+
+
+def _prepare(model: torch.nn.Module, device: torch.device) -> None:
+    model.to(device).eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
 
 
 def compute_bench(
@@ -104,8 +126,8 @@ def compute_bench(
     n_loop_images: int = 2,
     image_size: int = 224,
     device="cpu",
-    autocast: bool = False,
-    channels_last: bool = False,
+    precision: str = "auto",
+    channels_last: bool = True,
     compile_model: bool = False,
     seed: int = 0,
 ) -> dict:
@@ -114,9 +136,11 @@ def compute_bench(
     ``batch_size``: images per batch for every measurement; ``n_steps``: steps per timed run;
     ``n_repeats`` / ``n_loop_repeats``: timed runs of the engine / of the batched-vs-loop comparison
     (medians reported, runs alternating); ``n_loop_sites`` ×
-    ``n_loop_images``: jobs of the batched-vs-loop comparison; ``image_size``: px. GPU switches
-    (``autocast`` bf16, ``channels_last``, ``compile_model``) apply to every measurement alike.
-    Returns a JSON-ready dict of seconds and ratios (keys documented in docs/attacks.md).
+    ``n_loop_images``: jobs of the batched-vs-loop comparison; ``image_size``: px. ``precision``
+    (``"auto"``, ``"fp32"``, ``"bf16"``), ``channels_last`` and ``compile_model``
+    set how the attack steps run (:func:`~closedloop.attacks.engine.make_run_settings`), for the
+    bare forward+backward and the engine alike. Returns a JSON-ready dict of seconds and ratios
+    (keys documented in docs/attacks.md).
     """
     for name, value, low in (("batch_size", batch_size, 1), ("n_steps", n_steps, 1), ("n_repeats", n_repeats, 1),
                              ("n_loop_repeats", n_loop_repeats, 1),
@@ -124,41 +148,34 @@ def compute_bench(
                              ("image_size", image_size, 16), ("seed", seed, 0)):
         check_integer(name, value, minimum=low)
     device = check_device("device", device)
-    model.to(device).eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    runner = torch.compile(model) if compile_model else model
+    settings = make_run_settings(precision, device, channels_last=channels_last)
+    _prepare(model, device)
     rng = np.random.default_rng(seed)
     pixels = rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8)
-    images = to_tensor(pixels, device)
-    images = images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    images = settings.prepare(to_tensor(pixels, device))
+    runner = make_attack_runner(model, device, settings, example=images[:2], compile_model=compile_model)
     with torch.no_grad():
-        n_sites = model(images[:1]).shape[1]
+        n_sites = model(images[:1].contiguous()).shape[1]
     objective = _site_objective(batch_size, n_sites, device)
     engine = dict(eps=_EPS, step_size=_EPS / 3, n_steps=n_steps, objective=objective, random_start=True,
-                  autocast=autocast, channels_last=channels_last)
+                  autocast=settings.autocast, channels_last=settings.channels_last)
 
     logger.info("bench: bare forward+backward and attack engine, batch %d, %d steps, %d repeats", batch_size, n_steps, n_repeats)
-    engine_times = _paired_seconds(
-        lambda: _fwd_bwd(runner, images, objective, n_steps, autocast),
-        lambda: compute_pgd(runner, images, generator=seed, **engine),
-        n_repeats, device,
-    )
-    fwd_bwd_per_image, attack_per_image_step = np.array(engine_times["median"]) / (batch_size * n_steps)
-    fwd_bwd_min, attack_min = engine_times["min"]
+    engine_times = _interleaved_seconds({
+        "fwd_bwd": lambda: _fwd_bwd(runner, images, objective, n_steps, settings.autocast),
+        "attack": lambda: compute_pgd(runner, images, generator=seed, **engine),
+    }, n_repeats, device)
+    fwd_bwd_per_image, attack_per_image_step = (np.median(engine_times[k]) / (batch_size * n_steps) for k in ("fwd_bwd", "attack"))
 
     logger.info("bench: batched site attacks vs a per-site loop, %d jobs", n_loop_sites * n_loop_images)
     site = np.repeat(np.arange(n_loop_sites) % n_sites, n_loop_images)
     image_index = np.tile(np.arange(n_loop_images) % batch_size, n_loop_sites)
-    attacks = dict(n_steps=n_steps, seed=seed, device=device, autocast=autocast, channels_last=channels_last)
-    loop_times = _paired_seconds(
-        lambda: make_site_attacks(model, pixels, image_index, site, _EPS, batch_size=batch_size, **attacks),
-        lambda: _per_site_loop(model, pixels, image_index, site, n_steps, seed, device, autocast, channels_last),
-        n_loop_repeats, device,
-    )
-    (batched_s, loop_s), (batched_min, loop_min) = loop_times["median"], loop_times["min"]
+    attacks = dict(n_steps=n_steps, seed=seed, device=device, precision=precision, channels_last=settings.channels_last)
+    loop_times = _interleaved_seconds({
+        "batched": lambda: make_site_attacks(model, pixels, image_index, site, _EPS, batch_size=batch_size, **attacks),
+        "loop": lambda: _per_site_loop(model, runner, pixels, image_index, site, n_steps, seed, device, settings),
+    }, n_loop_repeats, device)
+    batched_s, loop_s = (float(np.median(loop_times[k])) for k in ("batched", "loop"))
     day_image_steps = int(np.prod(list(PAPER_DAY.values())))
     return {
         "device": str(device),
@@ -169,22 +186,184 @@ def compute_bench(
         "n_steps": n_steps,
         "n_repeats": n_repeats,
         "n_loop_repeats": n_loop_repeats,
-        "autocast_bf16": autocast,
-        "channels_last": channels_last,
+        "precision": resolve_precision(precision, device),
+        "channels_last": settings.channels_last,
+        "batch_norm_folded": settings.fold_batch_norm,
         "compile": compile_model,
         "fwd_bwd_s_per_image": float(fwd_bwd_per_image),
         "fwd_bwd_images_per_s": float(1.0 / fwd_bwd_per_image),
         "attack_s_per_image_step": float(attack_per_image_step),
         "attack_image_steps_per_s": float(1.0 / attack_per_image_step),
         "attack_over_fwd_bwd": float(attack_per_image_step / fwd_bwd_per_image),
-        "attack_over_fwd_bwd_of_minima": attack_min / fwd_bwd_min,
+        "attack_over_fwd_bwd_of_minima": float(engine_times["attack"].min() / engine_times["fwd_bwd"].min()),
         "loop_jobs": int(len(site)),
         "batched_s": batched_s,
         "per_site_loop_s": loop_s,
         "batched_speedup_vs_per_site_loop": loop_s / batched_s,
-        "batched_speedup_of_minima": loop_min / batched_min,
+        "batched_speedup_of_minima": float(loop_times["loop"].min() / loop_times["batched"].min()),
         "paper_day": dict(PAPER_DAY),
         "paper_day_image_steps": day_image_steps,
         "paper_day_estimated_s": float(day_image_steps * attack_per_image_step),
         "paper_day_estimated_h": float(day_image_steps * attack_per_image_step / 3600.0),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Peers: the same site attacks with torchattacks
+
+
+class _SiteLogits(torch.nn.Module):
+    """What the peer attacks: two logits [s, −s] per image, s the prediction of that image's site.
+
+    Untargeted PGD raises the cross-entropy of the label: label 1 (the −s logit) pushes s up,
+    label 0 pushes it down, so the peer's ascent goes the same way as the site attack's descent
+    of (s − (±1000))². ``site``: (N,) site index per image of the next batch.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.site = torch.zeros(0, dtype=torch.long)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        s = self.model(images)[torch.arange(len(images), device=images.device), self.site]
+        return torch.stack([s, -s], dim=1)
+
+
+def _import_torchattacks():
+    try:
+        import torchattacks
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(
+            f"closedloop bench --peers compares with torchattacks, which is not installed; install it with "
+            f"`{TORCHATTACKS_INSTALL}` (--no-deps: its metadata pins requests 2.25, which only its unused "
+            "download helpers need; torch, torchvision, scipy and tqdm are already here)"
+        ) from None
+    return torchattacks
+
+
+def _torchattacks_site_attacks(model, pixels, image_index, site, eps, n_steps, batch_size, seed, device):
+    """The site attacks made with torchattacks' PGDL2, end to end as :func:`make_site_attacks` does:
+    clean predictions, both directions per job, the project's exact 8-bit rounding, predictions on
+    the 8-bit images, the direction with the larger predicted change kept. Returns that change
+    per job, |Δ f_site| (n_jobs,), spikes per window, and the realised ε of the kept images (n_jobs,)."""
+    torchattacks = _import_torchattacks()
+    used = np.unique(image_index)
+    predicted_used = compute_predictions(model, pixels[used], batch_size=batch_size, device=device)
+    clean_predicted = np.zeros((len(pixels), predicted_used.shape[1]), np.float32)
+    clean_predicted[used] = predicted_used
+    view = _SiteLogits(model)
+    attack = torchattacks.PGDL2(view, eps=eps, alpha=eps / 3, steps=n_steps, random_start=True)
+    n_jobs, jobs_per_batch = len(image_index), max(1, batch_size // 2)
+    change, realised = np.empty(n_jobs), np.empty(n_jobs)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # PGDL2 draws from the global generator
+        torch.manual_seed(seed)
+        for begin in range(0, n_jobs, jobs_per_batch):
+            jobs = np.arange(begin, min(begin + jobs_per_batch, n_jobs))
+            pairs, signs = np.repeat(jobs, 2), np.tile([1, -1], len(jobs))
+            view.site = torch.as_tensor(site[pairs], device=device)
+            clean = pixels[image_index[pairs]]
+            adversarial = attack(to_tensor(clean, device), torch.as_tensor(signs > 0, dtype=torch.long, device=device))
+            attacked = quantize_within_budget(from_tensor(adversarial), clean, eps)
+            outputs = compute_predictions(model, attacked, batch_size=len(attacked), device=device)
+            pair_change = np.abs(outputs[np.arange(len(pairs)), site[pairs]] - clean_predicted[image_index[pairs], site[pairs]])
+            keep = 2 * np.arange(len(jobs)) + (pair_change[1::2] > pair_change[0::2])
+            change[jobs] = pair_change[keep]
+            realised[jobs] = compute_realised_eps(attacked[keep], clean[keep])
+    return change, realised
+
+
+def compute_peer_bench(
+    model: torch.nn.Module,
+    *,
+    n_jobs: int = 16,
+    n_steps: int = 20,
+    n_repeats: int = 5,
+    batch_size: int = 32,
+    eps: float = _EPS,
+    image_size: int = 224,
+    device="cpu",
+    precision: str = "auto",
+    seed: int = 0,
+) -> dict:
+    """The day's site attacks against torchattacks' PGDL2 on the same work, end to end.
+
+    ``model``: float images (N, 3, H, W) in [0, 1] → (N, n_sites). Both make ``n_jobs`` (image,
+    site) attacks on seeded random 8-bit images of ``image_size`` px, both directions each, within
+    L2 budget ``eps`` ([0, 1] pixel units), ``n_steps`` steps of ``eps / 3`` from a random start,
+    ``batch_size`` images per batch; both outputs get the project's exact 8-bit rounding (so both
+    keep ‖δ‖ ≤ ε on the shown image) and predictions on it. :func:`make_site_attacks` runs with
+    ``precision`` (its default: "auto"); torchattacks runs the model as given, float32. Timed runs
+    alternate ``n_repeats`` times, together with a bare float32 forward+backward of one batch.
+    Returns a JSON-ready dict (keys in docs/attacks.md): ``speedup_vs_torchattacks`` (median of
+    the paired time ratios; spread as min/max and quartiles), ``site_attack_over_fwd_bwd``, the
+    achieved objective of both (mean predicted |Δ f_site| of the kept direction on the 8-bit
+    image, spikes per window) and the load average of the machine.
+    """
+    torchattacks = _import_torchattacks()
+    for name, value, low in (("n_jobs", n_jobs, 1), ("n_steps", n_steps, 1), ("n_repeats", n_repeats, 1),
+                             ("batch_size", batch_size, 2), ("image_size", image_size, 16), ("seed", seed, 0)):
+        check_integer(name, value, minimum=low)
+    eps = check_number("eps", eps, minimum=0.0, inclusive=False)
+    device = check_device("device", device)
+    resolved = resolve_precision(precision, device)
+    _prepare(model, device)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (n_jobs, image_size, image_size, 3), dtype=np.uint8)
+    with torch.no_grad():
+        n_sites = model(to_tensor(pixels[:1], device)).shape[1]
+    image_index, site = np.arange(n_jobs), np.arange(n_jobs) % n_sites
+    images = to_tensor(pixels[np.arange(batch_size) % n_jobs], device)
+    objective = _site_objective(batch_size, n_sites, device)
+    outcome = {}
+
+    def ours() -> None:
+        outcome["ours"] = make_site_attacks(model, pixels, image_index, site, eps, n_steps=n_steps, batch_size=batch_size,
+                                            seed=seed, device=device, precision=precision)
+
+    def peer() -> None:
+        outcome["peer"] = _torchattacks_site_attacks(model, pixels, image_index, site, eps, n_steps, batch_size, seed, device)
+
+    load_before = os.getloadavg()[0]
+    logger.info("bench --peers: %d jobs × 2 directions, %d steps, %d repeats", n_jobs, n_steps, n_repeats)
+    times = _interleaved_seconds({
+        "site_attacks": ours, "torchattacks": peer,
+        "fwd_bwd": lambda: _fwd_bwd(model, images, objective, 1, autocast=False),
+    }, n_repeats, device)
+    ratios = times["torchattacks"] / times["site_attacks"]
+    made = outcome["ours"]
+    ours_change = np.abs(made.predicted - made.predicted_clean)[np.arange(n_jobs), site]
+    peer_change, peer_realised = outcome["peer"]
+    image_steps = 2 * n_jobs * n_steps
+    fwd_bwd_per_image = float(np.median(times["fwd_bwd"])) / batch_size
+    return {
+        "peer": f"torchattacks {torchattacks.__version__} PGDL2",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "load_average": [load_before, os.getloadavg()[0]],
+        "precision": resolved,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "n_sites": int(n_sites),
+        "n_jobs": n_jobs,
+        "n_images": 2 * n_jobs,
+        "n_steps": n_steps,
+        "eps": eps,
+        "step_size": eps / 3,
+        "n_repeats": n_repeats,
+        "rounding": "the project's exact 8-bit rounding on both outputs (both keep ||delta|| <= eps when shown)",
+        "site_attacks_s": float(np.median(times["site_attacks"])),
+        "torchattacks_s": float(np.median(times["torchattacks"])),
+        "speedup_vs_torchattacks": float(np.median(ratios)),
+        "speedup_min": float(ratios.min()),
+        "speedup_max": float(ratios.max()),
+        "speedup_quartiles": np.quantile(ratios, [0.25, 0.75]).tolist(),
+        "fwd_bwd_fp32_s_per_image": fwd_bwd_per_image,
+        "site_attack_s_per_image_step": float(np.median(times["site_attacks"])) / image_steps,
+        "site_attack_over_fwd_bwd": float(np.median(times["site_attacks"])) / image_steps / fwd_bwd_per_image,
+        "objective_site_attacks": float(ours_change.mean()),
+        "objective_torchattacks": float(peer_change.mean()),
+        "objective_ratio": float(ours_change.mean() / peer_change.mean()),
+        "realised_eps_max_site_attacks": float(made.realised_eps.max()),
+        "realised_eps_max_torchattacks": float(peer_realised.max()),
     }

@@ -89,20 +89,35 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
 @click.option("--repeats", type=click.IntRange(1), default=5, show_default=True, help="Timed runs (median reported).")
 @click.option("--image-size", type=click.IntRange(32), default=224, show_default=True, help="Image side, px.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--bf16", is_flag=True, help="bf16 autocast in the attack steps (GPU).")
-@click.option("--channels-last", is_flag=True, help="Channels-last memory format (GPU).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Attack steps in bf16 autocast or fp32; auto: bf16 where the device runs it natively.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Attack steps in channels-last memory format.")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option("--peers", is_flag=True, help="Instead: the site attacks end to end against torchattacks' PGDL2 "
+              "(needs torchattacks: pip install --no-deps torchattacks==3.5.1).")
+@click.option("--n-jobs", type=click.IntRange(1), default=16, show_default=True,
+              help="With --peers: (image, site) attack jobs, both directions each.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int, repeats: int, image_size: int,
-          device: str, bf16: bool, channels_last: bool, compile_model: bool, as_json: bool) -> None:
-    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day."""
-    from closedloop.bench import compute_bench
+          device: str, precision: str, channels_last: bool, compile_model: bool, peers: bool, n_jobs: int,
+          as_json: bool) -> None:
+    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day (or --peers)."""
+    from closedloop.bench import compute_bench, compute_peer_bench
     from models import make_it_model
 
     model = make_it_model(backbone, layer, n_sites, image_size=image_size)
     result = {"backbone": backbone, "layer": layer}
-    result |= compute_bench(model, batch_size=batch_size, n_steps=n_steps, n_repeats=repeats, image_size=image_size,
-                            device=device, autocast=bf16, channels_last=channels_last, compile_model=compile_model)
+    if peers:
+        try:
+            result |= compute_peer_bench(model, n_jobs=n_jobs, n_steps=n_steps, n_repeats=repeats, batch_size=batch_size,
+                                         image_size=image_size, device=device, precision=precision)
+        except ModuleNotFoundError as error:
+            raise click.ClickException(str(error)) from None
+    else:
+        result |= compute_bench(model, batch_size=batch_size, n_steps=n_steps, n_repeats=repeats, image_size=image_size,
+                                device=device, precision=precision, channels_last=channels_last,
+                                compile_model=compile_model)
     text = "\n".join(f"{key:>34}: {value:.4g}" if isinstance(value, float) else f"{key:>34}: {value}"
                      for key, value in result.items())
     _emit(result, as_json, text)
@@ -428,13 +443,19 @@ def behavior_init(path: Path, preset: str, force: bool) -> None:
 @click.option("--preset", type=click.Choice(["embedded", "paper", "demo"]), default="embedded", show_default=True,
               help="Configuration to use without --config (paths relative to the current folder).")
 @click.option("--restart", is_flag=True, help="Delete an earlier stimulus set in OUT and start over.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None,
+              help="Arithmetic of the attack steps [default: [perturbations] precision, itself 'auto': bf16 where "
+                   "the device runs it natively, else fp32].")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def behavior_generate(out: Path, config_path: Path | None, preset: str, restart: bool, as_json: bool) -> None:
+def behavior_generate(out: Path, config_path: Path | None, preset: str, restart: bool, precision: str | None,
+                      as_json: bool) -> None:
     """Make (or finish) a behavioural stimulus set in OUT: PNGs, manifest, every model's logits."""
     from closedloop.behavior.config import make_preset_config, read_behavior_config
     from closedloop.behavior.generate import write_behavior_stimuli
 
     config = read_behavior_config(config_path) if config_path is not None else make_preset_config(preset)
+    if precision is not None:
+        config = config.model_copy(update={"perturbations": config.perturbations.model_copy(update={"precision": precision})})
     result = write_behavior_stimuli(config, out, restart=restart)
     text = (f"{result['n_items']} images in {result['n_units']} units ({result['n_units_done_before']} done before) "
             f"in {result['seconds']:.1f} s\nmanifest: {result['manifest']}")

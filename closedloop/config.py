@@ -160,7 +160,15 @@ class AttackSection(ConfigSection):
     baselines: list[Literal["gaussian", "interpolation"]] = Field(
         ["gaussian", "interpolation"], description="Model-free baselines made at the same budgets."
     )
-    batch_size: int = Field(0, ge=0, description="Images per attack batch; 0 sizes batches to the device memory.")
+    batch_size: int = Field(
+        0, ge=0, description="Images per attack batch; 0 sizes batches to the device memory (32 on CPU)."
+    )
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description='Arithmetic of the attack steps: "auto" = bf16 autocast where the device runs bf16 natively '
+        '(CUDA GPUs from compute capability 8.0, CPUs with AVX-512 BF16/AMX), else fp32; "fp32" or "bf16" force it. '
+        "Rounding, budgets and predictions are fp32 either way.",
+    )
     part_size: int = Field(
         64, ge=1, description="Attack jobs saved to disk together while synthesizing (a crash loses at most one part)."
     )

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from closedloop.attacks.engine import (
-    RunSettings,
     compute_batch_size,
     compute_predictions,
     compute_realised_eps,
     compute_step_schedule,
     make_attack_pixels,
     make_attack_runner,
+    make_run_settings,
 )
 from closedloop.core.logs import progress
 from closedloop.core.validation import (
@@ -32,6 +32,7 @@ from closedloop.core.validation import (
     check_option,
     check_uint8_images,
 )
+from closedloop.images import to_tensor
 
 __all__ = ["CLASSIFIER_MODES", "ClassifierAttacks", "make_classifier_attacks"]
 
@@ -104,8 +105,8 @@ def make_classifier_attacks(
     logit_push: float = 0.1,
     batch_size: int = 0,
     device="cpu",
-    autocast: bool = False,
-    channels_last: bool = False,
+    precision: str = "auto",
+    channels_last: bool = True,
 ) -> ClassifierAttacks:
     """Attacks on a classifier (behavioural pipeline): no random start, best iterate kept.
 
@@ -119,8 +120,10 @@ def make_classifier_attacks(
       (N, n_features) or any shape that flattens to it) and ``centroid`` ((n_features,) or
       (n_images, n_features)), e.g. the mean penultimate feature of a new class.
     ``eps``: budget per image ([0, 1] pixel units). ``step_size`` / ``n_steps``: default to
-    :func:`~closedloop.attacks.engine.compute_step_schedule` (eps). Returns
-    :class:`ClassifierAttacks` with logits on the 8-bit images.
+    :func:`~closedloop.attacks.engine.compute_step_schedule` (eps). ``precision`` (``"auto"``,
+    ``"fp32"``, ``"bf16"``) and ``channels_last`` set how the attack steps run, as
+    in :func:`~closedloop.attacks.sites.make_site_attacks`; logits are float32 on ``classifier``.
+    Returns :class:`ClassifierAttacks` with logits on the 8-bit images.
     """
     check_option("mode", mode, CLASSIFIER_MODES)
     check_uint8_images("clean_uint8", clean_uint8)
@@ -134,18 +137,20 @@ def make_classifier_attacks(
     step = schedule_step if step_size is None else check_budgets("step_size", step_size, n_images)
     iterations = schedule_steps if n_steps is None else np.full(n_images, check_integer("n_steps", n_steps, minimum=1))
     device = check_device("device", device)
-    settings = RunSettings(autocast=autocast, channels_last=channels_last)
-    classifier = make_attack_runner(classifier, device, settings)
-    if batch_size == 0:
-        batch_size = compute_batch_size(classifier, (3, *clean_uint8.shape[1:3]), device, settings)
-    logits_clean = compute_predictions(classifier, clean_uint8, batch_size=batch_size, device=device, channels_last=channels_last)
+    settings = make_run_settings(precision, device, channels_last=channels_last)
+    example = to_tensor(clean_uint8[:2], device)
     if mode == "centroid":
-        wanted = _check_centroid(features, centroid, clean_uint8, device, settings)
-        attacked_model = features
+        wanted = _check_centroid(features, centroid, clean_uint8, device)
+        attacked_model = make_attack_runner(features, device, settings, example=example)
     else:
+        attacked_model = make_attack_runner(classifier, device, settings, example=example)
+    classifier.to(device)
+    if batch_size == 0:
+        batch_size = compute_batch_size(attacked_model, (3, *clean_uint8.shape[1:3]), device, settings)
+    logits_clean = compute_predictions(classifier, clean_uint8, batch_size=batch_size, device=device)
+    if mode != "centroid":
         name, values = ("labels", labels) if mode == "disrupt" else ("targets", targets)
         wanted = _check_class_indices(name, values, n_images, logits_clean.shape[1], composite=mode == "composite")
-        attacked_model = classifier
     pixels = np.empty_like(clean_uint8)
     groups = [np.flatnonzero((step == s) & (iterations == k)) for s, k in sorted(set(zip(step, iterations)))]
     batches = [group[b : b + batch_size] for group in groups for b in range(0, len(group), batch_size)]
@@ -157,13 +162,13 @@ def make_classifier_attacks(
         )
     return ClassifierAttacks(
         pixels=pixels,
-        logits=compute_predictions(classifier, pixels, batch_size=batch_size, device=device, channels_last=channels_last),
+        logits=compute_predictions(classifier, pixels, batch_size=batch_size, device=device),
         logits_clean=logits_clean,
         realised_eps=compute_realised_eps(pixels, clean_uint8),
     )
 
 
-def _check_centroid(features, centroid, clean_uint8, device, settings: RunSettings) -> np.ndarray:
+def _check_centroid(features, centroid, clean_uint8, device) -> np.ndarray:
     """Check the feature function and centroid; return the centroid per image (n_images, n_features)."""
     if not isinstance(features, torch.nn.Module):
         raise TypeError(
@@ -172,7 +177,7 @@ def _check_centroid(features, centroid, clean_uint8, device, settings: RunSettin
     if centroid is None:
         raise ValueError("mode 'centroid' needs 'centroid', the target mean feature vector (n_features,).")
     features.to(device)
-    sample = compute_predictions(features, clean_uint8[:1], batch_size=1, device=device, channels_last=settings.channels_last)
+    sample = compute_predictions(features, clean_uint8[:1], batch_size=1, device=device)
     n_features = int(np.prod(sample.shape[1:]))
     centroid = np.asarray(centroid, dtype=np.float32)
     if centroid.ndim == 1:

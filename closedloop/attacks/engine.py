@@ -10,6 +10,13 @@ projected onto ‖δ‖₂ ≤ ε and x clamped to [0, 1]; each image keeps its 
 in eval mode with frozen parameters, so images in a batch are independent and every image may
 have its own ε, step size and target. The step loop has no host-device synchronisation.
 
+Fast numerics (:func:`make_run_settings`): the attack steps run on a copy of the model with its
+BatchNorm layers folded into the convolutions before them (exact to ~1e-6 in float32), in the
+memory format that is faster on the device, and under bf16 autocast where the hardware runs bf16
+natively (``precision="auto"``, :func:`resolve_precision`). Everything that decides what is shown
+or reported stays float32 on the model as given: the projection, the 8-bit rounding, the budget
+check and every reported prediction.
+
 Stimuli are shown as 8-bit images, so every attack (:mod:`closedloop.attacks.sites`,
 :mod:`closedloop.attacks.classifiers`) returns uint8 images made by :func:`quantize_within_budget`
 (through :func:`make_attack_pixels`), whose own perturbation never exceeds ε, and reports model
@@ -18,6 +25,7 @@ outputs computed on those 8-bit images (:func:`compute_predictions`).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.fx.experimental.optimization import fuse
 
 from closedloop.core.logs import logger
 from closedloop.core.validation import (
@@ -33,13 +42,19 @@ from closedloop.core.validation import (
     check_image_batch,
     check_integer,
     check_number,
+    check_option,
     check_uint8_images,
 )
 from closedloop.images import to_tensor
 
 __all__ = [
+    "PRECISIONS",
     "PGDResult",
     "RunSettings",
+    "has_native_bf16",
+    "resolve_precision",
+    "make_run_settings",
+    "fold_batch_norm",
     "compute_pgd",
     "compute_step_schedule",
     "compute_realised_eps",
@@ -65,6 +80,8 @@ _CPU_BATCH = 32  # images per batch on CPU when batch_size=0 (fastest of 16, 32,
 _MAX_GPU_BATCH = 1024
 _TINY = 1e-12
 _MARGIN = 1e-9  # relative safety margin of the 8-bit budget against float rounding
+PRECISIONS = ("auto", "fp32", "bf16")
+_FOLD_TOLERANCE = 1e-4  # largest relative output change a BatchNorm fold may make (float32 gives ~1e-6)
 
 
 @dataclass(frozen=True)
@@ -126,14 +143,17 @@ def _project(x: torch.Tensor, clean: torch.Tensor, eps: torch.Tensor, *, scratch
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How the model is run: bf16 autocast and channels-last memory format (both off by default).
+    """How the attack steps run the model (all off by default; :func:`make_run_settings` chooses).
 
-    ``autocast``: bf16 autocast of the model's forward pass (CUDA; attack steps only, reported
-    outputs are float32); ``channels_last``: images and model in channels-last memory format.
+    ``autocast``: bf16 autocast of the model's forward pass in the attack steps (reported outputs
+    are float32); ``channels_last``: images and model in channels-last memory format;
+    ``fold_batch_norm``: the steps run a copy of the model with BatchNorm folded into the
+    convolutions (:func:`fold_batch_norm`).
     """
 
     autocast: bool = False
     channels_last: bool = False
+    fold_batch_norm: bool = False
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Float32 images (N, 3, H, W), contiguous in this memory format."""
@@ -144,6 +164,42 @@ class RunSettings:
         """The model's output on prepared images, under autocast if set, as float32."""
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             return model(images).float()
+
+
+def has_native_bf16(device) -> bool:
+    """Whether ``device`` runs bf16 convolutions natively (so bf16 autocast makes attacks faster).
+
+    CUDA: a GPU with bf16 arithmetic (compute capability ≥ 8.0; emulation does not count). CPU:
+    oneDNN's own check for bf16 instructions (AVX-512 BF16 or AMX); on other CPUs bf16 convolutions
+    are emulated and several times slower than float32 (docs/attacks.md gives the measurement).
+    """
+    device = check_device("device", device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(torch.backends.mkldnn.is_available() and supported is not None and supported())
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``"fp32"`` or ``"bf16"``: ``precision`` as given, or for ``"auto"`` bf16 where
+    :func:`has_native_bf16` (``device``), else fp32. Raises ``ValueError`` for another value."""
+    check_option("precision", precision, PRECISIONS)
+    if precision != "auto":
+        return precision
+    return "bf16" if has_native_bf16(device) else "fp32"
+
+
+def make_run_settings(precision: str = "auto", device="cpu", *, channels_last: bool = True) -> RunSettings:
+    """The attack steps' settings for ``precision`` (``"auto"``, ``"fp32"``, ``"bf16"``) on ``device``.
+
+    BatchNorm folding (exact to float rounding) always; bf16 autocast for bf16
+    (:func:`resolve_precision`); channels-last memory format unless ``channels_last`` is False
+    (faster in float32 on the 2-core development CPU too: docs/attacks.md has the measurements).
+    """
+    device = check_device("device", device)
+    bf16 = resolve_precision(precision, device) == "bf16"
+    check_option("channels_last", channels_last, [False, True])
+    return RunSettings(autocast=bf16, channels_last=channels_last, fold_batch_norm=True)
 
 
 def _random_start(clean: torch.Tensor, eps: torch.Tensor, generator: torch.Generator, settings: RunSettings) -> torch.Tensor:
@@ -428,15 +484,65 @@ def make_attack_pixels(
     return quantize_within_budget(adversarial, clean_uint8, eps)
 
 
-def make_attack_runner(model: torch.nn.Module, device: torch.device, settings: RunSettings, *, compile_model: bool = False):
-    """Move ``model`` to ``device`` (in place), channels-last if ``settings`` say so; return the callable of attack steps.
+def _fold_children(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with each convolution → BatchNorm pair folded (in place where it can; eval mode).
 
-    The callable is ``model`` itself, or ``torch.compile(model)`` when ``compile_model``. Raises
-    ``TypeError`` if ``model`` is not an ``nn.Module``.
+    A module that torch.fx can trace is folded as one graph; one it cannot (Python control flow on
+    tensor values, e.g. an input shape check) is left as is and its children are tried instead.
+    """
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in module.modules()):
+        return module
+    try:
+        traced = module if isinstance(module, torch.fx.GraphModule) else torch.fx.symbolic_trace(module)
+    except Exception as error:  # tracing arbitrary user code can fail in any way: fold inside instead
+        logger.debug("BatchNorm folding: %s is not traceable (%s); folding its children", type(module).__name__, error)
+        for name, child in module.named_children():
+            setattr(module, name, _fold_children(child))
+        return module
+    return fuse(traced, inplace=True, no_trace=True).eval()
+
+
+def fold_batch_norm(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """A copy of ``model`` for attack steps: eval mode, every BatchNorm right after a convolution
+    folded into it (w' = w·γ/√(σ²+ε), b' = (b − μ)·γ/√(σ²+ε) + β), parameters without grad.
+
+    The copy computes the same function as ``model`` in eval mode to float rounding (~1e-6
+    relative in float32), with one convolution in place of two layers. ``example``: float images
+    (N, 3, H, W) on the model's device; the copy's output on them is compared with the model's,
+    and if the largest difference exceeds 1e-4 of the largest output (a model whose traced graph
+    is not its forward), the unfolded copy is returned instead. ``model`` itself is not changed.
+    """
+    # .eval() after the copy: a deep-copied torch.fx GraphModule comes back in train mode
+    folded = _fold_children(copy.deepcopy(model).eval().requires_grad_(False))
+    with _frozen(model), torch.no_grad():
+        expected, got = model(example).float(), folded(example).float()
+    error = float((got - expected).abs().max() / expected.abs().max().clamp_min(_TINY))
+    if not error <= _FOLD_TOLERANCE:
+        logger.warning("BatchNorm folding changed %s's output by %.2g (relative); attacking the unfolded model",
+                       type(model).__name__, error)
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    return folded
+
+
+def make_attack_runner(
+    model: torch.nn.Module, device: torch.device, settings: RunSettings, *, example: torch.Tensor | None = None,
+    compile_model: bool = False,
+):
+    """Move ``model`` to ``device`` (in place) and return the callable the attack steps run.
+
+    That is ``model`` itself when ``settings`` change nothing, else a copy: BatchNorm folded
+    (:func:`fold_batch_norm` with ``example``, float images (N, 3, H, W) on ``device``, required
+    then) and in channels-last memory format if ``settings`` say so; ``torch.compile`` of it when
+    ``compile_model``. Raises ``TypeError`` if ``model`` is not an ``nn.Module``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"'model' must be a torch.nn.Module, but got {type(model).__name__}.")
     model.to(device)
+    runner = model
+    if settings.fold_batch_norm:
+        if example is None:
+            raise ValueError("'example' images are required to fold BatchNorm (settings.fold_batch_norm); pass a few.")
+        runner = fold_batch_norm(model, example)
     if settings.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compile_model else model
+        runner = (runner if runner is not model else copy.deepcopy(model).eval()).to(memory_format=torch.channels_last)
+    return torch.compile(runner) if compile_model else runner

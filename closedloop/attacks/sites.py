@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 from closedloop.attacks.engine import (
-    RunSettings,
     compute_batch_size,
     compute_predictions,
     compute_realised_eps,
     make_attack_pixels,
     make_attack_runner,
+    make_run_settings,
 )
 from closedloop.core.logs import progress
 from closedloop.core.validation import (
@@ -30,6 +30,7 @@ from closedloop.core.validation import (
     check_number,
     check_uint8_images,
 )
+from closedloop.images import to_tensor
 
 __all__ = ["SITE_TARGET", "SiteAttacks", "make_site_attacks"]
 
@@ -77,8 +78,8 @@ def make_site_attacks(
     batch_size: int = 0,
     seed: int = 0,
     device="cpu",
-    autocast: bool = False,
-    channels_last: bool = False,
+    precision: str = "auto",
+    channels_last: bool = True,
     compile_model: bool = False,
 ) -> SiteAttacks:
     """Increase/decrease attacks on single sites of an IT model, all jobs packed into large batches.
@@ -91,8 +92,12 @@ def make_site_attacks(
     ``n_steps`` steps and random starts; the direction with the larger predicted
     |f_site(x + δ) − f_site(x)| on the final 8-bit image is kept. ``batch_size``: images (job ×
     direction pairs) per batch; 0 sizes it to the device memory (CUDA) or uses 32 (CPU).
-    ``autocast`` (bf16), ``channels_last``, ``compile_model`` (torch.compile): GPU switches, off by
-    default. Random starts come from ``seed`` (results also depend on ``batch_size``).
+    ``precision``: ``"auto"`` (bf16 autocast in the attack steps where the device runs bf16
+    natively, else float32), ``"fp32"`` or ``"bf16"``; the steps run a BatchNorm-folded copy of
+    ``model``, in channels-last memory format unless ``channels_last`` is False
+    (:func:`~closedloop.attacks.engine.make_run_settings`); ``compile_model``: torch.compile it.
+    Rounding, budgets and every reported prediction are float32 on ``model`` itself.
+    Random starts come from ``seed`` (results also depend on ``batch_size`` and the precision).
     """
     check_uint8_images("clean_uint8", clean_uint8)
     n_steps = check_integer("n_steps", n_steps, minimum=1)
@@ -109,14 +114,13 @@ def make_site_attacks(
     image_index = check_indices("image_index", image_index, len(clean_uint8))
     eps = check_budgets("eps", eps, len(image_index))
     device = check_device("device", device)
-    settings = RunSettings(autocast=autocast, channels_last=channels_last)
-    runner = make_attack_runner(model, device, settings, compile_model=compile_model)
-    if batch_size == 0:
-        batch_size = compute_batch_size(model, (3, *clean_uint8.shape[1:3]), device, settings)
+    settings = make_run_settings(precision, device, channels_last=channels_last)
     used = np.unique(image_index)
-    predicted_used = compute_predictions(
-        model, clean_uint8[used], batch_size=batch_size, device=device, channels_last=channels_last
-    )
+    example = to_tensor(clean_uint8[used[:2]], device)
+    runner = make_attack_runner(model, device, settings, example=example, compile_model=compile_model)
+    if batch_size == 0:
+        batch_size = compute_batch_size(runner, (3, *clean_uint8.shape[1:3]), device, settings)
+    predicted_used = compute_predictions(model, clean_uint8[used], batch_size=batch_size, device=device)
     if predicted_used.ndim != 2:
         raise ValueError(f"'model' must return (n_images, n_sites), but returned shape {predicted_used.shape}.")
     clean_predicted = np.zeros((len(clean_uint8), predicted_used.shape[1]), np.float32)
@@ -139,7 +143,7 @@ def make_site_attacks(
             objective=_site_objective(site_tensor, target), device=device, settings=settings,
             random_start=random_start, n_restarts=n_restarts, generator=generator,
         )
-        outputs = compute_predictions(model, attacked, batch_size=len(attacked), device=device, channels_last=channels_last)
+        outputs = compute_predictions(model, attacked, batch_size=len(attacked), device=device)
         change = np.abs(outputs[np.arange(len(pairs)), site[pairs]] - clean_predicted[image_index[pairs], site[pairs]])
         keep = 2 * np.arange(len(jobs)) + (change[1::2] > change[0::2])
         pixels[jobs], direction[jobs], predicted[jobs] = attacked[keep], signs[keep], outputs[keep]

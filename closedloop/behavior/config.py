@@ -114,6 +114,12 @@ class PerturbationsSection(ConfigSection):
     )
     logit_push: float = Field(0.1, ge=0.0, description="Composite targets: weight of the push on the target logits.")
     batch_size: int = Field(0, ge=0, description="Images per attack batch; 0 sizes batches to the device (32 on CPU).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description='Arithmetic of the attack steps: "auto" = bf16 autocast where the device runs bf16 natively '
+        '(CUDA GPUs from compute capability 8.0, CPUs with AVX-512 BF16/AMX), else fp32; "fp32" or "bf16" force it. '
+        "Rounding, budgets and logits are fp32 either way.",
+    )
 
     @field_validator("budgets")
     @classmethod

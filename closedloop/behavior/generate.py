@@ -175,7 +175,7 @@ def _perturb(unit: _Unit, starts: _Starts, models, context: dict, config: Behavi
         return make_interpolation_baseline(clean, destinations, unit.budget)
     settings = config.perturbations
     options = dict(eps=unit.budget, n_steps=settings.n_steps or None, logit_push=settings.logit_push,
-                   batch_size=settings.batch_size, device=device)
+                   batch_size=settings.batch_size, device=device, precision=settings.precision)
     classifier = models[unit.guide].classifier
     if unit.mode == "disrupt":
         return make_classifier_attacks(classifier, clean, mode="disrupt", labels=starts.categories[unit.rows], **options).pixels

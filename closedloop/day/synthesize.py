@@ -76,7 +76,7 @@ def _make_attacks(model, clean, jobs, settings: AttackSection, *, seed, parts_di
                 model, clean, image[chosen], site[chosen], eps[chosen],
                 n_steps=settings.steps, step_ratio=settings.step_ratio, random_start=settings.random_start,
                 n_restarts=settings.restarts, batch_size=settings.batch_size,
-                seed=derive_seed(seed, "attack-part", part), device=device,
+                seed=derive_seed(seed, "attack-part", part), device=device, precision=settings.precision,
             )
             write_npz(path, compressed=False, pixels=made.pixels, direction=made.direction, predicted=made.predicted)
         with np.load(path) as saved:

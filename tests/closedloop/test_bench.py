@@ -1,17 +1,21 @@
-"""compute_bench on a small model: every figure present, positive and consistent."""
+"""compute_bench and compute_peer_bench on small models: every figure present, positive and consistent."""
 
 import json
+import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from closedloop.bench import PAPER_DAY, compute_bench
+from closedloop.bench import PAPER_DAY, _SiteLogits, compute_bench, compute_peer_bench
+from closedloop.images import to_tensor
 
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 5))
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(32, 5))
 
 
 def test_bench_reports_every_figure():
@@ -52,3 +56,54 @@ def test_bench_command_bad_backbone_is_one_line_exit_2(capsys, tmp_path):
         main(["bench", "--backbone", str(tmp_path / "missing.pt")])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and error.startswith("error: ") and error.strip().count("\n") == 0
+
+
+def test_the_peer_pushes_each_site_the_way_its_label_says():
+    """torchattacks' untargeted PGDL2 through the two-logit view [s, −s]: label 1 raises s, label 0 lowers it."""
+    import torchattacks
+
+    model = _model().eval()
+    images = to_tensor(np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
+    view = _SiteLogits(model)
+    view.site = torch.tensor([0, 0, 3, 3])
+    torch.manual_seed(0)
+    adversarial = torchattacks.PGDL2(view, eps=1.0, alpha=0.3, steps=5, random_start=False)(images, torch.tensor([1, 0, 1, 0]))
+    with torch.no_grad():
+        change = (model(adversarial) - model(images))[torch.arange(4), view.site]
+    assert change[0] > 0 and change[1] < 0 and change[2] > 0 and change[3] < 0
+
+
+def test_peer_bench_reports_every_figure():
+    result = compute_peer_bench(_model(), n_jobs=3, n_steps=3, n_repeats=3, batch_size=4, image_size=32)
+    json.dumps(result)
+    assert result["peer"].startswith("torchattacks 3.") and result["precision"] in ("fp32", "bf16")
+    assert result["n_images"] == 6 and result["step_size"] == pytest.approx(1 / 3)
+    assert result["speedup_min"] <= result["speedup_vs_torchattacks"] <= result["speedup_max"]
+    assert result["speedup_min"] <= result["speedup_quartiles"][0] <= result["speedup_quartiles"][1] <= result["speedup_max"]
+    assert result["site_attack_over_fwd_bwd"] == pytest.approx(
+        result["site_attack_s_per_image_step"] / result["fwd_bwd_fp32_s_per_image"])
+    assert result["objective_site_attacks"] > 0 and result["objective_torchattacks"] > 0
+    assert result["objective_ratio"] == pytest.approx(result["objective_site_attacks"] / result["objective_torchattacks"])
+    assert result["realised_eps_max_site_attacks"] <= 1.0 and result["realised_eps_max_torchattacks"] <= 1.0
+
+
+def test_peer_bench_without_torchattacks_says_how_to_install_it(capsys, monkeypatch):
+    from closedloop.cli import main
+
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # what `import torchattacks` meets when it is not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--peers", "--backbone", "resnet_tiny", "--image-size", "32"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.strip().count("\n") == 0
+    assert "torchattacks, which is not installed" in error and "pip install --no-deps torchattacks==3.5.1" in error
+
+
+@pytest.mark.slow
+def test_bench_peers_command_prints_json_for_the_small_backbone(capsys):
+    from closedloop.cli import main
+
+    main(["-q", "bench", "--peers", "--backbone", "resnet_tiny", "--image-size", "64", "--batch-size", "4", "--n-steps", "2",
+          "--repeats", "1", "--n-sites", "3", "--n-jobs", "2", "--precision", "fp32", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["backbone"] == "resnet_tiny" and result["n_jobs"] == 2 and result["precision"] == "fp32"
+    assert result["speedup_vs_torchattacks"] > 0 and result["site_attack_over_fwd_bwd"] > 0

@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from closedloop.attacks.engine import (
     RunSettings,
@@ -12,9 +13,13 @@ from closedloop.attacks.engine import (
     compute_pgd,
     compute_predictions,
     compute_step_schedule,
+    fold_batch_norm,
+    has_native_bf16,
     make_attack_pixels,
     make_attack_runner,
+    make_run_settings,
     quantize_within_budget,
+    resolve_precision,
 )
 from closedloop.images import to_tensor
 from tests.closedloop.attacks.conftest import TinyNet, check_budget, make_images
@@ -206,3 +211,81 @@ def test_predictions_bad_input():
         compute_predictions(TinyNet(2), make_images(2) / 255.0)
     with pytest.raises(ValueError, match=r"'batch_size' must lie in \[1, inf\]"):
         compute_predictions(TinyNet(2), make_images(2), batch_size=0)
+
+
+# --------------------------------------------------------------------------------- fast numerics
+
+
+class _Guarded(nn.Module):
+    """An input check on tensor values: torch.fx cannot trace it, so folding happens in ``body``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = TinyNet(3)
+
+    def forward(self, images):
+        if images.min() < 0:
+            raise ValueError("images must be in [0, 1]")
+        return self.body(images)
+
+
+class _TracesDifferently(nn.Module):
+    """A forward that takes another path while torch.fx traces it: its graph is not its function."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = TinyNet(3)
+
+    def forward(self, images):
+        return self.body(images) * (0.0 if torch.fx._symbolic_trace.is_fx_tracing() else 1.0)
+
+
+def _n_batch_norms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("make", [lambda: TinyNet(4), _Guarded])
+def test_fold_batch_norm_is_exact_and_leaves_the_model_alone(make):
+    model = make()
+    images = to_tensor(make_images(6, seed=12))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    folded = fold_batch_norm(model, images[:2])
+    assert _n_batch_norms(model) == 1 and _n_batch_norms(folded) == 0
+    assert not folded.training and not any(p.requires_grad for p in folded.parameters())
+    assert all(p.requires_grad for p in model.parameters()) and model.training
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    with torch.no_grad():
+        expected = model.eval()(images)
+        np.testing.assert_allclose(folded(images).numpy(), expected.numpy(), rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_fold_batch_norm_keeps_a_model_whose_graph_is_not_its_forward(caplog):
+    model = _TracesDifferently()
+    images = to_tensor(make_images(3, seed=13))
+    runner = fold_batch_norm(model, images)
+    assert _n_batch_norms(runner) == 1 and "BatchNorm folding changed _TracesDifferently's output" in caplog.text
+    with torch.no_grad():
+        np.testing.assert_array_equal(runner(images).numpy(), model.eval()(images).numpy())
+
+
+def test_run_settings_and_precision():
+    cpu = torch.device("cpu")
+    native = has_native_bf16(cpu)
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert make_run_settings("fp32", cpu) == RunSettings(autocast=False, channels_last=True, fold_batch_norm=True)
+    assert make_run_settings("bf16", cpu, channels_last=False) == RunSettings(autocast=True, fold_batch_norm=True)
+    with pytest.raises(ValueError, match="Invalid value for 'precision': allowed values are 'auto', 'fp32', 'bf16', but got 'fp16'"):
+        make_run_settings("fp16", cpu)
+    with pytest.raises(ValueError, match="'example' images are required to fold BatchNorm"):
+        make_attack_runner(TinyNet(2), cpu, make_run_settings("fp32", cpu))
+
+
+def test_attack_runner_is_a_folded_channels_last_copy():
+    model, cpu = TinyNet(2), torch.device("cpu")
+    images = to_tensor(make_images(2, seed=14))
+    runner = make_attack_runner(model, cpu, make_run_settings("fp32", cpu), example=images)
+    assert runner is not model and _n_batch_norms(runner) == 0 and _n_batch_norms(model) == 1
+    convolutions = [m for m in runner.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convolutions) == 2 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convolutions)
+    assert model.body[0].weight.is_contiguous()

@@ -66,6 +66,7 @@ def test_paths_are_resolved_against_the_file_and_checked(tmp_path):
          r"model names \['x'\] are used twice"),
         ({"stimuli": {"new_class": ""}}, r'modes has "centroid" but \[stimuli\] new_class is ""'),
         ({"models": {"device": "tpu"}}, r"'models.device' = 'tpu': Input should be 'auto', 'cpu' or 'cuda'"),
+        ({"perturbations": {"precision": "fp16"}}, r"'perturbations.precision' = 'fp16': Input should be 'auto', 'fp32' or 'bf16'"),
     ],
 )
 def test_bad_values_are_refused_with_the_key(data, message):

@@ -145,6 +145,16 @@ def test_cli_finishes_a_finished_set_at_once_and_reports_bad_input_in_one_line(s
     assert bad.returncode == 2 and bad.stderr.startswith("error: no behaviour config at") and bad.stderr.count("\n") == 1
 
 
+def test_the_precision_option_reaches_the_config(stimulus_set, capsys):
+    """--precision overrides [perturbations] precision ("auto" in the set): another value is another config."""
+    from closedloop.cli import main
+
+    root, _, _ = stimulus_set
+    with pytest.raises(SystemExit) as exit_info:
+        main(["behavior", "generate", str(root / "out"), "--config", str(root / "behavior.toml"), "--precision", "bf16"])
+    assert exit_info.value.code == 2 and "holds a stimulus set made with other config" in capsys.readouterr().err
+
+
 def test_models_must_exist_and_share_their_categories(stimulus_set, tmp_path):
     from closedloop.behavior.config import ModelsSection
     from closedloop.behavior.models import load_behavior_models
