@@ -217,13 +217,16 @@ class _SiteLogits(torch.nn.Module):
 
     Untargeted PGD raises the cross-entropy of the label: label 1 (the −s logit) pushes s up,
     label 0 pushes it down, so the peer's ascent goes the same way as the site attack's descent
-    of (s − (±1000))². ``site``: (N,) site index per image of the next batch.
+    of (s − (±1000))². ``site``: (N,) site index per image of the next batch. Made in eval mode:
+    torchattacks puts a model it found in train mode back into train mode after each attack, and
+    a BatchNorm in train mode would change the model's running statistics on its next forward.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
         self.site = torch.zeros(0, dtype=torch.long)
+        self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         s = self.model(images)[torch.arange(len(images), device=images.device), self.site]

@@ -73,8 +73,12 @@ def test_the_peer_pushes_each_site_the_way_its_label_says():
     assert change[0] > 0 and change[1] < 0 and change[2] > 0 and change[3] < 0
 
 
-def test_peer_bench_reports_every_figure():
-    result = compute_peer_bench(_model(), n_jobs=3, n_steps=3, n_repeats=3, batch_size=4, image_size=32)
+def test_peer_bench_reports_every_figure_and_leaves_the_model_as_it_was():
+    model = _model().eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    result = compute_peer_bench(model, n_jobs=3, n_steps=3, n_repeats=3, batch_size=4, image_size=32)
+    assert not model.training  # a BatchNorm left in train mode would change its statistics between contenders
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
     json.dumps(result)
     assert result["peer"].startswith("torchattacks 3.") and result["precision"] in ("fp32", "bf16")
     assert result["n_images"] == 6 and result["step_size"] == pytest.approx(1 / 3)
