@@ -290,7 +290,8 @@ def compute_pgd(
     or at ``start``, projected into the ball). ``n_restarts``: independent random starts, the best
     kept per image. ``generator``: torch CPU generator or seed for the random starts.
     ``step_shrink`` / ``n_step_resets``: adaptive step (see the white-box solver); 1.0 / 0 is plain
-    PGD. ``autocast``: bf16 autocast of the model (CUDA); ``channels_last``: channels-last images.
+    PGD. ``autocast``: bf16 autocast of the model; ``channels_last``: channels-last images (the
+    attacks choose both with :func:`make_run_settings`).
 
     Returns a :class:`PGDResult`; the loss at the result is never worse than at the start.
     """
