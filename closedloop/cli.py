@@ -296,13 +296,28 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
               "(the old day folder is kept as day_NNN.replaced-<time>).")
 @click.option("--json", "as_json", is_flag=True, help="Print what each stage did as JSON.")
 def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json: bool) -> None:
-    """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report."""
+    """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report.
+
+    A day that waits for its recording (a rig that runs its own software, [rig] kind = "files",
+    or a rig that streamed no spike counts) stops with one message saying what to run and where
+    to put the .nev, and exit status 3; run the same command again once it is there.
+    """
     from closedloop.day.runner import run_day
+    from closedloop.day.waiting import EXIT_WAITING, WaitingForRecording
     from rigs.launch import RigLauncher
 
-    results = run_day(experiment, day, force=force, until=until, rig=RigLauncher())
+    try:
+        results = run_day(experiment, day, force=force, until=until, rig=RigLauncher())
+    except WaitingForRecording as waiting:
+        _emit({"waiting_for": str(waiting.recording), "reason": waiting.reason, "message": str(waiting)}, as_json,
+              str(waiting))
+        raise click.exceptions.Exit(EXIT_WAITING) from None
     lines = [f"{stage:>10}: " + ("already done" if r["skipped"] else f"done in {r['seconds']:.1f} s")
              for stage, r in results.items()]
+    lacking = results.get("present", {}).get("summary", {}).get("lacking_valid", [])
+    if lacking:
+        shown = ", ".join(map(str, lacking[:20])) + (" …" if len(lacking) > 20 else "")
+        lines.append(f"{len(lacking)} stimuli lack their valid repetitions (not re-queued): {shown}")
     _emit(results, as_json, f"day {day} of {experiment}\n" + "\n".join(lines))
 
 
@@ -315,10 +330,12 @@ def status(experiment: Path, as_json: bool) -> None:
     from closedloop.day.status import read_status
 
     records = read_status(check_dir("--experiment", experiment))
-    lines = [f"{'day':>4}  {'next stage':<11} {'stimuli':>8} {'presentations':>13}  model"]
+    lines = [f"{'day':>4}  {'next stage':<21} {'stimuli':>8} {'presentations':>13}  model"]
     for r in records:
-        lines.append(f"{r['day']:>4}  {r['next_stage'] or 'complete':<11} {r['n_stimuli']:>8} {r['n_presentations']:>13}  "
-                     f"{'fitted' if r['model_fitted'] else '-'}")
+        step = "waiting for recording" if r["waiting_for_recording"] else r["next_stage"] or "complete"
+        lacking = f"  ({r['n_lacking_valid']} stimuli lack valid repetitions)" if r["n_lacking_valid"] else ""
+        lines.append(f"{r['day']:>4}  {step:<21} {r['n_stimuli']:>8} {r['n_presentations']:>13}  "
+                     f"{'fitted' if r['model_fitted'] else '-'}{lacking}")
     _emit({"experiment": str(experiment), "days": records}, as_json, "\n".join(lines) if records else "no days yet")
 
 

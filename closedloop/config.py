@@ -207,8 +207,10 @@ class ResponseSection(ConfigSection):
 class RigSection(ConfigSection):
     """[rig]: the link to the rig."""
 
-    kind: Literal["sim", "zmq"] = Field(
-        "zmq", description='"zmq": a rig agent at `address`; "sim": start the simulated IT rig on loopback.'
+    kind: Literal["sim", "zmq", "files"] = Field(
+        "zmq", description='"zmq": a rig agent at `address`; "sim": start the simulated IT rig on loopback; "files": '
+        "a rig that runs its own software (MWorks, MonkeyLogic, Psychtoolbox): fit-day writes the RSVP list into the day "
+        "folder and waits for the NSP's .nev (docs/rig.md).",
     )
     address: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint of the rig agent's command socket.")
     security: Literal["curve", "plain"] = Field(
@@ -255,6 +257,11 @@ class SimSection(ConfigSection):
     )
     fixation_break_rate: float = Field(
         0.05, ge=0.0, le=0.9, description="Probability that a presentation ends in a fixation break."
+    )
+    live_counts: bool = Field(
+        True,
+        description="Stream spike counts with each outcome; false: outcomes only, like a real presenter, and the day "
+        "waits until the simulated NSP's .nev (day_NNN/rig_sim/recording.nev) is copied into the day folder.",
     )
     truth_starts: int = Field(
         4, ge=1,

@@ -8,8 +8,11 @@ stimulus-driven rate from ``latency_s`` after onset for ``on_s``; a fixation bre
 ``fixation_break_rate``) leaves only the baseline. RSVP timing is ``on_s`` on and ``off_s`` grey;
 ``time_scale`` scales the real time spent (0.01 runs 100x faster than real time) while the
 recording clock keeps real-time values. At ``stop`` it writes what it recorded as a Blackrock
-``.nev`` (spikes on electrodes 1..n_sites, unit 1; the stimulus's event code on the digital
-port at each onset and 0 at its offset). Its site function is exposed as a differentiable torch
+``.nev`` (spikes on electrodes 1..n_sites, unit 1; on the digital port the event codes of
+:mod:`closedloop.data.event_codes`: the stimulus's code at each onset, ``OFFSET`` at its offset,
+and ``VALID`` at the end of the response window or ``FIXATION_BREAK`` at its start, always
+before the next onset). With ``live_counts=False`` it streams outcomes without spike counts, as a
+real presenter does; the ``.nev`` is then the only source of counts. Its site function is exposed as a differentiable torch
 module (``site_function``) for validation only; the loop never reads it.
 
 Run it with ``closedloop rig-sim``; a day starts it through :class:`rigs.launch.RigLauncher`.
@@ -29,6 +32,7 @@ from torch import nn
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer, check_number
 from closedloop.data.bundle import read_bundle
+from closedloop.data.event_codes import FIXATION_BREAK, OFFSET, VALID
 from closedloop.data.layout import compute_base_seed
 from closedloop.data.recording import NSP_CLOCK_HZ, Recording
 from closedloop.data.window import compute_duration_ticks, compute_window_ticks
@@ -149,7 +153,7 @@ def compute_sim_rig_options(config, *, address: str, state_dir: str | Path, seed
         time_scale=sim.time_scale if time_scale is None else time_scale,
         on_s=config.rsvp.on_s, off_s=config.rsvp.off_s,
         fixation_break_rate=sim.fixation_break_rate if fixation_break_rate is None else fixation_break_rate,
-        faults=faults, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
+        live_counts=sim.live_counts, faults=faults, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
         timeout_s=rig.timeout_s, hidden=compute_hidden_site_options(config),
     )
 
@@ -157,7 +161,8 @@ def compute_sim_rig_options(config, *, address: str, state_dir: str | Path, seed
 class SimulatedPresenter:
     """The presenter of the simulated rig (see the module docstring); plugs into :class:`RigAgent`.
 
-    ``recording_path``: where ``finish`` writes the ``.nev``. Times in s; ``time_scale`` >= 0.
+    ``recording_path``: where ``finish`` writes the ``.nev``. Times in s; ``time_scale`` >= 0;
+    ``live_counts``: whether outcomes carry the spike counts (False: like a real presenter).
     """
 
     def __init__(
@@ -171,8 +176,10 @@ class SimulatedPresenter:
         off_s: float = 0.1,
         latency_s: float = DEFAULT_LATENCY_S,
         fixation_break_rate: float = 0.05,
+        live_counts: bool = True,
     ) -> None:
         self.site_function = site_function
+        self.live_counts = bool(live_counts)
         self.recording_path = Path(recording_path)
         self.seed = check_integer("seed", seed, minimum=0)
         self.time_scale = check_number("time_scale", time_scale, minimum=0.0)
@@ -233,17 +240,20 @@ class SimulatedPresenter:
         inside = (ticks >= onset + window[0]) & (ticks < onset + window[1])
         counts = np.bincount(sites[inside], minlength=len(self.sites))
         time.sleep(max(0.0, self._due - time.monotonic()))
+        outcome_tick = onset + min(window[1] if valid else window[0], self._next_tick - onset - 1)
         record = {"onset_tick": onset, "code": self._codes[stimulus_id], "sites": sites.tolist(),
-                  "ticks": ticks.tolist()}
-        return Outcome(valid, onset / NSP_CLOCK_HZ, counts, record)
+                  "ticks": ticks.tolist(), "outcome_tick": outcome_tick, "outcome": VALID if valid else FIXATION_BREAK}
+        return Outcome(valid, onset / NSP_CLOCK_HZ, counts if self.live_counts else None, record)
 
     def finish(self, outcomes: list[dict]) -> str:
         """Write the session's recording (from the journaled ``outcomes``) as a Blackrock .nev; return its path."""
 
         records = [entry["record"] for entry in outcomes]
         off = self._ticks(self.on_s)
-        event_ticks = [tick for r in records for tick in (r["onset_tick"], r["onset_tick"] + off)]
-        event_words = [word for r in records for word in (r["code"], 0)]
+        events = sorted((tick, order, word) for r in records for order, (tick, word) in enumerate(
+            ((r["onset_tick"], r["code"]), (r["onset_tick"] + off, OFFSET), (r["outcome_tick"], r["outcome"]))))
+        event_ticks = [tick for tick, _, _ in events]
+        event_words = [word for _, _, word in events]
         spike_ticks = np.array([t for r in records for t in r["ticks"]], dtype=np.int64)
         spike_sites = np.array([s for r in records for s in r["sites"]], dtype=np.int64)
         recording = Recording.from_ticks(
@@ -265,6 +275,7 @@ def make_sim_agent(
     on_s: float = 0.1,
     off_s: float = 0.1,
     fixation_break_rate: float = 0.05,
+    live_counts: bool = True,
     faults: StreamFaults | None = None,
     security: str = "curve",
     keys_dir: str | Path | None = None,
@@ -281,7 +292,7 @@ def make_sim_agent(
     state_dir = Path(state_dir)
     presenter = SimulatedPresenter(
         make_hidden_sites(n_sites, seed, **(hidden or {})), recording_path=state_dir / "recording.nev", seed=seed,
-        time_scale=time_scale, on_s=on_s, off_s=off_s, fixation_break_rate=fixation_break_rate,
+        time_scale=time_scale, on_s=on_s, off_s=off_s, fixation_break_rate=fixation_break_rate, live_counts=live_counts,
     )
     return RigAgent(presenter, address=address, state_dir=state_dir, rig_id=f"sim-{seed}", security=security,
                     keys_dir=keys_dir, heartbeat_s=heartbeat_s, timeout_s=timeout_s, faults=faults)

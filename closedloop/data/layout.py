@@ -10,8 +10,10 @@ An experiment folder holds ``experiment.toml`` and one ``day_NNN/`` folder per d
 | ``stages/<stage>.json`` | the runner | a stage's marker (timing, summary), written after its artifact |
 | ``plan.json`` | plan | clean images, attacked images, sites, budgets |
 | ``store.zarr`` | synthesize, present, ingest | the day store (stimuli, presentations, counts) |
-| ``stimuli.h5`` | bundle | the rig bundle |
+| ``stimuli.h5`` | bundle | the rig bundle (with ``rsvp/``, the RSVP list, for ``[rig] kind = "files"``) |
+| ``rsvp.csv`` | bundle (``[rig] kind = "files"``) | the RSVP list for a rig that runs its own software |
 | ``recording.nev`` | present (simulated rig) or the operator | the Blackrock recording |
+| ``trial_log.csv`` | the operator (optional, files hand-off) | the rig's outcome of every presentation |
 | ``sensitivity.json`` | estimate | the lower bounds per site, budget and kind |
 | ``model.safetensors`` + ``.json`` | refit | the IT model fitted on days 0..N |
 | ``report.html`` | report | the day's report |
@@ -32,7 +34,8 @@ from closedloop.core.provenance import derive_seed
 from closedloop.core.validation import check_integer
 
 __all__ = [
-    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RECORDING", "SENSITIVITY", "MODEL", "REPORT",
+    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RSVP_LIST", "RECORDING", "TRIAL_LOG",
+    "SENSITIVITY", "MODEL", "REPORT",
     "RIG_STATE", "SYNTHESIS_PARTS", "day_folder", "day_lock_path", "find_day_folders", "marker_path", "compute_base_seed",
 ]
 
@@ -44,7 +47,9 @@ LOG = "log.jsonl"
 PLAN = "plan.json"
 STORE = "store.zarr"
 BUNDLE = "stimuli.h5"
+RSVP_LIST = "rsvp.csv"
 RECORDING = "recording.nev"
+TRIAL_LOG = "trial_log.csv"
 SENSITIVITY = "sensitivity.json"
 MODEL = "model.safetensors"
 REPORT = "report.html"

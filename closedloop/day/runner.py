@@ -63,12 +63,13 @@ _STAGE_FUNCTIONS: dict[str, Callable[[DayContext], dict]] = {
 assert tuple(_STAGE_FUNCTIONS) == STAGES
 
 # The config sections each stage reads: itself, or through what it builds (the day-0 model from
-# [model], the simulated rig from [model], [sites], [rsvp], [response] and [sim]). [experiment]
-# holds the seed every stage derives its own from.
+# [model], the simulated rig from [model], [sites], [rsvp], [response] and [sim]; the files
+# hand-off's RSVP list from [rig] kind and [rsvp] repetitions). [experiment] holds the seed every
+# stage derives its own from.
 STAGE_SECTIONS: dict[str, frozenset[str]] = {
     "plan": frozenset({"experiment", "images", "sites", "attack", "rsvp"}),
     "synthesize": frozenset({"experiment", "images", "model", "sites", "attack"}),
-    "bundle": frozenset({"experiment"}),
+    "bundle": frozenset({"experiment", "rig", "rsvp"}),
     "present": frozenset({"experiment", "model", "sites", "rsvp", "response", "rig", "sim"}),
     "ingest": frozenset({"experiment", "sites", "response"}),
     "estimate": frozenset({"experiment", "model", "sites", "rsvp", "response", "sim"}),

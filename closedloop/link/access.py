@@ -29,6 +29,11 @@ class RigAccess:
                 "[rig] kind = 'sim' needs the simulated rig, which this caller does not start; run the day with "
                 "`closedloop fit-day`, or pass rig=rigs.RigLauncher() to closedloop.day.run_day"
             )
+        if config.rig.kind == "files":
+            raise ValueError(
+                "[rig] kind = 'files' hands the RSVP list over as files: there is no rig link to open; set [rig] kind = "
+                "'zmq' for a rig agent"
+            )
         yield config.rig.address
 
     @contextmanager

@@ -118,7 +118,7 @@ MESSAGE_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "heartbeat": {"time_s": ("real", True), "n_sent": ("natural", False), "in_session": ("bool", False)},
     "reply": {"id": ("text", True), "ok": ("bool", True), "error": ("text", False), "data": ("object", False)},
     "outcome": {"seq": ("natural", True), "presentation_id": ("natural", True), "stimulus_id": ("int", True),
-                "valid": ("bool", True), "onset_s": ("real", True), "counts": ("counts", True)},
+                "valid": ("bool", True), "onset_s": ("real", True), "counts": ("counts", False)},
 }
 COMMANDS = ("hello", "bundle_chunk", "queue", "status", "resend", "stop")
 _N_PAYLOAD = {"bundle_chunk": 1}
