@@ -75,7 +75,11 @@ def write_day_report(folder: str | Path) -> Path:
     sections.append(("Stages", render_table([{"stage": t["stage"], "seconds": t["seconds"]} for t in timing])))
     present = stages.get("present", {}).get("summary", {})
     if present:
-        sections.append(("Presentations", render_table([{k: v for k, v in present.items() if not isinstance(v, (list, dict))}])))
+        lacking = present.get("lacking_valid", [])
+        note = (f'<p class="note">{len(lacking)} stimuli lack their valid repetitions (not re-queued): '
+                f'{", ".join(map(str, lacking))}.</p>' if lacking else "")
+        sections.append(("Presentations", render_table([{k: v for k, v in present.items() if not isinstance(v, (list, dict))}])
+                         + note))
     if (folder / "sensitivity.json").exists():
         summary = compute_sensitivity_summary(read_json(folder / "sensitivity.json"))
         columns = ["kind", "eps", "n_sites", "n_images", "estimate", "estimate_sd", "normalized", "truth", "below_truth"]

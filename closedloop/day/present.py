@@ -179,7 +179,7 @@ def run_stage(day) -> dict:
     """
     config = day.config
     store = open_store(day.path(layout.STORE), mode="a")
-    facts = {}
+    facts = {} if config.rig.kind == "files" else {"recording_on_rig": None}
     if not store.finished:  # finished: killed after the session ended and its recording was collected
         _check_bundle(day)
         if config.rig.kind == "files":

@@ -46,6 +46,14 @@ def test_every_message_type_round_trips():
         assert (message.type, message.fields, message.payload) == (message_type, fields, payload)
 
 
+def test_an_outcome_may_come_without_counts():
+    """A real presenter knows validity, not spike counts: it leaves 'counts' out."""
+    fields = {key: value for key, value in EXAMPLES["outcome"].items() if key != "counts"}
+    assert decode_message(encode_message("outcome", **fields)).fields == fields
+    with pytest.raises(ProtocolError, match="lacks the required field 'valid'"):
+        encode_message("outcome", **{key: value for key, value in fields.items() if key != "valid"})
+
+
 @pytest.mark.parametrize(
     ("frames", "match"),
     [
