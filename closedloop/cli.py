@@ -325,7 +325,7 @@ def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json:
 @_experiment_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(experiment: Path, as_json: bool) -> None:
-    """Where every day of the experiment stands: stages done, presentations recorded, model fitted."""
+    """Where every day of the experiment stands: next stage (or waiting for recording), presentations, model fitted."""
     from closedloop.core.validation import check_dir
     from closedloop.day.status import read_status
 
@@ -786,7 +786,9 @@ _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyErro
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning bad input or an unreachable rig into a one-line error and exit status 2."""
     try:
-        cli.main(args=argv, prog_name="closedloop", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="closedloop", standalone_mode=False)  # a command's Exit comes back here
+        if isinstance(status, int) and status:
+            sys.exit(status)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.exceptions.Abort:
