@@ -12,6 +12,7 @@ import torch
 from closedloop.cli import main
 from closedloop.data.bundle import make_event_codes, write_bundle
 from closedloop.data.counts import compute_counts, compute_onsets
+from closedloop.data.event_codes import FIXATION_BREAK, OFFSET, VALID, compute_outcomes
 from closedloop.data.nev import read_nev
 from closedloop.link.client import RigClient
 from closedloop.link.keys import make_keys
@@ -120,6 +121,9 @@ def test_session_against_the_simulated_rig_with_faults(tmp_path, capsys):
     live_counts = np.array([o["counts"] for o in by_onset])
     assert nev_counts.shape == live_counts.shape and np.array_equal(nev_counts, live_counts)
     assert live_counts.sum() > 0
+    outcomes, n_orphans = compute_outcomes(nev.event_words[np.argsort(nev.event_ticks, kind="stable")])
+    assert n_orphans == 0 and outcomes.tolist() == [VALID if o["valid"] else FIXATION_BREAK for o in by_onset]
+    assert (nev.event_words == OFFSET).sum() == len(store)  # one offset per presentation
     main(["ingest", recording, "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_presentations"] == len(store)

@@ -185,3 +185,10 @@ def test_a_streaming_rig_without_live_counts_waits_for_the_recording(tmp_path, c
     assert ingest["matched"].all() and ingest["counts"].any()
     assert read_json(folder / "stages/estimate.json")["summary"]["source"] == "nev"
     assert not read_status(experiment)[0]["waiting_for_recording"]
+
+
+def test_a_files_rig_has_no_link_to_open(tmp_path):
+    config = read_config(_experiment(tmp_path / "exp", "files"))
+    with pytest.raises(ValueError, match=r"\[rig\] kind = 'files' hands the RSVP list over as files: there is no rig link"):
+        with RigLauncher().connect(config, tmp_path):
+            pass
