@@ -287,6 +287,61 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
         stop.set()
 
 
+@cli.group()
+def rig() -> None:
+    """The display computer: rig.toml, a self-test, and the rig agent with the PsychoPy presenter (docs/rig.md)."""
+
+
+@rig.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def rig_init(path: Path, force: bool) -> None:
+    """Write a commented rig.toml with every default (PATH: a file, or a folder to hold rig.toml)."""
+    from rigs.display.config import write_default_rig_config
+
+    click.echo(f"wrote {write_default_rig_config(path, overwrite=force)}")
+
+
+def _rig_summary_text(summary: dict) -> str:
+    return "\n".join(f"{key:>21}: {value}" for key, value in summary.items() if key != "problems")
+
+
+@rig.command("check")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("rig.toml"), show_default=True,
+              help="The display computer's rig.toml.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def rig_check(config_path: Path, as_json: bool) -> None:
+    """Self-test without the control PC: refresh rate and jitter, an event-code test pattern, a fixation readout.
+
+    Exits with status 1 when something is off (each problem is printed).
+    """
+    from rigs.display.config import read_rig_config
+    from rigs.display.serve import run_rig_check
+
+    report = run_rig_check(read_rig_config(config_path))
+    problems = "\n".join(f"problem: {p}" for p in report["problems"]) or "rig check passed"
+    _emit(report, as_json, _rig_summary_text(report) + "\n" + problems)
+    if report["problems"]:
+        sys.exit(1)
+
+
+@rig.command("serve")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("rig.toml"), show_default=True,
+              help="The display computer's rig.toml.")
+def rig_serve(config_path: Path) -> None:
+    """Serve the rig agent with the PsychoPy presenter until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
+    import threading
+
+    from rigs.display.config import read_rig_config
+    from rigs.display.serve import run_rig_serve
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_rig_serve(read_rig_config(config_path), stop,
+                  on_ready=lambda summary: click.echo(_rig_summary_text(summary) + "\nserving", nl=True))
+
+
 @cli.command("fit-day")
 @click.argument("day", type=click.IntRange(0, 999))
 @_experiment_option

@@ -1,7 +1,8 @@
 """Stimulus onsets and spike counts per site in the response window.
 
-Each non-zero word on the digital input port is a stimulus onset carrying that stimulus's event
-code; a zero word clears the strobe. A site's response to a presentation is its number of
+Each stimulus code (1..65279) on the digital input port is a stimulus onset carrying that
+stimulus's event code; a zero word clears the strobe and the rig's control codes (offset,
+outcomes, session; :mod:`closedloop.data.event_codes`) are not onsets. A site's response to a presentation is its number of
 spikes in the response window (:mod:`closedloop.data.window`, default 0.07–0.17 s after onset),
 computed in integer clock ticks so that edges are exact. Counts come from a
 :class:`~closedloop.data.recording.Recording` (:func:`compute_onsets`, :func:`compute_counts`)
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from closedloop.core.validation import check_array, check_option
+from closedloop.data.event_codes import is_stimulus_code
 from closedloop.data.nev_header import check_nev_path, read_nev_header
 from closedloop.data.nev_scan import SYSTEM_PACKET_IDS, iterate_packets
 from closedloop.data.recording import Recording, compute_ticks
@@ -37,8 +39,9 @@ class Onsets(NamedTuple):
 
 
 def compute_onsets(recording: Recording) -> Onsets:
-    """Stimulus onsets: every non-zero word on the digital input port, in time order."""
-    keep = recording.event_words != 0
+    """Stimulus onsets: every stimulus code (:func:`~closedloop.data.event_codes.is_stimulus_code`) on the
+    digital input port, in time order; 0 and the rig's control codes are not onsets."""
+    keep = is_stimulus_code(recording.event_words)
     order = np.argsort(recording.event_ticks[keep], kind="stable")
     ticks = recording.event_ticks[keep][order]
     return Onsets(times_s=ticks / recording.sampling_rate_hz, codes=recording.event_words[keep][order])
@@ -158,7 +161,7 @@ def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | N
     table, spikes_per_electrode = _GrowingCounts(sites.n_sites), Counter()
     waiting_keys, waiting_ticks = np.zeros(0, np.int64), np.zeros(0, np.int64)
     for ticks, ids, units, words in iterate_packets(path, facts):
-        onset = (ids == 0) & ((units & 0x81) == 1) & (words != 0)  # digital input port, non-zero word
+        onset = (ids == 0) & ((units & 0x81) == 1) & is_stimulus_code(words)  # digital input port, stimulus code
         table.add(ticks[onset], words[onset])
         spike = (ids > 0) & (ids < SYSTEM_PACKET_IDS[0])
         keys = np.concatenate([waiting_keys, ids[spike].astype(np.int64) * _KEY + units[spike]])
