@@ -90,7 +90,8 @@ def run_rig_check(config: RigConfig) -> dict:
         if not present:
             problems.append(f"the fixation source ({gaze.description}) gave no gaze sample in "
                             f"{len(samples)} frames: is the tracker connected and calibrated?")
-        if config.screen.refresh_hz and abs(config.screen.refresh_hz - screen.measured["refresh_hz"]) > 0.05 * config.screen.refresh_hz:
+        nominal = config.screen.refresh_hz
+        if nominal and abs(nominal - screen.measured["refresh_hz"]) > 0.05 * nominal:
             logger.warning("[screen] refresh_hz = %g differs from the measured %.2f Hz: frames are counted at the nominal "
                            "rate (right for a virtual display only)", config.screen.refresh_hz, screen.measured["refresh_hz"])
         report["problems"] = problems

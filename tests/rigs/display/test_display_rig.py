@@ -30,7 +30,7 @@ import pytest
 from closedloop.data.bundle import make_event_codes, write_bundle
 from closedloop.data.event_codes import FIXATION_BREAK, OFFSET, SESSION_END, SESSION_START, VALID, is_stimulus_code
 from closedloop.data.reconcile import write_day_counts
-from closedloop.data.recording import NSP_CLOCK_HZ, Recording
+from closedloop.data.recording import Recording
 from closedloop.data.store import create_store
 from closedloop.link.client import RigClient
 from closedloop.link.keys import make_keys
