@@ -50,7 +50,7 @@ __all__ = ["SiteCriteria", "compute_site_metrics", "compute_site_selection", "wr
 
 DEFAULT_BASELINE_WINDOW_S = (0.0, 0.05)
 _TABLE_COLUMNS = ["rank", "site", "label", "electrode", "unit", "reliability", "drive_hz", "drive_p", "rate_hz",
-                  "predictivity", "n_images", "n_presentations", "passes", "chosen", "failed"]
+                  "predictivity", "passes", "chosen", "failed"]
 
 
 @dataclass(frozen=True)
@@ -253,8 +253,10 @@ def _render_page(out: Path, experiment: Path, day: int, selection: dict, criteri
     with atomic_path(out.with_suffix(".png"), suffix=".png") as temporary:
         figure.savefig(temporary, dpi=110)
     removed = ", ".join(f"{name}: {n}" for name, n in selection["removed"].items())
+    first = selection["sites"][0]
     summary = (f'<p class="summary">{len(selection["targets"])} sites chosen of {len(selection["sites"])} '
-               f'({selection["n_passed"]} pass: {html.escape(criteria.describe())}). Sites failing each criterion: '
+               f'({selection["n_passed"]} pass: {html.escape(criteria.describe())}), from {first["n_presentations"]} valid '
+               f'presentations of {first["n_images"]} clean images shown at least twice. Sites failing each criterion: '
                f'{html.escape(removed)}. Chosen: {html.escape(", ".join(map(str, selection["targets"])))}.</p>')
     caption = ("Left: each site's split-half reliability of its mean clean-image responses (Spearman-Brown corrected) "
                "against its visual drive (response-window minus baseline-window rate); dashed: the reliability "
@@ -311,8 +313,9 @@ def write_site_selection(experiment: str | Path, day: int = 0, criteria: SiteCri
     if dry_run:
         return result
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    note = (f"chosen by `closedloop select-sites` from day {day} on {now[:10]}: {criteria.describe()}\n"
-            f"{len(selection['targets'])} of {len(rows)} sites; details in {layout.SITE_SELECTION}")
+    note = (f"chosen by `closedloop select-sites` from day {day} on {now[:10]}; details in {layout.SITE_SELECTION}\n"
+            f"criteria: {criteria.describe()}\n"
+            f"{len(selection['targets'])} of {len(rows)} sites chosen ({selection['n_passed']} passed)")
     result["config"] = str(write_config_targets(experiment / CONFIG_NAME, selection["targets"], note=note))
     record = {key: result[key] for key in ("day", "criteria", "baseline_window_s", "window_s", "targets",
                                            "previous_targets", "n_passed", "removed", "predictivity_available")}
