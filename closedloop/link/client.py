@@ -65,7 +65,8 @@ class RigClient:
     reconnecting before giving up, s; ``window_s``: response window [start, stop) after onset, s,
     sent to the rig in hello. ``name`` prefixes request ids (use one name per control process).
     ``n_sites``: the number of sites the experiment expects (``[sites] n_sites``); when given, a rig
-    whose hello lists another number of sites is refused with a ``ValueError`` (None: any).
+    whose hello lists another number of sites is refused with a ``ValueError`` (None: any); a rig
+    that lists none sends no counts (a real presenter) and fits any.
     """
 
     def __init__(
@@ -277,7 +278,8 @@ class RigClient:
     def _reconcile(self) -> None:
         """Check the rig's sites, catch up on the stream, adopt the rig's pending presentations, re-queue lost ones."""
         logger.info("in session with rig %r (%d sites)", self.rig["rig_id"], len(self.rig["sites"]))
-        if self.n_sites is not None and len(self.rig["sites"]) != self.n_sites:
+        # a rig with no sites counts no spikes (a real presenter: the NSP's .nev has them), so any n_sites fits it
+        if self.n_sites is not None and self.rig["sites"] and len(self.rig["sites"]) != self.n_sites:
             self._drop_session()
             raise ValueError(
                 f"the rig {self.rig['rig_id']!r} at {self.address} records {len(self.rig['sites'])} sites, but the "
