@@ -344,3 +344,38 @@ def test_streaming_counts_a_spike_written_just_before_its_onset_at_the_same_tick
     assert compute_nev_counts(path, window_s=(0.0, 0.01))[1].tolist() == [[2]]
     recording = read_nev(path)
     assert compute_counts(recording, [0.1], window_s=(0.0, 0.001)).tolist() == [[1]]
+
+
+def _display_clock_day(tmp_path, live_counts: bool):
+    """A .nev on the NSP clock and a day store whose onsets are on a display computer's clock
+    (500.3 s behind, running 40 ppm fast), as a real presenter logs them; one logged presentation
+    is missing from the recording."""
+    rng = np.random.default_rng(2)
+    codes = rng.integers(1, 5, size=30)
+    nsp_s = 2.0 + 0.2 * np.arange(30)
+    ticks = np.round(nsp_s * 30000).astype(np.int64)
+    spikes = np.sort(rng.integers(ticks[0], ticks[-1] + 6000, size=400))
+    keep = np.arange(30) != 17  # presentation 17 never reached the NSP
+    write_nev(tmp_path / "r.nev", Recording.from_ticks(spikes, np.ones(400, int), np.ones(400, int), ticks[keep],
+                                                        codes[keep], (1,)))
+    store = create_store(tmp_path / "store.zarr", sites=1)
+    store.append_stimuli(np.zeros((4, 224, 224, 3), np.uint8), parent=-1, site=-1, eps=0.0, direction=0, kind="clean",
+                         predicted=np.zeros((4, 1)), code=[1, 2, 3, 4])
+    display_s = (nsp_s + 500.3) * (1 + 40e-6)
+    store.append_presentations(np.arange(30), codes - 1, display_s, np.ones(30, bool),
+                               np.zeros((30, 1), int) if live_counts else None)
+    return write_day_counts(tmp_path / "r.nev", tmp_path / "store.zarr", allow_mismatch=True)
+
+
+def test_onsets_on_a_presenters_clock_are_mapped_onto_the_recordings(tmp_path):
+    report = _display_clock_day(tmp_path, live_counts=False)
+    assert report["n_matched"] == 29 and [m["kind"] for m in report["mismatches"]] == ["missing_onset"]
+    assert report["mismatches"][0]["presentation"] == 17
+    clock = report["clock"]
+    assert clock["n_pairs"] == 29 and clock["drift_ppm"] == pytest.approx(-40, abs=0.5)
+    assert clock["offset_s"] + clock["rate"] * (2.0 + 500.3) * (1 + 40e-6) == pytest.approx(2.0, abs=1e-6)  # NSP 2.0 s
+
+
+def test_live_onsets_are_on_the_recording_clock_already(tmp_path):
+    report = _display_clock_day(tmp_path, live_counts=True)  # a rig that counts live reports NSP times: no fit
+    assert report["clock"] is None and report["n_matched"] == 0
