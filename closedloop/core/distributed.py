@@ -52,9 +52,9 @@ class ProcessGroup:
         try:
             yield
         except Exception as error:
-            self.exchange(label, error=error)
-            raise  # exchange raised the error already; for readers and type checkers
-        self.exchange(label)
+            self.exchange(label, error=error)  # raises it here, and RankFailedError on the other ranks
+        else:
+            self.exchange(label)
 
     def exchange(self, label: str, value=None, error: BaseException | None = None) -> list:
         """Every rank's ``value`` (a small picklable object), indexed by rank; every rank must call it

@@ -18,6 +18,10 @@ with another ``experiment.toml`` is accepted when no stage that has used the cha
 has finished or begun keeping partial work (:data:`STAGE_SECTIONS`); the frozen config is
 rewritten and the change appended to ``provenance.json`` under ``config_changes``. Otherwise it
 is refused unless ``force``.
+
+Under ``torchrun`` (a :class:`~closedloop.core.distributed.ProcessGroup` of several ranks) rank 0
+runs the day up to synthesize as above, and the other ranks only make their share of the
+synthesize stage's attack parts (:func:`closedloop.day.synthesize.run_shard`; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -226,7 +230,6 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
     other ranks, which run nothing else and return ``{}``; a failure on any rank stops them all.
     Returns ``{stage: {"skipped": bool, "seconds": float, "summary": dict}}``.
     """
-    check_dir("experiment", experiment)  # before the lock file is made beside its days
     group = group or ProcessGroup()
     if group.world_size > 1 and until not in _SHARDED_UNTIL:
         raise ValueError(
@@ -236,6 +239,7 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
     if group.rank != 0:
         return _assist_day(Path(experiment), day, group)
     try:
+        check_dir("experiment", experiment)  # before the lock file is made beside its days
         with hold_day_lock(layout.day_lock_path(experiment, day)):
             results = _run_day(experiment, day, force=force, until=until, rig=rig, group=group)
     except Exception as error:
