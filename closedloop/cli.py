@@ -349,16 +349,28 @@ def rig_serve(config_path: Path) -> None:
               default=None, help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Start the day over although it was begun with another configuration "
               "(the old day folder is kept as day_NNN.replaced-<time>).")
+@click.option("--rank-timeout", type=click.FloatRange(0, min_open=True), default=3600.0, show_default=True,
+              help="Under torchrun: seconds a rank waits for the others at each step before all stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print what each stage did as JSON.")
-def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json: bool) -> None:
-    """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report."""
+def fit_day(day: int, experiment: Path, until: str | None, force: bool, rank_timeout: float, as_json: bool) -> None:
+    """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report.
+
+    Under torchrun with --until synthesize, the attacks are shared out over the ranks (docs/scaling.md).
+    """
+    from closedloop.core.distributed import join_process_group
     from closedloop.day.runner import run_day
     from rigs.launch import RigLauncher
 
-    results = run_day(experiment, day, force=force, until=until, rig=RigLauncher())
+    with join_process_group(rank_timeout) as group:
+        if group.rank:  # rank 0 reports; the others show warnings and errors only
+            set_log_level(False)
+        results = run_day(experiment, day, force=force, until=until, rig=RigLauncher(), group=group)
+    if group.rank:
+        return
     lines = [f"{stage:>10}: " + ("already done" if r["skipped"] else f"done in {r['seconds']:.1f} s")
              for stage, r in results.items()]
-    _emit(results, as_json, f"day {day} of {experiment}\n" + "\n".join(lines))
+    heading = f"day {day} of {experiment}" + (f" ({group.world_size} ranks)" if group.world_size > 1 else "")
+    _emit(results, as_json, heading + "\n" + "\n".join(lines))
 
 
 @cli.command()
@@ -882,7 +894,8 @@ _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyErro
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning bad input or an unreachable rig into a one-line error and exit status 2."""
+    """Entry point: run the CLI, turning bad input, an unreachable rig or a failed torchrun rank into a one-line
+    error and exit status 2."""
     try:
         cli.main(args=argv, prog_name="closedloop", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -898,9 +911,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: " + " ".join(message.split()), err=True)
         sys.exit(2)
     except RuntimeError as error:
+        from closedloop.core.distributed import RankFailedError
         from closedloop.link.client import RigLinkError  # here, not above: the link is zmq, loaded on demand
 
-        if not isinstance(error, RigLinkError):
+        if not isinstance(error, (RigLinkError, RankFailedError)):
             raise
         click.echo("error: " + " ".join(str(error).split()), err=True)
         sys.exit(2)
