@@ -349,31 +349,41 @@ def rig_serve(config_path: Path) -> None:
               default=None, help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Start the day over although it was begun with another configuration "
               "(the old day folder is kept as day_NNN.replaced-<time>).")
+@click.option("--rank-timeout", type=click.FloatRange(0, min_open=True), default=3600.0, show_default=True,
+              help="Under torchrun: seconds a rank waits for the others at each step before all stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print what each stage did as JSON.")
-def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json: bool) -> None:
+def fit_day(day: int, experiment: Path, until: str | None, force: bool, rank_timeout: float, as_json: bool) -> None:
     """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report.
 
+    Under torchrun with --until synthesize, the attacks are shared out over the ranks (docs/scaling.md).
     A day that waits for its recording (a rig that runs its own software, [rig] kind = "files",
     or a rig that streamed no spike counts) stops with one message saying what to run and where
     to put the .nev, and exit status 3; run the same command again once it is there.
     """
+    from closedloop.core.distributed import join_process_group
     from closedloop.day.runner import run_day
     from closedloop.day.waiting import EXIT_WAITING, WaitingForRecording
     from rigs.launch import RigLauncher
 
     try:
-        results = run_day(experiment, day, force=force, until=until, rig=RigLauncher())
+        with join_process_group(rank_timeout) as group:
+            if group.rank:  # rank 0 reports; the others show warnings and errors only
+                set_log_level(False)
+            results = run_day(experiment, day, force=force, until=until, rig=RigLauncher(), group=group)
     except WaitingForRecording as waiting:
         _emit({"waiting_for": str(waiting.recording), "reason": waiting.reason, "message": str(waiting)}, as_json,
               str(waiting))
         raise click.exceptions.Exit(EXIT_WAITING) from None
+    if group.rank:
+        return
     lines = [f"{stage:>10}: " + ("already done" if r["skipped"] else f"done in {r['seconds']:.1f} s")
              for stage, r in results.items()]
     lacking = results.get("present", {}).get("summary", {}).get("lacking_valid", [])
     if lacking:
         shown = ", ".join(map(str, lacking[:20])) + (" …" if len(lacking) > 20 else "")
         lines.append(f"{len(lacking)} stimuli lack their valid repetitions (not re-queued): {shown}")
-    _emit(results, as_json, f"day {day} of {experiment}\n" + "\n".join(lines))
+    heading = f"day {day} of {experiment}" + (f" ({group.world_size} ranks)" if group.world_size > 1 else "")
+    _emit(results, as_json, heading + "\n" + "\n".join(lines))
 
 
 @cli.command()
@@ -899,7 +909,8 @@ _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyErro
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning bad input or an unreachable rig into a one-line error and exit status 2."""
+    """Entry point: run the CLI, turning bad input, an unreachable rig or a failed torchrun rank into a one-line
+    error and exit status 2."""
     try:
         status = cli.main(args=argv, prog_name="closedloop", standalone_mode=False)  # a command's Exit comes back here
         if isinstance(status, int) and status:
@@ -917,9 +928,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: " + " ".join(message.split()), err=True)
         sys.exit(2)
     except RuntimeError as error:
+        from closedloop.core.distributed import RankFailedError
         from closedloop.link.client import RigLinkError  # here, not above: the link is zmq, loaded on demand
 
-        if not isinstance(error, RigLinkError):
+        if not isinstance(error, (RigLinkError, RankFailedError)):
             raise
         click.echo("error: " + " ".join(str(error).split()), err=True)
         sys.exit(2)

@@ -9,6 +9,7 @@ An experiment folder holds ``experiment.toml`` and one ``day_NNN/`` folder per d
 | ``log.jsonl`` | the runner | one JSON line per stage start / end |
 | ``stages/<stage>.json`` | the runner | a stage's marker (timing, summary), written after its artifact |
 | ``plan.json`` | plan | clean images, attacked images, sites, budgets |
+| ``synthesis_parts/`` | synthesize (every torchrun rank) | attack parts as they are made; removed once the store is written |
 | ``store.zarr`` | synthesize, present, ingest | the day store (stimuli, presentations, counts) |
 | ``stimuli.h5`` | bundle | the rig bundle (with ``rsvp/``, the RSVP list, for ``[rig] kind = "files"``) |
 | ``rsvp.csv`` | bundle (``[rig] kind = "files"``) | the RSVP list for a rig that runs its own software |
