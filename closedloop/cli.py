@@ -167,8 +167,8 @@ def _report_text(report: dict) -> str:
               help="Largest onset difference, s, between the day's log and the recording.")
 @click.option("--ignore-unmapped", is_flag=True, help="Ignore spikes on electrodes missing from the site map.")
 @click.option("--allow-mismatch", is_flag=True, help="Store counts of matched presentations despite mismatches.")
-@click.option("--engine", type=click.Choice(["neo", "stream"]), default="neo", show_default=True,
-              help="neo: read with neo's BlackrockRawIO; stream: one constant-memory pass (long recordings).")
+@click.option("--engine", type=click.Choice(["stream", "neo"]), default="stream", show_default=True,
+              help="stream: closedloop's reader, one pass in constant memory; neo: neo's BlackrockRawIO (the reference).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
            tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, as_json: bool) -> None:
@@ -184,7 +184,7 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
     unmapped = "ignore" if ignore_unmapped else "error"
     result = {}
     if experiment is None or summary:
-        source = read_nev(recording) if engine == "neo" else recording
+        source = read_nev(recording, engine="neo") if engine == "neo" else recording
         result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped)
     if experiment is None:
         _emit(result, as_json, _summary_text(result))

@@ -19,7 +19,7 @@ import numpy as np
 
 from closedloop.core.validation import check_array, check_option
 from closedloop.data.nev_header import check_nev_path, read_nev_header
-from closedloop.data.nev_scan import SYSTEM_PACKET_IDS, iterate_packets
+from closedloop.data.nev_scan import find_digital_events, iterate_packets
 from closedloop.data.recording import Recording, compute_ticks
 from closedloop.data.sites import SiteTable, make_default_sites
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window, compute_window_ticks
@@ -135,40 +135,84 @@ class _GrowingCounts:
         self.n += len(ticks)
 
 
-def _add_spikes(table: _GrowingCounts, sites: SiteTable, keys: np.ndarray, spike_ticks: np.ndarray,
-                edges: tuple[int, int], spikes_per_electrode: Counter) -> None:
-    """Add time-ordered spikes (keys = electrode * 256 + unit) to the counts of the onsets seen so far."""
-    if not keys.size:
+class _SiteClasses:
+    """Packets grouped by key (electrode, unit class) and keys into classes that count toward the same sites.
+
+    ``key_offset`` int64 ``(65536,)``: packet id → 256 × the electrode's position among the
+    header's, so that a packet's key is ``key_offset[id] + unit class``; every packet id that is
+    not a listed electrode (digital and system events) points at one extra slot of keys past the
+    electrodes', which counts toward no site. ``key_class`` int64 ``(n_keys,)``: each key's class;
+    ``class_sites`` float64 ``(n_classes, n_sites)``: 1 where a class counts toward a site.
+    """
+
+    def __init__(self, sites: SiteTable, electrodes: tuple[int, ...]) -> None:
+        self.electrodes = np.asarray(electrodes, dtype=np.int64)
+        self.key_offset = np.full(1 << 16, len(self.electrodes) * _KEY, dtype=np.int64)
+        self.key_offset[self.electrodes] = np.arange(len(self.electrodes)) * _KEY
+        membership = sites.compute_membership(np.repeat(self.electrodes, _KEY), np.tile(np.arange(_KEY), len(electrodes)))
+        membership = np.concatenate([membership, np.zeros((_KEY, sites.n_sites), bool)])  # the events' slot
+        packed = np.packbits(membership, axis=1)  # one row of bytes per key, compared whole
+        packed = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
+        _, first, self.key_class = np.unique(packed, return_index=True, return_inverse=True)
+        self.class_sites = membership[first].astype(np.float64)  # exact: integer counts far below 2**53
+        self.n_keys, self.n_classes = membership.shape[0], len(first)
+
+    def count_per_electrode(self, packets_per_key: np.ndarray) -> Counter:
+        """Spikes per electrode id, from packets per key int64 ``(n_keys,)``."""
+        per_electrode = packets_per_key[: len(self.electrodes) * _KEY].reshape(-1, _KEY).sum(axis=1)
+        return Counter({int(e): int(n) for e, n in zip(self.electrodes.tolist(), per_electrode.tolist()) if n})
+
+
+def _add_packets(table: _GrowingCounts, classes: _SiteClasses, packet_classes: np.ndarray, packet_ticks: np.ndarray,
+                 edges: tuple[int, int]) -> None:
+    """Add time-ordered packets' spikes to the counts of the onsets seen so far, in place.
+
+    ``packet_classes`` (:class:`_SiteClasses`; events fall in a class of no site) and
+    ``packet_ticks`` int64 ``(n_packets,)``, ticks non-decreasing. Each onset's window is a slice
+    of the packets (two binary searches); the packets of every slice are counted per class with
+    one ``bincount``, and classes are summed into sites.
+    """
+    if not packet_ticks.size:
         return
-    spikes_per_electrode.update(_count_spikes_per_electrode(keys // _KEY))
     start, stop = edges
     onsets = table.ticks[: table.n]
-    low, high = np.searchsorted(onsets, [spike_ticks[0] - stop, spike_ticks[-1] - start], side="right")
-    _add_window_counts(table.counts[low:high], sites, keys, spike_ticks, onsets[low:high], edges)
+    low, high = np.searchsorted(onsets, [packet_ticks[0] - stop, packet_ticks[-1] - start], side="right")
+    onsets = onsets[low:high]
+    first, last = np.searchsorted(packet_ticks, onsets + start), np.searchsorted(packet_ticks, onsets + stop)
+    n_inside = last - first
+    rows = np.repeat(np.arange(len(onsets)) * classes.n_classes, n_inside)
+    members = np.arange(len(rows)) + np.repeat(first - (np.cumsum(n_inside) - n_inside), n_inside)
+    rows += packet_classes[members]
+    per_class = np.bincount(rows, minlength=len(onsets) * classes.n_classes).reshape(len(onsets), classes.n_classes)
+    table.counts[low:high] += (per_class @ classes.class_sites).astype(np.int64)
 
 
 def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | None, allow_truncated: bool):
     """One pass over the packets: onsets, int64 counts per site, spikes per electrode, header facts.
 
-    Spikes at a window's last tick wait for the next window, whose onsets may share that tick.
+    Packets at a window's last tick wait for the next window, whose onsets may share that tick.
     """
     facts = read_nev_header(path, allow_truncated)
     sites = make_default_sites(facts["electrodes"]) if sites is None else sites
     edges = compute_window_ticks(window, facts["resolution"])
-    table, spikes_per_electrode = _GrowingCounts(sites.n_sites), Counter()
-    waiting_keys, waiting_ticks = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    classes = _SiteClasses(sites, facts["electrodes"])
+    table, packets_per_key = _GrowingCounts(sites.n_sites), np.zeros(classes.n_keys, np.int64)
+    waiting_classes, waiting_ticks = np.zeros(0, np.int64), np.zeros(0, np.int64)
     for ticks, ids, units, words in iterate_packets(path, facts):
-        onset = (ids == 0) & ((units & 0x81) == 1) & (words != 0)  # digital input port, non-zero word
+        onset = np.flatnonzero(find_digital_events(ids, units, facts["version"]))
+        onset = onset[words[onset] != 0]
         table.add(ticks[onset], words[onset])
-        spike = (ids > 0) & (ids < SYSTEM_PACKET_IDS[0])
-        keys = np.concatenate([waiting_keys, ids[spike].astype(np.int64) * _KEY + units[spike]])
-        spike_ticks = np.concatenate([waiting_ticks, ticks[spike]])
-        ready = spike_ticks < ticks[-1]
-        _add_spikes(table, sites, keys[ready], spike_ticks[ready], edges, spikes_per_electrode)
-        waiting_keys, waiting_ticks = keys[~ready], spike_ticks[~ready]
-    _add_spikes(table, sites, waiting_keys, waiting_ticks, edges, spikes_per_electrode)
+        _add_packets(table, classes, waiting_classes, waiting_ticks, edges)
+        keys = classes.key_offset[ids]
+        keys += units
+        packets_per_key += np.bincount(keys, minlength=classes.n_keys)
+        packet_classes = classes.key_class[keys]
+        ready = np.searchsorted(ticks, ticks[-1])  # packets are in time order: those at the last tick wait
+        _add_packets(table, classes, packet_classes[:ready], ticks[:ready], edges)
+        waiting_classes, waiting_ticks = packet_classes[ready:], ticks[ready:].copy()
+    _add_packets(table, classes, waiting_classes, waiting_ticks, edges)
     onsets = Onsets(times_s=table.ticks[: table.n] / facts["resolution"], codes=table.codes[: table.n].copy())
-    return onsets, table.counts[: table.n], spikes_per_electrode, facts
+    return onsets, table.counts[: table.n], classes.count_per_electrode(packets_per_key), facts
 
 
 def compute_nev_counts(

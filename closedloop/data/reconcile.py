@@ -18,15 +18,14 @@ from closedloop.core.files import compute_file_digest
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_array, check_number, check_option
 from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, compute_onsets
-from closedloop.data.nev import read_nev
+from closedloop.data.nev import NEV_ENGINES, read_nev
 from closedloop.data.sites import SiteTable
 from closedloop.data.store import open_store
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window
 
-__all__ = ["Reconciliation", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S", "ENGINES"]
+__all__ = ["Reconciliation", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S"]
 
 DEFAULT_TOLERANCE_S = 0.010
-ENGINES = ("neo", "stream")
 SHIFT_SEARCH_S = 1.0
 
 
@@ -114,7 +113,7 @@ def write_day_counts(
     sites: SiteTable | None = None,
     unmapped: str = "error",
     allow_mismatch: bool = False,
-    engine: str = "neo",
+    engine: str = "stream",
 ) -> dict:
     """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
 
@@ -122,12 +121,12 @@ def write_day_counts(
     nothing is written unless ``allow_mismatch``, in which case matched presentations get their
     ``.nev`` counts and the rest are marked unmatched. Returns a JSON-ready report:
     ``n_presentations`` (logged), ``n_onsets`` (recorded), ``n_matched``, ``n_mismatches``,
-    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``. ``engine``: "neo" reads
-    the file with :func:`read_nev`; "stream" counts with :func:`compute_nev_counts` (same result,
-    memory independent of the recording's length).
+    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``. ``engine``: "stream"
+    counts with :func:`compute_nev_counts` (one pass, memory independent of the recording's
+    length); "neo" reads the file with ``read_nev(engine="neo")`` (the reference; same result).
     """
     window = check_window(window_s)
-    check_option("engine", engine, ENGINES)
+    check_option("engine", engine, NEV_ENGINES)
     check_option("unmapped", unmapped, ("error", "ignore"))
     store = open_store(store_path, mode="a")
     if sites is not None and sites != store.sites:
@@ -136,7 +135,7 @@ def write_day_counts(
             f"({store.n_sites} sites); use the site map the day was recorded with."
         )
     if engine == "neo":
-        recording = read_nev(nev_path)
+        recording = read_nev(nev_path, engine="neo")
         onsets = compute_onsets(recording)
         nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped=unmapped)
     else:
