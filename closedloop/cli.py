@@ -92,10 +92,24 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
 @click.option("--bf16", is_flag=True, help="bf16 autocast in the attack steps (GPU).")
 @click.option("--channels-last", is_flag=True, help="Channels-last memory format (GPU).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option("--ingest", is_flag=True, help="Measure .nev ingest instead: speed and memory against a memmap pass.")
+@click.option("--ingest-mb", type=(click.FloatRange(0.01), click.FloatRange(0.01)), default=(100, 400),
+              show_default=True, metavar="SMALL LARGE", help="With --ingest: the two synthetic files' sizes, MB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int, repeats: int, image_size: int,
-          device: str, bf16: bool, channels_last: bool, compile_model: bool, as_json: bool) -> None:
-    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day."""
+          device: str, bf16: bool, channels_last: bool, compile_model: bool, ingest: bool, ingest_mb: tuple,
+          as_json: bool) -> None:
+    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day (--ingest: .nev ingest)."""
+    if ingest:
+        from closedloop.bench_ingest import compute_ingest_bench
+
+        result = compute_ingest_bench(sizes_mb=ingest_mb, n_repeats=repeats)
+        text = "\n".join(f"{key:>26}: {value:.4g}" for key, value in result.items() if isinstance(value, float))
+        _emit(result, as_json, text + "".join(
+            f"\n{name}: {result[name]['file_mb']:.0f} MB, ingest {result[name]['ingest_s']:.3f} s, memmap pass "
+            f"{result[name]['memmap_pass_s']:.3f} s, peak memory +{result[name]['peak_memory_growth_mb']:.1f} MB"
+            for name in ("small", "large")))
+        return
     from closedloop.bench import compute_bench
     from models import make_it_model
 

@@ -21,7 +21,7 @@ from closedloop.core.validation import check_array, check_option
 from closedloop.data.nev_header import check_nev_path, read_nev_header
 from closedloop.data.nev_scan import find_digital_events, iterate_packets
 from closedloop.data.recording import Recording, compute_ticks
-from closedloop.data.sites import SiteTable, make_default_sites
+from closedloop.data.sites import ALL_UNITS, NOISE_UNIT, SiteTable, make_default_sites
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window, compute_window_ticks
 
 __all__ = ["Onsets", "compute_onsets", "compute_counts", "compute_nev_counts", "compute_summary"]
@@ -119,11 +119,11 @@ def compute_counts(
 
 # -- counting while streaming a .nev ------------------------------------------------------------
 class _GrowingCounts:
-    """Onset ticks, codes and a counts table that grow as onsets stream in."""
+    """Onset ticks, codes and a table of counts per onset (one column per site class) that grow as onsets stream in."""
 
-    def __init__(self, n_sites: int) -> None:
+    def __init__(self, n_columns: int) -> None:
         self.ticks, self.codes = np.zeros(1024, np.int64), np.zeros(1024, np.uint16)
-        self.counts = np.zeros((1024, n_sites), np.int64)
+        self.counts = np.zeros((1024, n_columns), np.int64)
         self.n = 0
 
     def add(self, ticks: np.ndarray, codes: np.ndarray) -> None:
@@ -149,28 +149,38 @@ class _SiteClasses:
         self.electrodes = np.asarray(electrodes, dtype=np.int64)
         self.key_offset = np.full(1 << 16, len(self.electrodes) * _KEY, dtype=np.int64)
         self.key_offset[self.electrodes] = np.arange(len(self.electrodes)) * _KEY
-        membership = sites.compute_membership(np.repeat(self.electrodes, _KEY), np.tile(np.arange(_KEY), len(electrodes)))
-        membership = np.concatenate([membership, np.zeros((_KEY, sites.n_sites), bool)])  # the events' slot
-        packed = np.packbits(membership, axis=1)  # one row of bytes per key, compared whole
+        # Units no site names (noise aside) all count alike: membership is worked out for the named
+        # units, noise and one unnamed representative, and spread to all 256 unit classes.
+        named = np.unique(np.append(sites.unit[sites.unit != ALL_UNITS], NOISE_UNIT))
+        kinds = np.concatenate([named, np.setdiff1d(np.arange(_KEY), named)[:1]])
+        unit_kind = np.full(_KEY, len(kinds) - 1)
+        unit_kind[named] = np.arange(len(named))
+        membership = sites.compute_membership(np.repeat(self.electrodes, len(kinds)), np.tile(kinds, len(electrodes)))
+        membership = np.concatenate([membership, np.zeros((1, sites.n_sites), bool)])  # the events' slot
+        packed = np.packbits(membership, axis=1)  # one row of bytes per (electrode, unit kind), compared whole
         packed = np.ascontiguousarray(packed).view(np.dtype((np.void, packed.shape[1]))).reshape(-1)
-        _, first, self.key_class = np.unique(packed, return_index=True, return_inverse=True)
-        self.class_sites = membership[first].astype(np.float64)  # exact: integer counts far below 2**53
-        self.n_keys, self.n_classes = membership.shape[0], len(first)
+        _, first, row_class = np.unique(packed, return_index=True, return_inverse=True)
+        self.key_class = np.append(row_class[:-1].reshape(len(electrodes), len(kinds))[:, unit_kind],
+                                   np.full(_KEY, row_class[-1]))
+        self.class_sites = membership[first].astype(np.float64)
+        self.n_keys, self.n_classes = len(self.key_class), len(first)
 
-    def count_per_electrode(self, packets_per_key: np.ndarray) -> Counter:
-        """Spikes per electrode id, from packets per key int64 ``(n_keys,)``."""
-        per_electrode = packets_per_key[: len(self.electrodes) * _KEY].reshape(-1, _KEY).sum(axis=1)
-        return Counter({int(e): int(n) for e, n in zip(self.electrodes.tolist(), per_electrode.tolist()) if n})
+    def count_per_site(self, counts_per_class: np.ndarray) -> np.ndarray:
+        """Counts per site int64 ``(n, n_sites)`` from counts per class int64 ``(n, n_classes)``.
+
+        Exact: float64 holds every integer below 2**53, far above any spike count.
+        """
+        return (counts_per_class.astype(np.float64) @ self.class_sites).astype(np.int64)
 
 
 def _add_packets(table: _GrowingCounts, classes: _SiteClasses, packet_classes: np.ndarray, packet_ticks: np.ndarray,
                  edges: tuple[int, int]) -> None:
-    """Add time-ordered packets' spikes to the counts of the onsets seen so far, in place.
+    """Add time-ordered packets' spikes to the counts per class of the onsets seen so far, in place.
 
     ``packet_classes`` (:class:`_SiteClasses`; events fall in a class of no site) and
     ``packet_ticks`` int64 ``(n_packets,)``, ticks non-decreasing. Each onset's window is a slice
     of the packets (two binary searches); the packets of every slice are counted per class with
-    one ``bincount``, and classes are summed into sites.
+    one ``bincount``.
     """
     if not packet_ticks.size:
         return
@@ -183,12 +193,14 @@ def _add_packets(table: _GrowingCounts, classes: _SiteClasses, packet_classes: n
     rows = np.repeat(np.arange(len(onsets)) * classes.n_classes, n_inside)
     members = np.arange(len(rows)) + np.repeat(first - (np.cumsum(n_inside) - n_inside), n_inside)
     rows += packet_classes[members]
-    per_class = np.bincount(rows, minlength=len(onsets) * classes.n_classes).reshape(len(onsets), classes.n_classes)
-    table.counts[low:high] += (per_class @ classes.class_sites).astype(np.int64)
+    table.counts[low:high] += np.bincount(rows, minlength=len(onsets) * classes.n_classes).reshape(
+        len(onsets), classes.n_classes)
 
 
-def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | None, allow_truncated: bool):
-    """One pass over the packets: onsets, int64 counts per site, spikes per electrode, header facts.
+def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | None, allow_truncated: bool,
+                   mapped: SiteTable | None):
+    """One pass over the packets: onsets, int64 counts per site, spikes per electrode missing from
+    ``mapped`` (a Counter; default: from ``sites``), header facts.
 
     Packets at a window's last tick wait for the next window, whose onsets may share that tick.
     """
@@ -196,23 +208,27 @@ def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | N
     sites = make_default_sites(facts["electrodes"]) if sites is None else sites
     edges = compute_window_ticks(window, facts["resolution"])
     classes = _SiteClasses(sites, facts["electrodes"])
-    table, packets_per_key = _GrowingCounts(sites.n_sites), np.zeros(classes.n_keys, np.int64)
+    table, unmapped = _GrowingCounts(classes.n_classes), Counter()
+    is_unmapped = np.zeros(1 << 16, dtype=bool)  # packet ids of the header's electrodes that no site names
+    is_unmapped[np.setdiff1d(facts["electrodes"], (sites if mapped is None else mapped).electrode)] = True
+    watch = bool(is_unmapped.any())
     waiting_classes, waiting_ticks = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    for ticks, ids, units, words in iterate_packets(path, facts):
-        onset = np.flatnonzero(find_digital_events(ids, units, facts["version"]))
-        onset = onset[words[onset] != 0]
-        table.add(ticks[onset], words[onset])
+    for ticks, ids, units, events, words in iterate_packets(path, facts):
+        onset = find_digital_events(units[events], facts["version"]) & (words != 0)
+        table.add(ticks[events[onset]], words[onset])
         _add_packets(table, classes, waiting_classes, waiting_ticks, edges)
         keys = classes.key_offset[ids]
         keys += units
-        packets_per_key += np.bincount(keys, minlength=classes.n_keys)
+        if watch:
+            unmapped.update(_count_spikes_per_electrode(ids[is_unmapped[ids]]))
         packet_classes = classes.key_class[keys]
         ready = np.searchsorted(ticks, ticks[-1])  # packets are in time order: those at the last tick wait
         _add_packets(table, classes, packet_classes[:ready], ticks[:ready], edges)
         waiting_classes, waiting_ticks = packet_classes[ready:], ticks[ready:].copy()
     _add_packets(table, classes, waiting_classes, waiting_ticks, edges)
     onsets = Onsets(times_s=table.ticks[: table.n] / facts["resolution"], codes=table.codes[: table.n].copy())
-    return onsets, table.counts[: table.n], classes.count_per_electrode(packets_per_key), facts
+    counts = classes.count_per_site(table.counts[: table.n])
+    return onsets, counts, unmapped, facts
 
 
 def compute_nev_counts(
@@ -233,7 +249,7 @@ def compute_nev_counts(
     window = check_window(window_s)
     check_option("unmapped", unmapped, ("error", "ignore"))
     path = check_nev_path(path)
-    onsets, counts, spikes_per_electrode, facts = _stream_counts(path, window, sites, allow_truncated)
+    onsets, counts, spikes_per_electrode, facts = _stream_counts(path, window, sites, allow_truncated, None)
     _check_unmapped(str(path), spikes_per_electrode, sites or make_default_sites(facts["electrodes"]), unmapped)
     return onsets, _as_uint16(counts)
 
@@ -257,7 +273,7 @@ def compute_summary(recording: Recording | str | Path, *, window_s=DEFAULT_WINDO
         counts = compute_counts(recording, onsets.times_s, window_s=window, sites=make_default_sites(electrodes))
     else:
         source = str(check_nev_path(recording))
-        onsets, counts, spikes_per_electrode, facts = _stream_counts(Path(source), window, None, False)
+        onsets, counts, spikes_per_electrode, facts = _stream_counts(Path(source), window, None, False, sites)
         electrodes = facts["electrodes"]
     if sites is not None:
         _check_unmapped(source, spikes_per_electrode, sites, unmapped)

@@ -71,11 +71,11 @@ def _read_packets(path: Path, facts: dict) -> Recording:
     """The recording from one pass over the packets (spikes ordered by time, then electrode and unit, as neo's)."""
     spikes = [(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint8))]
     events = [(np.zeros(0, np.int64), np.zeros(0, np.uint16))]
-    for ticks, ids, units, words in iterate_packets(path, facts):
-        spike = find_spikes(ids)
-        spikes.append((ticks[spike], ids[spike], units[spike]))
-        event = find_digital_events(ids, units, facts["version"])
-        events.append((ticks[event], words[event]))
+    for window in iterate_packets(path, facts):
+        spike = find_spikes(window.ids)
+        spikes.append((window.ticks[spike], window.ids[spike], window.units[spike]))
+        digital = find_digital_events(window.units[window.events], facts["version"])
+        events.append((window.ticks[window.events[digital]], window.words[digital]))
     spike_ticks, electrodes, units = (np.concatenate(column) for column in zip(*spikes))
     event_ticks, words = (np.concatenate(column) for column in zip(*events))
     order = np.lexsort((units, electrodes, spike_ticks))

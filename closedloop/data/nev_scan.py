@@ -13,25 +13,41 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["SYSTEM_PACKET_IDS", "PAYLOAD_FIELDS", "check_packets", "iterate_packets", "find_digital_events",
+__all__ = ["SYSTEM_PACKET_IDS", "PacketWindow", "check_packets", "iterate_packets", "find_digital_events",
            "find_spikes"]
 
 SYSTEM_PACKET_IDS = np.arange(0xFFFB, 0x10000)  # comments, video sync, tracking, button, config
-PAYLOAD_FIELDS = ("unit_or_reason", "word")
+_FIELDS = ("timestamp", "packet_id", "unit_or_reason")
 _SCAN_PACKETS = 1 << 18
 _BLOCK_PACKETS = 1 << 14
+
+
+class PacketWindow(NamedTuple):
+    """Consecutive data packets of a ``.nev``.
+
+    ``ticks`` int64, ``ids`` uint16 (packet id: 0 for an event, the electrode for a spike),
+    ``units`` uint8 (a spike's unit class, an event's insertion reason), each ``(n,)``;
+    ``events`` int64 ``(n_events,)``: the positions of the event packets (id 0) in the window;
+    ``words`` uint16 ``(n_events,)``: their first payload word (the digital word).
+    """
+
+    ticks: np.ndarray
+    ids: np.ndarray
+    units: np.ndarray
+    events: np.ndarray
+    words: np.ndarray
 
 
 def _make_packet_dtype(facts: dict) -> np.dtype:
     """One data packet: timestamp, packet id, unit class or insertion reason, first payload word."""
     prefix = 12 if facts["version"] == "3.0" else 8
     stamp = "<u8" if facts["version"] == "3.0" else "<u4"
-    return np.dtype({"names": ["timestamp", "packet_id", *PAYLOAD_FIELDS],
-                     "formats": [stamp, "<u2", "u1", "<u2"], "offsets": [0, prefix - 4, prefix - 2, prefix],
-                     "itemsize": facts["packet_bytes"]})
+    return np.dtype({"names": [*_FIELDS, "word"], "formats": [stamp, "<u2", "u1", "<u2"],
+                     "offsets": [0, prefix - 4, prefix - 2, prefix], "itemsize": facts["packet_bytes"]})
 
 
 def _make_allowed_ids(facts: dict) -> np.ndarray:
@@ -62,35 +78,33 @@ def _check_window(path: Path, first: int, ticks: np.ndarray, ids: np.ndarray, al
         )
 
 
-def iterate_packets(path: Path, facts: dict, *, fields: tuple[str, ...] = PAYLOAD_FIELDS) -> Iterator[tuple]:
-    """Yield the data packets a window at a time as ``(ticks, packet ids, *fields)``.
+def iterate_packets(path: Path, facts: dict) -> Iterator[PacketWindow]:
+    """Yield the data packets a window at a time (:class:`PacketWindow`), in file order.
 
-    ``facts``: :func:`~closedloop.data.nev_header.read_nev_header`'s. ``ticks`` int64 and packet
-    ids uint16, ``(n_window,)``; ``fields``, among :data:`PAYLOAD_FIELDS`: ``"unit_or_reason"``
-    uint8 (a spike's unit class, an event's insertion reason) and ``"word"`` uint16 (the first
-    payload word: an event's digital word), each ``(n_window,)``. Every window is checked (see
-    the module docstring) before it is yielded. The arrays are reused for the next window: copy
-    what you keep.
+    ``facts``: :func:`~closedloop.data.nev_header.read_nev_header`'s. Every window is checked
+    (see the module docstring) before it is yielded. The window's ``ticks``, ``ids`` and
+    ``units`` arrays are reused for the next window: copy what you keep.
     """
     dtype = _make_packet_dtype(facts)
-    names = ("timestamp", "packet_id", *fields)
     allowed = _make_allowed_ids(facts)
     n_packets, size = facts["n_packets"], min(_SCAN_PACKETS, facts["n_packets"])
-    buffers = [np.empty(size, np.int64), *[np.empty(size, dtype.fields[name][0]) for name in names[1:]]]
+    buffers = [np.empty(size, np.int64), np.empty(size, np.uint16), np.empty(size, np.uint8)]
     previous = 0
     for first in range(0, n_packets, _SCAN_PACKETS):
         size = min(_SCAN_PACKETS, n_packets - first)
         window = np.memmap(path, dtype=dtype, mode="r", offset=facts["header_bytes"] + first * facts["packet_bytes"],
                            shape=(size,))
-        arrays = [buffer[:size] for buffer in buffers]
+        ticks, ids, units = (buffer[:size] for buffer in buffers)
         for low in range(0, size, _BLOCK_PACKETS):
             block = window[low : low + _BLOCK_PACKETS]
-            for name, array in zip(names, arrays):
+            for name, array in zip(_FIELDS, (ticks, ids, units)):
                 np.copyto(array[low : low + len(block)], block[name], casting="unsafe")
+        events = np.flatnonzero(ids == 0)
+        words = np.array(window["word"][events])
         del window, block
-        _check_window(path, first, arrays[0], arrays[1], allowed, previous)
-        previous = int(arrays[0][-1])
-        yield tuple(arrays)
+        _check_window(path, first, ticks, ids, allowed, previous)
+        previous = int(ticks[-1])
+        yield PacketWindow(ticks, ids, units, events, words)
 
 
 def find_spikes(ids: np.ndarray) -> np.ndarray:
@@ -98,18 +112,16 @@ def find_spikes(ids: np.ndarray) -> np.ndarray:
     return (ids - np.uint16(1)) < np.uint16(SYSTEM_PACKET_IDS[0] - 1)
 
 
-def find_digital_events(ids: np.ndarray, reasons: np.ndarray, version: str) -> np.ndarray:
-    """bool ``(n,)``: which packets are words on the digital input port, as neo reads them.
-
-    ``ids`` uint16 and ``reasons`` uint8 (insertion reason) ``(n,)``: packet id 0 with reason 1
-    (spec 2.2), or with bit 0 set and bit 7 (serial port) clear (2.3, 3.0).
-    """
+def find_digital_events(reasons: np.ndarray, version: str) -> np.ndarray:
+    """bool ``(n_events,)``: which event packets, by insertion reason uint8 ``(n_events,)``, are
+    words on the digital input port, as neo reads them: reason 1 (spec 2.2), or bit 0 set and
+    bit 7 (serial port) clear (2.3, 3.0)."""
     if version == "2.2":
-        return (ids == 0) & (reasons == 1)
-    return (ids == 0) & ((reasons & 0x81) == 1)
+        return reasons == 1
+    return (reasons & 0x81) == 1
 
 
 def check_packets(path: Path, facts: dict) -> None:
-    """Check every data packet's id and time (see the module docstring), reading only those two fields."""
-    for _ in iterate_packets(path, facts, fields=()):
+    """Check every data packet's id and time (see the module docstring)."""
+    for _ in iterate_packets(path, facts):
         pass
