@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from closedloop.core.validation import check_integer
+from closedloop.core.validation import check_integer, check_option
 from closedloop.data.counts import compute_nev_counts
+from closedloop.data.nev import NEV_ENGINES
 from closedloop.data.nev_header import read_nev_header
 from closedloop.data.recording import Recording
 from rigs.nev import write_nev
 
-__all__ = ["BENCH_ELECTRODES", "DEFAULT_SIZES_MB", "compute_ingest_bench", "measure_peak_memory", "write_bench_nev"]
+__all__ = ["BENCH_ELECTRODES", "DEFAULT_SIZES_MB", "compute_ingest_bench", "measure_in_fresh_process", "write_bench_nev"]
 
 BENCH_ELECTRODES = tuple(range(1, 97))
 DEFAULT_SIZES_MB = (100, 400)
@@ -43,17 +44,27 @@ _SOA_TICKS = 6000  # 200 ms at 30 kHz
 _RATE_HZ = 60.0
 _CHUNK_BYTES = 1 << 24
 
-_PEAK_SCRIPT = """
-import json, sys
+_FRESH_PROCESS_SCRIPT = """
+import json, sys, time
 
 def peak_mb():  # VmHWM starts afresh at exec, unlike ru_maxrss (which keeps the parent's peak)
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
 
-from closedloop.data.counts import compute_nev_counts
+from closedloop.data.counts import compute_counts, compute_nev_counts, compute_onsets
+from closedloop.data.nev import read_nev
+path, engine = sys.argv[1:]
 before = peak_mb()
-onsets, counts = compute_nev_counts(sys.argv[1])
-print(json.dumps({"after_imports_mb": before, "peak_mb": peak_mb(), "n_presentations": len(onsets.times_s)}))
+start = time.perf_counter()
+if engine == "neo":
+    recording = read_nev(path, engine="neo")
+    onsets = compute_onsets(recording)
+    counts = compute_counts(recording, onsets.times_s)
+else:
+    onsets, counts = compute_nev_counts(path)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "after_imports_mb": before, "peak_mb": peak_mb(),
+                  "n_presentations": len(onsets.times_s), "counted": int(counts.sum())}))
 """
 
 
@@ -108,18 +119,21 @@ def _time_interleaved(path: Path, n_repeats: int) -> dict:
     return seconds
 
 
-def measure_peak_memory(path: str | Path) -> dict:
-    """Ingest ``path`` in a fresh process: ``{"after_imports_mb", "peak_mb", "growth_mb", "n_presentations"}``.
+def measure_in_fresh_process(path: str | Path, engine: str = "stream") -> dict:
+    """Ingest ``path`` once in a fresh Python process with ``engine`` ("stream" or "neo").
 
-    Peaks are the process's VmHWM (MB = 2²⁰ bytes), read after importing the ingest and after
-    ingesting; ``growth_mb`` is their difference.
+    Returns ``{"seconds", "after_imports_mb", "peak_mb", "growth_mb", "n_presentations",
+    "counted"}``: the ingest's wall time (s, file in the page cache), the process's VmHWM (MB =
+    2²⁰ bytes) after importing the ingest and after ingesting, their difference, the onsets found
+    and the sum of all counts.
     """
+    check_option("engine", engine, NEV_ENGINES)
     paths = [str(Path(__file__).resolve().parent.parent), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
     environment = os.environ | {"PYTHONPATH": os.pathsep.join(path for path in paths if path)}
-    result = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True,
-                            env=environment, check=False)
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_SCRIPT, str(path), engine], capture_output=True,
+                            text=True, env=environment, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"the memory measurement of {path} failed: {result.stderr.strip()[-2000:]}")
+        raise RuntimeError(f"ingesting {path} in a fresh process failed: {result.stderr.strip()[-2000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
     return measured | {"growth_mb": measured["peak_mb"] - measured["after_imports_mb"]}
 
@@ -143,7 +157,7 @@ def compute_ingest_bench(*, sizes_mb=DEFAULT_SIZES_MB, n_repeats: int = 5, seed:
             path = write_bench_nev(Path(folder) / f"{name}.nev", size, seed=seed)
             seconds = _time_interleaved(path, n_repeats)
             median = {key: float(np.median(values)) for key, values in seconds.items()}
-            memory = measure_peak_memory(path)
+            memory = measure_in_fresh_process(path)
             files[name] = {
                 "file_mb": path.stat().st_size / 1e6,
                 "n_packets": read_nev_header(path, False)["n_packets"],
