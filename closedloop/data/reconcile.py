@@ -19,6 +19,7 @@ from closedloop.core.logs import logger
 from closedloop.core.validation import check_array, check_number, check_option
 from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, compute_onsets
 from closedloop.data.nev import NEV_ENGINES, read_nev
+from closedloop.data.photodiode import Photodiode, compute_latency_summary
 from closedloop.data.sites import SiteTable
 from closedloop.data.store import open_store
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window
@@ -114,6 +115,7 @@ def write_day_counts(
     unmapped: str = "error",
     allow_mismatch: bool = False,
     engine: str = "stream",
+    photodiode: Photodiode | None = None,
 ) -> dict:
     """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
 
@@ -124,6 +126,9 @@ def write_day_counts(
     ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``. ``engine``: "stream"
     counts with :func:`compute_nev_counts` (one pass, memory independent of the recording's
     length); "neo" reads the file with ``read_nev(engine="neo")`` (the reference; same result).
+    With a ``photodiode`` (:func:`~closedloop.data.photodiode.read_photodiode`), presentations
+    are matched to the log by their codes' times, and counted and stored from the light's; the
+    report adds ``photodiode`` (settings and code-to-light latencies).
     """
     window = check_window(window_s)
     check_option("engine", engine, NEV_ENGINES)
@@ -136,13 +141,15 @@ def write_day_counts(
         )
     if engine == "neo":
         recording = read_nev(nev_path, engine="neo")
-        onsets = compute_onsets(recording)
+        onsets = compute_onsets(recording, photodiode=photodiode)
         nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped=unmapped)
     else:
-        onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped)
+        onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped,
+                                                photodiode=photodiode)
     log = store.read_presentations()
     stimulus_codes = store.read_stimuli(pixels=False)["code"]
-    reconciliation = compute_reconciliation(onsets, stimulus_codes[log["stimulus"]], log["onset"], stimulus_codes,
+    by_code = onsets if onsets.code_times_s is None else Onsets(onsets.code_times_s, onsets.codes)
+    reconciliation = compute_reconciliation(by_code, stimulus_codes[log["stimulus"]], log["onset"], stimulus_codes,
                                             tolerance_s=tolerance_s)
     matched = reconciliation.onset_index >= 0
     report = {
@@ -159,6 +166,8 @@ def write_day_counts(
         "mismatches": reconciliation.mismatches,
         "written": False,
     }
+    if photodiode is not None:
+        report["photodiode"] = photodiode.describe() | compute_latency_summary(onsets.latency_s)
     if reconciliation.mismatches and not allow_mismatch:
         logger.warning("%s: %d mismatches with the day's log; nothing written", Path(nev_path).name,
                        len(reconciliation.mismatches))
