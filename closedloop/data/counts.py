@@ -146,7 +146,7 @@ class _GrowingCounts:
     def __init__(self, n_columns: int, photodiode: Photodiode | None) -> None:
         self.matcher = None if photodiode is None else OnsetMatcher(photodiode)
         self.ticks, self.code_ticks, self.latency = (np.zeros(1024, np.int64) for _ in range(3))
-        self.codes, self.counts = np.zeros(1024, np.uint16), np.zeros((1024, n_columns), np.int64)
+        self.codes, self.counts = np.zeros(1024, np.uint16), np.zeros((1024, n_columns), np.int32)
         self.n = 0
 
     def add(self, code_ticks: np.ndarray, codes: np.ndarray) -> None:
@@ -193,7 +193,7 @@ class _SiteClasses:
         self.n_keys, self.n_classes = len(self.key_class), len(first)
 
     def count_per_site(self, counts_per_class: np.ndarray) -> np.ndarray:
-        """Counts per site int64 ``(n, n_sites)`` from counts per class int64 ``(n, n_classes)``.
+        """Counts per site int64 ``(n, n_sites)`` from counts per class int32 ``(n, n_classes)``.
 
         Exact: float64 holds every integer below 2**53, far above any spike count.
         """
