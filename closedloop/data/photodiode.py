@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from neo.rawio import BlackrockRawIO
 
 from closedloop.core.validation import check_file, check_number
 
@@ -71,6 +70,8 @@ def _find_channel(reader, path: Path, channel: str) -> tuple[int, int]:
 
 def _open_nsx(path: Path):
     """neo's reader on this one ``.nsX`` only (no ``.nev``), header parsed; errors are bad input."""
+    from neo.rawio import BlackrockRawIO  # here: the streaming ingest imports this module and needs no neo
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
