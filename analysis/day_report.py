@@ -21,8 +21,8 @@ def compute_sensitivity_summary(records: list[dict]) -> list[dict]:
 
     ``records``: the rows of ``sensitivity.json``. Returns rows with ``kind``, ``eps``,
     ``n_sites``, ``n_images`` (total), ``estimate`` / ``estimate_sd`` (spikes per window),
-    ``normalized`` / ``normalized_sd``, ``truth`` (mean, or None), ``below_truth`` (sites whose
-    estimate ≤ truth, or None).
+    ``normalized`` / ``normalized_sd``, ``truth`` (mean over the sites that have one, or None),
+    ``below_truth`` (sites whose estimate ≤ truth, or None).
     """
     rows = []
     for kind in ("attack", "gaussian", "interpolation"):
@@ -36,7 +36,7 @@ def compute_sensitivity_summary(records: list[dict]) -> list[dict]:
                 "estimate": float(estimate.mean()), "estimate_sd": float(estimate.std()),
                 "normalized": float(np.nanmean(normalized)), "normalized_sd": float(np.nanstd(normalized)),
                 "truth": float(np.mean(truth)) if truth else None,
-                "below_truth": sum(r["estimate"] <= r["truth"] for r in chosen) if truth else None,
+                "below_truth": sum(r["estimate"] <= r["truth"] for r in chosen if r["truth"] is not None) if truth else None,
             })
     return rows
 

@@ -326,6 +326,61 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
         stop.set()
 
 
+@cli.group()
+def rig() -> None:
+    """The display computer: rig.toml, a self-test, and the rig agent with the PsychoPy presenter (docs/rig.md)."""
+
+
+@rig.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def rig_init(path: Path, force: bool) -> None:
+    """Write a commented rig.toml with every default (PATH: a file, or a folder to hold rig.toml)."""
+    from rigs.display.config import write_default_rig_config
+
+    click.echo(f"wrote {write_default_rig_config(path, overwrite=force)}")
+
+
+def _rig_summary_text(summary: dict) -> str:
+    return "\n".join(f"{key:>21}: {value}" for key, value in summary.items() if key != "problems")
+
+
+@rig.command("check")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("rig.toml"), show_default=True,
+              help="The display computer's rig.toml.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def rig_check(config_path: Path, as_json: bool) -> None:
+    """Self-test without the control PC: refresh rate and jitter, an event-code test pattern, a fixation readout.
+
+    Exits with status 1 when something is off (each problem is printed).
+    """
+    from rigs.display.config import read_rig_config
+    from rigs.display.serve import run_rig_check
+
+    report = run_rig_check(read_rig_config(config_path))
+    problems = "\n".join(f"problem: {p}" for p in report["problems"]) or "rig check passed"
+    _emit(report, as_json, _rig_summary_text(report) + "\n" + problems)
+    if report["problems"]:
+        sys.exit(1)
+
+
+@rig.command("serve")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("rig.toml"), show_default=True,
+              help="The display computer's rig.toml.")
+def rig_serve(config_path: Path) -> None:
+    """Serve the rig agent with the PsychoPy presenter until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
+    import threading
+
+    from rigs.display.config import read_rig_config
+    from rigs.display.serve import run_rig_serve
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_rig_serve(read_rig_config(config_path), stop,
+                  on_ready=lambda summary: click.echo(_rig_summary_text(summary) + "\nserving", nl=True))
+
+
 @cli.command("fit-day")
 @click.argument("day", type=click.IntRange(0, 999))
 @_experiment_option
@@ -673,6 +728,66 @@ def select_base(experiment: Path, candidates: str | None, layers: str, n_images:
              f"transfer {r['transfer']:.3f}" for r in result["scores"]]
     lines += [f"best {r['criterion']}: {r['candidate']} {r['layer']}" for r in result["best"]] + [f"wrote {result['html']}"]
     _emit(result, as_json, "\n".join(lines))
+
+
+def _site_selection_text(result: dict) -> str:
+    """The ranked table of ``closedloop select-sites`` and what was written, for people."""
+    number = lambda value, spec: "-" if value is None else format(value, spec)
+    lines = [f"{'rank':>4} {'site':>4} {'label':>10} {'reliab.':>7} {'drive Hz':>8} {'drive p':>8} {'rate Hz':>7} "
+             f"{'held-out r':>10}  chosen / failed"]
+    for row in result["sites"]:
+        verdict = "chosen" if row["chosen"] else "passes" if row["passes"] else "fails " + row["failed"]
+        lines.append(f"{row['rank']:>4} {row['site']:>4} {row['label'][:10]:>10} {number(row['reliability'], '7.2f')} "
+                     f"{number(row['drive_hz'], '8.1f')} {row['drive_p']:>8.1e} {row['rate_hz']:>7.1f} "
+                     f"{number(row['predictivity'], '10.2f')}  {verdict}")
+    removed = ", ".join(f"{name} {n}" for name, n in result["removed"].items())
+    lines += [f"sites failing each criterion: {removed}",
+              f"chosen {len(result['targets'])} of {len(result['sites'])} ({result['n_passed']} pass): {result['targets']}"]
+    if not result["predictivity_available"]:
+        lines.append(f"held-out r: not available (day {result['day']}'s model is not fitted yet)")
+    if result["config"] is None:
+        lines.append("dry run: experiment.toml not changed")
+    else:
+        lines.append(f"wrote [sites] targets to {result['config']} (was {result['previous_targets'] or '[] = all'}); "
+                     f"record: {result['record']}")
+        if result["later_days"]:
+            lines.append(f"note: days {result['later_days']} already begun keep the targets they were started with")
+    return "\n".join(lines + [f"report: {result['html']} (figure {result['png']})"])
+
+
+@cli.command("select-sites")
+@_experiment_option
+@click.option("--day", type=click.IntRange(0, 999), default=0, show_default=True, help="The recorded day to rank the sites on.")
+@click.option("--min-reliability", type=float, default=0.5, show_default=True,
+              help="Least split-half reliability (Spearman-Brown corrected) over the clean images, in [-1, 1].")
+@click.option("--max-drive-p", type=float, default=1e-3, show_default=True,
+              help="Visual drive: a site passes when the paired Wilcoxon test of response vs baseline rate gives p below "
+                   "this, in (0, 1].")
+@click.option("--min-rate", "min_rate_hz", type=float, default=1.0, show_default=True,
+              help="Least mean rate in the response window, Hz.")
+@click.option("--min-predictivity", type=float, default=None,
+              help="Least held-out r of the day's fitted model, in [-1, 1] [default: not a criterion].")
+@click.option("--max-sites", type=int, default=21, show_default=True,
+              help="Attack at most this many sites, the most reliable first (the paper: 21 of two arrays); 0 = all that pass.")
+@click.option("--baseline-window", type=(float, float), default=(0.0, 0.05), show_default=True, metavar="START STOP",
+              help="Baseline window, s after onset; it must end by the response window's start.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML page to write [default: EXPERIMENT/report/select_sites_day_NNN.html]; the PNG figure and "
+                   "<stem>_tables/sites.csv go beside it.")
+@click.option("--dry-run", is_flag=True, help="Rank and write the report, but leave experiment.toml and site_selection.json alone.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the random split-halves.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranked sites and what was written as JSON.")
+def select_sites(experiment: Path, day: int, min_reliability: float, max_drive_p: float, min_rate_hz: float,
+                 min_predictivity: float | None, max_sites: int, baseline_window: tuple[float, float], out: Path | None,
+                 dry_run: bool, seed: int, as_json: bool) -> None:
+    """Rank a recorded day's sites (reliability, visual drive, rate, held-out r) and make the best the targets."""
+    from analysis.site_selection import SiteCriteria, write_site_selection
+
+    criteria = SiteCriteria(min_reliability=min_reliability, max_drive_p=max_drive_p, min_rate_hz=min_rate_hz,
+                            min_predictivity=min_predictivity, max_sites=max_sites)
+    result = write_site_selection(experiment, day, criteria, baseline_window_s=baseline_window, out=out, dry_run=dry_run,
+                                  seed=seed)
+    _emit(result, as_json, _site_selection_text(result))
 
 
 # --- end report ---------------------------------------------------------------------------------------

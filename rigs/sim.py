@@ -5,7 +5,10 @@ experiment's base network with a per-site readout, see :class:`HiddenSites`) who
 rates (tens of Hz at baseline, hundreds for strong responses). For each presentation the
 presenter draws Poisson spike trains on the 30 kHz NSP clock: baseline rate, then the
 stimulus-driven rate from ``latency_s`` after onset for ``on_s``; a fixation break (probability
-``fixation_break_rate``) leaves only the baseline. RSVP timing is ``on_s`` on and ``off_s`` grey;
+``fixation_break_rate``) leaves only the baseline. Like a Utah array, a day may record electrodes
+that carry no visually driven site: with ``driven_fraction`` < 1 only that fraction of the sites
+(chosen by :func:`compute_site_gains`) respond as above, the others stay near their baseline
+(weakly driven, down to not at all). RSVP timing is ``on_s`` on and ``off_s`` grey;
 ``time_scale`` scales the real time spent (0.01 runs 100x faster than real time) while the
 recording clock keeps real-time values. At ``stop`` it writes what it recorded as a Blackrock
 ``.nev`` (spikes on electrodes 1..n_sites, unit 1; the stimulus's event code on the digital
@@ -38,7 +41,8 @@ from rigs.agent import Outcome, RigAgent, StreamFaults
 from rigs.nev import write_nev
 
 __all__ = [
-    "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "compute_sim_rig_options", "SimulatedPresenter",
+    "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "compute_site_gains", "compute_sim_rig_options",
+    "SimulatedPresenter",
     "make_hidden_sites", "make_sim_agent",
     "run_sim_rig",
 ]
@@ -46,6 +50,7 @@ __all__ = [
 _SPIKE_UNIT = 1
 DEFAULT_LATENCY_S = 0.07
 _BATCH = 32
+_GAIN_STREAM = 0x5E1EC7  # the random stream of compute_site_gains, apart from every other draw
 
 
 class HiddenSites(nn.Module):
@@ -57,11 +62,14 @@ class HiddenSites(nn.Module):
     standard deviation. Each site has a compact Gaussian receptive field on the feature grid and
     random channel weights; its drive is standardised over natural calibration images (the
     embedded photographs) and turned into a rate by a sigmoid from ``baseline_hz`` (5–30 Hz) to
-    ``peak_hz`` (150–350 Hz). Everything random comes from ``seed``; differentiable in the images.
+    ``peak_hz`` (150–350 Hz), scaled by the site's gain (:func:`compute_site_gains`: 1 for a
+    visually driven site, at most ``undriven_gain`` for the others). Everything random comes from
+    ``seed``; differentiable in the images.
     """
 
     def __init__(self, n_sites: int, seed: int, *, backbone: str = "resnet_tiny", layer: str = "layer4.0",
-                 base_seed: int = 0, weight_noise: float = 0.3, trust: bool = False) -> None:
+                 base_seed: int = 0, weight_noise: float = 0.3, trust: bool = False, driven_fraction: float = 1.0,
+                 undriven_gain: float = 0.1) -> None:
 
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
@@ -81,6 +89,7 @@ class HiddenSites(nn.Module):
         self.register_buffer("peak_hz", 150.0 + 200.0 * torch.rand(n_sites, generator=generator))
         self.register_buffer("mean", torch.zeros(n_sites))
         self.register_buffer("std", torch.ones(n_sites))
+        self.register_buffer("gain", torch.from_numpy(compute_site_gains(n_sites, seed, driven_fraction, undriven_gain)))
         self.requires_grad_(False)
         calibration = make_embedded_image_set(per_photo=4, seed=seed)
         with torch.no_grad():
@@ -94,7 +103,26 @@ class HiddenSites(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         z = (self._drive(images) - self.mean) / self.std
-        return self.baseline_hz + (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.0))
+        return self.baseline_hz + self.gain * (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.0))
+
+
+def compute_site_gains(n_sites: int, seed: int, driven_fraction: float = 1.0, undriven_gain: float = 0.1) -> np.ndarray:
+    """How strongly each simulated site is visually driven: float32 ``(n_sites,)``, in [0, 1].
+
+    ``round(driven_fraction × n_sites)`` sites, chosen at random from ``seed``, have gain 1 (the
+    stimulus-driven rate of :class:`HiddenSites`); the others draw theirs uniformly from
+    [0, ``undriven_gain``]: multi-unit activity that the images barely move (gain near
+    ``undriven_gain``) or not at all (gain near 0). The draws come from a generator of their own, so
+    ``driven_fraction = 1`` leaves every other random choice of the simulated rig as it was.
+    :func:`rigs.truth.compute_driven_sites` tells validation which sites are driven.
+    """
+    n_sites = check_integer("n_sites", n_sites, minimum=1)
+    driven_fraction = check_number("driven_fraction", driven_fraction, minimum=0.0, maximum=1.0)
+    undriven_gain = check_number("undriven_gain", undriven_gain, minimum=0.0, maximum=1.0)
+    rng = np.random.default_rng([check_integer("seed", seed, minimum=0), _GAIN_STREAM])
+    gains = undriven_gain * rng.random(n_sites)
+    gains[rng.permutation(n_sites)[: round(driven_fraction * n_sites)]] = 1.0
+    return gains.astype(np.float32)
 
 
 class ExpectedCounts(nn.Module):
@@ -121,17 +149,20 @@ def make_hidden_sites(n_sites: int, seed: int, **base) -> HiddenSites:
     """The simulated rig's sites: a :class:`HiddenSites` with ``n_sites`` units built from ``seed``.
 
     ``base``: the base network the monkey resembles (``backbone``, ``layer``, ``base_seed``,
-    ``weight_noise``, ``trust``; see :class:`HiddenSites`), e.g. from :func:`compute_hidden_site_options`.
+    ``weight_noise``, ``trust``, ``driven_fraction``, ``undriven_gain``; see :class:`HiddenSites`), e.g. from
+    :func:`compute_hidden_site_options`.
     """
     return HiddenSites(check_integer("n_sites", n_sites, minimum=1), check_integer("seed", seed, minimum=0), **base)
 
 
 def compute_hidden_site_options(config) -> dict:
-    """The :class:`HiddenSites` arguments for an experiment: its base model and ``[sim] weight_noise``."""
+    """The :class:`HiddenSites` arguments for an experiment: its base model and ``[sim]`` ``weight_noise``,
+    ``driven_fraction`` and ``undriven_gain``."""
 
-    model = config.model
+    model, sim = config.model, config.sim
     return {"backbone": model.backbone, "layer": model.layer, "base_seed": compute_base_seed(config),
-            "weight_noise": config.sim.weight_noise, "trust": model.trust_checkpoint}
+            "weight_noise": sim.weight_noise, "trust": model.trust_checkpoint, "driven_fraction": sim.driven_fraction,
+            "undriven_gain": sim.undriven_gain}
 
 
 def compute_sim_rig_options(config, *, address: str, state_dir: str | Path, seed: int | None = None,

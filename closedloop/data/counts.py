@@ -1,7 +1,8 @@
 """Stimulus onsets and spike counts per site in the response window.
 
-Each non-zero word on the digital input port is a stimulus onset carrying that stimulus's event
-code; a zero word clears the strobe. A site's response to a presentation is its number of
+Each stimulus code (1..65279) on the digital input port is a stimulus onset carrying that
+stimulus's event code; a zero word clears the strobe and the rig's control codes (offset,
+outcomes, session; :mod:`closedloop.data.event_codes`) are not onsets. A site's response to a presentation is its number of
 spikes in the response window (:mod:`closedloop.data.window`, default 0.07–0.17 s after onset),
 computed in integer clock ticks so that edges are exact. Counts come from a
 :class:`~closedloop.data.recording.Recording` (:func:`compute_onsets`, :func:`compute_counts`)
@@ -19,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from closedloop.core.validation import check_array, check_option
+from closedloop.data.event_codes import is_stimulus_code
 from closedloop.data.nev_header import check_nev_path, read_nev_header
 from closedloop.data.nev_scan import find_digital_events, iterate_packets
 from closedloop.data.photodiode import OnsetMatcher, Photodiode, compute_latency_summary
@@ -55,9 +57,10 @@ def _make_onsets(onset_ticks: np.ndarray, codes: np.ndarray, code_ticks: np.ndar
 
 
 def compute_onsets(recording: Recording, *, photodiode: Photodiode | None = None) -> Onsets:
-    """Stimulus onsets: every non-zero word on the digital input port, in time order; with a
+    """Stimulus onsets: every stimulus code (:func:`~closedloop.data.event_codes.is_stimulus_code`) on the
+    digital input port, in time order; 0 and the rig's control codes are not onsets. With a
     ``photodiode``, each at the light that follows its code (see :mod:`closedloop.data.photodiode`)."""
-    keep = recording.event_words != 0
+    keep = is_stimulus_code(recording.event_words)
     order = np.argsort(recording.event_ticks[keep], kind="stable")
     ticks = recording.event_ticks[keep][order]
     onset_ticks, latency = (ticks, None) if photodiode is None else OnsetMatcher(photodiode).match(ticks)
@@ -241,7 +244,7 @@ def _stream_counts(path: Path, window: tuple[float, float], sites: SiteTable | N
     watch = bool(is_unmapped.any())
     waiting_classes, waiting_ticks = np.zeros(0, np.int64), np.zeros(0, np.int64)
     for ticks, ids, units, events, words in iterate_packets(path, facts):
-        onset = find_digital_events(units[events], facts["version"]) & (words != 0)
+        onset = find_digital_events(units[events], facts["version"]) & is_stimulus_code(words)
         table.add(ticks[events[onset]], words[onset])
         _add_packets(table, classes, waiting_classes, waiting_ticks, edges)
         keys = classes.key_offset[ids]

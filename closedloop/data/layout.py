@@ -17,6 +17,10 @@ An experiment folder holds ``experiment.toml`` and one ``day_NNN/`` folder per d
 | ``report.html`` | report | the day's report |
 | ``rig_sim/`` | present (simulated rig) | the simulated rig's own state folder and recording |
 
+Beside the day folders, ``site_selection.json`` records the last ``closedloop select-sites``
+(its date, day, criteria and every site's numbers; the chosen sites are ``[sites] targets`` in
+``experiment.toml``).
+
 Beside each day folder, ``day_NNN.lock`` is the lock of the process running the day (empty when
 no process holds it; see :mod:`closedloop.day.lock`).
 
@@ -33,7 +37,8 @@ from closedloop.core.validation import check_integer
 
 __all__ = [
     "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RECORDING", "SENSITIVITY", "MODEL", "REPORT",
-    "RIG_STATE", "SYNTHESIS_PARTS", "day_folder", "day_lock_path", "find_day_folders", "marker_path", "compute_base_seed",
+    "RIG_STATE", "SYNTHESIS_PARTS", "SITE_SELECTION", "day_folder", "day_lock_path", "find_day_folders", "marker_path",
+    "compute_base_seed",
 ]
 
 STAGES = ("plan", "synthesize", "bundle", "present", "ingest", "estimate", "refit", "report")
@@ -50,6 +55,7 @@ MODEL = "model.safetensors"
 REPORT = "report.html"
 RIG_STATE = "rig_sim"
 SYNTHESIS_PARTS = "synthesis_parts"
+SITE_SELECTION = "site_selection.json"  # in the experiment folder, beside the days
 _MARKERS = "stages"
 _DAY_NAME = re.compile(r"day_(\d{3})")
 

@@ -124,6 +124,14 @@ def test_zero_words_clear_and_every_nonzero_word_is_an_onset():
     assert onsets.codes.tolist() == [3, 3, 7] and (onsets.times_s * 30000).round().tolist() == [10, 30, 40]
 
 
+def test_control_codes_are_not_onsets_in_either_engine(tmp_path):
+    recording = Recording.from_ticks([3200, 9200], [1, 1], [0, 0], [3000, 6000, 6010, 9000, 12000],
+                                     [5, 0xFF00, 0xFF02, 9, 0xFF0B], (1,))
+    read = _read_both(write_nev(tmp_path / "codes.nev", recording))  # stream and neo agree
+    onsets, counts = compute_nev_counts(tmp_path / "codes.nev", window_s=(0.0, 0.01))
+    assert onsets.codes.tolist() == [5, 9] == compute_onsets(read).codes.tolist() and counts.tolist() == [[1], [1]]
+
+
 def test_summary_is_the_operator_check():
     summary = compute_summary(_edge_recording())
     assert summary == {"n_presentations": 2, "electrodes": [1, 2, 3, 4], "window_s": [0.07, 0.17],
