@@ -106,7 +106,7 @@ def read_photodiode(path: str | Path, channel: str | int, threshold: float, *,
         rate = float(reader.get_signal_sampling_rate(stream_index))
         size = reader.get_signal_size(0, 0, stream_index)
         first_tick = round(reader.get_signal_t_start(0, 0, stream_index) * clock_hz)
-        crossings, previous = [], np.zeros(1, dtype=bool)  # the sample before the chunk: below threshold
+        crossings, previous = [], np.zeros(1, dtype=bool)  # before the first sample: dark
         for start in range(0, size, _CHUNK_SAMPLES):
             raw = reader.get_analogsignal_chunk(0, 0, start, min(start + _CHUNK_SAMPLES, size), stream_index,
                                                 channel_indexes=[channel_index])
