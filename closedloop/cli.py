@@ -92,10 +92,24 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
 @click.option("--bf16", is_flag=True, help="bf16 autocast in the attack steps (GPU).")
 @click.option("--channels-last", is_flag=True, help="Channels-last memory format (GPU).")
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
+@click.option("--ingest", is_flag=True, help="Measure .nev ingest instead: speed and memory against a memmap pass.")
+@click.option("--ingest-mb", type=(click.FloatRange(0.01), click.FloatRange(0.01)), default=(100, 400),
+              show_default=True, metavar="SMALL LARGE", help="With --ingest: the two synthetic files' sizes, MB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int, repeats: int, image_size: int,
-          device: str, bf16: bool, channels_last: bool, compile_model: bool, as_json: bool) -> None:
-    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day."""
+          device: str, bf16: bool, channels_last: bool, compile_model: bool, ingest: bool, ingest_mb: tuple,
+          as_json: bool) -> None:
+    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day (--ingest: .nev ingest)."""
+    if ingest:
+        from closedloop.bench_ingest import compute_ingest_bench
+
+        result = compute_ingest_bench(sizes_mb=ingest_mb, n_repeats=repeats)
+        text = "\n".join(f"{key:>26}: {value:.4g}" for key, value in result.items() if isinstance(value, float))
+        _emit(result, as_json, text + "".join(
+            f"\n{name}: {result[name]['file_mb']:.0f} MB, ingest {result[name]['ingest_s']:.3f} s, memmap pass "
+            f"{result[name]['memmap_pass_s']:.3f} s, peak memory +{result[name]['peak_memory_growth_mb']:.1f} MB"
+            for name in ("small", "large")))
+        return
     from closedloop.bench import compute_bench
     from models import make_it_model
 
@@ -137,7 +151,16 @@ def _summary_text(summary: dict) -> str:
         f"window:        [{start:g}, {stop:g}) s after onset",
         f"spikes in window (top electrodes): {', '.join(f'e{e}: {n}' for e, n in busiest) or 'none'}",
         f"distinct codes: {len(summary['codes'])}",
+        *([_photodiode_text(summary["photodiode"])] if "photodiode" in summary else []),
     ])
+
+
+def _photodiode_text(photodiode: dict) -> str:
+    latency = photodiode["latency_ms"]
+    spread = ("no crossing near any code" if latency["median"] is None else
+              f"code to light {latency['median']:.1f} ms (5th-95th percentile {latency['p5']:.1f}-{latency['p95']:.1f})")
+    return (f"photodiode {photodiode['channel']}: {spread}; {photodiode['n_without_crossing']} of "
+            f"{photodiode['n_codes']} codes without a crossing")
 
 
 def _report_text(report: dict) -> str:
@@ -150,6 +173,8 @@ def _report_text(report: dict) -> str:
         f"nev {m['nev_onset_s']} s" + (f", recorded code {m['nev_code']}" if "nev_code" in m else "")
         for m in report["mismatches"]
     ]
+    if "photodiode" in report:
+        lines.append(_photodiode_text(report["photodiode"]))
     lines.append(f"written to {report['store']}" if report["written"] else "nothing written")
     return "\n".join(lines)
 
@@ -167,31 +192,45 @@ def _report_text(report: dict) -> str:
               help="Largest onset difference, s, between the day's log and the recording.")
 @click.option("--ignore-unmapped", is_flag=True, help="Ignore spikes on electrodes missing from the site map.")
 @click.option("--allow-mismatch", is_flag=True, help="Store counts of matched presentations despite mismatches.")
-@click.option("--engine", type=click.Choice(["neo", "stream"]), default="neo", show_default=True,
-              help="neo: read with neo's BlackrockRawIO; stream: one constant-memory pass (long recordings).")
+@click.option("--engine", type=click.Choice(["stream", "neo"]), default="stream", show_default=True,
+              help="stream: closedloop's reader, one pass in constant memory; neo: neo's BlackrockRawIO (the reference).")
+@click.option("--photodiode", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.nsX",
+              help="Onsets from the photodiode in this Blackrock continuous file (with --photodiode-channel/-threshold).")
+@click.option("--photodiode-channel", default=None, help="The photodiode's channel: label (ainp1) or id (129).")
+@click.option("--photodiode-threshold", type=float, default=None,
+              help="Light threshold in the channel's units (mV for analog inputs), between dark and lit.")
+@click.option("--photodiode-max-latency", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="Longest code-to-light delay, s (below the shortest interval between codes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
-           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, as_json: bool) -> None:
+           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, photodiode: Path | None,
+           photodiode_channel: str | None, photodiode_threshold: float | None, photodiode_max_latency: float,
+           as_json: bool) -> None:
     """Read a Blackrock RECORDING.nev: summarise it, or count spikes into a day's store."""
     from closedloop.data import layout
     from closedloop.data.counts import compute_summary
     from closedloop.data.nev import read_nev
+    from closedloop.data.photodiode import read_photodiode
     from closedloop.data.reconcile import write_day_counts
 
     if (experiment is None) != (day is None):
         raise click.UsageError("--experiment and --day go together")
+    if (photodiode is None) != (photodiode_channel is None) or (photodiode is None) != (photodiode_threshold is None):
+        raise click.UsageError("--photodiode, --photodiode-channel and --photodiode-threshold go together")
     window, sites = _ingest_settings(experiment, window, site_map)
     unmapped = "ignore" if ignore_unmapped else "error"
+    light = None if photodiode is None else read_photodiode(photodiode, photodiode_channel, photodiode_threshold,
+                                                             max_latency_s=photodiode_max_latency)
     result = {}
     if experiment is None or summary:
-        source = read_nev(recording) if engine == "neo" else recording
-        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped)
+        source = read_nev(recording, engine="neo") if engine == "neo" else recording
+        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped, photodiode=light)
     if experiment is None:
         _emit(result, as_json, _summary_text(result))
         return
     store = layout.day_folder(experiment, day) / layout.STORE
     report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
-                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine)
+                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine, photodiode=light)
     text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
     _emit(report | ({"summary": result} if result else {}), as_json, text)
     if not report["written"]:

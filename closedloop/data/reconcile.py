@@ -21,16 +21,15 @@ from closedloop.core.files import compute_file_digest
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_array, check_number, check_option
 from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, compute_onsets
-from closedloop.data.nev import read_nev
+from closedloop.data.nev import NEV_ENGINES, read_nev
+from closedloop.data.photodiode import Photodiode, compute_latency_summary
 from closedloop.data.sites import SiteTable
 from closedloop.data.store import open_store
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window
 
-__all__ = ["Reconciliation", "compute_clock_fit", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S",
-           "ENGINES"]
+__all__ = ["Reconciliation", "compute_clock_fit", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S"]
 
 DEFAULT_TOLERANCE_S = 0.010
-ENGINES = ("neo", "stream")
 SHIFT_SEARCH_S = 1.0
 _VOTE_PRESENTATIONS, _VOTE_PLACES, _VOTE_WIDTH_S = 64, 8, 0.005  # the clock offset's vote (compute_clock_fit)
 _PAIR_REACH_S = 0.050  # a logged presentation pairs with an onset of its code this close to its predicted time
@@ -163,7 +162,8 @@ def write_day_counts(
     sites: SiteTable | None = None,
     unmapped: str = "error",
     allow_mismatch: bool = False,
-    engine: str = "neo",
+    engine: str = "stream",
+    photodiode: Photodiode | None = None,
 ) -> dict:
     """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
 
@@ -173,12 +173,15 @@ def write_day_counts(
     ``n_presentations`` (logged), ``n_onsets`` (recorded), ``n_matched``, ``n_mismatches``,
     ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``, ``clock`` (the
     :func:`compute_clock_fit` applied to the logged onsets of a store without live counts, else
-    None). ``engine``: "neo" reads
-    the file with :func:`read_nev`; "stream" counts with :func:`compute_nev_counts` (same result,
-    memory independent of the recording's length).
+    None). ``engine``: "stream"
+    counts with :func:`compute_nev_counts` (one pass, memory independent of the recording's
+    length); "neo" reads the file with ``read_nev(engine="neo")`` (the reference; same result).
+    With a ``photodiode`` (:func:`~closedloop.data.photodiode.read_photodiode`), presentations
+    are matched to the log by their codes' times, and counted and stored from the light's; the
+    report adds ``photodiode`` (settings and code-to-light latencies).
     """
     window = check_window(window_s)
-    check_option("engine", engine, ENGINES)
+    check_option("engine", engine, NEV_ENGINES)
     check_option("unmapped", unmapped, ("error", "ignore"))
     store = open_store(store_path, mode="a")
     if sites is not None and sites != store.sites:
@@ -187,18 +190,20 @@ def write_day_counts(
             f"({store.n_sites} sites); use the site map the day was recorded with."
         )
     if engine == "neo":
-        recording = read_nev(nev_path)
-        onsets = compute_onsets(recording)
+        recording = read_nev(nev_path, engine="neo")
+        onsets = compute_onsets(recording, photodiode=photodiode)
         nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped=unmapped)
     else:
-        onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped)
+        onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped,
+                                                photodiode=photodiode)
     log = store.read_presentations()
     stimulus_codes = store.read_stimuli(pixels=False)["code"]
+    by_code = onsets if onsets.code_times_s is None else Onsets(onsets.code_times_s, onsets.codes)
     log_onsets, clock = log["onset"], None
     if not store.has_live_counts:  # onsets on the presenter's clock: map them onto the NSP's
-        clock = compute_clock_fit(onsets, stimulus_codes[log["stimulus"]], log_onsets)
+        clock = compute_clock_fit(by_code, stimulus_codes[log["stimulus"]], log_onsets)
         log_onsets = clock["offset_s"] + clock["rate"] * log_onsets
-    reconciliation = compute_reconciliation(onsets, stimulus_codes[log["stimulus"]], log_onsets, stimulus_codes,
+    reconciliation = compute_reconciliation(by_code, stimulus_codes[log["stimulus"]], log_onsets, stimulus_codes,
                                             tolerance_s=tolerance_s)
     matched = reconciliation.onset_index >= 0
     report = {
@@ -216,6 +221,8 @@ def write_day_counts(
         "clock": clock,
         "written": False,
     }
+    if photodiode is not None:
+        report["photodiode"] = photodiode.describe() | compute_latency_summary(onsets.latency_s)
     if reconciliation.mismatches and not allow_mismatch:
         logger.warning("%s: %d mismatches with the day's log; nothing written", Path(nev_path).name,
                        len(reconciliation.mismatches))
