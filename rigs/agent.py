@@ -29,7 +29,10 @@ A presenter is any object with:
 - ``present(presentation_id, stimulus_id, window_s) -> Outcome``: show one stimulus (blocking
   for its on + off time) and return what happened;
 - ``finish(outcomes) -> str``: the recording has ended (``stop``); returns the path of what it
-  wrote, or "".
+  wrote, or "";
+- optionally ``set_rsvp(rsvp)``: called at every hello with its ``rsvp`` field (the experiment's
+  ``on_s``, ``off_s``, ``image_size_deg``, or None when the control side sent none); raising
+  ``ValueError`` refuses the hello with its message (e.g. times that are not whole frames).
 """
 
 from __future__ import annotations
@@ -473,6 +476,9 @@ class RigAgent:
     # ----- commands ----------------------------------------------------------------------------
 
     def _on_hello(self, peer: bytes, message) -> dict:
+        set_rsvp = getattr(self.presenter, "set_rsvp", None)
+        if set_rsvp is not None:  # a presenter that shows the experiment's timing: it may refuse it
+            set_rsvp(message.get("rsvp"))
         if self._peer not in (None, peer):
             logger.info("rig %s: a new control process took over the session", self.rig_id)
         self._peer, self._window_s = peer, tuple(message["window_s"])

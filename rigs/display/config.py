@@ -5,7 +5,8 @@ Every key has a documented default; :func:`write_default_rig_config` writes a co
 output, no eye tracker, the refresh rate measured at start. Unknown keys, wrong types and
 out-of-range values are refused with a message naming the key, the value and what is allowed
 (the same strict rules as ``experiment.toml``, :mod:`closedloop.config`). Relative paths are
-relative to the folder holding the file.
+relative to the folder holding the file. What is shown (image size, on and off times) is not
+here: it is the experiment's ``[rsvp]``, sent by the control PC at hello.
 """
 
 from __future__ import annotations
@@ -79,14 +80,6 @@ class ScreenSection(ConfigSection):
         if min(size) < 16:
             raise ValueError(f"width and height must be >= 16 pixels; got {list(size)}")
         return size
-
-
-class StimulusSection(ConfigSection):
-    """[stimulus]: RSVP timing and size; keep them equal to the experiment's [rsvp] on the control PC."""
-
-    size_deg: float = Field(8.0, gt=0.0, le=60.0, description="Image size on the screen, degrees of visual angle.")
-    on_s: float = Field(0.1, gt=0.0, le=5.0, description="Image on time, s (counted in frames: round(on_s x refresh)).")
-    off_s: float = Field(0.1, ge=0.0, le=5.0, description="Grey between images, s (counted in frames).")
 
 
 class PhotodiodeSection(ConfigSection):
@@ -173,7 +166,6 @@ class RigConfig(ConfigSection):
 
     agent: AgentSection = AgentSection()
     screen: ScreenSection = ScreenSection()
-    stimulus: StimulusSection = StimulusSection()
     photodiode: PhotodiodeSection = PhotodiodeSection()
     events: EventsSection = EventsSection()
     fixation: FixationSection = FixationSection()
@@ -200,6 +192,9 @@ def read_rig_config(path: str | Path) -> RigConfig:
     """
     data, path = read_toml_config(path, RIG_CONFIG_NAME, missing="no rig config at {path}; "
                                   "write one with `closedloop rig init rig.toml`")
+    if "stimulus" in data:
+        raise ValueError(f"{path}: [stimulus] is not a rig.toml section any more: the image size and the RSVP on/off "
+                         "times are the experiment's [rsvp], sent by the control PC at hello; delete the section")
     return validate_config(RigConfig, data, source=str(path)).resolve(path.parent)
 
 

@@ -1,6 +1,10 @@
 """The PsychoPy presenter: frame-locked RSVP with event codes, a photodiode patch and fixation control.
 
 Plugs into :class:`rigs.agent.RigAgent` (see its docstring for the presenter interface).
+What is shown is the experiment's: ``set_rsvp`` takes the ``[rsvp]`` on/off times and image size
+that the control PC sends at hello, and refuses (the hello is answered with the reason) times that
+are not a whole number of frames at the rate frames are counted at (within
+:data:`FRAME_TOLERANCE` of a frame), or a hello without them.
 ``load_bundle`` makes a texture of every image before the session starts (no loading during
 RSVP). ``present`` shows one stimulus for ``n_on = round(on_s × refresh)`` frames and grey for
 ``n_off = round(off_s × refresh)`` frames, counting flips, never sleeping; if the response window
@@ -39,13 +43,37 @@ from rigs.display.events import EventOutput
 from rigs.display.fixation import FixationMonitor, GazeSource
 from rigs.display.screen import Screen
 
-__all__ = ["PsychoPyPresenter", "compute_frame_counts"]
+__all__ = ["PsychoPyPresenter", "compute_frame_counts", "FRAME_TOLERANCE"]
+
+#: How far from a whole number of frames an on or off time may be, in frames (0.1 frame = 1.7 ms at 60 Hz):
+#: 0.1 s at 59.94 Hz (5.994 frames) is shown as 6 frames, 0.1 s at 144 Hz (14.4 frames) is refused.
+FRAME_TOLERANCE = 0.1
+
+
+def _whole_frames(name: str, seconds: float, refresh_hz: float) -> int:
+    frames = seconds * refresh_hz
+    if abs(frames - round(frames)) > FRAME_TOLERANCE:
+        low, high = math.floor(frames), math.ceil(frames)
+        raise ValueError(
+            f"the experiment's [rsvp] {name} = {seconds:g} s is {frames:.2f} frames at this rig's {refresh_hz:.2f} Hz, "
+            f"not a whole number of frames: set {name} to {low / refresh_hz:.4f} s ({low} frames) or "
+            f"{high / refresh_hz:.4f} s ({high} frames) in experiment.toml, or run the display at a refresh rate "
+            f"where {seconds:g} s is whole"
+        )
+    return round(frames)
 
 
 def compute_frame_counts(on_s: float, off_s: float, window_stop_s: float, refresh_hz: float) -> tuple[int, int, int]:
-    """Frames at ``refresh_hz``: on (>= 1), off, and from onset to the end of the response window."""
-    n_on = max(1, round(on_s * refresh_hz))
-    return n_on, round(off_s * refresh_hz), max(1, math.ceil(window_stop_s * refresh_hz - 1e-9))
+    """Frames at ``refresh_hz`` (Hz): on (>= 1), off, and from onset to the end of the response window.
+
+    ``on_s``, ``off_s``, ``window_stop_s`` in s. Raises ``ValueError`` (naming the key, its frames and
+    the nearest whole-frame times) when ``on_s`` or ``off_s`` is not a whole number of frames.
+    """
+    n_on, n_off = _whole_frames("on_s", on_s, refresh_hz), _whole_frames("off_s", off_s, refresh_hz)
+    if n_on < 1:
+        raise ValueError(f"the experiment's [rsvp] on_s = {on_s:g} s is shorter than one frame at this rig's "
+                         f"{refresh_hz:.2f} Hz ({1 / refresh_hz:.4f} s); set on_s to at least one frame")
+    return n_on, n_off, max(1, math.ceil(window_stop_s * refresh_hz - 1e-9))
 
 
 class PsychoPyPresenter:
@@ -58,11 +86,29 @@ class PsychoPyPresenter:
 
     def __init__(self, config: RigConfig, screen: Screen, events: EventOutput, gaze: GazeSource) -> None:
         self.config, self.screen, self.events, self.gaze = config, screen, events, gaze
-        self.size_px = config.stimulus.size_deg * screen.pixels_per_degree
+        self.rsvp: dict | None = None  # the experiment's timing and size, from hello (set_rsvp)
+        self.size_px = 224.0  # until set_rsvp: textures made before a hello are resized then
+        self._frames = (0, 0)
         self._images: dict = {}
         self._codes: dict[int, int] = {}
 
     # ----- the agent's presenter interface (called from the agent's threads) -------------------
+
+    def set_rsvp(self, rsvp: dict | None) -> None:
+        """Show the experiment's ``rsvp`` (``on_s``, ``off_s`` s, ``image_size_deg``) from now on.
+
+        Raises ``ValueError`` (the hello is refused with it) when it is None (a control PC that does
+        not send it) or its times are not whole frames at :attr:`Screen.refresh_hz`.
+        """
+        if rsvp is None:
+            raise ValueError("the control PC sent no RSVP timing at hello (an older closedloop): update closedloop on "
+                             "the control PC; a display rig shows the experiment's [rsvp] on_s, off_s, image_size_deg")
+        frames = compute_frame_counts(rsvp["on_s"], rsvp["off_s"], 0.0, self.screen.refresh_hz)[:2]
+        if rsvp != self.rsvp:
+            logger.info("display rig: the experiment's RSVP: %g s on (%d frames), %g s off (%d frames) at %.2f Hz, "
+                        "%g deg images", rsvp["on_s"], frames[0], rsvp["off_s"], frames[1], self.screen.refresh_hz,
+                        rsvp["image_size_deg"])
+        self.screen.call(self._use_rsvp, dict(rsvp), frames)
 
     def load_bundle(self, path, outcomes: list[dict]) -> list[int]:
         """Make a texture of every image in the bundle (on the window's thread); a new session sends SESSION_START."""
@@ -72,8 +118,7 @@ class PsychoPyPresenter:
         self._images, self._codes = dict(zip(ids, images)), dict(zip(ids, bundle.codes.tolist()))
         if not outcomes:
             self.screen.call(self.events.send, SESSION_START)
-        logger.info("display rig: %d textures of %.0f px (%.1f deg) ready", len(ids), self.size_px,
-                    self.config.stimulus.size_deg)
+        logger.info("display rig: %d textures of %.0f px ready", len(ids), self.size_px)
         return ids
 
     def present(self, presentation_id: int, stimulus_id: int, window_s) -> Outcome:
@@ -87,6 +132,14 @@ class PsychoPyPresenter:
 
     # ----- on the window's thread ----------------------------------------------------------------
 
+    def _use_rsvp(self, rsvp: dict, frames: tuple[int, int]) -> None:
+        self.rsvp, self._frames = rsvp, frames
+        size_px = rsvp["image_size_deg"] * self.screen.pixels_per_degree
+        if size_px != self.size_px:
+            self.size_px = size_px
+            for image in self._images.values():
+                image.size = (size_px, size_px)
+
     def _make_textures(self, pixels: np.ndarray) -> list:
         from psychopy import visual
 
@@ -96,8 +149,9 @@ class PsychoPyPresenter:
 
     def _present(self, presentation_id: int, stimulus_id: int, window_s: tuple[float, float]) -> Outcome:
         window, screen = self.screen.window, self.screen
-        n_on, n_off, n_window = compute_frame_counts(self.config.stimulus.on_s, self.config.stimulus.off_s,
-                                                     window_s[1], screen.refresh_hz)
+        assert self.rsvp is not None, "the agent queues presentations only after a hello (set_rsvp)"
+        (n_on, n_off), n_window = self._frames, compute_frame_counts(self.rsvp["on_s"], self.rsvp["off_s"],
+                                                                     window_s[1], screen.refresh_hz)[2]
         n_frames = max(n_on + n_off, n_window)
         late_s = self.config.screen.dropped_frame_factor / screen.refresh_hz
         fixation = FixationMonitor(self.config.fixation.window_deg,

@@ -20,7 +20,7 @@ from rigs.agent import RigAgent
 from rigs.display.config import RigConfig
 from rigs.display.events import open_event_output
 from rigs.display.fixation import open_gaze_source
-from rigs.display.presenter import PsychoPyPresenter, compute_frame_counts
+from rigs.display.presenter import PsychoPyPresenter
 from rigs.display.screen import Screen
 
 __all__ = ["run_rig_serve", "run_rig_check", "compute_rig_summary", "TEST_PATTERN"]
@@ -30,7 +30,6 @@ TEST_PATTERN = tuple(1 << bit for bit in range(16))
 
 def compute_rig_summary(config: RigConfig, screen: Screen, events, gaze) -> dict:
     """What the rig is about to use: screen, refresh (measured and counted), geometry, outputs; JSON-ready."""
-    n_on, n_off, _ = compute_frame_counts(config.stimulus.on_s, config.stimulus.off_s, 0.0, screen.refresh_hz)
     return {
         "screen": config.screen.screen, "size_px": list(screen.size_px), "fullscreen": config.screen.fullscreen,
         "measured_refresh_hz": round(screen.measured["refresh_hz"], 3),
@@ -39,8 +38,7 @@ def compute_rig_summary(config: RigConfig, screen: Screen, events, gaze) -> dict
         "frames_counted_at_hz": round(screen.refresh_hz, 3),
         "refresh": "nominal (rig.toml)" if config.screen.refresh_hz else "measured",
         "pixels_per_degree": round(screen.pixels_per_degree, 3),
-        "image_px": round(config.stimulus.size_deg * screen.pixels_per_degree, 1),
-        "on_frames": n_on, "off_frames": n_off, "event_output": events.description, "fixation": gaze.description,
+        "event_output": events.description, "fixation": gaze.description,
     }
 
 
