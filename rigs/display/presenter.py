@@ -55,10 +55,9 @@ def _whole_frames(name: str, seconds: float, refresh_hz: float) -> int:
     if abs(frames - round(frames)) > FRAME_TOLERANCE:
         low, high = math.floor(frames), math.ceil(frames)
         raise ValueError(
-            f"the experiment's [rsvp] {name} = {seconds:g} s is {frames:.2f} frames at this rig's {refresh_hz:.2f} Hz, "
-            f"not a whole number of frames: set {name} to {low / refresh_hz:.4f} s ({low} frames) or "
-            f"{high / refresh_hz:.4f} s ({high} frames) in experiment.toml, or run the display at a refresh rate "
-            f"where {seconds:g} s is whole"
+            f"[rsvp] {name} = {seconds:g} s is {frames:.2f} frames at the rig's {refresh_hz:.2f} Hz, not whole: set "
+            f"{name} = {low / refresh_hz:.4f} ({low} frames) or {high / refresh_hz:.4f} s ({high}) in experiment.toml, "
+            "or change the display's refresh rate"
         )
     return round(frames)
 
@@ -71,8 +70,8 @@ def compute_frame_counts(on_s: float, off_s: float, window_stop_s: float, refres
     """
     n_on, n_off = _whole_frames("on_s", on_s, refresh_hz), _whole_frames("off_s", off_s, refresh_hz)
     if n_on < 1:
-        raise ValueError(f"the experiment's [rsvp] on_s = {on_s:g} s is shorter than one frame at this rig's "
-                         f"{refresh_hz:.2f} Hz ({1 / refresh_hz:.4f} s); set on_s to at least one frame")
+        raise ValueError(f"[rsvp] on_s = {on_s:g} s is shorter than one frame at the rig's {refresh_hz:.2f} Hz "
+                         f"({1 / refresh_hz:.4f} s): set on_s to at least one frame in experiment.toml")
     return n_on, n_off, max(1, math.ceil(window_stop_s * refresh_hz - 1e-9))
 
 

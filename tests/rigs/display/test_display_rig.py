@@ -1,11 +1,14 @@
 """The display rig for real under a virtual X server (Xvfb + Mesa software OpenGL).
 
-`closedloop rig init` / `rig check` as a user runs them, and a small session streamed from the
-control side's link client and RSVP queue to `closedloop rig serve` with the PsychoPy presenter:
-event codes on a serial line read back through a pseudo-terminal (the test plays the NSP and
-timestamps each code as it arrives), fixation from the scripted TEST gaze source with breaks at
-known frames (re-queued until every stimulus has its valid repetitions), and the session's .nev
-written from the read-back codes and simulated spikes, then ingested and reconciled with the log.
+`closedloop rig init` / `rig check` as a user runs them, and a day run by `closedloop fit-day`
+([rig] kind = "zmq", CURVE keys from `closedloop keys`) streamed to `closedloop rig serve` with
+the PsychoPy presenter: event codes on a serial line read back through a pseudo-terminal (the
+test plays the NSP and timestamps each code on its own clock, which differs from the display's
+by an offset), fixation from the scripted TEST gaze source with breaks at known frames
+(re-queued until every stimulus has its valid repetitions), outcomes without counts, fit-day
+waiting for the recording (exit 3), the day's .nev written from the read-back codes and
+simulated spikes, and the same fit-day going on: ingest (the clock fit finds the offset),
+estimate, refit, report. The experiment's [rsvp] timing reaches the rig at hello.
 
 Xvfb has no vertical blank, so flips return as fast as the CPU draws: the rig counts frames at
 a nominal 60 Hz ([screen] refresh_hz), frame counts are asserted, flip intervals only reported.
@@ -27,16 +30,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from closedloop.data.bundle import make_event_codes, write_bundle
-from closedloop.data.event_codes import FIXATION_BREAK, OFFSET, SESSION_END, SESSION_START, VALID, is_stimulus_code
-from closedloop.data.reconcile import write_day_counts
+from closedloop.core.files import read_json
+from closedloop.data.event_codes import (
+    DROPPED_FRAME,
+    FIXATION_BREAK,
+    OFFSET,
+    SESSION_END,
+    SESSION_START,
+    VALID,
+    is_stimulus_code,
+)
 from closedloop.data.recording import Recording
-from closedloop.data.store import create_store
-from closedloop.link.client import RigClient
+from closedloop.data.store import open_store
+from closedloop.day.waiting import EXIT_WAITING
+from closedloop.link.client import RigClient, RigRefusedError
 from closedloop.link.keys import make_keys
-from closedloop.link.presentations import run_presentations
 from rigs.display.config import write_default_rig_config
 from rigs.nev import write_nev
+from tests.closedloop.day.test_runner import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -65,7 +76,8 @@ def display():
 
 
 def _closedloop(*args: str, display: str, **options) -> subprocess.Popen:
-    env = {**os.environ, "DISPLAY": display, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # LP_NUM_THREADS: Mesa's software renderer draws on one thread, leaving the CPU to the others (the test's NSP)
+    env = {**os.environ, "DISPLAY": display, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", "from closedloop.cli import main; main()", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **options)
 
@@ -135,28 +147,45 @@ def _serve(config: Path, display: str) -> tuple[subprocess.Popen, str, list[str]
     return rig, address, lines
 
 
-def _simulated_recording(words, t0: float, rng) -> tuple[Recording, dict]:
-    """The NSP's recording: the read-back codes at their arrival times (clock zero at ``t0``) and Poisson
-    spikes on electrodes 1 and 2: 10 Hz baseline, 50 + 20 x code Hz from 70 to 170 ms after each onset."""
-    times = np.array([t - t0 for t, _ in words])
+def _write_recording(path: Path, words, nsp_zero: float, rng) -> dict:
+    """The NSP's .nev at ``path``: the read-back codes at their arrival times on the NSP's clock
+    (``time.monotonic() - nsp_zero``) and Poisson spikes on electrodes 1 and 2 (sites 0 and 1): 10 Hz
+    baseline, and from 70 to 170 ms after each onset 30 + 15 x (code mod 7) Hz on electrode 1 and
+    30 + 15 x (code mod 5) Hz on electrode 2. Returns the spike times (s) and electrodes."""
+    times = np.array([t - nsp_zero for t, _ in words])
     codes = np.array([c for _, c in words], dtype=np.uint16)
-    onsets = np.flatnonzero(is_stimulus_code(codes))
     end = times[-1] + 1.0
-    spikes, electrodes = [rng.uniform(0, end, rng.poisson(10 * end * 2))], []
-    electrodes.append(rng.integers(1, 3, len(spikes[0])))
-    for index in onsets:
-        for electrode in (1, 2):
-            n = rng.poisson((50 + 20 * int(codes[index]) * electrode) * 0.1)
+    spikes = [rng.uniform(0, end, rng.poisson(10 * end * 2))]
+    electrodes = [rng.integers(1, 3, len(spikes[0]))]
+    for index in np.flatnonzero(is_stimulus_code(codes)):
+        for electrode, modulus in ((1, 7), (2, 5)):
+            n = rng.poisson((30 + 15 * (int(codes[index]) % modulus)) * 0.1)
             spikes.append(times[index] + rng.uniform(0.07, 0.17, n))
             electrodes.append(np.full(n, electrode))
     spike_times, spike_electrodes = np.concatenate(spikes), np.concatenate(electrodes)
-    recording = Recording(spike_times, spike_electrodes, np.ones(len(spike_times), dtype=np.int64), times, codes, (1, 2))
-    return recording, {"spike_times": spike_times, "spike_electrodes": spike_electrodes}
+    order = np.argsort(spike_times)
+    write_nev(path, Recording(spike_times[order], spike_electrodes[order], np.ones(len(spike_times), dtype=np.int64),
+                              times, codes, (1, 2)))
+    return {"times_s": spike_times, "electrodes": spike_electrodes}
 
 
-def test_a_session_streamed_to_rig_serve_with_the_psychopy_presenter(tmp_path, display):
+def _experiment(folder: Path, address: str, keys: Path) -> Path:
+    """The runner tests' tiny experiment on the display rig: [rig] kind = "zmq" at ``address`` with CURVE
+    keys, the experiment's RSVP (100 ms on, 100 ms off, 8 deg) as the rig must show it."""
+    folder.mkdir()
+    rig = (f'[rig]\nkind = "zmq"\naddress = "{address}"\nsecurity = "curve"\nkeys_dir = "{keys}"\n'
+           "heartbeat_s = 0.2\ntimeout_s = 10.0\n[rsvp]\nrepetitions = 2\non_s = 0.1\noff_s = 0.1\n"
+           "image_size_deg = 8.0\n")
+    (folder / "experiment.toml").write_text(TINY.format(time_scale=0.0).replace('[rig]\nkind = "sim"\n', rig))
+    return folder
+
+
+def test_a_day_streamed_from_fit_day_to_rig_serve_with_the_psychopy_presenter(tmp_path, display):
+    """fit-day -> rig serve (PsychoPy, serial codes, scripted fixation breaks) -> exit 3 -> the NSP's .nev
+    written from the read-back codes -> the same fit-day ingests (clock fit), estimates, refits, reports."""
     keys = tmp_path / "keys"
-    make_keys(keys)
+    made = _closedloop("keys", str(keys), display=display)
+    assert made.wait(60) == 0, made.stdout.read()
     master, slave = os.openpty()
     away = [(2 * N_FRAMES + 3, 2 * N_FRAMES + 5),   # presentation 2: gaze away in frames 3-4 -> fixation break
             (5 * N_FRAMES + 9, 5 * N_FRAMES + 10),  # presentation 5: frame 9 is inside the window -> break
@@ -169,79 +198,108 @@ def test_a_session_streamed_to_rig_serve_with_the_psychopy_presenter(tmp_path, d
     })
     nsp = _NSP(master)
     rig, address, lines = _serve(config, display)
-    stimulus_ids, repetitions = [10, 11, 12, 13], 2
-    pixels = np.random.default_rng(0).integers(0, 256, (4, 224, 224, 3), dtype=np.uint8)
-    codes = make_event_codes(4)
-    write_bundle(tmp_path / "stimuli.h5", pixels, stimulus_ids, codes)
-    outcomes = []
+    experiment = _experiment(tmp_path / "exp", address, keys)
+    folder = experiment / "day_000"
     try:
-        client = RigClient(address, keys_dir=keys, heartbeat_s=0.2, timeout_s=10.0, reconnect_s=30.0)
-        assert client.connect()["sites"] == [], "a display rig knows no spike counts"
-        client.load_bundle(tmp_path / "stimuli.h5")
-        summary = run_presentations(client, stimulus_ids, repetitions=repetitions, seed=0, on_result=outcomes.append,
-                                    n_ahead=4)
-        client.stop()
-        client.close()
+        day = _closedloop("fit-day", "0", "--experiment", str(experiment), display=display)
+        printed = day.communicate(timeout=240)[0]
     finally:
         rig.terminate()
         rig_output = rig.communicate(timeout=60)[0] if rig.poll() is None else ""
         nsp.close()
         os.close(master)
         os.close(slave)
+    assert day.returncode == EXIT_WAITING, printed
+    assert "day 0 waits for its recording: the session is over, but the rig sent no spike counts" in printed
     assert rig.returncode == 0, "".join(lines) + rig_output
     assert any("fixation: scripted TEST source" in line for line in lines)
 
+    store = open_store(folder / "store.zarr")
+    log = store.read_presentations()
+    assert not store.has_live_counts and not log["counts"].any()
+    assert read_json(folder / "stages/present.json")["summary"]["lacking_valid"] == []  # breaks were re-queued
     journal = [json.loads(line) for line in (tmp_path / "rig-state" / "stream.jsonl").open()]
-    assert [o["presentation_id"] for o in outcomes] == [o["presentation_id"] for o in journal]
+    assert log["id"].tolist() == [o["presentation_id"] for o in journal]
+    assert log["valid"].tolist() == [o["valid"] for o in journal]
     reasons = [o["record"]["reason"] for o in journal]
-    # frame counts are exact; a flip that took longer than 20 nominal frames (333 ms) would be a dropped frame
+    # frame counts are exact: the experiment's 0.1 s on / 0.1 s off at the nominal 60 Hz; a flip that took longer
+    # than 20 nominal frames (333 ms) would be a dropped frame
     assert all((o["record"]["n_on_frames"], o["record"]["n_off_frames"], o["record"]["n_frames"]) == (6, 6, N_FRAMES)
                for o in journal)
     assert [o["record"]["break_frame"] for o in journal[:8]] == [None, None, 3, None, None, 9, None, None]
     assert reasons[2] in ("fixation_break", "dropped_frame") and reasons[5] in ("fixation_break", "dropped_frame")
     assert all(reason in ("valid", "dropped_frame") for i, reason in enumerate(reasons) if i not in (2, 5))
-    valid = {sid: sum(o["valid"] and o["stimulus_id"] == sid for o in outcomes) for sid in stimulus_ids}
-    assert all(n >= repetitions for n in valid.values()), valid
-    assert summary["n_fixation_breaks"] == sum(not o["valid"] for o in outcomes) >= 2
-    assert [o["valid"] for o in outcomes] == [r == "valid" for r in reasons]
+    assert [o["valid"] for o in journal] == [r == "valid" for r in reasons]
+    assert np.bincount(log["stimulus"][log["valid"]], minlength=store.n_stimuli).min() >= 2
+    assert len(journal) > 2 * store.n_stimuli  # the breaks were shown again
 
     # every code read back, in order: session start, then per presentation its code, outcome and offset
-    received = [code for _, code in nsp.words]
-    code_of = dict(zip(stimulus_ids, codes.tolist()))
+    codes = store.read_stimuli(pixels=False)["code"]
     expected = [SESSION_START]
     for entry in journal:
-        outcome = {"valid": VALID, "fixation_break": FIXATION_BREAK}.get(entry["record"]["reason"], 0xFF03)
-        assert entry["record"]["codes_sent"][0] == code_of[entry["stimulus_id"]]
-        assert set(entry["record"]["codes_sent"]) == {code_of[entry["stimulus_id"]], OFFSET, outcome}
+        outcome = {"valid": VALID, "fixation_break": FIXATION_BREAK}.get(entry["record"]["reason"], DROPPED_FRAME)
+        assert entry["record"]["codes_sent"][0] == codes[entry["stimulus_id"]]
+        assert set(entry["record"]["codes_sent"]) == {codes[entry["stimulus_id"]], OFFSET, outcome}
         expected += entry["record"]["codes_sent"]
-    assert received == [*expected, SESSION_END]
+    assert [code for _, code in nsp.words] == [*expected, SESSION_END]
     intervals = np.concatenate([o["record"]["frame_intervals_ms"] for o in journal])
     onset_to_offset = [o["record"]["offset_s"] - o["record"]["onset_s"] for o in journal]
     latency = [t - o["onset_s"] for o, (t, c) in zip(journal, (w for w in nsp.words if is_stimulus_code(w[1])))]
-    print(f"\n{len(journal)} presentations, {sum(reasons[i] == 'valid' for i in range(len(reasons)))} valid; Xvfb flip "
-          f"intervals median {np.median(intervals):.2f} ms (p95 {np.percentile(intervals, 95):.2f}, max "
+    print(f"\n{len(journal)} presentations of {store.n_stimuli} stimuli, {sum(r == 'valid' for r in reasons)} valid; "
+          f"Xvfb flip intervals median {np.median(intervals):.2f} ms (p95 {np.percentile(intervals, 95):.2f}, max "
           f"{intervals.max():.2f}); onset-to-offset median {1e3 * np.median(onset_to_offset):.1f} ms for 6 frames; "
           f"code arrival after the onset flip median {1e3 * np.median(latency):.2f} ms, max {1e3 * max(latency):.2f} ms")
 
-    # the day's .nev from the read-back codes + simulated spikes, ingested and reconciled with the log
-    t0 = nsp.words[0][0] - 1.0  # the NSP clock started 1 s before the session (same machine: same monotonic clock)
-    recording, spikes = _simulated_recording(nsp.words, t0, np.random.default_rng(1))
-    write_nev(tmp_path / "recording.nev", recording)
-    store = create_store(tmp_path / "store.zarr", sites=2)
-    store.append_stimuli(pixels, parent=[-1] * 4, site=[-1] * 4, eps=[0.0] * 4, direction=[0] * 4, kind=["clean"] * 4,
-                         predicted=np.zeros((4, 2)), code=codes)
-    index = {sid: i for i, sid in enumerate(stimulus_ids)}
-    store.append_presentations([o["presentation_id"] for o in outcomes], [index[o["stimulus_id"]] for o in outcomes],
-                               [o["onset_s"] - t0 for o in outcomes], [o["valid"] for o in outcomes],
-                               np.zeros((len(outcomes), 2), dtype=np.uint16))
-    report = write_day_counts(tmp_path / "recording.nev", tmp_path / "store.zarr", tolerance_s=0.05)
-    assert report["written"] and report["n_mismatches"] == 0, report["mismatches"][:3]
-    assert report["n_onsets"] == report["n_matched"] == len(outcomes)
-    counts, matched = store.read_counts()
-    counts = counts.astype(np.int64)
-    onsets = np.array([t - t0 for t, c in nsp.words if is_stimulus_code(c)])
+    # the NSP's clock started 2.5 s before the session: 2.5 s minus the display's monotonic time of its first code
+    nsp_zero = nsp.words[0][0] - 2.5
+    spikes = _write_recording(folder / "recording.nev", nsp.words, nsp_zero, np.random.default_rng(1))
+    day = _closedloop("fit-day", "0", "--experiment", str(experiment), display=display)
+    printed = day.communicate(timeout=240)[0]
+    assert day.returncode == 0, printed
+    ingest = open_store(folder / "store.zarr").read_ingest()
+    attrs = ingest["attrs"]
+    assert attrs["n_mismatches"] == 0 and attrs["n_matched"] == attrs["n_onsets"] == len(journal)
+    assert abs(attrs["clock"]["offset_s"] + nsp_zero) < 0.01, attrs["clock"]  # nsp_s = display_s - nsp_zero
+    assert abs(attrs["clock"]["drift_ppm"]) < 1000 and attrs["clock"]["n_pairs"] == len(journal)
+    onsets = np.array([t - nsp_zero for t, c in nsp.words if is_stimulus_code(c)])
+    assert np.abs(ingest["onset"] - onsets).max() < 1e-4  # the .nev's onset times, in log order
     for row, onset in enumerate(onsets):  # recount independently from the simulated spikes
-        inside = (spikes["spike_times"] >= onset + 0.07) & (spikes["spike_times"] < onset + 0.17)
-        expected_counts = np.bincount(spikes["spike_electrodes"][inside] - 1, minlength=2)
-        assert abs(counts[row] - expected_counts).max() <= 1, (row, counts[row], expected_counts)  # tick rounding at edges
-    assert matched.all()
+        inside = (spikes["times_s"] >= onset + 0.07) & (spikes["times_s"] < onset + 0.17)
+        expected_counts = np.bincount(spikes["electrodes"][inside] - 1, minlength=2)
+        assert np.abs(ingest["counts"][row].astype(int) - expected_counts).max() <= 1  # tick rounding at the edges
+    assert read_json(folder / "stages/estimate.json")["summary"]["source"] == "nev"
+    assert (folder / "model.safetensors").exists() and (folder / "report.html").exists()
+    print(f"clock fit: offset {attrs['clock']['offset_s']:.4f} s (expected {-nsp_zero:.4f}), "
+          f"drift {attrs['clock']['drift_ppm']:.1f} ppm over {attrs['clock']['n_pairs']} pairs")
+
+
+def test_the_rig_refuses_a_session_whose_timing_is_not_whole_frames(tmp_path, display):
+    """The experiment's [rsvp] reaches the rig at hello; 0.1 s at 144 Hz (14.4 frames) is refused, and
+    fit-day stops with the rig's reason and exit status 2 before any bundle is sent."""
+    keys = tmp_path / "keys"
+    make_keys(keys)
+    config = write_default_rig_config(tmp_path / "rig.toml", changes={
+        "agent": {"address": "tcp://127.0.0.1:*", "keys_dir": str(keys), "heartbeat_s": 0.2},
+        "screen": _virtual_screen(refresh_hz=144.0),
+    })
+    rig, address, lines = _serve(config, display)
+    experiment = _experiment(tmp_path / "exp", address, keys)
+    try:
+        client = RigClient(address, keys_dir=keys, heartbeat_s=0.2, timeout_s=10.0,
+                           rsvp={"on_s": 0.1, "off_s": 0.1, "image_size_deg": 8.0})
+        with pytest.raises(RigRefusedError, match=r"\[rsvp\] on_s = 0\.1 s is 14\.40 frames at the rig's 144\.00 Hz, "
+                           r"not whole: set on_s = 0\.0972 \(14 frames\) or 0\.1042 s \(15\)"):
+            client.connect()
+        client.close()
+        old = RigClient(address, keys_dir=keys, heartbeat_s=0.2, timeout_s=10.0)  # a control PC that sends no timing
+        with pytest.raises(RigRefusedError, match=r"the control PC sent no RSVP timing at hello"):
+            old.connect()
+        old.close()
+        day = _closedloop("fit-day", "0", "--experiment", str(experiment), "--until", "present", display=display)
+        printed = day.communicate(timeout=240)[0]
+    finally:
+        rig.terminate()
+        rig.communicate(timeout=60)
+    assert day.returncode == 2, printed
+    assert "error: the rig refused 'hello': [rsvp] on_s = 0.1 s is 14.40 frames" in printed
+    assert not list((tmp_path / "rig-state").glob("stimuli-*.h5"))  # nothing was sent
