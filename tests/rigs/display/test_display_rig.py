@@ -259,8 +259,12 @@ def test_a_day_streamed_from_fit_day_to_rig_serve_with_the_psychopy_presenter(tm
     ingest = open_store(folder / "store.zarr").read_ingest()
     attrs = ingest["attrs"]
     assert attrs["n_mismatches"] == 0 and attrs["n_matched"] == attrs["n_onsets"] == len(journal)
-    assert abs(attrs["clock"]["offset_s"] + nsp_zero) < 0.01, attrs["clock"]  # nsp_s = display_s - nsp_zero
-    assert abs(attrs["clock"]["drift_ppm"]) < 1000 and attrs["clock"]["n_pairs"] == len(journal)
+    # the fit maps the display's onsets onto the NSP's clock (nsp_s = display_s - nsp_zero) within the codes' jitter;
+    # its offset is at display_s = 0 (hours before the session), so it is checked where the session was
+    clock, display_onsets = attrs["clock"], log["onset"]
+    mapped = clock["offset_s"] + clock["rate"] * display_onsets
+    assert np.abs(mapped - (display_onsets - nsp_zero)).max() < 0.01, clock
+    assert clock["n_pairs"] == len(journal)
     onsets = np.array([t - nsp_zero for t, c in nsp.words if is_stimulus_code(c)])
     assert np.abs(ingest["onset"] - onsets).max() < 1e-4  # the .nev's onset times, in log order
     for row, onset in enumerate(onsets):  # recount independently from the simulated spikes
@@ -269,8 +273,8 @@ def test_a_day_streamed_from_fit_day_to_rig_serve_with_the_psychopy_presenter(tm
         assert np.abs(ingest["counts"][row].astype(int) - expected_counts).max() <= 1  # tick rounding at the edges
     assert read_json(folder / "stages/estimate.json")["summary"]["source"] == "nev"
     assert (folder / "model.safetensors").exists() and (folder / "report.html").exists()
-    print(f"clock fit: offset {attrs['clock']['offset_s']:.4f} s (expected {-nsp_zero:.4f}), "
-          f"drift {attrs['clock']['drift_ppm']:.1f} ppm over {attrs['clock']['n_pairs']} pairs")
+    print(f"clock fit over {clock['n_pairs']} pairs: at the first onset the NSP is {mapped[0] - display_onsets[0]:.4f} s "
+          f"from the display (true {-nsp_zero:.4f} s), drift {clock['drift_ppm']:.0f} ppm (jitter over a short session)")
 
 
 def test_the_rig_refuses_a_session_whose_timing_is_not_whole_frames(tmp_path, display):
