@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -60,7 +62,33 @@ def test_pixels_per_degree_from_the_screen_geometry():
 def test_frame_counts():
     assert compute_frame_counts(0.1, 0.1, 0.17, 60.0) == (6, 6, 11)
     assert compute_frame_counts(0.1, 0.1, 0.17, 120.0) == (12, 12, 21)
-    assert compute_frame_counts(0.001, 0.0, 0.5, 60.0) == (1, 0, 30)  # never fewer than one frame on
+    assert compute_frame_counts(0.1, 0.1, 0.17, 59.94) == (6, 6, 11)  # 5.994 frames: within a tenth of a frame
+    assert compute_frame_counts(1 / 60, 0.0, 0.5, 60.0) == (1, 0, 30)
+    with pytest.raises(ValueError, match=r"\[rsvp\] on_s = 0\.1 s is 14\.40 frames at the rig's 144\.00 Hz, not whole: "
+                       r"set on_s = 0\.0972 \(14 frames\) or 0\.1042 s \(15\) in experiment\.toml"):
+        compute_frame_counts(0.1, 0.1, 0.17, 144.0)
+    with pytest.raises(ValueError, match=r"\[rsvp\] off_s = 0\.05 s is 3\.75 frames at the rig's 75\.00 Hz"):
+        compute_frame_counts(0.04, 0.05, 0.17, 75.0)
+    with pytest.raises(ValueError, match=r"on_s = 0\.001 s is shorter than one frame at the rig's 60\.00 Hz"):
+        compute_frame_counts(0.001, 0.0, 0.5, 60.0)
+
+
+def test_every_rig_toml_key_is_in_rig_init_and_in_docs_rig_md(tmp_path):
+    text = write_default_rig_config(tmp_path).read_text()
+    docs = (Path(__file__).resolve().parents[3] / "docs" / "rig.md").read_text()
+    table = docs[docs.index("## rig.toml"):docs.index("## Event codes")]
+    for section, model in RigConfig.model_fields.items():
+        assert f"[{section}]" in text and f"`[{section}]" in table, section
+        for key in model.annotation.model_fields:
+            assert re.search(rf"^{key} = ", text, flags=re.M), f"rig init does not write {section}.{key}"
+            assert re.search(rf"`\[{section}\] [^|]*\b{key}\b", table), f"docs/rig.md does not document {section}.{key}"
+
+
+def test_a_rig_toml_with_the_old_stimulus_section_is_refused(tmp_path):
+    (tmp_path / "rig.toml").write_text("[stimulus]\non_s = 0.1\n")
+    with pytest.raises(ValueError, match=r"\[stimulus\] is not a rig.toml section any more: the image size and the RSVP "
+                       r"on/off times are the experiment's \[rsvp\]"):
+        read_rig_config(tmp_path / "rig.toml")
 
 
 def test_encode_code_byte_order():
