@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine (Python, pip, gcc; Node.js/npm and Chromium come from Debian if missing):
+# Two entry points for a fresh machine (Python, pip, gcc; Node.js/npm, Chromium and Xvfb come from Debian if missing):
 #   make demo   set up .venv, the web task bundle and Chromium, and run the embedded demo
 #   make test   the same set-up, then the test suite
 PYTHON ?= python3
@@ -8,11 +8,11 @@ STAMP  := $(VENV)/.installed
 
 WEB_BUNDLE := closedloop/behavior/_web/task.js
 
-.PHONY: setup web browser demo test bench clean
+.PHONY: setup web browser xvfb demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,rig]'
 	# the peer of `closedloop bench --peers` (tests/closedloop/test_bench.py); --no-deps: its metadata
 	# pins requests~=2.25.1, which only its unused download helpers need (pyproject.toml, extra `bench`)
 	$(BIN)/python -m pip install --quiet --no-deps 'torchattacks==3.5.1'
@@ -30,7 +30,13 @@ web: $(WEB_BUNDLE)
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium chromium-driver)
 
-setup: $(STAMP) web browser
+# Debian's Xvfb with Mesa's software OpenGL: the display rig's tests open PsychoPy windows on a
+# virtual X server (tests/rigs/display/).
+xvfb:
+	dpkg -s xvfb xauth libgl1-mesa-dri libglu1-mesa >/dev/null 2>&1 || (apt-get update && apt-get install -y \
+		xvfb xauth libgl1-mesa-dri libglu1-mesa)
+
+setup: $(STAMP) web browser xvfb
 
 demo: setup
 	$(BIN)/closedloop demo

@@ -21,8 +21,9 @@ def compute_sensitivity_summary(records: list[dict]) -> list[dict]:
 
     ``records``: the rows of ``sensitivity.json``. Returns rows with ``kind``, ``eps``,
     ``n_sites``, ``n_images`` (total), ``estimate`` / ``estimate_sd`` (spikes per window),
-    ``normalized`` / ``normalized_sd``, ``truth`` (mean, or None), ``below_truth`` (sites whose
-    estimate ≤ truth, or None).
+    ``normalized`` / ``normalized_sd`` (None when no site has a σ, e.g. a day whose clean images
+    lack valid presentations), ``truth`` (mean over the sites that have one, or None),
+    ``below_truth`` (sites whose estimate ≤ truth, or None).
     """
     rows = []
     for kind in ("attack", "gaussian", "interpolation"):
@@ -34,9 +35,10 @@ def compute_sensitivity_summary(records: list[dict]) -> list[dict]:
             rows.append({
                 "kind": kind, "eps": eps, "n_sites": len(chosen), "n_images": int(sum(r["n_images"] for r in chosen)),
                 "estimate": float(estimate.mean()), "estimate_sd": float(estimate.std()),
-                "normalized": float(np.nanmean(normalized)), "normalized_sd": float(np.nanstd(normalized)),
+                **({"normalized": float(np.nanmean(normalized)), "normalized_sd": float(np.nanstd(normalized))}
+                   if np.isfinite(normalized).any() else {"normalized": None, "normalized_sd": None}),  # no site's σ
                 "truth": float(np.mean(truth)) if truth else None,
-                "below_truth": sum(r["estimate"] <= r["truth"] for r in chosen) if truth else None,
+                "below_truth": sum(r["estimate"] <= r["truth"] for r in chosen if r["truth"] is not None) if truth else None,
             })
     return rows
 
@@ -75,7 +77,11 @@ def write_day_report(folder: str | Path) -> Path:
     sections.append(("Stages", render_table([{"stage": t["stage"], "seconds": t["seconds"]} for t in timing])))
     present = stages.get("present", {}).get("summary", {})
     if present:
-        sections.append(("Presentations", render_table([{k: v for k, v in present.items() if not isinstance(v, (list, dict))}])))
+        lacking = present.get("lacking_valid", [])
+        note = (f'<p class="note">{len(lacking)} stimuli lack their valid repetitions (not re-queued): '
+                f'{", ".join(map(str, lacking))}.</p>' if lacking else "")
+        sections.append(("Presentations", render_table([{k: v for k, v in present.items() if not isinstance(v, (list, dict))}])
+                         + note))
     if (folder / "sensitivity.json").exists():
         summary = compute_sensitivity_summary(read_json(folder / "sensitivity.json"))
         columns = ["kind", "eps", "n_sites", "n_images", "estimate", "estimate_sd", "normalized", "truth", "below_truth"]

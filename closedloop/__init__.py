@@ -24,6 +24,7 @@ _EXPORTS = {
     "read_bundle": "closedloop.data.bundle",
     "write_bundle": "closedloop.data.bundle",
     "read_nev": "closedloop.data.nev",
+    "read_photodiode": "closedloop.data.photodiode",
     "write_day_counts": "closedloop.data.reconcile",
     "compute_sensitivity": "closedloop.sensitivity.estimator",
     "read_day_responses": "closedloop.sensitivity.responses",

@@ -98,11 +98,25 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
               "(needs torchattacks: pip install --no-deps torchattacks==3.5.1).")
 @click.option("--n-jobs", type=click.IntRange(1), default=16, show_default=True,
               help="With --peers: (image, site) attack jobs, both directions each.")
+@click.option("--ingest", is_flag=True, help="Measure .nev ingest instead: speed and memory against a memmap pass.")
+@click.option("--ingest-mb", type=(click.FloatRange(0.01), click.FloatRange(0.01)), default=(100, 400),
+              show_default=True, metavar="SMALL LARGE", help="With --ingest: the two synthetic files' sizes, MB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int, repeats: int, image_size: int,
-          device: str, precision: str, channels_last: bool, compile_model: bool, peers: bool, n_jobs: int,
-          as_json: bool) -> None:
-    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day (or --peers)."""
+          device: str, precision: str, channels_last: bool, compile_model: bool, peers: bool, n_jobs: int, ingest: bool,
+          ingest_mb: tuple, as_json: bool) -> None:
+    """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day (--peers: against
+    torchattacks; --ingest: .nev ingest)."""
+    if ingest:
+        from closedloop.bench_ingest import compute_ingest_bench
+
+        result = compute_ingest_bench(sizes_mb=ingest_mb, n_repeats=repeats)
+        text = "\n".join(f"{key:>26}: {value:.4g}" for key, value in result.items() if isinstance(value, float))
+        _emit(result, as_json, text + "".join(
+            f"\n{name}: {result[name]['file_mb']:.0f} MB, ingest {result[name]['ingest_s']:.3f} s, memmap pass "
+            f"{result[name]['memmap_pass_s']:.3f} s, peak memory +{result[name]['peak_memory_growth_mb']:.1f} MB"
+            for name in ("small", "large")))
+        return
     from closedloop.bench import compute_bench, compute_peer_bench
     from models import make_it_model
 
@@ -152,7 +166,16 @@ def _summary_text(summary: dict) -> str:
         f"window:        [{start:g}, {stop:g}) s after onset",
         f"spikes in window (top electrodes): {', '.join(f'e{e}: {n}' for e, n in busiest) or 'none'}",
         f"distinct codes: {len(summary['codes'])}",
+        *([_photodiode_text(summary["photodiode"])] if "photodiode" in summary else []),
     ])
+
+
+def _photodiode_text(photodiode: dict) -> str:
+    latency = photodiode["latency_ms"]
+    spread = ("no crossing near any code" if latency["median"] is None else
+              f"code to light {latency['median']:.1f} ms (5th-95th percentile {latency['p5']:.1f}-{latency['p95']:.1f})")
+    return (f"photodiode {photodiode['channel']}: {spread}; {photodiode['n_without_crossing']} of "
+            f"{photodiode['n_codes']} codes without a crossing")
 
 
 def _report_text(report: dict) -> str:
@@ -165,6 +188,8 @@ def _report_text(report: dict) -> str:
         f"nev {m['nev_onset_s']} s" + (f", recorded code {m['nev_code']}" if "nev_code" in m else "")
         for m in report["mismatches"]
     ]
+    if "photodiode" in report:
+        lines.append(_photodiode_text(report["photodiode"]))
     lines.append(f"written to {report['store']}" if report["written"] else "nothing written")
     return "\n".join(lines)
 
@@ -182,31 +207,45 @@ def _report_text(report: dict) -> str:
               help="Largest onset difference, s, between the day's log and the recording.")
 @click.option("--ignore-unmapped", is_flag=True, help="Ignore spikes on electrodes missing from the site map.")
 @click.option("--allow-mismatch", is_flag=True, help="Store counts of matched presentations despite mismatches.")
-@click.option("--engine", type=click.Choice(["neo", "stream"]), default="neo", show_default=True,
-              help="neo: read with neo's BlackrockRawIO; stream: one constant-memory pass (long recordings).")
+@click.option("--engine", type=click.Choice(["stream", "neo"]), default="stream", show_default=True,
+              help="stream: closedloop's reader, one pass in constant memory; neo: neo's BlackrockRawIO (the reference).")
+@click.option("--photodiode", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.nsX",
+              help="Onsets from the photodiode in this Blackrock continuous file (with --photodiode-channel/-threshold).")
+@click.option("--photodiode-channel", default=None, help="The photodiode's channel: label (ainp1) or id (129).")
+@click.option("--photodiode-threshold", type=float, default=None,
+              help="Light threshold in the channel's units (mV for analog inputs), between dark and lit.")
+@click.option("--photodiode-max-latency", type=click.FloatRange(0, 1, min_open=True), default=0.1, show_default=True,
+              help="Longest code-to-light delay, s (below the shortest interval between codes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
-           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, as_json: bool) -> None:
+           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, photodiode: Path | None,
+           photodiode_channel: str | None, photodiode_threshold: float | None, photodiode_max_latency: float,
+           as_json: bool) -> None:
     """Read a Blackrock RECORDING.nev: summarise it, or count spikes into a day's store."""
     from closedloop.data import layout
     from closedloop.data.counts import compute_summary
     from closedloop.data.nev import read_nev
+    from closedloop.data.photodiode import read_photodiode
     from closedloop.data.reconcile import write_day_counts
 
     if (experiment is None) != (day is None):
         raise click.UsageError("--experiment and --day go together")
+    if (photodiode is None) != (photodiode_channel is None) or (photodiode is None) != (photodiode_threshold is None):
+        raise click.UsageError("--photodiode, --photodiode-channel and --photodiode-threshold go together")
     window, sites = _ingest_settings(experiment, window, site_map)
     unmapped = "ignore" if ignore_unmapped else "error"
+    light = None if photodiode is None else read_photodiode(photodiode, photodiode_channel, photodiode_threshold,
+                                                             max_latency_s=photodiode_max_latency)
     result = {}
     if experiment is None or summary:
-        source = read_nev(recording) if engine == "neo" else recording
-        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped)
+        source = read_nev(recording, engine="neo") if engine == "neo" else recording
+        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped, photodiode=light)
     if experiment is None:
         _emit(result, as_json, _summary_text(result))
         return
     store = layout.day_folder(experiment, day) / layout.STORE
     report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
-                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine)
+                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine, photodiode=light)
     text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
     _emit(report | ({"summary": result} if result else {}), as_json, text)
     if not report["written"]:
@@ -302,6 +341,61 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
         stop.set()
 
 
+@cli.group()
+def rig() -> None:
+    """The display computer: rig.toml, a self-test, and the rig agent with the PsychoPy presenter (docs/rig.md)."""
+
+
+@rig.command("init")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def rig_init(path: Path, force: bool) -> None:
+    """Write a commented rig.toml with every default (PATH: a file, or a folder to hold rig.toml)."""
+    from rigs.display.config import write_default_rig_config
+
+    click.echo(f"wrote {write_default_rig_config(path, overwrite=force)}")
+
+
+def _rig_summary_text(summary: dict) -> str:
+    return "\n".join(f"{key:>21}: {value}" for key, value in summary.items() if key != "problems")
+
+
+@rig.command("check")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("rig.toml"), show_default=True,
+              help="The display computer's rig.toml.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def rig_check(config_path: Path, as_json: bool) -> None:
+    """Self-test without the control PC: refresh rate and jitter, an event-code test pattern, a fixation readout.
+
+    Exits with status 1 when something is off (each problem is printed).
+    """
+    from rigs.display.config import read_rig_config
+    from rigs.display.serve import run_rig_check
+
+    report = run_rig_check(read_rig_config(config_path))
+    problems = "\n".join(f"problem: {p}" for p in report["problems"]) or "rig check passed"
+    _emit(report, as_json, _rig_summary_text(report) + "\n" + problems)
+    if report["problems"]:
+        sys.exit(1)
+
+
+@rig.command("serve")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), default=Path("rig.toml"), show_default=True,
+              help="The display computer's rig.toml.")
+def rig_serve(config_path: Path) -> None:
+    """Serve the rig agent with the PsychoPy presenter until interrupted (Ctrl-C or SIGTERM)."""
+    import signal
+    import threading
+
+    from rigs.display.config import read_rig_config
+    from rigs.display.serve import run_rig_serve
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_rig_serve(read_rig_config(config_path), stop,
+                  on_ready=lambda summary: click.echo(_rig_summary_text(summary) + "\nserving", nl=True))
+
+
 @cli.command("fit-day")
 @click.argument("day", type=click.IntRange(0, 999))
 @_experiment_option
@@ -309,31 +403,58 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
               default=None, help="Stop after this stage.")
 @click.option("--force", is_flag=True, help="Start the day over although it was begun with another configuration "
               "(the old day folder is kept as day_NNN.replaced-<time>).")
+@click.option("--rank-timeout", type=click.FloatRange(0, min_open=True), default=3600.0, show_default=True,
+              help="Under torchrun: seconds a rank waits for the others at each step before all stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print what each stage did as JSON.")
-def fit_day(day: int, experiment: Path, until: str | None, force: bool, as_json: bool) -> None:
-    """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report."""
+def fit_day(day: int, experiment: Path, until: str | None, force: bool, rank_timeout: float, as_json: bool) -> None:
+    """Run (or resume) day DAY: plan, synthesize, bundle, present, ingest, estimate, refit, report.
+
+    Under torchrun with --until synthesize, the attacks are shared out over the ranks (docs/scaling.md).
+    A day that waits for its recording (a rig that runs its own software, [rig] kind = "files",
+    or a rig that streamed no spike counts) stops with one message saying what to run and where
+    to put the .nev, and exit status 3; run the same command again once it is there.
+    """
+    from closedloop.core.distributed import join_process_group
     from closedloop.day.runner import run_day
+    from closedloop.day.waiting import EXIT_WAITING, WaitingForRecording
     from rigs.launch import RigLauncher
 
-    results = run_day(experiment, day, force=force, until=until, rig=RigLauncher())
+    try:
+        with join_process_group(rank_timeout) as group:
+            if group.rank:  # rank 0 reports; the others show warnings and errors only
+                set_log_level(False)
+            results = run_day(experiment, day, force=force, until=until, rig=RigLauncher(), group=group)
+    except WaitingForRecording as waiting:
+        _emit({"waiting_for": str(waiting.recording), "reason": waiting.reason, "message": str(waiting)}, as_json,
+              str(waiting))
+        raise click.exceptions.Exit(EXIT_WAITING) from None
+    if group.rank:
+        return
     lines = [f"{stage:>10}: " + ("already done" if r["skipped"] else f"done in {r['seconds']:.1f} s")
              for stage, r in results.items()]
-    _emit(results, as_json, f"day {day} of {experiment}\n" + "\n".join(lines))
+    lacking = results.get("present", {}).get("summary", {}).get("lacking_valid", [])
+    if lacking:
+        shown = ", ".join(map(str, lacking[:20])) + (" …" if len(lacking) > 20 else "")
+        lines.append(f"{len(lacking)} stimuli lack their valid repetitions (not re-queued): {shown}")
+    heading = f"day {day} of {experiment}" + (f" ({group.world_size} ranks)" if group.world_size > 1 else "")
+    _emit(results, as_json, heading + "\n" + "\n".join(lines))
 
 
 @cli.command()
 @_experiment_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(experiment: Path, as_json: bool) -> None:
-    """Where every day of the experiment stands: stages done, presentations recorded, model fitted."""
+    """Where every day of the experiment stands: next stage (or waiting for recording), presentations, model fitted."""
     from closedloop.core.validation import check_dir
     from closedloop.day.status import read_status
 
     records = read_status(check_dir("--experiment", experiment))
-    lines = [f"{'day':>4}  {'next stage':<11} {'stimuli':>8} {'presentations':>13}  model"]
+    lines = [f"{'day':>4}  {'next stage':<21} {'stimuli':>8} {'presentations':>13}  model"]
     for r in records:
-        lines.append(f"{r['day']:>4}  {r['next_stage'] or 'complete':<11} {r['n_stimuli']:>8} {r['n_presentations']:>13}  "
-                     f"{'fitted' if r['model_fitted'] else '-'}")
+        step = "waiting for recording" if r["waiting_for_recording"] else r["next_stage"] or "complete"
+        lacking = f"  ({r['n_lacking_valid']} stimuli lack valid repetitions)" if r["n_lacking_valid"] else ""
+        lines.append(f"{r['day']:>4}  {step:<21} {r['n_stimuli']:>8} {r['n_presentations']:>13}  "
+                     f"{'fitted' if r['model_fitted'] else '-'}{lacking}")
     _emit({"experiment": str(experiment), "days": records}, as_json, "\n".join(lines) if records else "no days yet")
 
 
@@ -657,6 +778,66 @@ def select_base(experiment: Path, candidates: str | None, layers: str, n_images:
     _emit(result, as_json, "\n".join(lines))
 
 
+def _site_selection_text(result: dict) -> str:
+    """The ranked table of ``closedloop select-sites`` and what was written, for people."""
+    number = lambda value, spec: "-" if value is None else format(value, spec)
+    lines = [f"{'rank':>4} {'site':>4} {'label':>10} {'reliab.':>7} {'drive Hz':>8} {'drive p':>8} {'rate Hz':>7} "
+             f"{'held-out r':>10}  chosen / failed"]
+    for row in result["sites"]:
+        verdict = "chosen" if row["chosen"] else "passes" if row["passes"] else "fails " + row["failed"]
+        lines.append(f"{row['rank']:>4} {row['site']:>4} {row['label'][:10]:>10} {number(row['reliability'], '7.2f')} "
+                     f"{number(row['drive_hz'], '8.1f')} {row['drive_p']:>8.1e} {row['rate_hz']:>7.1f} "
+                     f"{number(row['predictivity'], '10.2f')}  {verdict}")
+    removed = ", ".join(f"{name} {n}" for name, n in result["removed"].items())
+    lines += [f"sites failing each criterion: {removed}",
+              f"chosen {len(result['targets'])} of {len(result['sites'])} ({result['n_passed']} pass): {result['targets']}"]
+    if not result["predictivity_available"]:
+        lines.append(f"held-out r: not available (day {result['day']}'s model is not fitted yet)")
+    if result["config"] is None:
+        lines.append("dry run: experiment.toml not changed")
+    else:
+        lines.append(f"wrote [sites] targets to {result['config']} (was {result['previous_targets'] or '[] = all'}); "
+                     f"record: {result['record']}")
+        if result["later_days"]:
+            lines.append(f"note: days {result['later_days']} already begun keep the targets they were started with")
+    return "\n".join(lines + [f"report: {result['html']} (figure {result['png']})"])
+
+
+@cli.command("select-sites")
+@_experiment_option
+@click.option("--day", type=click.IntRange(0, 999), default=0, show_default=True, help="The recorded day to rank the sites on.")
+@click.option("--min-reliability", type=float, default=0.5, show_default=True,
+              help="Least split-half reliability (Spearman-Brown corrected) over the clean images, in [-1, 1].")
+@click.option("--max-drive-p", type=float, default=1e-3, show_default=True,
+              help="Visual drive: a site passes when the paired Wilcoxon test of response vs baseline rate gives p below "
+                   "this, in (0, 1].")
+@click.option("--min-rate", "min_rate_hz", type=float, default=1.0, show_default=True,
+              help="Least mean rate in the response window, Hz.")
+@click.option("--min-predictivity", type=float, default=None,
+              help="Least held-out r of the day's fitted model, in [-1, 1] [default: not a criterion].")
+@click.option("--max-sites", type=int, default=21, show_default=True,
+              help="Attack at most this many sites, the most reliable first (the paper: 21 of two arrays); 0 = all that pass.")
+@click.option("--baseline-window", type=(float, float), default=(0.0, 0.05), show_default=True, metavar="START STOP",
+              help="Baseline window, s after onset; it must end by the response window's start.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="HTML page to write [default: EXPERIMENT/report/select_sites_day_NNN.html]; the PNG figure and "
+                   "<stem>_tables/sites.csv go beside it.")
+@click.option("--dry-run", is_flag=True, help="Rank and write the report, but leave experiment.toml and site_selection.json alone.")
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seed of the random split-halves.")
+@click.option("--json", "as_json", is_flag=True, help="Print the ranked sites and what was written as JSON.")
+def select_sites(experiment: Path, day: int, min_reliability: float, max_drive_p: float, min_rate_hz: float,
+                 min_predictivity: float | None, max_sites: int, baseline_window: tuple[float, float], out: Path | None,
+                 dry_run: bool, seed: int, as_json: bool) -> None:
+    """Rank a recorded day's sites (reliability, visual drive, rate, held-out r) and make the best the targets."""
+    from analysis.site_selection import SiteCriteria, write_site_selection
+
+    criteria = SiteCriteria(min_reliability=min_reliability, max_drive_p=max_drive_p, min_rate_hz=min_rate_hz,
+                            min_predictivity=min_predictivity, max_sites=max_sites)
+    result = write_site_selection(experiment, day, criteria, baseline_window_s=baseline_window, out=out, dry_run=dry_run,
+                                  seed=seed)
+    _emit(result, as_json, _site_selection_text(result))
+
+
 # --- end report ---------------------------------------------------------------------------------------
 
 
@@ -788,9 +969,12 @@ _BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyErro
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI, turning bad input or an unreachable rig into a one-line error and exit status 2."""
+    """Entry point: run the CLI, turning bad input, an unreachable rig or a failed torchrun rank into a one-line
+    error and exit status 2."""
     try:
-        cli.main(args=argv, prog_name="closedloop", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="closedloop", standalone_mode=False)  # a command's Exit comes back here
+        if isinstance(status, int) and status:
+            sys.exit(status)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.exceptions.Abort:
@@ -804,9 +988,10 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("error: " + " ".join(message.split()), err=True)
         sys.exit(2)
     except RuntimeError as error:
+        from closedloop.core.distributed import RankFailedError
         from closedloop.link.client import RigLinkError  # here, not above: the link is zmq, loaded on demand
 
-        if not isinstance(error, RigLinkError):
+        if not isinstance(error, (RigLinkError, RankFailedError)):
             raise
         click.echo("error: " + " ".join(str(error).split()), err=True)
         sys.exit(2)

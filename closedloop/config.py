@@ -7,7 +7,8 @@ booleans are strict: ``"4"``, ``true`` or ``["3"]`` is never taken for a number 
 accepted where a float is expected), and ``inf``/``nan`` are refused. Relative paths in the file are
 relative to the folder that holds it; :func:`make_relative_paths` writes a config whose paths
 inside a folder are relative (a day's frozen config, so that a moved experiment folder resumes) and
-:func:`resolve_paths` reads them back.
+:func:`resolve_paths` reads them back. :func:`write_config_targets` changes ``[sites] targets`` in
+place, keeping the rest of the file (and its comments) as it was.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "CONFIG_NAME",
     "DAY_INDEPENDENT_SECTIONS",
     "NWB_REQUIRED",
+    "write_config_targets",
 ]
 
 CONFIG_NAME = "experiment.toml"
@@ -215,8 +217,10 @@ class ResponseSection(ConfigSection):
 class RigSection(ConfigSection):
     """[rig]: the link to the rig."""
 
-    kind: Literal["sim", "zmq"] = Field(
-        "zmq", description='"zmq": a rig agent at `address`; "sim": start the simulated IT rig on loopback.'
+    kind: Literal["sim", "zmq", "files"] = Field(
+        "zmq", description='"zmq": a rig agent at `address`; "sim": start the simulated IT rig on loopback; "files": '
+        "a rig that runs its own software (MWorks, MonkeyLogic, Psychtoolbox): fit-day writes the RSVP list into the day "
+        "folder and waits for the NSP's .nev (docs/rig.md).",
     )
     address: str = Field("tcp://127.0.0.1:5555", description="ZeroMQ endpoint of the rig agent's command socket.")
     security: Literal["curve", "plain"] = Field(
@@ -258,11 +262,26 @@ class SimSection(ConfigSection):
         description="How far the monkey's IT is from the base model: noise on the base backbone's convolution "
         "weights, in units of their standard deviation.",
     )
+    driven_fraction: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Fraction of the sites (electrodes) that carry a visually driven, reliable site; the others carry "
+        "multi-unit activity the images barely move (a Utah array's day 0). 1 = every site driven.",
+    )
+    undriven_gain: float = Field(
+        0.1, ge=0.0, le=1.0,
+        description="Sites not driven respond with a gain drawn from [0, undriven_gain] times a driven site's "
+        "stimulus-driven rate (0 = baseline only).",
+    )
     time_scale: float = Field(
         1.0, ge=0.0, le=10.0, description="Real seconds per recording-clock second (0.01 runs 100x faster than real time)."
     )
     fixation_break_rate: float = Field(
         0.05, ge=0.0, le=0.9, description="Probability that a presentation ends in a fixation break."
+    )
+    live_counts: bool = Field(
+        True,
+        description="Stream spike counts with each outcome; false: outcomes only, like a real presenter, and the day "
+        "waits until the simulated NSP's .nev (day_NNN/rig_sim/recording.nev) is copied into the day folder.",
     )
     truth_starts: int = Field(
         4, ge=1,
@@ -568,3 +587,72 @@ def write_preset_config(
     for section, values in (changes or {}).items():
         data.setdefault(section, {}).update(values)
     return write_text(path, render(validate_config(root, data, source=f"preset {preset!r}")))
+
+
+_SECTION_HEADER = re.compile(r"\s*\[\s*([A-Za-z0-9_.\"' -]+?)\s*\]\s*(#.*)?")
+_TARGETS_KEY = re.compile(r"\s*targets\s*=")
+
+
+def _find_targets_lines(lines: list[str]) -> tuple[int, int, int] | None:
+    """In the lines of an experiment.toml: (first line of [sites], first and end line of its
+    ``targets = …`` value, or -1 and the line to insert at); None without a [sites] table."""
+    headers = [(i, match[1]) for i, line in enumerate(lines) if (match := _SECTION_HEADER.fullmatch(line.rstrip("\n")))]
+    start = next((i for i, name in headers if name == "sites"), None)
+    if start is None:
+        return None
+    end = next((i for i, _ in headers if i > start), len(lines))
+    while end - 1 > start and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+        end -= 1
+    first = next((i for i in range(start + 1, end) if _TARGETS_KEY.match(lines[i])), None)
+    if first is None:
+        return start, -1, end
+    for last in range(first + 1, len(lines) + 1):  # the value may span lines: up to the first end that parses
+        try:
+            tomllib.loads("".join(lines[first:last]))
+            return start, first, last
+        except tomllib.TOMLDecodeError:
+            continue
+    raise ValueError(f"line {first + 1}: cannot read the value of [sites] targets")
+
+
+def write_config_targets(path: str | Path, targets, *, note: str = "") -> Path:
+    """Set ``[sites] targets`` of the experiment config at ``path`` (a file or its folder) to ``targets``.
+
+    Only that key changes: its line (or lines) is replaced, or added to the ``[sites]`` table (or
+    a new ``[sites]`` table at the end); every other line and comment stays as it was. ``note``: a
+    comment (one line per line of text) written just above the key; an earlier note written by
+    this function (lines starting ``# targets:``) is replaced. ``targets``: 0-based site indices,
+    each < ``n_sites``. The result is validated (it must read back as the same configuration with
+    the new targets) and written atomically. Returns the file's path.
+    """
+    _, path = read_toml_config(path, CONFIG_NAME, missing="no experiment config at {path}; create one with `closedloop init DIR`")
+    text = path.read_text(encoding="utf-8")
+    before = build_config(tomllib.loads(text), source=str(path))
+    targets = [int(t) for t in targets]
+    expected = before.model_copy(update={"sites": SitesSection.model_validate(before.sites.to_dict() | {"targets": targets})})
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines[-1] += "\n"
+    comment = [f"# targets: {line}\n" for line in note.splitlines() if line.strip()]
+    new = comment + [f"targets = {_toml_value(targets)}\n"]
+    found = _find_targets_lines(lines)
+    if found is None:
+        lines += ["\n", "[sites]\n", *new]
+    else:
+        _, first, last = found
+        if first < 0:
+            first = last
+        while first > 0 and lines[first - 1].startswith("# targets:"):
+            first -= 1
+        lines[first:last] = new
+    written = "".join(lines)
+    try:
+        problem = "it would change other keys" if build_config(tomllib.loads(written)) != expected else ""
+    except (tomllib.TOMLDecodeError, ValueError) as error:
+        problem = str(error)
+    if problem:
+        raise ValueError(
+            f"{path}: cannot set [sites] targets in place, the file's layout is unusual ({problem}); set it by hand: "
+            f"targets = {_toml_value(targets)} in the [sites] table"
+        )
+    return write_text(path, written)

@@ -20,7 +20,8 @@ and :meth:`RigAgent.check` raises :class:`RigAgentError`, which ends ``closedloo
 
 A presenter is any object with:
 
-- ``sites``: sequence of site labels (its length is the number of counts per outcome);
+- ``sites``: sequence of site labels (its length is the number of counts per outcome, when the
+  presenter counts spikes);
 - ``load_bundle(path, outcomes) -> stimulus ids``: read a verified bundle file; ``outcomes`` is
   the journal of the session so far (a list of dicts, see :class:`Outcome`), so a restarted
   presenter can continue its recording clock. It either succeeds or raises and leaves the
@@ -28,7 +29,10 @@ A presenter is any object with:
 - ``present(presentation_id, stimulus_id, window_s) -> Outcome``: show one stimulus (blocking
   for its on + off time) and return what happened;
 - ``finish(outcomes) -> str``: the recording has ended (``stop``); returns the path of what it
-  wrote, or "".
+  wrote, or "";
+- optionally ``set_rsvp(rsvp)``: called at every hello with its ``rsvp`` field (the experiment's
+  ``on_s``, ``off_s``, ``image_size_deg``, or None when the control side sent none); raising
+  ``ValueError`` refuses the hello with its message (e.g. times that are not whole frames).
 """
 
 from __future__ import annotations
@@ -82,13 +86,14 @@ class Outcome:
     """What a presenter reports for one presentation.
 
     ``valid``: shown with fixation held; ``onset_s``: image onset on the recording clock, s;
-    ``counts``: spikes per site in the response window, shape (n_sites,); ``record``:
+    ``counts``: spikes per site in the response window, shape (n_sites,), or None when the
+    presenter does not count spikes (a real display computer: the NSP records them); ``record``:
     presenter-private JSON data kept in the journal (e.g. the simulated spike trains).
     """
 
     valid: bool
     onset_s: float
-    counts: np.ndarray
+    counts: np.ndarray | None
     record: dict = field(default_factory=dict)
 
 
@@ -357,7 +362,8 @@ class RigAgent:
                 entry = {
                     "seq": len(self._outcomes), "presentation_id": presentation_id, "stimulus_id": stimulus_id,
                     "valid": bool(outcome.valid), "onset_s": float(outcome.onset_s),
-                    "counts": [int(c) for c in outcome.counts], "record": outcome.record,
+                    "counts": None if outcome.counts is None else [int(c) for c in outcome.counts],
+                    "record": outcome.record,
                 }
                 self._journal.write(json.dumps(entry) + "\n")
                 self._journal.flush()
@@ -384,7 +390,8 @@ class RigAgent:
 
     def _stream_message(self, seq: int) -> list[bytes]:
         entry = self._outcomes[seq]
-        fields = {key: entry[key] for key in ("seq", "presentation_id", "stimulus_id", "valid", "onset_s", "counts")}
+        fields = {key: entry[key] for key in ("seq", "presentation_id", "stimulus_id", "valid", "onset_s", "counts")
+                  if entry.get(key) is not None}
         return encode_message("outcome", **fields)
 
     def _flush_stream(self) -> None:
@@ -469,6 +476,9 @@ class RigAgent:
     # ----- commands ----------------------------------------------------------------------------
 
     def _on_hello(self, peer: bytes, message) -> dict:
+        set_rsvp = getattr(self.presenter, "set_rsvp", None)
+        if set_rsvp is not None:  # a presenter that shows the experiment's timing: it may refuse it
+            set_rsvp(message.get("rsvp"))
         if self._peer not in (None, peer):
             logger.info("rig %s: a new control process took over the session", self.rig_id)
         self._peer, self._window_s = peer, tuple(message["window_s"])

@@ -3,7 +3,8 @@
 :class:`RigLauncher` is the :class:`~closedloop.link.access.RigAccess` that entry points hand
 to the day runner: for ``[rig] kind = "sim"`` it runs the simulated IT rig in a thread for the
 session (state in ``<day>/rig_sim``, CURVE keys made on first use), copies its ``.nev`` into the
-day folder, and gives the estimate stage the sites' true sensitivity (validation only); for a
+day folder (unless ``[sim] live_counts = false``: then, as with a real presenter, the operator
+copies it and the day waits until then), and gives the estimate stage the sites' true sensitivity (validation only); for a
 real rig it behaves like the plain access.
 """
 
@@ -65,7 +66,7 @@ class RigLauncher(RigAccess):
             yield address
 
     def collect_recording(self, config, folder: Path) -> None:
-        if config.rig.kind != "sim":
+        if config.rig.kind != "sim" or not config.sim.live_counts:
             return
         folder = Path(folder)
         partial = folder / "recording.partial.nev"

@@ -13,7 +13,8 @@ so ``neo.rawio.BlackrockRawIO`` and Blackrock's own tools read them:
   word.
 
 The simulated rig uses :func:`write_nev` to export what it recorded; the tests use it to build
-recordings with known spikes and codes.
+recordings with known spikes and codes, and :func:`write_nsx` to write continuous signals (an
+``.ns2`` beside a ``.nev``, a photodiode on an analog input in an ``.ns5``).
 """
 
 from __future__ import annotations
@@ -193,43 +194,71 @@ def write_nev(
 
     _write_atomically(path, write)
     if write_ns2:
-        write_nsx(path.with_suffix(".ns2"), recording, version=version, recorded_at=when)
+        last = max(int(recording.spike_ticks.max(initial=0)), int(recording.event_ticks.max(initial=0)))
+        write_nsx(path.with_suffix(".ns2"), np.zeros((last // NS2_PERIOD + 2, len(recording.electrodes)), np.int16),
+                  recording.electrodes, period=NS2_PERIOD, version=version, recorded_at=when)
     return path
 
 
-def write_nsx(path: str | Path, recording: Recording, *, version: str = "2.3", recorded_at: datetime | None = None) -> Path:
-    """Write a small Blackrock ``.ns2`` (1 kS/s, one all-zero int16 channel per electrode) spanning
-    ``recording``; return its path. Same file specification ``version`` as the ``.nev``."""
+def write_nsx(
+    path: str | Path,
+    signals,
+    channel_ids,
+    *,
+    labels=None,
+    period: int = NS2_PERIOD,
+    first_tick: int = 0,
+    units: str = "uV",
+    analog_max: int = 8191,
+    version: str = "2.3",
+    recorded_at: datetime | None = None,
+) -> Path:
+    """Write continuous signals as a Blackrock ``.nsX`` (spec ``version`` 2.2, 2.3 or 3.0); return its path.
+
+    ``signals`` int16 ``(n_samples, n_channels)`` in digitization steps; ``channel_ids``: each
+    channel's electrode id ``(n_channels,)`` (Blackrock numbers analog inputs after the
+    electrodes, e.g. 129 = ``ainp1`` on a 128-channel NSP); ``labels`` (default ``elec<id>``);
+    ``period``: ticks of the 30 kHz clock per sample (1 for a ``.ns5``/``.ns6`` at 30 kS/s, 30
+    for a ``.ns2`` at 1 kS/s); ``first_tick``: the clock tick of the first sample; ``units`` and
+    ``analog_max``: the physical value (in ``units``) of digital ±32764. One data block, written
+    atomically.
+    """
     check_option("version", version, NEV_VERSIONS)
+    period = check_integer("period", period, minimum=1)
+    first_tick = check_integer("first_tick", first_tick, minimum=0)
     path = Path(path).expanduser()
-    _check_recording(recording, version)
-    last = max(int(recording.spike_ticks.max(initial=0)), int(recording.event_ticks.max(initial=0)))
-    n_samples = check_integer("n_samples", last // NS2_PERIOD + 2, minimum=2)
-    electrodes = np.array(recording.electrodes, dtype=np.uint16)
+    if path.suffix not in tuple(f".ns{n}" for n in range(1, 7)):
+        raise ValueError(f"'path' {str(path)!r} must end in .ns1 to .ns6 (Blackrock readers find files by extension).")
+    signals = np.asarray(signals)
+    channel_ids = np.asarray(channel_ids, dtype=np.uint16).reshape(-1)
+    if signals.ndim != 2 or signals.shape[1] != len(channel_ids) or signals.dtype != np.int16:
+        raise ValueError(f"'signals' must be int16 (n_samples, {len(channel_ids)}), one column per channel id, but got "
+                         f"{signals.dtype} {signals.shape}.")
+    labels = [f"elec{e}" for e in channel_ids.tolist()] if labels is None else list(labels)
     basic = np.zeros(1, dtype=_NSX_BASIC)
     basic["file_id"] = b"BRSMPGRP" if version == "3.0" else b"NEURALCD"
     basic["ver_major"], basic["ver_minor"] = _version_numbers(version)
-    basic["bytes_in_headers"] = _NSX_BASIC.itemsize + _NSX_CHANNEL.itemsize * len(electrodes)
-    basic["label"] = b"1 kS/s"
-    basic["period"] = NS2_PERIOD
+    basic["bytes_in_headers"] = _NSX_BASIC.itemsize + _NSX_CHANNEL.itemsize * len(channel_ids)
+    basic["label"] = f"{30 / period:g} kS/s".encode()
+    basic["period"] = period
     basic["timestamp_resolution"] = 30000
     _systemtime(basic, recorded_at or datetime.now(UTC))
-    basic["channel_count"] = len(electrodes)
-    channels = np.zeros(len(electrodes), dtype=_NSX_CHANNEL)
+    basic["channel_count"] = len(channel_ids)
+    channels = np.zeros(len(channel_ids), dtype=_NSX_CHANNEL)
     channels["type"] = b"CC"
-    channels["electrode_id"] = electrodes
-    channels["electrode_label"] = [f"elec{e}".encode() for e in electrodes.tolist()]
-    channels["physical_connector"] = (electrodes - 1) // 128 + 1
-    channels["connector_pin"] = (electrodes - 1) % 128 + 1
+    channels["electrode_id"] = channel_ids
+    channels["electrode_label"] = [label.encode() for label in labels]
+    channels["physical_connector"] = (channel_ids - 1) // 128 + 1
+    channels["connector_pin"] = (channel_ids - 1) % 128 + 1
     channels["min_digital_val"], channels["max_digital_val"] = -32764, 32764
-    channels["min_analog_val"], channels["max_analog_val"] = -8191, 8191
-    channels["units"] = b"uV"
+    channels["min_analog_val"], channels["max_analog_val"] = -analog_max, analog_max
+    channels["units"] = units.encode()
     block = np.dtype([("header_flag", "u1"), ("timestamp", "<u8" if version == "3.0" else "<u4"),
                       ("nb_data_points", "<u4")])
-    block_header = np.array([(1, 0, n_samples)], dtype=block)
+    block_header = np.array([(1, first_tick, len(signals))], dtype=block)
 
     def write(handle) -> None:
         handle.write(basic.tobytes() + channels.tobytes() + block_header.tobytes())
-        handle.write(np.zeros((n_samples, len(electrodes)), dtype="<i2").tobytes())
+        handle.write(np.ascontiguousarray(signals, dtype="<i2").tobytes())
 
     return _write_atomically(path, write)

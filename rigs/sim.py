@@ -5,11 +5,17 @@ experiment's base network with a per-site readout, see :class:`HiddenSites`) who
 rates (tens of Hz at baseline, hundreds for strong responses). For each presentation the
 presenter draws Poisson spike trains on the 30 kHz NSP clock: baseline rate, then the
 stimulus-driven rate from ``latency_s`` after onset for ``on_s``; a fixation break (probability
-``fixation_break_rate``) leaves only the baseline. RSVP timing is ``on_s`` on and ``off_s`` grey;
+``fixation_break_rate``) leaves only the baseline. Like a Utah array, a day may record electrodes
+that carry no visually driven site: with ``driven_fraction`` < 1 only that fraction of the sites
+(chosen by :func:`compute_site_gains`) respond as above, the others stay near their baseline
+(weakly driven, down to not at all). RSVP timing is ``on_s`` on and ``off_s`` grey;
 ``time_scale`` scales the real time spent (0.01 runs 100x faster than real time) while the
 recording clock keeps real-time values. At ``stop`` it writes what it recorded as a Blackrock
-``.nev`` (spikes on electrodes 1..n_sites, unit 1; the stimulus's event code on the digital
-port at each onset and 0 at its offset). Its site function is exposed as a differentiable torch
+``.nev`` (spikes on electrodes 1..n_sites, unit 1; on the digital port the event codes of
+:mod:`closedloop.data.event_codes`: the stimulus's code at each onset, ``OFFSET`` at its offset,
+and ``VALID`` at the end of the response window or ``FIXATION_BREAK`` at its start, always
+before the next onset). With ``live_counts=False`` it streams outcomes without spike counts, as a
+real presenter does; the ``.nev`` is then the only source of counts. Its site function is exposed as a differentiable torch
 module (``site_function``) for validation only; the loop never reads it.
 
 Run it with ``closedloop rig-sim``; a day starts it through :class:`rigs.launch.RigLauncher`.
@@ -29,6 +35,7 @@ from torch import nn
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer, check_number
 from closedloop.data.bundle import read_bundle
+from closedloop.data.event_codes import FIXATION_BREAK, OFFSET, VALID
 from closedloop.data.layout import compute_base_seed
 from closedloop.data.recording import NSP_CLOCK_HZ, Recording
 from closedloop.data.window import compute_duration_ticks, compute_window_ticks
@@ -38,7 +45,8 @@ from rigs.agent import Outcome, RigAgent, StreamFaults
 from rigs.nev import write_nev
 
 __all__ = [
-    "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "compute_sim_rig_options", "SimulatedPresenter",
+    "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "compute_site_gains", "compute_sim_rig_options",
+    "SimulatedPresenter",
     "make_hidden_sites", "make_sim_agent",
     "run_sim_rig",
 ]
@@ -46,6 +54,7 @@ __all__ = [
 _SPIKE_UNIT = 1
 DEFAULT_LATENCY_S = 0.07
 _BATCH = 32
+_GAIN_STREAM = 0x5E1EC7  # the random stream of compute_site_gains, apart from every other draw
 
 
 class HiddenSites(nn.Module):
@@ -57,11 +66,14 @@ class HiddenSites(nn.Module):
     standard deviation. Each site has a compact Gaussian receptive field on the feature grid and
     random channel weights; its drive is standardised over natural calibration images (the
     embedded photographs) and turned into a rate by a sigmoid from ``baseline_hz`` (5–30 Hz) to
-    ``peak_hz`` (150–350 Hz). Everything random comes from ``seed``; differentiable in the images.
+    ``peak_hz`` (150–350 Hz), scaled by the site's gain (:func:`compute_site_gains`: 1 for a
+    visually driven site, at most ``undriven_gain`` for the others). Everything random comes from
+    ``seed``; differentiable in the images.
     """
 
     def __init__(self, n_sites: int, seed: int, *, backbone: str = "resnet_tiny", layer: str = "layer4.0",
-                 base_seed: int = 0, weight_noise: float = 0.3, trust: bool = False) -> None:
+                 base_seed: int = 0, weight_noise: float = 0.3, trust: bool = False, driven_fraction: float = 1.0,
+                 undriven_gain: float = 0.1) -> None:
 
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
@@ -81,6 +93,7 @@ class HiddenSites(nn.Module):
         self.register_buffer("peak_hz", 150.0 + 200.0 * torch.rand(n_sites, generator=generator))
         self.register_buffer("mean", torch.zeros(n_sites))
         self.register_buffer("std", torch.ones(n_sites))
+        self.register_buffer("gain", torch.from_numpy(compute_site_gains(n_sites, seed, driven_fraction, undriven_gain)))
         self.requires_grad_(False)
         calibration = make_embedded_image_set(per_photo=4, seed=seed)
         with torch.no_grad():
@@ -94,7 +107,26 @@ class HiddenSites(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         z = (self._drive(images) - self.mean) / self.std
-        return self.baseline_hz + (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.0))
+        return self.baseline_hz + self.gain * (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.0))
+
+
+def compute_site_gains(n_sites: int, seed: int, driven_fraction: float = 1.0, undriven_gain: float = 0.1) -> np.ndarray:
+    """How strongly each simulated site is visually driven: float32 ``(n_sites,)``, in [0, 1].
+
+    ``round(driven_fraction × n_sites)`` sites, chosen at random from ``seed``, have gain 1 (the
+    stimulus-driven rate of :class:`HiddenSites`); the others draw theirs uniformly from
+    [0, ``undriven_gain``]: multi-unit activity that the images barely move (gain near
+    ``undriven_gain``) or not at all (gain near 0). The draws come from a generator of their own, so
+    ``driven_fraction = 1`` leaves every other random choice of the simulated rig as it was.
+    :func:`rigs.truth.compute_driven_sites` tells validation which sites are driven.
+    """
+    n_sites = check_integer("n_sites", n_sites, minimum=1)
+    driven_fraction = check_number("driven_fraction", driven_fraction, minimum=0.0, maximum=1.0)
+    undriven_gain = check_number("undriven_gain", undriven_gain, minimum=0.0, maximum=1.0)
+    rng = np.random.default_rng([check_integer("seed", seed, minimum=0), _GAIN_STREAM])
+    gains = undriven_gain * rng.random(n_sites)
+    gains[rng.permutation(n_sites)[: round(driven_fraction * n_sites)]] = 1.0
+    return gains.astype(np.float32)
 
 
 class ExpectedCounts(nn.Module):
@@ -121,17 +153,20 @@ def make_hidden_sites(n_sites: int, seed: int, **base) -> HiddenSites:
     """The simulated rig's sites: a :class:`HiddenSites` with ``n_sites`` units built from ``seed``.
 
     ``base``: the base network the monkey resembles (``backbone``, ``layer``, ``base_seed``,
-    ``weight_noise``, ``trust``; see :class:`HiddenSites`), e.g. from :func:`compute_hidden_site_options`.
+    ``weight_noise``, ``trust``, ``driven_fraction``, ``undriven_gain``; see :class:`HiddenSites`), e.g. from
+    :func:`compute_hidden_site_options`.
     """
     return HiddenSites(check_integer("n_sites", n_sites, minimum=1), check_integer("seed", seed, minimum=0), **base)
 
 
 def compute_hidden_site_options(config) -> dict:
-    """The :class:`HiddenSites` arguments for an experiment: its base model and ``[sim] weight_noise``."""
+    """The :class:`HiddenSites` arguments for an experiment: its base model and ``[sim]`` ``weight_noise``,
+    ``driven_fraction`` and ``undriven_gain``."""
 
-    model = config.model
+    model, sim = config.model, config.sim
     return {"backbone": model.backbone, "layer": model.layer, "base_seed": compute_base_seed(config),
-            "weight_noise": config.sim.weight_noise, "trust": model.trust_checkpoint}
+            "weight_noise": sim.weight_noise, "trust": model.trust_checkpoint, "driven_fraction": sim.driven_fraction,
+            "undriven_gain": sim.undriven_gain}
 
 
 def compute_sim_rig_options(config, *, address: str, state_dir: str | Path, seed: int | None = None,
@@ -149,7 +184,7 @@ def compute_sim_rig_options(config, *, address: str, state_dir: str | Path, seed
         time_scale=sim.time_scale if time_scale is None else time_scale,
         on_s=config.rsvp.on_s, off_s=config.rsvp.off_s,
         fixation_break_rate=sim.fixation_break_rate if fixation_break_rate is None else fixation_break_rate,
-        faults=faults, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
+        live_counts=sim.live_counts, faults=faults, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
         timeout_s=rig.timeout_s, hidden=compute_hidden_site_options(config),
     )
 
@@ -157,7 +192,8 @@ def compute_sim_rig_options(config, *, address: str, state_dir: str | Path, seed
 class SimulatedPresenter:
     """The presenter of the simulated rig (see the module docstring); plugs into :class:`RigAgent`.
 
-    ``recording_path``: where ``finish`` writes the ``.nev``. Times in s; ``time_scale`` >= 0.
+    ``recording_path``: where ``finish`` writes the ``.nev``. Times in s; ``time_scale`` >= 0;
+    ``live_counts``: whether outcomes carry the spike counts (False: like a real presenter).
     """
 
     def __init__(
@@ -171,8 +207,10 @@ class SimulatedPresenter:
         off_s: float = 0.1,
         latency_s: float = DEFAULT_LATENCY_S,
         fixation_break_rate: float = 0.05,
+        live_counts: bool = True,
     ) -> None:
         self.site_function = site_function
+        self.live_counts = bool(live_counts)
         self.recording_path = Path(recording_path)
         self.seed = check_integer("seed", seed, minimum=0)
         self.time_scale = check_number("time_scale", time_scale, minimum=0.0)
@@ -233,17 +271,20 @@ class SimulatedPresenter:
         inside = (ticks >= onset + window[0]) & (ticks < onset + window[1])
         counts = np.bincount(sites[inside], minlength=len(self.sites))
         time.sleep(max(0.0, self._due - time.monotonic()))
+        outcome_tick = onset + min(window[1] if valid else window[0], self._next_tick - onset - 1)
         record = {"onset_tick": onset, "code": self._codes[stimulus_id], "sites": sites.tolist(),
-                  "ticks": ticks.tolist()}
-        return Outcome(valid, onset / NSP_CLOCK_HZ, counts, record)
+                  "ticks": ticks.tolist(), "outcome_tick": outcome_tick, "outcome": VALID if valid else FIXATION_BREAK}
+        return Outcome(valid, onset / NSP_CLOCK_HZ, counts if self.live_counts else None, record)
 
     def finish(self, outcomes: list[dict]) -> str:
         """Write the session's recording (from the journaled ``outcomes``) as a Blackrock .nev; return its path."""
 
         records = [entry["record"] for entry in outcomes]
         off = self._ticks(self.on_s)
-        event_ticks = [tick for r in records for tick in (r["onset_tick"], r["onset_tick"] + off)]
-        event_words = [word for r in records for word in (r["code"], 0)]
+        events = sorted((tick, order, word) for r in records for order, (tick, word) in enumerate(
+            ((r["onset_tick"], r["code"]), (r["onset_tick"] + off, OFFSET), (r["outcome_tick"], r["outcome"]))))
+        event_ticks = [tick for tick, _, _ in events]
+        event_words = [word for _, _, word in events]
         spike_ticks = np.array([t for r in records for t in r["ticks"]], dtype=np.int64)
         spike_sites = np.array([s for r in records for s in r["sites"]], dtype=np.int64)
         recording = Recording.from_ticks(
@@ -265,6 +306,7 @@ def make_sim_agent(
     on_s: float = 0.1,
     off_s: float = 0.1,
     fixation_break_rate: float = 0.05,
+    live_counts: bool = True,
     faults: StreamFaults | None = None,
     security: str = "curve",
     keys_dir: str | Path | None = None,
@@ -281,7 +323,7 @@ def make_sim_agent(
     state_dir = Path(state_dir)
     presenter = SimulatedPresenter(
         make_hidden_sites(n_sites, seed, **(hidden or {})), recording_path=state_dir / "recording.nev", seed=seed,
-        time_scale=time_scale, on_s=on_s, off_s=off_s, fixation_break_rate=fixation_break_rate,
+        time_scale=time_scale, on_s=on_s, off_s=off_s, fixation_break_rate=fixation_break_rate, live_counts=live_counts,
     )
     return RigAgent(presenter, address=address, state_dir=state_dir, rig_id=f"sim-{seed}", security=security,
                     keys_dir=keys_dir, heartbeat_s=heartbeat_s, timeout_s=timeout_s, faults=faults)

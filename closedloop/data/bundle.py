@@ -8,6 +8,11 @@ compression only, fixed-length ASCII strings, booleans stored as uint8. Datasets
 - ``codes``         uint16 ``(n_stimuli,)``: the digital event word the rig sends at onset
   (non-zero, unique).
 
+For a rig that runs its own software (``[rig] kind = "files"``) the bundle also holds the day's
+RSVP list as a group ``rsvp/`` of int64 datasets ``(n_presentations,)``: ``presentation``,
+``stimulus_id``, ``code`` (uint16) and ``repetition``, in showing order
+(:mod:`closedloop.data.handoff`; in MATLAB ``h5read('stimuli.h5', '/rsvp/code')``).
+
 Root attributes: ``sha256`` (hex digest of the ``pixels`` bytes in C order, see
 :func:`compute_bundle_digest`), ``n_stimuli``, ``format_version`` and any caller attributes.
 
@@ -134,12 +139,15 @@ def _as_hdf5_attr(key: str, value):
     )
 
 
-def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict | None = None) -> str:
+def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict | None = None,
+                 rsvp: dict[str, np.ndarray] | None = None) -> str:
     """Write the rig bundle atomically; return the sha256 hex digest of ``pixels``.
 
     ``pixels``: uint8 ``(n, 224, 224, 3)``; ``stimulus_ids``: integers ``(n,)`` (≥ 0, unique);
-    ``codes``: event codes ``(n,)`` in 1..65535, unique; ``attrs``: extra root attributes
-    (str, bool, int, float).
+    ``codes``: event codes ``(n,)`` in 1..65279, unique; ``attrs``: extra root attributes
+    (str, bool, int, float); ``rsvp``: the RSVP list of the files hand-off
+    (:func:`closedloop.data.handoff.make_rsvp_list`; its stimulus ids and codes must be the
+    bundle's), written as the group ``rsvp/``.
     """
     pixels = check_array("pixels", pixels, shape=(None, *FRAME_SHAPE), dtype=np.uint8)
     n = len(pixels)
@@ -150,6 +158,7 @@ def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict |
     if reserved:
         raise ValueError(f"attrs: the keys {reserved} are written by write_bundle itself; rename them.")
     converted = {str(key): _as_hdf5_attr(str(key), value) for key, value in attrs.items()}
+    rsvp = None if rsvp is None else _check_rsvp(rsvp, stimulus_ids, codes)
     digest = compute_bundle_digest(pixels)
 
     with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
@@ -163,7 +172,24 @@ def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict |
         handle.attrs["format_version"] = np.int64(BUNDLE_FORMAT_VERSION)
         for key, value in converted.items():
             handle.attrs[key] = value
+        for name, values in (rsvp or {}).items():
+            handle.create_dataset(f"rsvp/{name}", data=values)
     return digest
+
+
+def _check_rsvp(rsvp: dict, stimulus_ids: np.ndarray, codes: np.ndarray) -> dict[str, np.ndarray]:
+    """The RSVP list as the bundle stores it; its stimulus ids and codes must be the bundle's."""
+    columns = ("presentation", "stimulus_id", "code", "repetition")
+    if sorted(rsvp) != sorted(columns):
+        raise ValueError(f"'rsvp' must have the columns {list(columns)}, but has {sorted(rsvp)}; make it with make_rsvp_list.")
+    n = len(rsvp["presentation"])
+    checked = {name: check_integer_array(f"rsvp[{name!r}]", rsvp[name], shape=(n,), minimum=0).astype(np.int64)
+               for name in columns}
+    code_of = dict(zip(stimulus_ids.tolist(), codes.tolist()))
+    if any(code_of.get(s) != c for s, c in zip(checked["stimulus_id"].tolist(), checked["code"].tolist())):
+        raise ValueError("'rsvp': its stimulus ids and codes must be the bundle's (stimulus_ids, codes).")
+    checked["code"] = checked["code"].astype(np.uint16)
+    return checked
 
 
 def _as_python(value):

@@ -9,13 +9,20 @@ An experiment folder holds ``experiment.toml`` and one ``day_NNN/`` folder per d
 | ``log.jsonl`` | the runner | one JSON line per stage start / end |
 | ``stages/<stage>.json`` | the runner | a stage's marker (timing, summary), written after its artifact |
 | ``plan.json`` | plan | clean images, attacked images, sites, budgets |
+| ``synthesis_parts/`` | synthesize (every torchrun rank) | attack parts as they are made; removed once the store is written |
 | ``store.zarr`` | synthesize, present, ingest | the day store (stimuli, presentations, counts) |
-| ``stimuli.h5`` | bundle | the rig bundle |
+| ``stimuli.h5`` | bundle | the rig bundle (with ``rsvp/``, the RSVP list, for ``[rig] kind = "files"``) |
+| ``rsvp.csv`` | bundle (``[rig] kind = "files"``) | the RSVP list for a rig that runs its own software |
 | ``recording.nev`` | present (simulated rig) or the operator | the Blackrock recording |
+| ``trial_log.csv`` | the operator (optional, files hand-off) | the rig's outcome of every presentation |
 | ``sensitivity.json`` | estimate | the lower bounds per site, budget and kind |
 | ``model.safetensors`` + ``.json`` | refit | the IT model fitted on days 0..N |
 | ``report.html`` | report | the day's report |
 | ``rig_sim/`` | present (simulated rig) | the simulated rig's own state folder and recording |
+
+Beside the day folders, ``site_selection.json`` records the last ``closedloop select-sites``
+(its date, day, criteria and every site's numbers; the chosen sites are ``[sites] targets`` in
+``experiment.toml``).
 
 Beside each day folder, ``day_NNN.lock`` is the lock of the process running the day (empty when
 no process holds it; see :mod:`closedloop.day.lock`).
@@ -32,8 +39,9 @@ from closedloop.core.provenance import derive_seed
 from closedloop.core.validation import check_integer
 
 __all__ = [
-    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RECORDING", "SENSITIVITY", "MODEL", "REPORT",
-    "RIG_STATE", "SYNTHESIS_PARTS", "day_folder", "day_lock_path", "find_day_folders", "marker_path", "compute_base_seed",
+    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RSVP_LIST", "RECORDING", "TRIAL_LOG",
+    "SENSITIVITY", "MODEL", "REPORT", "RIG_STATE", "SYNTHESIS_PARTS", "SITE_SELECTION", "day_folder", "day_lock_path",
+    "find_day_folders", "marker_path", "compute_base_seed",
 ]
 
 STAGES = ("plan", "synthesize", "bundle", "present", "ingest", "estimate", "refit", "report")
@@ -44,12 +52,15 @@ LOG = "log.jsonl"
 PLAN = "plan.json"
 STORE = "store.zarr"
 BUNDLE = "stimuli.h5"
+RSVP_LIST = "rsvp.csv"
 RECORDING = "recording.nev"
+TRIAL_LOG = "trial_log.csv"
 SENSITIVITY = "sensitivity.json"
 MODEL = "model.safetensors"
 REPORT = "report.html"
 RIG_STATE = "rig_sim"
 SYNTHESIS_PARTS = "synthesis_parts"
+SITE_SELECTION = "site_selection.json"  # in the experiment folder, beside the days
 _MARKERS = "stages"
 _DAY_NAME = re.compile(r"day_(\d{3})")
 

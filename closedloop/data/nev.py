@@ -1,9 +1,11 @@
-"""Read a Blackrock ``.nev`` into a :class:`~closedloop.data.recording.Recording` with neo.
+"""Read a Blackrock ``.nev`` into a :class:`~closedloop.data.recording.Recording`.
 
 The ``.nev`` is the authoritative record of a day: spikes (electrode, unit class, time) and the
-words on the digital input port that mark stimulus onsets. Before neo sees the file, its
-headers (:mod:`closedloop.data.nev_header`) and every packet's id and time
-(:mod:`closedloop.data.nev_scan`) are checked, so a damaged file is refused with a message that
+words on the digital input port that mark stimulus onsets. Two engines read it and give the same
+recording: ``"stream"`` (the default) reads the packets itself, a window at a time
+(:mod:`closedloop.data.nev_scan`); ``"neo"``, the reference, goes through
+``neo.rawio.BlackrockRawIO``. Either way the headers (:mod:`closedloop.data.nev_header`) and
+every packet's id and time are checked first, so a damaged file is refused with a message that
 names the problem instead of one of neo's.
 """
 
@@ -17,11 +19,14 @@ import numpy as np
 from neo.rawio import BlackrockRawIO
 
 from closedloop.core.logs import logger
+from closedloop.core.validation import check_option
 from closedloop.data.nev_header import check_nev_path, read_nev_header
-from closedloop.data.nev_scan import check_packets
+from closedloop.data.nev_scan import check_packets, find_digital_events, find_spikes, iterate_packets
 from closedloop.data.recording import Recording
 
-__all__ = ["read_nev"]
+__all__ = ["read_nev", "NEV_ENGINES"]
+
+NEV_ENGINES = ("stream", "neo")
 
 
 def _release(reader) -> None:
@@ -62,18 +67,24 @@ def _extract(reader, facts: dict, path: Path) -> Recording:
     )
 
 
-def read_nev(path: str | Path, *, allow_truncated: bool = False) -> Recording:
-    """Read a Blackrock ``.nev`` (spec 2.2, 2.3 or 3.0) through ``neo.rawio.BlackrockRawIO``.
+def _read_packets(path: Path, facts: dict) -> Recording:
+    """The recording from one pass over the packets (spikes ordered by time, then electrode and unit, as neo's)."""
+    spikes = [(np.zeros(0, np.int64), np.zeros(0, np.uint16), np.zeros(0, np.uint8))]
+    events = [(np.zeros(0, np.int64), np.zeros(0, np.uint16))]
+    for window in iterate_packets(path, facts):
+        spike = find_spikes(window.ids)
+        spikes.append((window.ticks[spike], window.ids[spike], window.units[spike]))
+        digital = find_digital_events(window.units[window.events], facts["version"])
+        events.append((window.ticks[window.events[digital]], window.words[digital]))
+    spike_ticks, electrodes, units = (np.concatenate(column) for column in zip(*spikes))
+    event_ticks, words = (np.concatenate(column) for column in zip(*events))
+    order = np.lexsort((units, electrodes, spike_ticks))
+    return Recording.from_ticks(spike_ticks[order], electrodes[order], units[order], event_ticks, words,
+                                facts["electrodes"], sampling_rate_hz=facts["resolution"], source=str(path))
 
-    ``.nsX`` files next to it are used by neo to check segments; they are not required. File
-    handles are released before returning. A file that is not a NEV, a truncated or corrupt one
-    (partial last packet, unknown packet ids, time going backwards) or one with several segments
-    raises ``ValueError`` naming the file and the problem. ``allow_truncated`` drops a partial last
-    packet instead (Blackrock's own tools do so).
-    """
-    path = check_nev_path(path)
-    facts = read_nev_header(path, allow_truncated)
-    check_packets(path, facts)
+
+def _read_with_neo(path: Path, facts: dict) -> Recording:
+    """The recording through ``neo.rawio.BlackrockRawIO`` (packets already checked); its warnings are logged."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         reader = BlackrockRawIO(filename=str(path))
@@ -90,6 +101,30 @@ def read_nev(path: str | Path, *, allow_truncated: bool = False) -> Recording:
             gc.collect()
     for warning in caught:
         logger.warning("%s: %s", path.name, warning.message)
+    return recording
+
+
+def read_nev(path: str | Path, *, allow_truncated: bool = False, engine: str = "stream") -> Recording:
+    """Read a Blackrock ``.nev`` (spec 2.2, 2.3 or 3.0) into a :class:`Recording`.
+
+    ``engine``: ``"stream"`` reads the data packets with numpy, a memory-mapped window at a
+    time (:mod:`closedloop.data.nev_scan`); ``"neo"`` reads them through
+    ``neo.rawio.BlackrockRawIO`` (the reference; ``.nsX`` files next to the ``.nev`` are then
+    used by neo to check segments, and not required). Both give the same recording: spikes in
+    time order (ties by electrode, then unit), and every word on the digital input port. File
+    handles are released before returning. A file that is not a NEV, a truncated or corrupt one
+    (partial last packet, unknown packet ids, time going backwards) or one with several segments
+    raises ``ValueError`` naming the file and the problem. ``allow_truncated`` drops a partial last
+    packet instead (Blackrock's own tools do so).
+    """
+    check_option("engine", engine, NEV_ENGINES)
+    path = check_nev_path(path)
+    facts = read_nev_header(path, allow_truncated)
+    if engine == "stream":
+        recording = _read_packets(path, facts)
+    else:
+        check_packets(path, facts)
+        recording = _read_with_neo(path, facts)
     logger.info("read %s: NEV %s, %d electrodes, %d spikes, %d digital events", path.name, facts["version"],
                 len(recording.electrodes), recording.n_spikes, recording.n_events)
     return recording

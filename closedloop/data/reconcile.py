@@ -4,6 +4,9 @@
 same code nearest in time within a tolerance and explains, never guesses, what is left.
 :func:`write_day_counts` reads a ``.nev``, reconciles it with the day store's log (codes, order,
 onset times) and stores the ``.nev`` counts next to the live ones, reporting every mismatch.
+When the day has no live counts (a real presenter), its logged onsets are on the display
+computer's clock, not the NSP's: :func:`compute_clock_fit` maps them onto the recording's clock
+(offset and drift, fitted on presentations paired by code and time) before they are matched.
 """
 
 from __future__ import annotations
@@ -18,16 +21,18 @@ from closedloop.core.files import compute_file_digest
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_array, check_number, check_option
 from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, compute_onsets
-from closedloop.data.nev import read_nev
+from closedloop.data.nev import NEV_ENGINES, read_nev
+from closedloop.data.photodiode import Photodiode, compute_latency_summary
 from closedloop.data.sites import SiteTable
 from closedloop.data.store import open_store
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window
 
-__all__ = ["Reconciliation", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S", "ENGINES"]
+__all__ = ["Reconciliation", "compute_clock_fit", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S"]
 
 DEFAULT_TOLERANCE_S = 0.010
-ENGINES = ("neo", "stream")
 SHIFT_SEARCH_S = 1.0
+_VOTE_PRESENTATIONS, _VOTE_PLACES, _VOTE_WIDTH_S = 64, 8, 0.005  # the clock offset's vote (compute_clock_fit)
+_PAIR_REACH_S = 0.050  # a logged presentation pairs with an onset of its code this close to its predicted time
 
 
 class Reconciliation(NamedTuple):
@@ -105,6 +110,49 @@ def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes,
     return Reconciliation(onset_index=onset_index, mismatches=mismatches)
 
 
+def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
+    """The map from the log's clock onto the recording's: ``nev_s ≈ offset_s + rate · log_s``.
+
+    ``log_codes``, ``log_onsets_s`` ``(n_presentations,)``. The offset is first found by a vote:
+    over the first 64 logged presentations (in time order), every recorded onset with the same
+    code within 8 places proposes its time difference, and the densest 5 ms of proposals wins.
+    Then each logged presentation, in time order, pairs with the unpaired onset of its code
+    nearest to its predicted time within 50 ms, the offset following the last pair (so a slow
+    drift of either clock is tracked); a line is fitted to the pairs. Returns ``{"offset_s",
+    "rate", "drift_ppm", "n_pairs"}``; the identity when nothing pairs (one pair: the offset only).
+    """
+    log_codes = np.asarray(log_codes, dtype=np.int64)
+    log_onsets = np.asarray(log_onsets_s, dtype=np.float64)
+    order = np.argsort(log_onsets, kind="stable")
+    log_codes, log_onsets = log_codes[order], log_onsets[order]
+    codes, times = onsets.codes.astype(np.int64), onsets.times_s
+    proposals = np.sort([times[j] - log_onsets[k] for k in range(min(_VOTE_PRESENTATIONS, len(log_codes)))
+                         for j in range(max(0, k - _VOTE_PLACES), min(len(codes), k + _VOTE_PLACES + 1))
+                         if codes[j] == log_codes[k]])
+    if not proposals.size:
+        return {"offset_s": 0.0, "rate": 1.0, "drift_ppm": 0.0, "n_pairs": 0}
+    n_within = np.searchsorted(proposals, proposals + _VOTE_WIDTH_S, side="right") - np.arange(len(proposals))
+    best = int(np.argmax(n_within))
+    offset = float(np.median(proposals[best : best + n_within[best]]))
+    used = np.zeros(len(times), dtype=bool)
+    pairs = []
+    for code, log_s in zip(log_codes.tolist(), log_onsets.tolist()):
+        low, high = np.searchsorted(times, [log_s + offset - _PAIR_REACH_S, log_s + offset + _PAIR_REACH_S])
+        candidates = [j for j in range(low, high) if codes[j] == code and not used[j]]
+        if candidates:
+            j = min(candidates, key=lambda j: abs(times[j] - log_s - offset))
+            used[j] = True
+            pairs.append((log_s, times[j]))
+            offset = times[j] - log_s
+    x, y = (np.array(column, dtype=np.float64) for column in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
+    if len(x) < 2:
+        offset = float(y[0] - x[0]) if len(x) else 0.0
+        return {"offset_s": offset, "rate": 1.0, "drift_ppm": 0.0, "n_pairs": len(x)}
+    rate, intercept = np.polyfit(x - x[0], y, 1)
+    offset = float(intercept - rate * x[0])
+    return {"offset_s": offset, "rate": float(rate), "drift_ppm": float((rate - 1.0) * 1e6), "n_pairs": len(x)}
+
+
 def write_day_counts(
     nev_path: str | Path,
     store_path: str | Path,
@@ -114,7 +162,8 @@ def write_day_counts(
     sites: SiteTable | None = None,
     unmapped: str = "error",
     allow_mismatch: bool = False,
-    engine: str = "neo",
+    engine: str = "stream",
+    photodiode: Photodiode | None = None,
 ) -> dict:
     """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
 
@@ -122,12 +171,17 @@ def write_day_counts(
     nothing is written unless ``allow_mismatch``, in which case matched presentations get their
     ``.nev`` counts and the rest are marked unmatched. Returns a JSON-ready report:
     ``n_presentations`` (logged), ``n_onsets`` (recorded), ``n_matched``, ``n_mismatches``,
-    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``. ``engine``: "neo" reads
-    the file with :func:`read_nev`; "stream" counts with :func:`compute_nev_counts` (same result,
-    memory independent of the recording's length).
+    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``, ``clock`` (the
+    :func:`compute_clock_fit` applied to the logged onsets of a store without live counts, else
+    None). ``engine``: "stream"
+    counts with :func:`compute_nev_counts` (one pass, memory independent of the recording's
+    length); "neo" reads the file with ``read_nev(engine="neo")`` (the reference; same result).
+    With a ``photodiode`` (:func:`~closedloop.data.photodiode.read_photodiode`), presentations
+    are matched to the log by their codes' times, and counted and stored from the light's; the
+    report adds ``photodiode`` (settings and code-to-light latencies).
     """
     window = check_window(window_s)
-    check_option("engine", engine, ENGINES)
+    check_option("engine", engine, NEV_ENGINES)
     check_option("unmapped", unmapped, ("error", "ignore"))
     store = open_store(store_path, mode="a")
     if sites is not None and sites != store.sites:
@@ -136,14 +190,20 @@ def write_day_counts(
             f"({store.n_sites} sites); use the site map the day was recorded with."
         )
     if engine == "neo":
-        recording = read_nev(nev_path)
-        onsets = compute_onsets(recording)
+        recording = read_nev(nev_path, engine="neo")
+        onsets = compute_onsets(recording, photodiode=photodiode)
         nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped=unmapped)
     else:
-        onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped)
+        onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped,
+                                                photodiode=photodiode)
     log = store.read_presentations()
     stimulus_codes = store.read_stimuli(pixels=False)["code"]
-    reconciliation = compute_reconciliation(onsets, stimulus_codes[log["stimulus"]], log["onset"], stimulus_codes,
+    by_code = onsets if onsets.code_times_s is None else Onsets(onsets.code_times_s, onsets.codes)
+    log_onsets, clock = log["onset"], None
+    if not store.has_live_counts:  # onsets on the presenter's clock: map them onto the NSP's
+        clock = compute_clock_fit(by_code, stimulus_codes[log["stimulus"]], log_onsets)
+        log_onsets = clock["offset_s"] + clock["rate"] * log_onsets
+    reconciliation = compute_reconciliation(by_code, stimulus_codes[log["stimulus"]], log_onsets, stimulus_codes,
                                             tolerance_s=tolerance_s)
     matched = reconciliation.onset_index >= 0
     report = {
@@ -158,8 +218,11 @@ def write_day_counts(
         "n_matched": int(matched.sum()),
         "n_mismatches": len(reconciliation.mismatches),
         "mismatches": reconciliation.mismatches,
+        "clock": clock,
         "written": False,
     }
+    if photodiode is not None:
+        report["photodiode"] = photodiode.describe() | compute_latency_summary(onsets.latency_s)
     if reconciliation.mismatches and not allow_mismatch:
         logger.warning("%s: %d mismatches with the day's log; nothing written", Path(nev_path).name,
                        len(reconciliation.mismatches))

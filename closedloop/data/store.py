@@ -11,7 +11,9 @@ A zarr v3 group, readable with plain zarr and with ``xarray.open_zarr(path, grou
   (the digital event word of the stimulus, unique).
 - ``presentations/``: ``id`` int64 (unique, given by the control side); ``stimulus`` int64;
   ``onset`` float64 (s, recording clock); ``valid`` bool (shown without a fixation break).
-- ``counts`` uint16 ``(n_pres, n_sites)``: spikes per response window from the live stream.
+- ``counts`` uint16 ``(n_pres, n_sites)``: spikes per response window from the live stream;
+  all zero, with the root attribute ``live_counts`` false, when the rig sent no counts (a real
+  presenter, or the files hand-off): the ``.nev`` ingest is then the only source of counts.
 - ``sites/``: ``array``, ``electrode``, ``unit`` int64 (−1 = all units merged), ``label`` string.
 - ``ingest/`` (after ``closedloop ingest``): ``counts`` uint16 ``(n_pres, n_sites)`` from the
   ``.nev``, ``matched`` bool, ``onset`` float64 (s, NaN where unmatched); attributes name the
@@ -122,6 +124,11 @@ class DayStore:
         return int(self._root[_PRESENTATIONS].attrs[COMMITTED])
 
     @property
+    def has_live_counts(self) -> bool:
+        """False when the presentations came without spike counts (only the ``.nev`` has them)."""
+        return bool(self._root.attrs.get("live_counts", True))
+
+    @property
     def finished(self) -> bool:
         return bool(self._root.attrs.get("finished", False))
 
@@ -179,10 +186,19 @@ class DayStore:
     def read_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """The counts to trust: uint16 ``(n_pres, n_sites)`` spikes per response window from the
         ``.nev`` ingest where the day was ingested and the presentation matched, else from the live
-        stream; and bool ``(n_pres,)``, True where the count came from the ``.nev``."""
+        stream; and bool ``(n_pres,)``, True where the count came from the ``.nev``. A store
+        without live counts (:attr:`has_live_counts`) has counts only where the ``.nev`` matched
+        (zeros elsewhere: leave those presentations out), and none before its ingest: that raises
+        ``ValueError``."""
         counts = self._read("counts")
         from_nev = np.zeros(len(counts), dtype=bool)
         ingest = self.read_ingest()
+        if ingest is None and not self.has_live_counts and len(counts):
+            raise ValueError(
+                f"day store {str(self.path)!r} has no spike counts yet: its rig sent presentations without counts; "
+                "ingest the day's recording first (copy the .nev into the day folder and run `closedloop fit-day` "
+                "again, or `closedloop ingest`)."
+            )
         if ingest is not None:
             from_nev[: len(ingest["matched"])] = ingest["matched"]
             counts[from_nev] = ingest["counts"][ingest["matched"]]
@@ -278,13 +294,25 @@ class DayStore:
 
         ``ids`` int ``(n,)``: unique presentation ids from the control side; ``stimulus`` ``(n,)``
         stimulus indices; ``onset`` ``(n,)`` s on the recording clock; ``valid`` bool ``(n,)``;
-        ``counts`` ``(n, n_sites)`` spikes per response window (0..65535). An id already stored
-        (or repeated within ``ids``) is skipped with ``skip_existing`` (crash-resume and stream
-        retries), and refused otherwise.
+        ``counts`` ``(n, n_sites)`` spikes per response window (0..65535), or None when the rig
+        sent none (stored as zeros and the store marked as without live counts; a day's
+        presentations are all with or all without counts). An id already stored (or repeated
+        within ``ids``) is skipped with ``skip_existing`` (crash-resume and stream retries), and
+        refused otherwise.
         """
         self._check_writable()
         ids = check_integer_array("ids", ids, shape=(None,))
         n = len(ids)
+        if n and (counts is None) == self.has_live_counts and self.n_presentations:
+            raise ValueError(
+                f"'counts': day store {str(self.path)!r} holds presentations {'with' if self.has_live_counts else 'without'} "
+                f"live counts, these come {'without' if counts is None else 'with'}; a day's presentations are all "
+                "with or all without counts."
+            )
+        if n and not self.n_presentations:
+            self._root.attrs["live_counts"] = counts is not None
+        if counts is None:
+            counts = np.zeros((n, self.n_sites), dtype=np.uint16)
         stimulus = check_integer_array("stimulus", stimulus, shape=(n,), minimum=0, maximum=self.n_stimuli - 1)
         onset = check_array("onset", onset, shape=(n,)).astype(np.float64)
         if not np.isfinite(onset).all():

@@ -1,4 +1,4 @@
-"""What every stage of a day is handed: the experiment, the day, its folder, config, seeds and rig."""
+"""What every stage of a day is handed: the experiment, the day, its folder, config, seeds, rig and ranks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import torch
+
 from closedloop.config import ExperimentConfig
+from closedloop.core.distributed import ProcessGroup
 from closedloop.core.provenance import derive_seed
 from closedloop.data import layout
 from closedloop.data.sites import SiteTable, make_default_sites, read_site_map
@@ -20,13 +23,15 @@ __all__ = ["DayContext", "make_site_table"]
 
 @dataclass
 class DayContext:
-    """Everything a stage needs: the experiment, the day number and its folder, the config, the rig."""
+    """Everything a stage needs: the experiment, the day number and its folder, the config, the rig,
+    and the ``torchrun`` ranks that share the synthesize stage (``group``; one process by default)."""
 
     experiment: Path
     number: int
     config: ExperimentConfig
     folder: Path
     rig: RigAccess = field(default_factory=RigAccess)
+    group: ProcessGroup = field(default_factory=ProcessGroup)
 
     def path(self, name: str) -> Path:
         """A file of the day folder (a name from :mod:`closedloop.data.layout`)."""
@@ -44,8 +49,13 @@ class DayContext:
 
     @cached_property
     def device(self):
-        """The torch device of ``[model] device``."""
-        return resolve_device(self.config.model.device)
+        """The torch device of ``[model] device``; under ``torchrun``, GPU ``LOCAL_RANK`` (modulo
+        the GPUs present, so ranks may share a GPU)."""
+        device = resolve_device(self.config.model.device)
+        if device.type == "cuda" and self.group.world_size > 1:
+            device = torch.device("cuda", self.group.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        return device
 
     def previous_model_path(self) -> Path:
         """Day N−1's fitted model."""

@@ -2,7 +2,9 @@
 
 When the day folder holds ``recording.nev`` (the simulated rig's, or the NSP's copied in by the
 operator), its counts are reconciled with the day store's log and stored beside the live ones
-(:func:`closedloop.data.reconcile.write_day_counts`); without a recording the live counts stand.
+(:func:`closedloop.data.reconcile.write_day_counts`); without a recording the live counts stand,
+and a day without live counts (a rig that streamed outcomes only) waits for it
+(:class:`~closedloop.day.waiting.WaitingForRecording`).
 A recording that does not match the log stops the day with nothing stored: the estimate must not
 quietly fall back to the live counts. An operator who has checked it can store the matched part
 with ``closedloop ingest … --allow-mismatch``; the stage then keeps that ingest.
@@ -13,6 +15,7 @@ from __future__ import annotations
 from closedloop.data import layout
 from closedloop.data.reconcile import write_day_counts
 from closedloop.data.store import open_store
+from closedloop.day.waiting import make_waiting_error
 
 __all__ = ["run_stage"]
 
@@ -20,11 +23,14 @@ _SUMMARY_KEYS = ("n_presentations", "n_onsets", "n_matched", "n_mismatches")
 
 
 def run_stage(day) -> dict:
-    """Ingest ``recording.nev`` into the day store when there is one."""
+    """Ingest ``recording.nev`` into the day store when there is one (a day without live counts waits for it)."""
     recording = day.path(layout.RECORDING)
+    store = open_store(day.path(layout.STORE))
     if not recording.exists():
+        if not store.has_live_counts:
+            raise make_waiting_error(day, "counts")
         return {"reconciled": False, "reason": f"no {recording.name} in the day folder"}
-    ingest = open_store(day.path(layout.STORE)).read_ingest()
+    ingest = store.read_ingest()
     if ingest is not None:  # an earlier run (killed before its marker) or the operator stored it
         return {"reconciled": True, **{key: ingest["attrs"][key] for key in _SUMMARY_KEYS}}
     report = write_day_counts(recording, day.path(layout.STORE), window_s=day.config.response.window_s)

@@ -1,6 +1,13 @@
 """Stage 4 of a day: present the day's stimuli on the rig and record every outcome.
 
-The shuffled RSVP list goes to the day's rig (:class:`~closedloop.link.access.RigAccess`: the
+On a rig that runs its own software (``[rig] kind = "files"``) nothing is streamed: the bundle
+stage wrote the RSVP list, the stage waits (:class:`~closedloop.day.waiting.WaitingForRecording`)
+until the NSP's ``recording.nev`` is in the day folder, then stores the presentations it holds
+(:func:`closedloop.data.handoff.read_recorded_presentations`: stimulus codes, validity from the
+outcome codes or ``trial_log.csv``), without live counts. Nothing is re-queued; the summary
+names the stimuli that lack their valid repetitions.
+
+Otherwise the shuffled RSVP list goes to the day's rig (:class:`~closedloop.link.access.RigAccess`: the
 ``[rig] address``, or the simulated IT rig that :class:`rigs.launch.RigLauncher` starts on
 loopback for the session, with CURVE keys made on first use); every outcome is
 appended to the day store as it arrives, so a crash loses nothing and a rerun resumes with the
@@ -25,7 +32,9 @@ from closedloop.core.files import compute_file_digest, read_json
 from closedloop.core.logs import logger
 from closedloop.data import layout
 from closedloop.data.bundle import read_bundle
+from closedloop.data.handoff import make_rsvp_list, read_recorded_presentations
 from closedloop.data.store import open_store
+from closedloop.day.waiting import make_waiting_error
 from closedloop.link.presentations import run_presentations
 
 __all__ = ["SessionMonitor", "run_stage"]
@@ -35,7 +44,8 @@ class SessionMonitor:
     """What the operator watches during ``present``; ``update`` per outcome, ``render`` for display.
 
     ``n_target``: valid presentations needed (n_stimuli × repetitions); ``window_s``: response
-    window length, s (to turn counts into rates, Hz).
+    window length, s (to turn counts into rates, Hz). Outcomes without counts (a real presenter)
+    leave the rates out.
     """
 
     def __init__(self, n_target: int, n_sites: int, window_s: float, *, n_valid: int = 0, n_done: int = 0) -> None:
@@ -44,13 +54,16 @@ class SessionMonitor:
         self.rate_sum = np.zeros(n_sites)
         self.started = time.monotonic()
         self.link_s = 0.0
+        self.n_counted = 0
 
     def update(self, outcome: dict) -> None:
         self.n_done += 1
         self.n_new += 1
         if outcome["valid"]:
             self.n_valid += 1
-            self.rate_sum += np.asarray(outcome["counts"], dtype=float) / self.window_s
+            if outcome.get("counts") is not None:
+                self.n_counted += 1
+                self.rate_sum += np.asarray(outcome["counts"], dtype=float) / self.window_s
 
     def facts(self) -> dict:
         elapsed = time.monotonic() - self.started
@@ -64,7 +77,7 @@ class SessionMonitor:
             "fixation_break_rate": 1 - self.n_valid / self.n_done if self.n_done else float("nan"),
             "eta_s": remaining * per_valid if self.n_new else float("nan"),
             "link_silent_s": self.link_s,
-            "mean_rate_hz": (self.rate_sum / max(self.n_valid, 1)).round(1).tolist(),
+            "mean_rate_hz": (self.rate_sum / self.n_counted).round(1).tolist() if self.n_counted else None,
         }
 
     def render(self):
@@ -77,15 +90,19 @@ class SessionMonitor:
         health = "ok" if facts["link_silent_s"] < 2.0 else f"silent {facts['link_silent_s']:.1f} s"
         table.add_row("rig link", health)
         rates = facts["mean_rate_hz"]
-        table.add_row("mean rate per site (Hz)", " ".join(f"{r:.0f}" for r in rates[:24]) + (" …" if len(rates) > 24 else ""))
+        if rates is None:
+            table.add_row("mean rate per site (Hz)", "no live counts (the .nev has them)")
+        else:
+            table.add_row("mean rate per site (Hz)", " ".join(f"{r:.0f}" for r in rates[:24]) + (" …" if len(rates) > 24 else ""))
         return table
 
 
 def _run(client, monitor: SessionMonitor, store, n_stimuli: int, config: ExperimentConfig, seed: int) -> dict:
     def on_result(outcome: dict) -> None:
+        counts = outcome.get("counts")
         store.append_presentations(
             [outcome["presentation_id"]], [outcome["stimulus_id"]], [outcome["onset_s"]], [bool(outcome["valid"])],
-            np.asarray(outcome["counts"], dtype=np.int64)[None, :],
+            None if counts is None else np.asarray(counts, dtype=np.int64)[None, :],
         )
         monitor.update(outcome)
         monitor.link_s = client.seconds_since_heard
@@ -154,22 +171,49 @@ def run_stage(day) -> dict:
     Every outcome goes into the store at once; resumable. A session that the rig reports as
     stopped (the control side died after ``stop``) is not begun again: its recording is collected
     as it is. The rig's recording is collected into the day folder when the rig wrote it
-    elsewhere (the simulated rig). Returns a summary (presentations, valid, fixation breaks,
-    recording path on the rig).
+    elsewhere (the simulated rig). For ``[rig] kind = "files"`` the presentations come from the
+    recording instead (see the module docstring); raises
+    :class:`~closedloop.day.waiting.WaitingForRecording` until it is there. Returns a summary
+    (presentations, valid, fixation breaks, the stimuli lacking valid repetitions, recording path
+    on the rig or how validity was decoded).
     """
     config = day.config
     store = open_store(day.path(layout.STORE), mode="a")
-    stopped = {}
+    facts = {} if config.rig.kind == "files" else {"recording_on_rig": None}
     if not store.finished:  # finished: killed after the session ended and its recording was collected
         _check_bundle(day)
-        stopped = _present(day, store)
-        day.rig.collect_recording(config, day.folder)
+        if config.rig.kind == "files":
+            facts = _store_recorded_presentations(day, store)
+        else:
+            facts = {"recording_on_rig": _present(day, store).get("recording")}
+            day.rig.collect_recording(config, day.folder)
         store.finish()
     recorded = store.read_presentations()
     n_valid = int(recorded["valid"].sum())
+    valid_per_stimulus = np.bincount(recorded["stimulus"][recorded["valid"]], minlength=store.n_stimuli)
+    lacking = np.flatnonzero(valid_per_stimulus < config.rsvp.repetitions)
     logger.info("present: %d presentations, %d valid", store.n_presentations, n_valid)
+    if lacking.size:
+        logger.warning("present: %d stimuli lack their %d valid repetitions: %s", lacking.size, config.rsvp.repetitions,
+                       ", ".join(map(str, lacking[:20].tolist())) + (" …" if lacking.size > 20 else ""))
     return {"n_presentations": store.n_presentations, "n_valid": n_valid,
-            "n_fixation_breaks": store.n_presentations - n_valid, "recording_on_rig": stopped.get("recording")}
+            "n_fixation_breaks": store.n_presentations - n_valid, "n_lacking_valid": int(lacking.size),
+            "lacking_valid": lacking.tolist(), **facts}
+
+
+def _store_recorded_presentations(day, store) -> dict:
+    """The files hand-off: store the presentations of the day's recording (no live counts)."""
+    recording = day.path(layout.RECORDING)
+    if not recording.exists():
+        raise make_waiting_error(day, "files")
+    trial_log = day.path(layout.TRIAL_LOG)
+    codes = store.read_stimuli(pixels=False)["code"]
+    rsvp = make_rsvp_list(codes, day.config.rsvp.repetitions, day.seed("present"))  # as the bundle stage wrote it
+    found = read_recorded_presentations(recording, codes, rsvp["code"], trial_log=trial_log if trial_log.exists() else None)
+    store.append_presentations(np.arange(len(found.stimulus)), found.stimulus, found.onset_s, found.valid, None)
+    return {"validity_from": found.validity_from, "n_in_list_order": found.n_in_list_order,
+            "n_without_outcome": found.n_without_outcome, "n_orphan_outcomes": found.n_orphan_outcomes,
+            "n_disagreements": found.n_disagreements}
 
 
 def _present(day, store) -> dict:

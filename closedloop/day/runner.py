@@ -18,6 +18,10 @@ with another ``experiment.toml`` is accepted when no stage that has used the cha
 has finished or begun keeping partial work (:data:`STAGE_SECTIONS`); the frozen config is
 rewritten and the change appended to ``provenance.json`` under ``config_changes``. Otherwise it
 is refused unless ``force``.
+
+Under ``torchrun`` (a :class:`~closedloop.core.distributed.ProcessGroup` of several ranks) rank 0
+runs the day up to synthesize as above, and the other ranks only make their share of the
+synthesize stage's attack parts (:func:`closedloop.day.synthesize.run_shard`; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from closedloop.config import (
     render_config,
     resolve_paths,
 )
+from closedloop.core.distributed import ProcessGroup
 from closedloop.core.files import compute_file_digest, read_json, remove_temporaries, write_json, write_text
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
@@ -63,12 +68,13 @@ _STAGE_FUNCTIONS: dict[str, Callable[[DayContext], dict]] = {
 assert tuple(_STAGE_FUNCTIONS) == STAGES
 
 # The config sections each stage reads: itself, or through what it builds (the day-0 model from
-# [model], the simulated rig from [model], [sites], [rsvp], [response] and [sim]). [experiment]
-# holds the seed every stage derives its own from.
+# [model], the simulated rig from [model], [sites], [rsvp], [response] and [sim]; the files
+# hand-off's RSVP list from [rig] kind and [rsvp] repetitions). [experiment] holds the seed every
+# stage derives its own from.
 STAGE_SECTIONS: dict[str, frozenset[str]] = {
     "plan": frozenset({"experiment", "images", "sites", "attack", "rsvp"}),
     "synthesize": frozenset({"experiment", "images", "model", "sites", "attack"}),
-    "bundle": frozenset({"experiment"}),
+    "bundle": frozenset({"experiment", "rig", "rsvp"}),
     "present": frozenset({"experiment", "model", "sites", "rsvp", "response", "rig", "sim"}),
     "ingest": frozenset({"experiment", "sites", "response"}),
     "estimate": frozenset({"experiment", "model", "sites", "rsvp", "response", "sim"}),
@@ -79,6 +85,8 @@ assert tuple(STAGE_SECTIONS) == STAGES
 # Stages that keep their work so far when interrupted (attacks saved in parts, presentations
 # stored as they come): once begun, the settings they read are as fixed as a finished stage's.
 _KEEPS_PARTIAL_WORK = ("synthesize", "present")
+# The last stages a torchrun job may run (only synthesize is shared out over its ranks).
+_SHARDED_UNTIL = ("plan", "synthesize")
 # How to reach the rig, never what a stage makes: a change is accepted at any point.
 _LINK_KEYS = frozenset({"rig.address", "rig.security", "rig.keys_dir", "rig.heartbeat_s", "rig.timeout_s",
                         "rig.retries", "rig.reconnect_s"})
@@ -204,7 +212,7 @@ def _write_provenance(day: DayContext, changes: dict[str, dict]) -> None:
 
 
 def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str | None = None,
-            rig: RigAccess | None = None) -> dict:
+            rig: RigAccess | None = None, group: ProcessGroup | None = None) -> dict:
     """Run (or resume) day ``day`` of the experiment in folder ``experiment``.
 
     ``rig``: how the day reaches its rig (default: the rig at ``[rig] address``;
@@ -217,20 +225,66 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
     aside as ``day_NNN.replaced-<time>`` and the day starts over).
     One process at a time runs a day: a second is refused with
     :class:`~closedloop.day.lock.DayLockedError` naming the holder (``day_NNN.lock``).
+    ``group``: the ranks of a ``torchrun`` job (:func:`closedloop.core.distributed.join_process_group`;
+    default: this process alone). Then ``until`` must be ``"plan"`` or ``"synthesize"``; rank 0
+    holds the lock and runs the day as above, sharing the synthesize stage's attack parts with the
+    other ranks, which run nothing else and return ``{}``; a failure on any rank stops them all.
     Returns ``{stage: {"skipped": bool, "seconds": float, "summary": dict}}``.
     """
-    check_dir("experiment", experiment)  # before the lock file is made beside its days
-    with hold_day_lock(layout.day_lock_path(experiment, day)):
-        return _run_day(experiment, day, force=force, until=until, rig=rig)
+    group = group or ProcessGroup()
+    if group.world_size > 1 and until not in _SHARDED_UNTIL:
+        raise ValueError(
+            f"under torchrun ({group.world_size} ranks) a day runs up to synthesize only, but 'until' = {until!r}: "
+            "pass --until synthesize (or plan), then run the rest of the day in one process"
+        )
+    if group.rank != 0:
+        return _assist_day(Path(experiment), day, group)
+    try:
+        check_dir("experiment", experiment)  # before the lock file is made beside its days
+        with hold_day_lock(layout.day_lock_path(experiment, day)):
+            results = _run_day(experiment, day, force=force, until=until, rig=rig, group=group)
+    except Exception as error:
+        _release_ranks(group, error)
+        raise
+    _release_ranks(group, None)
+    return results
 
 
-def _run_day(experiment: str | Path, day: int, *, force: bool, until: str | None, rig: RigAccess | None) -> dict:
+def _release_ranks(group: ProcessGroup, error: Exception | None) -> None:
+    """Rank 0's last word to the other ranks, unless an exchange has already stopped them all:
+    ``start`` with nothing to make (when the synthesize stage did not announce its plan) and
+    ``finish`` (the store and the marker written, or ``error``)."""
+    if group.world_size == 1 or group.failed:
+        return
+    if "start" not in group.steps:
+        group.exchange("start", None, error)
+    group.exchange("finish", None, error)
+
+
+def _assist_day(experiment: Path, day: int, group: ProcessGroup) -> dict:
+    """A rank other than 0: wait for rank 0 to announce the day's plan, make this rank's attack
+    parts (:func:`closedloop.day.synthesize.run_shard`), wait for rank 0 to commit them."""
+    state, error = None, None
+    try:
+        state = DayContext(experiment, check_integer("day", day, minimum=0, maximum=999), read_config(experiment),
+                           layout.day_folder(experiment, day), group=group)
+    except Exception as caught:
+        error = caught
+    announced = group.exchange("start", None, error)[0]
+    if announced is not None:
+        synthesize.run_shard(state, announced)
+    group.exchange("finish")
+    return {}
+
+
+def _run_day(experiment: str | Path, day: int, *, force: bool, until: str | None, rig: RigAccess | None,
+             group: ProcessGroup) -> dict:
     experiment = Path(experiment)
     config = read_config(experiment)
     if until is not None:
         check_option("until", until, STAGES)
     state = DayContext(experiment, check_integer("day", day, minimum=0, maximum=999), config,
-                       layout.day_folder(experiment, day), rig or RigAccess())
+                       layout.day_folder(experiment, day), rig or RigAccess(), group)
     if day > 0 and not state.previous_model_path().exists():
         raise FileNotFoundError(
             f"day {day} needs day {day - 1}'s fitted model {state.previous_model_path()}; "

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from closedloop.core.files import read_json
 from closedloop.data import layout
 from closedloop.data.layout import STAGES
 from closedloop.data.store import open_store
+from closedloop.day.waiting import compute_waiting
 
 __all__ = ["read_status"]
 
@@ -16,8 +18,10 @@ def read_status(experiment: str | Path) -> list[dict]:
     """Where every day of an experiment stands.
 
     One record per ``day_NNN`` folder: ``day``, ``stages_done`` (names), ``next_stage`` (or
-    None when complete), ``n_stimuli``, ``n_presentations`` (committed rows of the day store),
-    ``model_fitted`` (bool).
+    None when complete), ``waiting_for_recording`` (bool: the day cannot go on before the NSP's
+    ``.nev`` is in its folder, see :mod:`closedloop.day.waiting`), ``n_stimuli``,
+    ``n_presentations`` (committed rows of the day store), ``n_lacking_valid`` (stimuli without
+    their valid repetitions, once presented; else None), ``model_fitted`` (bool).
     """
     records = []
     for number, folder in layout.find_day_folders(experiment).items():
@@ -26,12 +30,15 @@ def read_status(experiment: str | Path) -> list[dict]:
         if (folder / layout.STORE).exists():
             store = open_store(folder / layout.STORE)
             n_stimuli, n_presentations = store.n_stimuli, store.n_presentations
+        present = layout.marker_path(folder, "present")
         records.append({
             "day": number,
             "stages_done": done,
             "next_stage": next((s for s in STAGES if s not in done), None),
+            "waiting_for_recording": compute_waiting(folder) is not None,
             "n_stimuli": n_stimuli,
             "n_presentations": n_presentations,
+            "n_lacking_valid": read_json(present)["summary"].get("n_lacking_valid") if present.exists() else None,
             "model_fitted": (folder / layout.MODEL).exists() and "refit" in done,
         })
     return records

@@ -29,6 +29,11 @@ class RigAccess:
                 "[rig] kind = 'sim' needs the simulated rig, which this caller does not start; run the day with "
                 "`closedloop fit-day`, or pass rig=rigs.RigLauncher() to closedloop.day.run_day"
             )
+        if config.rig.kind == "files":
+            raise ValueError(
+                "[rig] kind = 'files' hands the RSVP list over as files: there is no rig link to open; set [rig] kind = "
+                "'zmq' for a rig agent"
+            )
         yield config.rig.address
 
     @contextmanager
@@ -36,11 +41,14 @@ class RigAccess:
         """A client of the day's rig that has said hello (:meth:`open`, then ``hello``), closed afterwards.
 
         ``n_sites``: the sites the day expects (``config.sites.n_sites``); a rig that records another
-        number is refused at hello with a ``ValueError`` naming both, before any bundle is sent.
+        number is refused at hello with a ``ValueError`` naming both, before any bundle is sent. The
+        hello carries the experiment's ``[rsvp]`` timing and image size, which a display rig shows (or
+        refuses at hello, saying why: docs/rig.md).
         """
+        rsvp = {"on_s": config.rsvp.on_s, "off_s": config.rsvp.off_s, "image_size_deg": config.rsvp.image_size_deg}
         with self.open(config, folder) as address:
             rig = config.rig.model_copy(update={"address": address})
-            with make_rig_client(rig, window_s=config.response.window_s, n_sites=n_sites) as client:
+            with make_rig_client(rig, window_s=config.response.window_s, n_sites=n_sites, rsvp=rsvp) as client:
                 client.connect()
                 yield client
 

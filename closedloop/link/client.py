@@ -65,7 +65,10 @@ class RigClient:
     reconnecting before giving up, s; ``window_s``: response window [start, stop) after onset, s,
     sent to the rig in hello. ``name`` prefixes request ids (use one name per control process).
     ``n_sites``: the number of sites the experiment expects (``[sites] n_sites``); when given, a rig
-    whose hello lists another number of sites is refused with a ``ValueError`` (None: any).
+    whose hello lists another number of sites is refused with a ``ValueError`` (None: any); a rig
+    that lists none sends no counts (a real presenter) and fits any. ``rsvp``: the experiment's RSVP
+    timing and size, ``{"on_s", "off_s", "image_size_deg"}`` (s, s, degrees), sent in hello so that a
+    display rig shows the experiment's values (None: not sent; a display rig then refuses the hello).
     """
 
     def __init__(
@@ -81,6 +84,7 @@ class RigClient:
         window_s: tuple[float, float] = (0.07, 0.17),
         name: str | None = None,
         n_sites: int | None = None,
+        rsvp: dict | None = None,
     ) -> None:
         check_option("security", security, ("curve", "plain"))
         if security == "curve" and keys_dir is None:
@@ -93,6 +97,7 @@ class RigClient:
         self.window_s = (check_number("window_s[0]", window_s[0], minimum=0.0), check_number("window_s[1]", window_s[1]))
         self.name = name or f"control-{os.getpid()}-{time.time_ns() % 10**9}"
         self.n_sites = None if n_sites is None else check_integer("n_sites", n_sites, minimum=1)
+        self.rsvp = None if rsvp is None else {key: float(rsvp[key]) for key in ("on_s", "off_s", "image_size_deg")}
         self.rig: dict = {}
         self.outstanding: dict[int, int] = {}
         self._ids = itertools.count()
@@ -258,8 +263,9 @@ class RigClient:
             self._drop_session()
             self._open_socket()
             try:
+                timing = {} if self.rsvp is None else {"rsvp": self.rsvp}
                 self.rig = self._request("hello", client=self.name, window_s=list(self.window_s),
-                                         stream_from=self._next_seq)
+                                         stream_from=self._next_seq, **timing)
                 self._in_session = True
                 self._reconcile()
                 return
@@ -277,7 +283,8 @@ class RigClient:
     def _reconcile(self) -> None:
         """Check the rig's sites, catch up on the stream, adopt the rig's pending presentations, re-queue lost ones."""
         logger.info("in session with rig %r (%d sites)", self.rig["rig_id"], len(self.rig["sites"]))
-        if self.n_sites is not None and len(self.rig["sites"]) != self.n_sites:
+        # a rig with no sites counts no spikes (a real presenter: the NSP's .nev has them), so any n_sites fits it
+        if self.n_sites is not None and self.rig["sites"] and len(self.rig["sites"]) != self.n_sites:
             self._drop_session()
             raise ValueError(
                 f"the rig {self.rig['rig_id']!r} at {self.address} records {len(self.rig['sites'])} sites, but the "
@@ -431,10 +438,11 @@ class RigClient:
 
 
 def make_rig_client(rig, *, window_s: tuple[float, float] = (0.07, 0.17), name: str | None = None,
-                    n_sites: int | None = None) -> RigClient:
-    """A :class:`RigClient` configured from a :class:`closedloop.config.RigSection` (``n_sites``: see RigClient)."""
+                    n_sites: int | None = None, rsvp: dict | None = None) -> RigClient:
+    """A :class:`RigClient` configured from a :class:`closedloop.config.RigSection` (``n_sites``, ``rsvp``: see
+    RigClient)."""
     return RigClient(
         rig.address, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
         timeout_s=rig.timeout_s, retries=rig.retries, reconnect_s=rig.reconnect_s, window_s=window_s, name=name,
-        n_sites=n_sites,
+        n_sites=n_sites, rsvp=rsvp,
     )

@@ -16,6 +16,7 @@ import numpy as np
 
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer, check_number
+from closedloop.data.handoff import make_rsvp_order
 from closedloop.link.client import RigLinkError
 
 __all__ = ["run_presentations"]
@@ -142,16 +143,17 @@ class _Schedule:
     """The RSVP order as a deterministic function of the seed and the fixation breaks seen.
 
     Presentation id k shows ``order[k]``. The order starts as every stimulus ``repetitions``
-    times, shuffled; when presentation k is resolved as a fixation break, its stimulus is put back
-    at a random position after ``k + gap`` (drawn from a generator keyed by the seed and k), where
-    no presentation has been queued yet. Breaks are applied in id order, whatever order the
+    times, shuffled (:func:`~closedloop.data.handoff.make_rsvp_order`, as in the files hand-off's
+    list); when presentation k is resolved as a fixation break, its stimulus is put back at a
+    random position after ``k + gap`` (drawn from a generator keyed by the seed and k), where no
+    presentation has been queued yet. Breaks are applied in id order, whatever order the
     outcomes arrive in, so a resumed session (replaying what was stored) and an uninterrupted one
     give the same order for the same fixation breaks.
     """
 
     def __init__(self, stimuli: np.ndarray, repetitions: int, seed: int, *, gap: int) -> None:
         self.seed, self.gap = seed, gap
-        self.order = np.random.default_rng([seed, 0]).permutation(np.repeat(stimuli, repetitions)).tolist()
+        self.order = make_rsvp_order(stimuli, repetitions, seed).tolist()
         self.valid: dict[int, bool] = {}
         self.first_unresolved = 0
 

@@ -77,6 +77,14 @@ def _window(value) -> bool:
     )
 
 
+def _rsvp(value) -> bool:
+    return (
+        isinstance(value, dict) and set(value) == {"on_s", "off_s", "image_size_deg"}
+        and all(_real(v) for v in value.values()) and 0 < value["on_s"] <= 5 and 0 <= value["off_s"] <= 5
+        and 0 < value["image_size_deg"] <= 60
+    )
+
+
 def _pairs(value) -> bool:
     return isinstance(value, list) and all(
         isinstance(pair, list) and len(pair) == 2 and _natural(pair[0]) and _is_int(pair[1]) for pair in value
@@ -99,6 +107,8 @@ _KINDS = {
     "real": (_real, "a finite number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
     "window": (_window, "[start, stop] in seconds with 0 <= start < stop <= 5"),
+    "rsvp": (_rsvp, "{on_s, off_s, image_size_deg} with 0 < on_s <= 5, 0 <= off_s <= 5 (s), "
+                    "0 < image_size_deg <= 60"),
     "pairs": (_pairs, "a list of [presentation_id >= 0, stimulus_id] integer pairs"),
     "counts": (_counts, "a list of integers in [0, 65535]"),
     "sha256": (_sha256, "64 lower-case hexadecimal characters"),
@@ -108,7 +118,7 @@ _KINDS = {
 # type -> {field: (kind, required)}; "v" and "type" are in every header.
 MESSAGE_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "hello": {"id": ("text", True), "client": ("text", True), "window_s": ("window", True),
-              "stream_from": ("natural", True)},
+              "stream_from": ("natural", True), "rsvp": ("rsvp", False)},
     "bundle_chunk": {"id": ("text", True), "sha256": ("sha256", True), "n_bytes": ("natural", True),
                      "chunk_size": ("natural", True), "index": ("natural", True)},
     "queue": {"id": ("text", True), "presentations": ("pairs", True)},
@@ -118,7 +128,7 @@ MESSAGE_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "heartbeat": {"time_s": ("real", True), "n_sent": ("natural", False), "in_session": ("bool", False)},
     "reply": {"id": ("text", True), "ok": ("bool", True), "error": ("text", False), "data": ("object", False)},
     "outcome": {"seq": ("natural", True), "presentation_id": ("natural", True), "stimulus_id": ("int", True),
-                "valid": ("bool", True), "onset_s": ("real", True), "counts": ("counts", True)},
+                "valid": ("bool", True), "onset_s": ("real", True), "counts": ("counts", False)},
 }
 COMMANDS = ("hello", "bundle_chunk", "queue", "status", "resend", "stop")
 _N_PAYLOAD = {"bundle_chunk": 1}

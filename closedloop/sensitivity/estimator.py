@@ -108,10 +108,11 @@ def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None
     """The per-site, per-budget lower bounds, as the records of ``sensitivity.json``.
 
     Inputs as in :func:`compute_signed_changes`. ``truth``: optional callable
-    ``truth(site, eps) -> float`` giving the true mean white-box sensitivity (simulated rigs
-    only), else ``null``. Returns records ``{"site", "eps", "kind", "n_images", "estimate",
-    "sigma", "normalized", "truth"}`` with estimate and sigma in spikes per window; sigma is
-    the standard deviation (ddof=1) of the site's mean responses over the clean stimuli.
+    ``truth(site, eps) -> float | None`` giving the true mean white-box sensitivity (simulated
+    rigs only; None for a site it has none for, e.g. one not attacked), else ``null``. Returns
+    records ``{"site", "eps", "kind", "n_images", "estimate", "sigma", "normalized", "truth"}`` with
+    estimate and sigma in spikes per window; sigma is the standard deviation (ddof=1) of the site's
+    mean responses over the clean stimuli.
     Each record also carries ``sem``, the standard error of the estimate (s.d. of the per-image
     signed changes / √n_images; None below 2 images).
 
@@ -151,7 +152,7 @@ def compute_sensitivity(parent, site, eps, kind, predicted, means, *, truth=None
             "sem": sem,
             "sigma": None if np.isnan(sigma) else sigma,
             "normalized": None if np.isnan(normalized) else normalized,
-            "truth": None if truth is None else float(truth(s, e)),
+            "truth": None if truth is None or (true := truth(s, e)) is None else float(true),
             "expected": None if true_changes is None else float(true_changes.mean()),
             "direction_right": None if true_changes is None else float(np.mean(true_changes > 0)),
         })

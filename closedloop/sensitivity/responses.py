@@ -21,7 +21,9 @@ class DayResponses:
     (n_presentations,); ``counts``: (n_presentations, n_sites) spikes per response window, from
     the ``.nev`` where the day was ingested and the presentation matched, else from the live
     stream; ``means``: (n_stimuli, n_sites) mean count over valid presentations (NaN if none);
-    ``n_valid``: (n_stimuli,); ``source``: "nev", "stream" or "nev+stream".
+    ``n_valid``: (n_stimuli,); ``source``: "nev", "stream" or "nev+stream". Without live
+    counts (:attr:`~closedloop.data.store.DayStore.has_live_counts`) a presentation the ``.nev``
+    did not match has no count and is not ``valid`` here.
     """
 
     stimuli: dict
@@ -40,6 +42,7 @@ def read_day_responses(store_path: str | Path) -> DayResponses:
     presentations = store.read_presentations()
     counts, from_nev = store.read_counts()
     counts = counts.astype(np.int64)
-    source = "stream" if store.read_ingest() is None else "nev" if from_nev.all() else "nev+stream"
-    means, n_valid = compute_mean_responses(presentations["stimulus"], presentations["valid"], counts, store.n_stimuli)
-    return DayResponses(stimuli, presentations["stimulus"], presentations["valid"], counts, means, n_valid, source)
+    valid = presentations["valid"] & (from_nev | store.has_live_counts)
+    source = "stream" if store.read_ingest() is None else "nev" if from_nev.all() or not store.has_live_counts else "nev+stream"
+    means, n_valid = compute_mean_responses(presentations["stimulus"], valid, counts, store.n_stimuli)
+    return DayResponses(stimuli, presentations["stimulus"], valid, counts, means, n_valid, source)

@@ -234,3 +234,49 @@ def test_a_day_config_leaves_the_nwb_section_out():
     assert render_config(config, exclude=DAY_INDEPENDENT_SECTIONS) == render_config(ExperimentConfig(),
                                                                                      exclude=DAY_INDEPENDENT_SECTIONS)
     assert "[nwb]" not in render_config(config, exclude=DAY_INDEPENDENT_SECTIONS)
+
+
+def test_targets_are_written_in_place_keeping_every_other_line(tmp_path):
+    from closedloop.config import write_config_targets
+
+    path = write_default_config(tmp_path / "exp", preset="demo")
+    original = read_config(path).to_dict()
+    before = path.read_text().splitlines()
+    write_config_targets(path.parent, [1, 3], note="chosen on day 0\nsecond line")
+    after = path.read_text().splitlines()
+    assert read_config(path.parent).sites.targets == [1, 3]
+    changed = [line for line in after if line not in before]
+    assert changed == ["# targets: chosen on day 0", "# targets: second line", "targets = [1, 3]"]
+    assert [line for line in before if line not in after] == ["targets = []"]
+    write_config_targets(path, [2], note="again")  # the earlier note is replaced, not piled up
+    text = path.read_text()
+    assert "# targets: again\ntargets = [2]\n" in text and "chosen on day 0" not in text
+    assert read_config(path).to_dict() == original | {"sites": original["sites"] | {"targets": [2]}}
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[sites]\nn_sites = 8\ntargets = [\n  0,\n  1,\n]\n# kept\n[rig]\nkind = 'sim'\n",
+     "[sites]\nn_sites = 8\n# targets: x\ntargets = [5]\n# kept\n[rig]\nkind = 'sim'\n"),
+    ("[sites]\nn_sites = 8  # eight\n\n# about [rig]\n[rig]\nkind = 'sim'\n",
+     "[sites]\nn_sites = 8  # eight\n# targets: x\ntargets = [5]\n\n# about [rig]\n[rig]\nkind = 'sim'\n"),
+    ("[experiment]\nseed = 2", "[experiment]\nseed = 2\n\n[sites]\n# targets: x\ntargets = [5]\n"),
+])
+def test_targets_land_in_the_sites_table_whatever_its_layout(tmp_path, text, expected):
+    from closedloop.config import write_config_targets
+
+    path = _write(tmp_path, text)
+    write_config_targets(path, [5], note="x")
+    assert path.read_text() == expected
+
+
+def test_bad_targets_and_unusual_layouts_leave_the_file_alone(tmp_path):
+    from closedloop.config import write_config_targets
+
+    path = _write(tmp_path, "[sites]\nn_sites = 4\ntargets = [0]\n")
+    with pytest.raises(ValueError, match=r"sites \[4\] do not exist; allowed are 0..3"):
+        write_config_targets(path, [4])
+    dotted = _write(tmp_path, 'sites.n_sites = 4\n[rig]\nkind = "sim"\n')
+    with pytest.raises(ValueError, match=r"cannot set \[sites\] targets in place.*set it by hand: targets = \[1\]"):
+        write_config_targets(dotted, [1])
+    assert dotted.read_text() == 'sites.n_sites = 4\n[rig]\nkind = "sim"\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME]  # no temporary left behind

@@ -3,7 +3,7 @@ import pytest
 from neo.rawio import BlackrockRawIO
 
 from closedloop.data.recording import Recording
-from rigs.nev import SPIKE_WIDTH, write_nev
+from rigs.nev import SPIKE_WIDTH, write_nev, write_nsx
 
 
 @pytest.fixture
@@ -73,3 +73,24 @@ def test_writer_refuses_what_the_format_cannot_hold(tmp_path, recording):
     with pytest.raises(TypeError, match=r"'recording' must be a closedloop Recording"):
         write_nev(tmp_path / "b.nev", {"spikes": []})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.nev"]
+
+
+@pytest.mark.parametrize(("version", "magic"), [("2.2", b"NEURALCD"), ("2.3", b"NEURALCD"), ("3.0", b"BRSMPGRP")])
+def test_neo_reads_the_continuous_signals_we_write(tmp_path, version, magic):
+    signals = np.array([[-32764, 0], [0, 100], [32764, -7], [5, 5]], dtype=np.int16)
+    path = write_nsx(tmp_path / "rec.ns5", signals, [129, 7], labels=["ainp1", "elec7"], period=1, first_tick=900,
+                     units="mV", analog_max=5000, version=version)
+    assert path.read_bytes()[:8] == magic and path.stat().st_size == 314 + 2 * 66 + (13 if version == "3.0" else 9) + 16
+    reader = BlackrockRawIO(filename=str(path), nsx_to_load=5, load_nev=False)
+    reader.parse_header()
+    channels = reader.header["signal_channels"]
+    assert channels["name"].tolist() == ["ainp1", "elec7"] and channels["id"].tolist() == ["129", "7"]
+    assert channels["units"].tolist() == ["mV", "mV"] and reader.get_signal_sampling_rate(0) == 30000.0
+    assert reader.get_signal_t_start(0, 0, 0) == pytest.approx(900 / 30000)
+    np.testing.assert_array_equal(reader.get_analogsignal_chunk(0, 0, 0, 4, 0), signals)
+    scaled = reader.rescale_signal_raw_to_float(reader.get_analogsignal_chunk(0, 0, 0, 4, 0), dtype="float64")
+    assert scaled[[0, 2], 0].tolist() == pytest.approx([-5000.0, 5000.0])
+    with pytest.raises(ValueError, match=r"'signals' must be int16 \(n_samples, 2\)"):
+        write_nsx(tmp_path / "bad.ns5", signals.astype(np.float32), [129, 7])
+    with pytest.raises(ValueError, match=r"must end in .ns1 to .ns6"):
+        write_nsx(tmp_path / "bad.nev", signals, [129, 7])

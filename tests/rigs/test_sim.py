@@ -12,6 +12,7 @@ import torch
 from closedloop.cli import main
 from closedloop.data.bundle import make_event_codes, write_bundle
 from closedloop.data.counts import compute_counts, compute_onsets
+from closedloop.data.event_codes import FIXATION_BREAK, OFFSET, VALID, compute_outcomes
 from closedloop.data.nev import read_nev
 from closedloop.link.client import RigClient
 from closedloop.link.keys import make_keys
@@ -120,6 +121,9 @@ def test_session_against_the_simulated_rig_with_faults(tmp_path, capsys):
     live_counts = np.array([o["counts"] for o in by_onset])
     assert nev_counts.shape == live_counts.shape and np.array_equal(nev_counts, live_counts)
     assert live_counts.sum() > 0
+    outcomes, n_orphans = compute_outcomes(nev.event_words[np.argsort(nev.event_ticks, kind="stable")])
+    assert n_orphans == 0 and outcomes.tolist() == [VALID if o["valid"] else FIXATION_BREAK for o in by_onset]
+    assert (nev.event_words == OFFSET).sum() == len(store)  # one offset per presentation
     main(["ingest", recording, "--json"])
     summary = json.loads(capsys.readouterr().out)
     assert summary["n_presentations"] == len(store)
@@ -177,3 +181,28 @@ def test_rig_sim_command_serves_a_session(tmp_path):
             process.kill()  # never leave a rig behind
             raise
     assert code == 0, process.stderr.read()
+
+
+def test_a_utah_array_day_has_undriven_sites():
+    from closedloop.config import build_config
+    from rigs.sim import compute_site_gains
+    from rigs.truth import compute_driven_sites
+
+    images = torch.from_numpy(_images(30, 2)).permute(0, 3, 1, 2).float().div(255)
+    every = make_hidden_sites(20, seed=3)
+    assert torch.equal(every.gain, torch.ones(20))
+    some = make_hidden_sites(20, seed=3, driven_fraction=0.3, undriven_gain=0.1)
+    driven = some.gain.numpy() == 1.0
+    assert driven.sum() == 6
+    config = build_config({"sites": {"n_sites": 20}, "sim": {"seed": 3, "driven_fraction": 0.3}})
+    assert np.array_equal(compute_driven_sites(config), driven)
+    full, partial = every(images), some(images)
+    # the driven sites are the very sites of the all-driven rig: no other random draw moved
+    assert torch.equal(partial[:, driven], full[:, driven])
+    # the others barely move: at most undriven_gain of a driven site's stimulus-driven range
+    span = (partial - some.baseline_hz)[:, ~driven]
+    assert (span >= 0).all() and (span <= 0.1 * (some.peak_hz - some.baseline_hz)[~driven] + 1e-4).all()
+    assert float(span.max()) < 0.2 * float((full - every.baseline_hz)[:, driven].max())
+    assert np.array_equal(compute_site_gains(20, 3, 0.3) == 1, driven) and not (compute_site_gains(20, 3, 0.0) == 1).any()
+    with pytest.raises(ValueError, match="'driven_fraction' must lie in"):
+        compute_site_gains(20, 3, 1.5)

@@ -10,7 +10,7 @@ import zarr
 
 import closedloop.data.nev_scan as nev_scan
 from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, compute_onsets, compute_summary
-from closedloop.data.nev import read_nev
+from closedloop.data.nev import NEV_ENGINES, read_nev
 from closedloop.data.reconcile import compute_reconciliation, write_day_counts
 from closedloop.data.recording import Recording
 from closedloop.data.sites import SiteTable, make_default_sites
@@ -37,6 +37,21 @@ def _edge_recording():
     return Recording.from_ticks(spikes, electrodes, units, events, [5, 0, 9, 0], ELECTRODES)
 
 
+def _read_both(path, *, window_s=(0.07, 0.17), **options):
+    """The recording of ``path`` read by both engines, which must agree exactly, as must the
+    streaming counter with counts from the recording (onsets, codes, counts); the stream one is returned."""
+    recording, reference = (read_nev(path, engine=engine, **options) for engine in NEV_ENGINES)
+    assert recording.electrodes == reference.electrodes and recording.sampling_rate_hz == reference.sampling_rate_hz
+    for name in ("spike_ticks", "spike_electrodes", "spike_units", "event_ticks", "event_words"):
+        np.testing.assert_array_equal(getattr(recording, name), getattr(reference, name), err_msg=name)
+    onsets, counts = compute_nev_counts(path, window_s=window_s, **options)
+    expected = compute_onsets(reference)
+    np.testing.assert_array_equal(onsets.times_s, expected.times_s)
+    np.testing.assert_array_equal(onsets.codes, expected.codes)
+    np.testing.assert_array_equal(counts, compute_counts(reference, expected.times_s, window_s=window_s))
+    return recording
+
+
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "closedloop", *map(str, args)], capture_output=True, text=True,
                           timeout=120, env=os.environ | {"PYTHONPATH": os.getcwd()})
@@ -51,7 +66,7 @@ def _snapshot(path):
 @pytest.mark.parametrize("with_ns2", [False, True])
 def test_round_trip_counts_are_exact_at_window_edges(tmp_path, version, with_ns2):
     original = _edge_recording()
-    recording = read_nev(write_nev(tmp_path / "rec.nev", original, version=version, write_ns2=with_ns2))
+    recording = _read_both(write_nev(tmp_path / "rec.nev", original, version=version, write_ns2=with_ns2))
     assert recording.electrodes == ELECTRODES and recording.sampling_rate_hz == 30000.0
     np.testing.assert_array_equal(recording.spike_ticks, np.sort(original.spike_ticks))
     onsets = compute_onsets(recording)
@@ -77,9 +92,11 @@ def test_the_header_gives_the_time_origin(tmp_path):
     assert read_nev_header(tmp_path / "empty.nev", False)["time_origin"] is None
 
 
-def test_file_handles_are_released(tmp_path):
+@pytest.mark.parametrize("engine", NEV_ENGINES)
+def test_file_handles_are_released(tmp_path, engine):
     path = write_nev(tmp_path / "rec.nev", _edge_recording(), write_ns2=True)
-    read_nev(path)
+    read_nev(path, engine=engine)
+    compute_nev_counts(path)
     open_files = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
                   if os.path.exists(f"/proc/self/fd/{fd}")]
     with open("/proc/self/maps") as handle:
@@ -93,8 +110,8 @@ def test_counts_match_a_brute_force_count(tmp_path):
     onsets = np.sort(rng.choice(np.arange(3000, 600000, 6000), size=60, replace=False))
     spikes = np.sort(rng.integers(0, 610000, size=20000))
     electrodes, units = rng.choice(ELECTRODES, size=spikes.size), rng.integers(0, 4, size=spikes.size)
-    recording = read_nev(write_nev(tmp_path / "r.nev", Recording.from_ticks(
-        spikes, electrodes, units, onsets, np.arange(1, 61), ELECTRODES)))
+    recording = _read_both(write_nev(tmp_path / "r.nev", Recording.from_ticks(
+        spikes, electrodes, units, onsets, np.arange(1, 61), ELECTRODES)), window_s=(0.05, 0.25))
     counts = compute_counts(recording, compute_onsets(recording).times_s, window_s=(0.05, 0.25))
     expected = [[np.sum((electrodes == e) & (spikes >= t + 1500) & (spikes < t + 7500)) for e in ELECTRODES]
                 for t in onsets]
@@ -105,6 +122,14 @@ def test_zero_words_clear_and_every_nonzero_word_is_an_onset():
     recording = Recording.from_ticks([], [], [], [10, 20, 30, 40, 50], [3, 0, 3, 7, 0], (1,))
     onsets = compute_onsets(recording)
     assert onsets.codes.tolist() == [3, 3, 7] and (onsets.times_s * 30000).round().tolist() == [10, 30, 40]
+
+
+def test_control_codes_are_not_onsets_in_either_engine(tmp_path):
+    recording = Recording.from_ticks([3200, 9200], [1, 1], [0, 0], [3000, 6000, 6010, 9000, 12000],
+                                     [5, 0xFF00, 0xFF02, 9, 0xFF0B], (1,))
+    read = _read_both(write_nev(tmp_path / "codes.nev", recording))  # stream and neo agree
+    onsets, counts = compute_nev_counts(tmp_path / "codes.nev", window_s=(0.0, 0.01))
+    assert onsets.codes.tolist() == [5, 9] == compute_onsets(read).codes.tolist() and counts.tolist() == [[1], [1]]
 
 
 def test_summary_is_the_operator_check():
@@ -142,35 +167,42 @@ def test_bad_windows_and_onsets():
         (lambda data: b"", r"is not a Blackrock NEV file"),
     ],
 )
-def test_damaged_files_give_clear_errors(tmp_path, damage, message):
+@pytest.mark.parametrize("engine", NEV_ENGINES)
+def test_damaged_files_give_clear_errors(tmp_path, damage, message, engine):
     path = write_nev(tmp_path / "rec.nev", _edge_recording())
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(ValueError, match=r"recording '.*rec.nev'.*" + message):
-        read_nev(path)
+        read_nev(path, engine=engine)
+    with pytest.raises(ValueError, match=r"recording '.*rec.nev'.*" + message):
+        compute_nev_counts(path)
 
 
-def test_time_going_backwards_is_refused(tmp_path):
+@pytest.mark.parametrize("engine", NEV_ENGINES)
+def test_time_going_backwards_is_refused(tmp_path, engine):
     path = write_nev(tmp_path / "rec.nev", _edge_recording())
     data = bytearray(path.read_bytes())
     header_bytes = int.from_bytes(data[12:16], "little")
     data[header_bytes + 104 * 5 : header_bytes + 104 * 5 + 4] = (1).to_bytes(4, "little")
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"time goes backwards at data packet 5"):
-        read_nev(path)
+        read_nev(path, engine=engine)
 
 
 def test_truncated_file_can_be_read_when_allowed(tmp_path):
     path = write_nev(tmp_path / "rec.nev", _edge_recording())
     path.write_bytes(path.read_bytes()[:-50])
-    assert read_nev(path, allow_truncated=True).n_spikes == _edge_recording().n_spikes - 1
+    assert _read_both(path, allow_truncated=True).n_spikes == _edge_recording().n_spikes - 1
 
 
-def test_other_inputs_are_refused(tmp_path):
+@pytest.mark.parametrize("engine", NEV_ENGINES)
+def test_other_inputs_are_refused(tmp_path, engine):
     with pytest.raises(FileNotFoundError, match=r"'recording': the file .*missing.nev' does not exist"):
-        read_nev(tmp_path / "missing.nev")
+        read_nev(tmp_path / "missing.nev", engine=engine)
     (tmp_path / "rec.ns5").write_bytes(b"NEURALCD")
     with pytest.raises(ValueError, match=r"must be a Blackrock .nev file"):
-        read_nev(tmp_path / "rec.ns5")
+        read_nev(tmp_path / "rec.ns5", engine=engine)
+    with pytest.raises(ValueError, match=r"'engine': allowed values are 'stream', 'neo', but got 'fast'"):
+        read_nev(tmp_path / "rec.ns5", engine="fast")
 
 
 # -- a day: store + recording -----------------------------------------------------------------
@@ -198,7 +230,7 @@ def test_day_counts_are_reconciled_and_stored(tmp_path):
     store, recording = _make_day(tmp_path)
     nev = write_nev(tmp_path / "day1.nev", recording)
     live = store.read_presentations()
-    report = write_day_counts(nev, store.path)
+    report = write_day_counts(nev, store.path, engine="neo")
     assert report["written"] and report["n_mismatches"] == 0 and report["n_matched"] == store.n_presentations
     stored = open_store(store.path).read_ingest()
     onsets = compute_onsets(recording)
@@ -216,7 +248,8 @@ def test_day_counts_are_reconciled_and_stored(tmp_path):
     assert "ingest" in json.loads((store.path / "zarr.json").read_text())["consolidated_metadata"]["metadata"]
 
 
-def test_every_mismatch_is_reported_and_nothing_written(tmp_path):
+@pytest.mark.parametrize("engine", NEV_ENGINES)
+def test_every_mismatch_is_reported_and_nothing_written(tmp_path, engine):
     store, recording = _make_day(tmp_path)
     ticks, words = recording.event_ticks.copy(), recording.event_words.copy()
     words[2] = 999  # presentation 1: unknown code
@@ -226,14 +259,14 @@ def test_every_mismatch_is_reported_and_nothing_written(tmp_path):
                                    ticks, words, ELECTRODES)
     nev = write_nev(tmp_path / "day1.nev", damaged)
     before = _snapshot(store.path)
-    report = write_day_counts(nev, store.path)
+    report = write_day_counts(nev, store.path, engine=engine)
     kinds = sorted((m["kind"], m["presentation"]) for m in report["mismatches"] if m["presentation"] is not None)
     assert kinds == [("missing_onset", 3), ("shifted_timing", 2), ("unknown_code", 1)]
     assert [m["nev_code"] for m in report["mismatches"] if m["kind"] == "unknown_code"] == [999]
     shifted = next(m for m in report["mismatches"] if m["kind"] == "shifted_timing")
     assert shifted["shift_s"] == pytest.approx(0.048)
     assert not report["written"] and _snapshot(store.path) == before
-    report = write_day_counts(nev, store.path, allow_mismatch=True)
+    report = write_day_counts(nev, store.path, allow_mismatch=True, engine=engine)
     stored = open_store(store.path).read_ingest()
     assert report["written"] and stored["matched"].sum() == store.n_presentations - 3
     assert np.isnan(stored["onset"][[1, 2, 3]]).all() and not stored["counts"][[1, 2, 3]].any()
@@ -266,7 +299,7 @@ def test_cli_summary_json(tmp_path):
     result = _run("ingest", nev, "--summary", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == compute_summary(_edge_recording())
-    streamed = _run("ingest", nev, "--json", "--engine", "stream")
+    streamed = _run("ingest", nev, "--json", "--engine", "neo")
     assert json.loads(streamed.stdout) == json.loads(result.stdout) == compute_summary(nev)
     result = _run("ingest", nev, "--json", "--window", "0.07", "0.1701")
     assert json.loads(result.stdout)["counts"]["1"] == 6 and json.loads(result.stdout)["window_s"] == [0.07, 0.1701]
@@ -317,15 +350,17 @@ def test_cli_errors_are_one_line(tmp_path):
 @pytest.mark.parametrize("version", ["2.2", "2.3", "3.0"])
 def test_streaming_counts_equal_the_neo_path(tmp_path, version, monkeypatch):
     monkeypatch.setattr(nev_scan, "_SCAN_PACKETS", 1000)  # many windows, onsets and spikes across their edges
+    monkeypatch.setattr(nev_scan, "_BLOCK_PACKETS", 96)  # several blocks per window, the last one partial
     store, recording = _make_day(tmp_path, n_stimuli=20, n_repeats=3, seed=3)
     nev = write_nev(tmp_path / "day.nev", recording, version=version)
-    for window in [(0.07, 0.17), (0.0, 0.5), (0.1, 1.3)]:
-        onsets, counts = compute_nev_counts(nev, window_s=window)
-        from_neo = read_nev(nev)
-        expected = compute_onsets(from_neo)
-        np.testing.assert_array_equal(onsets.times_s, expected.times_s)
-        np.testing.assert_array_equal(onsets.codes, expected.codes)
-        np.testing.assert_array_equal(counts, compute_counts(from_neo, expected.times_s, window_s=window))
+    for window in [(0.07, 0.17), (0.0, 0.5), (0.1, 1.3)]:  # the last two overlap the next onsets' windows
+        _read_both(nev, window_s=window)
+    overlapping = SiteTable(array=[0, 0, 0, 0], electrode=[1, 1, 2, 3], unit=[-1, 1, 2, 255],
+                            label=("e1", "e1u1", "e2u2", "e3 noise"))
+    from_neo = read_nev(nev, engine="neo")
+    np.testing.assert_array_equal(
+        compute_nev_counts(nev, sites=overlapping, unmapped="ignore")[1],
+        compute_counts(from_neo, compute_onsets(from_neo).times_s, sites=overlapping, unmapped="ignore"))
     edges = write_nev(tmp_path / "edges.nev", _edge_recording(), version=version)
     assert compute_nev_counts(edges)[1].tolist() == [[2, 4, 0, 0], [2, 4, 1, 0]]
     with pytest.raises(ValueError, match=r"edges.nev': 2 spikes on electrodes \[3\] that are missing"):
@@ -342,5 +377,41 @@ def test_streaming_counts_a_spike_written_just_before_its_onset_at_the_same_tick
     monkeypatch.setattr(nev_scan, "_SCAN_PACKETS", 1)
     assert compute_nev_counts(path, window_s=(0.0, 0.001))[1].tolist() == [[1]]
     assert compute_nev_counts(path, window_s=(0.0, 0.01))[1].tolist() == [[2]]
-    recording = read_nev(path)
-    assert compute_counts(recording, [0.1], window_s=(0.0, 0.001)).tolist() == [[1]]
+    for engine in NEV_ENGINES:
+        recording = read_nev(path, engine=engine)
+        assert compute_counts(recording, [0.1], window_s=(0.0, 0.001)).tolist() == [[1]]
+
+
+def _display_clock_day(tmp_path, live_counts: bool):
+    """A .nev on the NSP clock and a day store whose onsets are on a display computer's clock
+    (500.3 s behind, running 40 ppm fast), as a real presenter logs them; one logged presentation
+    is missing from the recording."""
+    rng = np.random.default_rng(2)
+    codes = rng.integers(1, 5, size=30)
+    nsp_s = 2.0 + 0.2 * np.arange(30)
+    ticks = np.round(nsp_s * 30000).astype(np.int64)
+    spikes = np.sort(rng.integers(ticks[0], ticks[-1] + 6000, size=400))
+    keep = np.arange(30) != 17  # presentation 17 never reached the NSP
+    write_nev(tmp_path / "r.nev", Recording.from_ticks(spikes, np.ones(400, int), np.ones(400, int), ticks[keep],
+                                                        codes[keep], (1,)))
+    store = create_store(tmp_path / "store.zarr", sites=1)
+    store.append_stimuli(np.zeros((4, 224, 224, 3), np.uint8), parent=-1, site=-1, eps=0.0, direction=0, kind="clean",
+                         predicted=np.zeros((4, 1)), code=[1, 2, 3, 4])
+    display_s = (nsp_s + 500.3) * (1 + 40e-6)
+    store.append_presentations(np.arange(30), codes - 1, display_s, np.ones(30, bool),
+                               np.zeros((30, 1), int) if live_counts else None)
+    return write_day_counts(tmp_path / "r.nev", tmp_path / "store.zarr", allow_mismatch=True)
+
+
+def test_onsets_on_a_presenters_clock_are_mapped_onto_the_recordings(tmp_path):
+    report = _display_clock_day(tmp_path, live_counts=False)
+    assert report["n_matched"] == 29 and [m["kind"] for m in report["mismatches"]] == ["missing_onset"]
+    assert report["mismatches"][0]["presentation"] == 17
+    clock = report["clock"]
+    assert clock["n_pairs"] == 29 and clock["drift_ppm"] == pytest.approx(-40, abs=0.5)
+    assert clock["offset_s"] + clock["rate"] * (2.0 + 500.3) * (1 + 40e-6) == pytest.approx(2.0, abs=1e-6)  # NSP 2.0 s
+
+
+def test_live_onsets_are_on_the_recording_clock_already(tmp_path):
+    report = _display_clock_day(tmp_path, live_counts=True)  # a rig that counts live reports NSP times: no fit
+    assert report["clock"] is None and report["n_matched"] == 0

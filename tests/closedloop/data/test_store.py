@@ -8,6 +8,7 @@ import zarr
 
 from closedloop.data.sites import SiteTable
 from closedloop.data.store import SCHEMA_VERSION, create_store, open_store
+from closedloop.sensitivity.responses import read_day_responses
 
 N_SITES = 3
 
@@ -162,3 +163,28 @@ def test_bad_appends_are_refused_without_change(store):
     with pytest.raises(ValueError, match=r"'counts' must lie in \[0, 65535\]"):
         store.append_presentations([20], [0], [1.0], np.ones(1, bool), -np.ones((1, N_SITES), int))
     assert _snapshot(store.path) == before
+
+
+def test_presentations_without_live_counts_wait_for_the_ingest(store):
+    _fill(store)
+    with pytest.raises(ValueError, match=r"holds presentations with live counts, these come without; a day's presentations "
+                                         r"are all with or all without counts"):
+        store.append_presentations([13], [0], [1.6], np.array([True]), None)
+    other = create_store(store.path.with_name("other.zarr"), sites=N_SITES)
+    other.append_stimuli(_frames(2), parent=-1, site=-1, eps=0.0, direction=0, kind="clean",
+                         predicted=np.zeros((2, N_SITES)), code=[1, 2])
+    assert other.has_live_counts  # an empty store, as every store written before live_counts existed
+    assert other.append_presentations([0, 1, 2], [0, 1, 0], [1.0, 1.2, 1.4], np.array([True, True, True]), None) == 3
+    with pytest.raises(ValueError, match=r"holds presentations without live counts, these come with"):
+        other.append_presentations([3], [1], [1.6], np.array([True]), np.zeros((1, N_SITES), int))
+    reader = open_store(other.path)
+    assert not reader.has_live_counts and not reader.read_presentations()["counts"].any()
+    with pytest.raises(ValueError, match=r"has no spike counts yet: its rig sent presentations without counts; ingest the "
+                                         r"day's recording first"):
+        reader.read_counts()
+    other.write_ingest(np.full((3, N_SITES), 4), np.array([True, False, True]), np.array([1.0, np.nan, 1.4]), attrs={})
+    counts, from_nev = open_store(other.path).read_counts()
+    assert counts[:, 0].tolist() == [4, 0, 4] and from_nev.tolist() == [True, False, True]
+    responses = read_day_responses(other.path)  # the unmatched presentation has no count: not valid there
+    assert responses.valid.tolist() == [True, False, True] and responses.n_valid.tolist() == [2, 0]
+    assert responses.source == "nev"

@@ -343,3 +343,27 @@ def test_client_from_config_runs_a_session(tmp_path):
             assert [o["presentation_id"] for o in client.read_outcomes(2.0)] == [0]
     finally:
         agent.close()
+
+
+class PresenterWithoutCounts(CountingPresenter):
+    """A real presenter's view: validity, no sites and no spike counts."""
+
+    sites = ()
+
+    def present(self, presentation_id: int, stimulus_id: int, window_s) -> Outcome:
+        outcome = super().present(presentation_id, stimulus_id, window_s)
+        return Outcome(outcome.valid, outcome.onset_s, None)
+
+
+def test_a_rig_without_counts_streams_outcomes_only(tmp_path):
+    agent = _agent(tmp_path, PresenterWithoutCounts(break_every=4))
+    results = []
+    try:
+        with _client(agent, n_sites=21) as client:  # no sites: any number of sites in the experiment fits
+            assert client.connect()["sites"] == []
+            client.load_bundle(_bundle(tmp_path, [3, 4, 5]))
+            summary = run_presentations(client, [3, 4, 5], repetitions=2, seed=1, on_result=results.append)
+    finally:
+        agent.close()
+    assert summary["n_fixation_breaks"] > 0 and all("counts" not in result for result in results)
+    assert sum(result["valid"] for result in results) == 6

@@ -46,6 +46,14 @@ def test_every_message_type_round_trips():
         assert (message.type, message.fields, message.payload) == (message_type, fields, payload)
 
 
+def test_an_outcome_may_come_without_counts():
+    """A real presenter knows validity, not spike counts: it leaves 'counts' out."""
+    fields = {key: value for key, value in EXAMPLES["outcome"].items() if key != "counts"}
+    assert decode_message(encode_message("outcome", **fields)).fields == fields
+    with pytest.raises(ProtocolError, match="lacks the required field 'valid'"):
+        encode_message("outcome", **{key: value for key, value in fields.items() if key != "valid"})
+
+
 @pytest.mark.parametrize(
     ("frames", "match"),
     [
@@ -68,6 +76,10 @@ def test_every_message_type_round_trips():
                  counts=[70000]), r"'counts' must be a list of integers in \[0, 65535\]"),
         (_header(v=1, type="hello", id="x", client="c", window_s=[0.2, 0.1], stream_from=0),
          "'window_s' must be"),
+        (_header(v=1, type="hello", id="x", client="c", window_s=[0.07, 0.17], stream_from=0,
+                 rsvp={"on_s": 0.0, "off_s": 0.1, "image_size_deg": 8.0}), r"'rsvp' must be \{on_s, off_s, image_size_deg\}"),
+        (_header(v=1, type="hello", id="x", client="c", window_s=[0.07, 0.17], stream_from=0,
+                 rsvp={"on_s": 0.1, "off_s": 0.1}), r"'rsvp' must be \{on_s, off_s, image_size_deg\} with 0 < on_s"),
         (_header(v=1, type="bundle_chunk", id="x", sha256="abc", n_bytes=1, chunk_size=1, index=0),
          "'sha256' must be 64 lower-case hexadecimal characters"),
         (_header(v=1, type="bundle_chunk", id="x", sha256=SHA, n_bytes=1, chunk_size=1, index=0),
@@ -81,6 +93,15 @@ def test_every_message_type_round_trips():
 def test_malformed_messages_are_refused_with_a_clear_error(frames, match):
     with pytest.raises(ProtocolError, match=match):
         decode_message(frames)
+
+
+def test_hello_carries_the_experiments_rsvp_timing_or_none():
+    rsvp = {"on_s": 0.1, "off_s": 0.1, "image_size_deg": 8.0}
+    message = decode_message(encode_message("hello", id="c-0", client="control", window_s=[0.07, 0.17], stream_from=0,
+                                            rsvp=rsvp))
+    assert message["rsvp"] == rsvp
+    older = decode_message(encode_message("hello", id="c-0", client="control", window_s=[0.07, 0.17], stream_from=0))
+    assert older.get("rsvp") is None  # optional: a hello without it is still version 1
 
 
 def test_encoder_refuses_what_the_decoder_would():
