@@ -245,15 +245,18 @@ def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, st
         start_loss = loss if start_loss is None else start_loss
         improved = loss < best_loss
         best_loss = torch.where(improved, loss, best_loss)
-        torch.where(improved.view(view), x, best_x, out=best_x)
-        base = x
+        all_improved = bool(improved.all())
+        if all_improved:  # x is the new best of every image: swap the buffers instead of copying x
+            best_x, x = x, best_x
+        else:
+            torch.where(improved.view(view), x, best_x, out=best_x)
+        base = best_x if all_improved or adaptive else x  # the step overwrites x, never its base
         if adaptive:
             gradient = torch.where(improved.view(view), gradient, best_gradient, out=best_gradient)
             step = torch.where(improved, step, step * step_shrink)
             reset = (step < 0.01 * initial_step) & (resets_left > 0)
             step = torch.where(reset, initial_step, step)
             resets_left = resets_left - reset.float()
-            base = best_x
         scale = -(step / _norm(gradient).clamp_min(_TINY)).view(view)
         _project(torch.addcmul(base, gradient, scale, out=x), clean, eps, scratch=scratch)
     loss, _ = _loss(model, objective, x, settings, grad=False)
@@ -338,28 +341,27 @@ def compute_pgd(
 # 8-bit output within the budget
 
 
-def _quantize_one(adversarial: np.ndarray, clean: np.ndarray, eps: float) -> np.ndarray:
-    """One image: round to nearest, then round back toward clean where needed to stay within ε."""
-    clean_values = clean.astype(np.float64).ravel()
-    delta = adversarial.astype(np.float64).ravel() * 255.0 - clean_values
-    radius = eps * 255.0 * (1.0 - _MARGIN)
-    length = math.sqrt(float(delta @ delta))
-    if length > radius:
-        delta *= radius / length
-    delta = np.clip(clean_values + delta, 0.0, 255.0) - clean_values
-    rounded, truncated = np.rint(delta), np.trunc(delta)
-    limit = (eps * 255.0) ** 2 * (1.0 - _MARGIN)
-    excess = float(rounded @ rounded) - limit
-    if excess > 0:
-        candidates = np.flatnonzero(rounded != truncated)
-        gain = rounded[candidates] ** 2 - truncated[candidates] ** 2
-        # values that were closest to a tie move first: the smallest change to the image
-        order = np.argsort(np.abs(delta[candidates] - truncated[candidates]) - 0.5, kind="stable")
-        n_switch = int(np.searchsorted(np.cumsum(gain[order]), excess, side="left")) + 1
-        switch = candidates[order[:n_switch]]
-        rounded[switch] = truncated[switch]
-    assert float(rounded @ rounded) <= limit, "8-bit budget invariant violated"
-    return (clean_values + rounded).astype(np.uint8).reshape(clean.shape)
+def _round_toward_clean(rounded: np.ndarray, delta: np.ndarray, excess: float) -> None:
+    """One image (flat): round the values closest to a rounding tie toward clean instead, in place in
+    ``rounded``, until Σ rounded² has dropped by at least ``excess`` (> 0) grey levels².
+
+    Each such switch lowers Σ rounded² by ≥ 1, so only the ⌈excess⌉ + 1 values nearest a tie can
+    be needed: they are found by a partial selection (all values tied with the last one included)
+    and sorted stably, which gives the same values as a stable sort of every candidate.
+    """
+    truncated = np.trunc(delta)
+    candidates = np.flatnonzero(rounded != truncated)
+    key = np.abs(delta[candidates] - truncated[candidates]) - 0.5
+    n_needed = min(len(candidates), math.ceil(excess) + 1)
+    if n_needed < len(candidates):
+        threshold = np.partition(key, n_needed - 1)[n_needed - 1]
+        nearest = np.flatnonzero(key <= threshold)  # index order, so the stable sort below breaks ties as before
+        candidates, key = candidates[nearest], key[nearest]
+    order = np.argsort(key, kind="stable")
+    gain = rounded[candidates[order]] ** 2 - truncated[candidates[order]] ** 2
+    n_switch = int(np.searchsorted(np.cumsum(gain), excess, side="left")) + 1
+    switch = candidates[order[:n_switch]]
+    rounded[switch] = truncated[switch]
 
 
 def quantize_within_budget(adversarial: np.ndarray, clean_uint8: np.ndarray, eps) -> np.ndarray:
@@ -383,10 +385,26 @@ def quantize_within_budget(adversarial: np.ndarray, clean_uint8: np.ndarray, eps
     if not np.issubdtype(adversarial.dtype, np.floating) or not np.isfinite(adversarial).all():
         raise ValueError("'adversarial' must hold finite float values in [0, 1]; it has NaN/inf or is not float.")
     budgets = check_budgets("eps", eps, len(clean_uint8))
-    out = np.empty_like(clean_uint8)
-    for row, (adversarial_image, clean_image, budget) in enumerate(zip(adversarial, clean_uint8, budgets)):
-        out[row] = _quantize_one(adversarial_image, clean_image, budget)
-    return out
+    n = len(clean_uint8)
+    clean_values = clean_uint8.reshape(n, -1).astype(np.float64)
+    delta = adversarial.reshape(n, -1).astype(np.float64)
+    delta *= 255.0
+    delta -= clean_values
+    radius = budgets * 255.0 * (1.0 - _MARGIN)
+    length = np.sqrt(np.einsum("ij,ij->i", delta, delta))
+    outside = length > radius
+    delta[outside] *= (radius[outside] / length[outside])[:, None]
+    delta += clean_values
+    np.clip(delta, 0.0, 255.0, out=delta)
+    delta -= clean_values
+    rounded = np.rint(delta)
+    limit = (budgets * 255.0) ** 2 * (1.0 - _MARGIN)
+    excess = np.einsum("ij,ij->i", rounded, rounded) - limit
+    for row in np.flatnonzero(excess > 0):
+        _round_toward_clean(rounded[row], delta[row], float(excess[row]))
+    assert (np.einsum("ij,ij->i", rounded, rounded) <= limit).all(), "8-bit budget invariant violated"
+    rounded += clean_values
+    return rounded.astype(np.uint8).reshape(clean_uint8.shape)
 
 
 def compute_realised_eps(pixels: np.ndarray, clean_uint8: np.ndarray) -> np.ndarray:
