@@ -141,6 +141,29 @@ def test_quantize_rounds_toward_clean_only_where_needed():
     np.testing.assert_array_equal(quantize_within_budget(adversarial, clean, 10 * eps), np.rint(adversarial * 255))
 
 
+def test_quantize_switches_the_values_nearest_a_tie_first_as_a_full_stable_sort_would():
+    """The partial selection of the round-toward-clean pass gives what sorting every candidate gives,
+    ties (many here: few distinct fractions) broken by position."""
+    rng = np.random.default_rng(7)
+    clean = np.full((3, 16, 16, 3), 128, np.uint8)
+    grey = rng.choice([0.5625, 0.625, 0.75, -0.5625, -0.625, 1.5625, -1.75, 0.25], size=clean.shape)
+    adversarial = (clean + grey) / 255.0
+    eps = 1.001 * np.linalg.norm(grey.reshape(3, -1), axis=1) / 255.0  # inside the ball; rounding leaves it
+    expected = np.empty_like(clean)
+    for row in range(3):
+        delta = adversarial[row].ravel() * 255.0 - clean[row].ravel()
+        rounded, truncated = np.rint(delta), np.trunc(delta)
+        excess = rounded @ rounded - (eps[row] * 255.0) ** 2 * (1.0 - 1e-9)
+        assert excess > 0
+        candidates = np.flatnonzero(rounded != truncated)
+        order = candidates[np.argsort(np.abs(delta[candidates] - truncated[candidates]) - 0.5, kind="stable")]
+        n_switch = int(np.searchsorted(np.cumsum(rounded[order] ** 2 - truncated[order] ** 2), excess)) + 1
+        rounded[order[:n_switch]] = truncated[order[:n_switch]]
+        expected[row] = (clean[row].ravel() + rounded).reshape(clean.shape[1:])
+    np.testing.assert_array_equal(quantize_within_budget(adversarial, clean, eps), expected)
+    check_budget(expected, clean, eps)
+
+
 def test_quantize_below_one_grey_level_returns_clean_and_pulls_far_images_in():
     clean = make_images(3, seed=4)
     far = np.clip(clean / 255.0 + 0.3, 0, 1)
