@@ -38,12 +38,13 @@ def test_bench_reports_every_figure():
     assert large["n_packets"] == pytest.approx(3 * small["n_packets"], rel=0.01)
     assert abs(large["n_presentations"] - 3 * small["n_presentations"]) <= 3  # an onset every 200 ms
     for figures in (small, large):
-        for key in ("memmap_pass_s", "memmap_words_pass_s", "ingest_s", "peak_memory_growth_mb"):
+        for key in ("memmap_pass_s", "memmap_bytes_pass_s", "memmap_words_pass_s", "ingest_s", "peak_memory_growth_mb"):
             assert figures[key] > 0, key
         assert len(figures["ingest_s_all"]) == len(figures["memmap_pass_s_all"]) == 2
         assert figures["ingest_s"] == pytest.approx(np.median(figures["ingest_s_all"]))
     assert result["ingest_over_memmap"] == pytest.approx(large["ingest_s"] / large["memmap_pass_s"])
     assert result["ingest_over_memmap_words"] == pytest.approx(large["ingest_s"] / large["memmap_words_pass_s"])
+    assert result["ingest_over_memmap_bytes"] == pytest.approx(large["ingest_s"] / large["memmap_bytes_pass_s"])
     assert result["ingest_peak_memory_growth"] == pytest.approx(large["peak_memory_growth_mb"] /
                                                                 small["peak_memory_growth_mb"])
 
