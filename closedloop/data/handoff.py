@@ -83,7 +83,14 @@ def read_trial_log(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     code outside 1..65279 or an unknown outcome.
     """
     path = check_file("trial log", path)
-    with path.open(newline="", encoding="utf-8-sig") as stream:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"trial log {str(path)!r} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "give the rig's CSV trial log (see docs/rig.md)."
+        ) from None
+    with io.StringIO(text, newline="") as stream:
         reader = csv.DictReader(stream)
         columns = [name.strip() for name in reader.fieldnames or []]
         missing = [name for name in TRIAL_LOG_COLUMNS if name not in columns]

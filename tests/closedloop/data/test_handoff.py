@@ -133,6 +133,9 @@ def test_bad_trial_logs_are_refused_with_the_line(tmp_path):
     log.write_text("code,outcome\n")
     with pytest.raises(ValueError, match=r"has no rows"):
         read_trial_log(log)
+    log.write_bytes(b"code,outcome\n3,valid\n\xff\xfe\x00binary")  # a binary file copied by mistake
+    with pytest.raises(ValueError, match=r"trial log '.*trial_log.csv' is not UTF-8 text \(byte 0xff at offset 21\)"):
+        read_trial_log(log)
 
 
 def test_a_trial_log_of_another_session_is_refused(tmp_path):
