@@ -479,7 +479,11 @@ def read_toml_config(path: str | Path, name: str, *, missing: str) -> tuple[dict
     if not path.is_file():
         raise FileNotFoundError(missing.format(path=repr(str(path))))
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8")), path
+        return tomllib.loads(path.read_bytes().decode("utf-8")), path
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not valid TOML: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start})"
+        ) from None
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"{path}: not valid TOML: {error}") from None
 

@@ -8,6 +8,7 @@ from closedloop.config import (
     ExperimentConfig,
     build_config,
     read_config,
+    read_toml_config,
     render_config,
     write_default_config,
     write_preset_config,
@@ -280,3 +281,10 @@ def test_bad_targets_and_unusual_layouts_leave_the_file_alone(tmp_path):
         write_config_targets(dotted, [1])
     assert dotted.read_text() == 'sites.n_sites = 4\n[rig]\nkind = "sim"\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME]  # no temporary left behind
+
+
+def test_a_binary_config_file_is_named_in_one_line(tmp_path):
+    path = tmp_path / "rig.toml"
+    path.write_bytes(b"\x88\x01 not text")  # e.g. a key file copied over the config
+    with pytest.raises(ValueError, match=r"rig.toml: not valid TOML: not UTF-8 text \(byte 0x88 at offset 0\)"):
+        read_toml_config(path, "rig.toml", missing="{path}")
