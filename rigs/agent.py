@@ -214,7 +214,15 @@ class RigAgent:
         self._socket.maxmsgsize = MAX_FRAME_BYTES
         if security == "curve":
             load_curve_keys(self._socket, keys_dir, "rig")
-        self._socket.bind(address)
+        try:
+            self._socket.bind(address)
+        except zmq.ZMQError as error:
+            self._socket.close()
+            self._context.term()
+            raise ValueError(
+                f"cannot serve on {address!r}: {os.strerror(error.errno)}; another rig agent (closedloop rig serve or rig-sim) "
+                "is serving there, or the address is not this computer's: choose another address"
+            ) from None
         self.address = self._socket.last_endpoint.decode()
         self._lock = threading.Condition()
         self._queue: collections.deque[tuple[int, int]] = collections.deque()

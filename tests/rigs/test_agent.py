@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from closedloop.link.protocol import MAX_BUNDLE_BYTES, MAX_FRAME_BYTES, MAX_QUEUED
-from rigs.agent import Outcome, RigAgentError
+from rigs.agent import Outcome, RigAgent, RigAgentError
 from tests.rigs.agent_peer import FramePresenter, Peer, expected_counts, frames, start_agent, write_raw_bundle, write_test_bundle
 
 pytestmark = pytest.mark.timeout(60)
@@ -263,4 +263,14 @@ def test_a_finished_recording_is_never_written_again(tmp_path):
         assert len(kept) == 1 and kept[0].read_text() == "2 outcomes, finish 1\n"
     finally:
         peer.close()
+        agent.close()
+
+
+def test_a_second_agent_on_a_taken_address_is_a_one_line_error(tmp_path):
+    agent = start_agent(tmp_path)
+    try:
+        with pytest.raises(ValueError, match=r"cannot serve on 'tcp://127\.0\.0\.1:\d+': Address already in use; another "
+                                             r"rig agent \(closedloop rig serve or rig-sim\) is serving there"):
+            RigAgent(FramePresenter(), address=agent.address, state_dir=tmp_path / "second", security="plain")
+    finally:
         agent.close()
