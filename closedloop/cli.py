@@ -290,7 +290,9 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
     if calibration:
         from rigs.calibration import compute_twin_calibration, format_calibration
 
-        result = compute_twin_calibration(config, n_sites=n_sites, n_steps=steps, standard=standard, seed=seed or 0)
+        if seed is not None:
+            config = config.model_copy(update={"sim": config.sim.model_copy(update={"seed": seed})})
+        result = compute_twin_calibration(config, n_sites=n_sites, n_steps=steps, standard=standard)
         _emit(result, as_json, format_calibration(result))
         return
     from rigs.agent import StreamFaults
