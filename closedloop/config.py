@@ -255,7 +255,7 @@ class SimSection(ConfigSection):
         "weights from [sim] seed; or a checkpoint path).",
     )
     nonrobust_fraction: float = Field(
-        0.05, ge=0.0, lt=1.0,
+        0.07, ge=0.0, lt=1.0,
         description="Share of the sites' drive variance that comes from the non-robust network: the calibrated mismatch "
         "knob (it sets how sensitive the sites are; the loop's model learns it only in part, by refitting its backbone).",
     )

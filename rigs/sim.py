@@ -82,7 +82,7 @@ class HiddenSites(nn.Module):
 
     def __init__(self, n_sites: int, seed: int, *, backbone: str = "resnet_tiny", layer: str = "layer4.0",
                  base_seed: int = 0, weight_noise: float = 0.0, nonrobust_backbone: str = "resnet_tiny",
-                 nonrobust_fraction: float = 0.05, nonrobust_input_size: int = 56, threshold: float = 1.0,
+                 nonrobust_fraction: float = 0.07, nonrobust_input_size: int = 56, threshold: float = 1.0,
                  trust: bool = False) -> None:
 
         super().__init__()
