@@ -384,7 +384,11 @@ def _network_sources(experiment: Path, options: NetworkOptions) -> dict:
     if options.networks is None:
         base = read_config(experiment).model.backbone
         return {f"base model ({label(base)})": base}
-    return {label(name): name for name in options.networks}
+    labels = [label(name) for name in options.networks]
+    # checkpoints with the same file name (e.g. two classifier.safetensors) are told apart by their folder
+    labels = [f"{Path(name).parent.name}/{text}" if labels.count(text) > 1 else text
+              for name, text in zip(options.networks, labels)]
+    return dict(zip(labels, options.networks))
 
 
 def compute_networks(experiment: Path, days: list[ExperimentDay], options: NetworkOptions, *, seed: int,
