@@ -16,7 +16,7 @@ import numpy as np
 from closedloop.core.validation import check_number
 from closedloop.sensitivity.responses import DayResponses
 
-__all__ = ["compute_category_preference"]
+__all__ = ["compute_category_preference", "compute_crossing_eps"]
 
 
 def _pooled(responses: list[DayResponses]) -> tuple[np.ndarray, np.ndarray, list[tuple]]:
@@ -40,8 +40,12 @@ def _pooled(responses: list[DayResponses]) -> tuple[np.ndarray, np.ndarray, list
     return np.concatenate(clean_means), np.concatenate(clean_category), attacks
 
 
-def _crossing(eps: list[float], mean: list[float], level: float) -> float | None:
-    """First ε where the piecewise-linear curve (eps, mean) reaches ``level``; None if never."""
+def compute_crossing_eps(eps: list[float], mean: list[float], level: float) -> float | None:
+    """First ε where the piecewise-linear curve (``eps``, ``mean``) reaches ``level``; None if never.
+
+    ``eps``: increasing budgets (the first usually 0, the clean images); ``mean``: the mean
+    response at each; ``level``: e.g. the preferred-category mean, in the same units.
+    """
     if mean[0] >= level:
         return eps[0]
     for (e0, m0), (e1, m1) in zip(zip(eps, mean), zip(eps[1:], mean[1:])):
@@ -100,7 +104,7 @@ def compute_category_preference(responses: list[DayResponses], *, window_length_
                                      "rate_hz": float(values.mean() / window)})
         eps, level = [e for e, _ in curve], [float(v.mean()) for _, v in curve]
         tables["crossing"].append({
-            "site": site, "crossing_eps": _crossing(eps, level, best["mean"]), "max_eps": eps[-1],
+            "site": site, "crossing_eps": compute_crossing_eps(eps, level, best["mean"]), "max_eps": eps[-1],
             "rate_at_max_eps_hz": level[-1] / window, "preferred_rate_hz": best["mean"] / window,
             "preferred_sd_hz": pref_sd / window, "super_stimulus": bool(level[-1] > best["mean"]),
         })

@@ -384,7 +384,11 @@ def _network_sources(experiment: Path, options: NetworkOptions) -> dict:
     if options.networks is None:
         base = read_config(experiment).model.backbone
         return {f"base model ({label(base)})": base}
-    return {label(name): name for name in options.networks}
+    labels = [label(name) for name in options.networks]
+    # checkpoints with the same file name (e.g. two classifier.safetensors) are told apart by their folder
+    labels = [f"{Path(name).parent.name}/{text}" if labels.count(text) > 1 else text
+              for name, text in zip(options.networks, labels)]
+    return dict(zip(labels, options.networks))
 
 
 def compute_networks(experiment: Path, days: list[ExperimentDay], options: NetworkOptions, *, seed: int,
@@ -403,13 +407,17 @@ def compute_networks(experiment: Path, days: list[ExperimentDay], options: Netwo
     return NetworkData(sources, result, options, len(images))
 
 
-def make_networks_figure(data: NetworkData, recorded: list[dict], day: int):
+def make_networks_figure(data: NetworkData, recorded: list[dict], day: int, *, truth: list[dict] | None = None):
     """Each network's mean ± s.d. unit sensitivity against ε beside ``recorded``, section 1's mean
-    curve of the sites' lower bound on ``day`` (rows of ``eps``, ``mean``, ``sd``, ``n_sites``)."""
+    curve of the sites' lower bound on ``day`` (rows of ``eps``, ``mean``, ``sd``, ``n_sites``), and,
+    on a simulated rig, ``truth``: the sites' mean normalised white-box sensitivity (rows of ``eps``, ``mean``)."""
     figure, axes = make_figure(8, 4.6)
     recorded = [r for r in recorded if r["mean"] is not None]
     axes.errorbar([r["eps"] for r in recorded], [r["mean"] for r in recorded], yerr=[r["sd"] for r in recorded], color="tab:red",
                   marker="o", lw=2.5, capsize=4, label=f"recorded sites, day {day} (n={recorded[0]['n_sites']}; lower bound)")
+    if truth:
+        axes.plot([r["eps"] for r in truth], [r["mean"] for r in truth], color="tab:red", ls="--", marker="*",
+                  label="simulated sites' truth (white-box)")
     for label, color in zip(data.sources, _NETWORK_COLORS):
         rows = [r for r in data.result["mean"] if r["network"] == label]
         axes.errorbar([r["eps"] for r in rows], [r["mean"] for r in rows], yerr=[r["sd"] for r in rows], color=color,

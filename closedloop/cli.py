@@ -317,17 +317,41 @@ def keys(folder: Path, force: bool, as_json: bool) -> None:
               help="Fault injection: probability of holding a stream message back behind the next.")
 @click.option("--crash-after", type=click.IntRange(1), default=None,
               help="Fault injection: crash after this many presentations and restart once.")
+@click.option("--calibration", is_flag=True,
+              help="Do not serve: measure the simulated sites against the paper's numbers (white-box attacks on the "
+              "twin) and print the table.")
+@click.option("--n-sites", type=click.IntRange(1), default=None,
+              help="With --calibration: sites to measure [default: [sites] n_sites].")
+@click.option("--steps", type=click.IntRange(2), default=20, show_default=True,
+              help="With --calibration: white-box solver steps per direction and budget.")
+@click.option("--standard", default=None,
+              help="With --calibration: a standard (not adversarially trained) network of the base model's family "
+              "(name or checkpoint) to place the sites' sensitivity between it and the base model.")
+@click.option("--json", "as_json", is_flag=True, help="With --calibration: print the result as JSON.")
 def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_scale: float,
             fixation_break_rate: float, drop: float, duplicate: float, reorder: float,
-            crash_after: int | None) -> None:
-    """Run the simulated IT rig on the configured [rig] address until interrupted (Ctrl-C)."""
+            crash_after: int | None, calibration: bool, n_sites: int | None, steps: int, standard: str | None,
+            as_json: bool) -> None:
+    """Run the simulated IT rig on the configured [rig] address until interrupted (Ctrl-C).
+
+    With --calibration, measure its sites against the paper's numbers instead (docs/riglink.md).
+    """
     import threading
 
     from closedloop.config import read_config
+
+    config = read_config(experiment)
+    if calibration:
+        from rigs.calibration import compute_twin_calibration, format_calibration
+
+        if seed is not None:
+            config = config.model_copy(update={"sim": config.sim.model_copy(update={"seed": seed})})
+        result = compute_twin_calibration(config, n_sites=n_sites, n_steps=steps, standard=standard)
+        _emit(result, as_json, format_calibration(result))
+        return
     from rigs.agent import StreamFaults
     from rigs.sim import compute_sim_rig_options, run_sim_rig
 
-    config = read_config(experiment)
     stop = threading.Event()
     arguments = compute_sim_rig_options(
         config, address=config.rig.address, state_dir=state_dir or Path(experiment) / "rig-sim", seed=seed,
@@ -469,6 +493,22 @@ def demo(out: Path, days: int, as_json: bool) -> None:
 
     result = run_demo(out, n_days=days)
     _emit(result["summary"], as_json, result["text"])
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("daily_runs/validate"),
+              show_default=True, help="Experiment folder to create (an earlier validation there is replaced).")
+@click.option("--days", type=click.IntRange(2, 20), default=6, show_default=True,
+              help="Day 0 plus DAYS-1 refitted days (paper: 6).")
+@click.option("--sites", "n_sites", type=click.IntRange(1, 96), default=21, show_default=True, help="Simulated sites.")
+@click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="PGD steps of the loop's attacks.")
+@click.option("--json", "as_json", is_flag=True, help="Print the validation summary as JSON.")
+def validate(out: Path, days: int, n_sites: int, steps: int, as_json: bool) -> None:
+    """The paper's protocol on the calibrated simulated rig; checks the paper's four claims (docs/validate.md)."""
+    from closedloop.demos.validate import format_validation, run_validation
+
+    result = run_validation(out, n_days=days, n_sites=n_sites, steps=steps)
+    _emit(result, as_json, format_validation(result))
 
 
 # --- behaviour: closedloop train-robust, closedloop behavior init|generate -------------------

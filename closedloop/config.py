@@ -258,9 +258,26 @@ class SimSection(ConfigSection):
 
     seed: int = Field(1, ge=0, description="Seed of the simulated monkey's hidden sites (the same every day).")
     weight_noise: float = Field(
-        0.3, ge=0.0, le=10.0,
-        description="How far the monkey's IT is from the base model: noise on the base backbone's convolution "
-        "weights, in units of their standard deviation.",
+        0.0, ge=0.0, le=10.0,
+        description="Noise on the copy of the base backbone that the simulated sites read, in units of each convolution "
+        "weight's standard deviation (a mismatch the loop's model can hardly learn).",
+    )
+    nonrobust_backbone: str = Field(
+        "resnet_tiny", description="The non-robust network whose features the sites also read (a backbone name: random "
+        "weights from [sim] seed; or a checkpoint path).",
+    )
+    nonrobust_fraction: float = Field(
+        0.07, ge=0.0, lt=1.0,
+        description="Share of the sites' drive variance that comes from the non-robust network: the calibrated mismatch "
+        "knob (it sets how sensitive the sites are; the loop's model learns it only in part, by refitting its backbone).",
+    )
+    nonrobust_input_size: int = Field(
+        56, ge=0, le=224,
+        description="Input size, px, at which the non-robust network sees the 224 px image (area-downsampled; 0 = its own).",
+    )
+    threshold: float = Field(
+        1.0, ge=-10.0, le=10.0,
+        description="Rectifier threshold of the sites' rate function, in s.d. of their drive over natural images.",
     )
     driven_fraction: float = Field(
         1.0, ge=0.0, le=1.0,
@@ -288,6 +305,15 @@ class SimSection(ConfigSection):
         description="Validation only: random starts per direction of the white-box solver giving each site's true sensitivity.",
     )
     truth_steps: int = Field(60, ge=2, description="Validation only: steps of that solver.")
+
+    @model_validator(mode="after")
+    def _fraction_needs_network(self) -> SimSection:
+        if self.nonrobust_fraction > 0 and not self.nonrobust_backbone:
+            raise _KeyValueError(
+                "nonrobust_fraction", self.nonrobust_fraction,
+                "needs nonrobust_backbone (a backbone name or checkpoint path); set one, or nonrobust_fraction = 0",
+            )
+        return self
 
 
 class FitSection(ConfigSection):
@@ -420,6 +446,8 @@ def _path_keys(config: ExperimentConfig) -> list[tuple[str, str]]:
     keys = [("images", "source")] if config.images.source != EMBEDDED else []
     keys += [("model", "backbone")] if config.model.backbone not in registered_backbones() else []
     keys += [("sites", "site_map")] if config.sites.site_map else []
+    nonrobust = config.sim.nonrobust_backbone
+    keys += [("sim", "nonrobust_backbone")] if nonrobust and nonrobust not in registered_backbones() else []
     return [*keys, ("rig", "keys_dir")]
 
 
@@ -464,6 +492,12 @@ def _check_paths(config: ExperimentConfig, base: Path) -> ExperimentConfig:
         )
     if config.sites.site_map and not Path(resolved.sites.site_map).is_file():
         raise FileNotFoundError(f"[sites] site_map = {config.sites.site_map!r}: no such file ({resolved.sites.site_map})")
+    nonrobust = config.sim.nonrobust_backbone
+    if nonrobust and nonrobust not in registered_backbones() and not Path(resolved.sim.nonrobust_backbone).is_file():
+        raise FileNotFoundError(
+            f"[sim] nonrobust_backbone = {nonrobust!r}: neither a registered name "
+            f"({', '.join(registered_backbones())}) nor an existing checkpoint file ({resolved.sim.nonrobust_backbone})"
+        )
     return resolved
 
 

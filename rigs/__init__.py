@@ -1,5 +1,6 @@
-"""Rig-side programs: the rig agent, the simulated IT rig (the digital twin) and its truth, the
-Blackrock ``.nev`` writer, and the launcher that starts the simulated rig for a day.
+"""Rig-side programs: the rig agent, the simulated IT rig (the digital twin), its truth and its
+calibration against the paper, the Blackrock ``.nev`` writer, and the launcher that starts the
+simulated rig for a day.
 
 Used by entry points and validation only (docs/architecture.md). Public names are imported on
 first use (PEP 562).
@@ -21,6 +22,7 @@ _EXPORTS = {
     "compute_site_gains": "rigs.sim",
     "compute_sim_truth": "rigs.truth",
     "compute_driven_sites": "rigs.truth",
+    "compute_twin_calibration": "rigs.calibration",
     "RigLauncher": "rigs.launch",
     "open_sim_rig": "rigs.launch",
     "write_nev": "rigs.nev",

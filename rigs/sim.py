@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer, check_number
@@ -47,7 +48,7 @@ from rigs.nev import write_nev
 __all__ = [
     "ExpectedCounts", "HiddenSites", "compute_hidden_site_options", "compute_site_gains", "compute_sim_rig_options",
     "SimulatedPresenter",
-    "make_hidden_sites", "make_sim_agent",
+    "load_nonrobust_backbone", "make_hidden_sites", "make_sim_agent",
     "run_sim_rig",
 ]
 
@@ -55,59 +56,111 @@ _SPIKE_UNIT = 1
 DEFAULT_LATENCY_S = 0.07
 _BATCH = 32
 _GAIN_STREAM = 0x5E1EC7  # the random stream of compute_site_gains, apart from every other draw
+_CALIBRATION_PER_PHOTO = 4  # crops per embedded photograph that standardise the drive and set the gains
+_NONROBUST_SEED_OFFSET = 1_000_003  # the non-robust network's weights: a stream apart from the base model's
 
 
 class HiddenSites(nn.Module):
     """The simulated sites: images (n_images, 3, 224, 224) in [0, 1] → firing rates, Hz, (n_images, n_sites).
 
-    The monkey's IT resembles the lab's base model without being it: the sites read out a copy of
-    the base backbone (``backbone`` at ``layer``, built with ``base_seed`` exactly as the day-0
-    model's is) whose convolution weights carry independent noise of ``weight_noise`` × their
-    standard deviation. Each site has a compact Gaussian receptive field on the feature grid and
-    random channel weights; its drive is standardised over natural calibration images (the
-    embedded photographs) and turned into a rate by a sigmoid from ``baseline_hz`` (5–30 Hz) to
-    ``peak_hz`` (150–350 Hz), scaled by the site's gain (:func:`compute_site_gains`: 1 for a
-    visually driven site, at most ``undriven_gain`` for the others). Everything random comes from
-    ``seed``; differentiable in the images.
+    The monkey's IT resembles the lab's base model without being it (docs/riglink.md, "The
+    simulated rig's sites"):
+
+    - **features**: a copy of the base backbone (``backbone`` at ``layer``, built with
+      ``base_seed`` exactly as the day-0 model's is; its convolution weights carry independent
+      noise of ``weight_noise`` × their standard deviation) and, when ``nonrobust_fraction`` > 0,
+      the same layer of a second, non-robust network ``nonrobust_backbone`` (by default a
+      random-weight ``resnet_tiny``, drawn from ``seed``), seeing the image at
+      ``nonrobust_input_size`` px;
+    - **drive**: per site, a compact Gaussian receptive field on each feature grid and random
+      channel weights; each network's drive is standardised over natural calibration images
+      (the embedded photographs) and the two are mixed so that ``nonrobust_fraction`` (m) of the
+      drive's variance comes from the non-robust network: z = √(1 − m) z_base + √m z_nonrobust,
+      standardised again. The non-robust share is what makes the sites as sensitive as the
+      paper's IT sites, and the mismatch that the loop's model (the base backbone and a
+      factorized readout, which can represent the base share exactly) learns only in part, by
+      refitting its backbone end to end on more data;
+    - **rate**: ``baseline_hz`` (5–30 Hz) + ``gain_hz`` · softplus(z − ``threshold``), an
+      expansive, non-saturating rectifier; each site's gain is set so that its mean rate over
+      the calibration images of its preferred photograph is its ``preferred_hz``, drawn from
+      N(216, 60) Hz (Guo et al. Fig. 2C) and kept within 100–400 Hz; the stimulus-driven part
+      is then scaled by the site's ``gain`` (:func:`compute_site_gains`: 1 for a visually driven
+      site, at most ``undriven_gain`` for the others).
+
+    Everything random comes from ``seed``; differentiable in the images. The defaults are the
+    calibrated values (also the ``[sim]`` defaults); how they were found: docs/riglink.md.
     """
 
     def __init__(self, n_sites: int, seed: int, *, backbone: str = "resnet_tiny", layer: str = "layer4.0",
-                 base_seed: int = 0, weight_noise: float = 0.3, trust: bool = False, driven_fraction: float = 1.0,
-                 undriven_gain: float = 0.1) -> None:
+                 base_seed: int = 0, weight_noise: float = 0.0, nonrobust_backbone: str = "resnet_tiny",
+                 nonrobust_fraction: float = 0.07, nonrobust_input_size: int = 56, threshold: float = 1.0,
+                 trust: bool = False, driven_fraction: float = 1.0, undriven_gain: float = 0.1) -> None:
 
         super().__init__()
+        self.nonrobust_fraction = check_number("nonrobust_fraction", nonrobust_fraction, minimum=0.0, maximum=1.0)
+        self.threshold = check_number("threshold", threshold, minimum=-10.0, maximum=10.0)
+        if self.nonrobust_fraction > 0 and not nonrobust_backbone:
+            raise ValueError(f"'nonrobust_fraction' = {nonrobust_fraction} needs a 'nonrobust_backbone' (a backbone name or "
+                             "checkpoint path); give one, or set nonrobust_fraction = 0.")
+        if not 0.0 <= self.nonrobust_fraction < 1.0:
+            raise ValueError(f"'nonrobust_fraction' must lie in [0, 1) (the base network must drive the sites), "
+                             f"but got {nonrobust_fraction}.")
         generator = torch.Generator().manual_seed(seed)
-        self.backbone = load_backbone(backbone, layer, trust=trust, seed=base_seed).eval()
+        base = load_backbone(backbone, layer, trust=trust, seed=base_seed).eval()
         with torch.no_grad():
-            for parameter in self.backbone.parameters():
+            for parameter in base.parameters():
                 if parameter.ndim == 4:
                     parameter.add_(weight_noise * parameter.std() * torch.randn(parameter.shape, generator=generator))
-        channels, height, width = self.backbone.out_shape(224)
-        centres = torch.rand(n_sites, 2, generator=generator) * torch.tensor([height - 1.0, width - 1.0])
-        rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        distance = (rows[None] - centres[:, 0, None, None]) ** 2 + (columns[None] - centres[:, 1, None, None]) ** 2
-        mask = torch.exp(-distance / 2.0)
-        self.register_buffer("mask", mask / mask.sum(dim=(1, 2), keepdim=True))
-        self.register_buffer("channels", torch.randn(n_sites, channels, generator=generator) / math.sqrt(channels))
+        centres = torch.rand(n_sites, 2, generator=generator)
+        self.readouts = nn.ModuleList([_SiteReadout(base, centres, generator)])
+        if self.nonrobust_fraction > 0:
+            nonrobust = load_nonrobust_backbone(nonrobust_backbone, layer, input_size=nonrobust_input_size, trust=trust,
+                                                seed=seed + _NONROBUST_SEED_OFFSET)
+            self.readouts.append(_SiteReadout(nonrobust, centres, generator))
         self.register_buffer("baseline_hz", 5.0 + 25.0 * torch.rand(n_sites, generator=generator))
-        self.register_buffer("peak_hz", 150.0 + 200.0 * torch.rand(n_sites, generator=generator))
+        preferred = 216.0 + 60.0 * torch.randn(n_sites, generator=generator)
+        self.register_buffer("preferred_hz", preferred.clamp(100.0, 400.0))
+        self.register_buffer("gain_hz", torch.ones(n_sites))
         self.register_buffer("mean", torch.zeros(n_sites))
         self.register_buffer("std", torch.ones(n_sites))
         self.register_buffer("gain", torch.from_numpy(compute_site_gains(n_sites, seed, driven_fraction, undriven_gain)))
         self.requires_grad_(False)
-        calibration = make_embedded_image_set(per_photo=4, seed=seed)
+        calibration = make_embedded_image_set(per_photo=_CALIBRATION_PER_PHOTO, seed=seed)
         with torch.no_grad():
-            drive = self._drive(to_tensor(calibration.read(np.arange(len(calibration)))))
-            self.mean.copy_(drive.mean(0))
-            self.std.copy_(drive.std(0).clamp_min(1e-6))
+            images = to_tensor(calibration.read(np.arange(len(calibration))))
+            for readout in self.readouts:
+                readout.standardise(images)
+            z = self._mixed(images)
+            self.mean.copy_(z.mean(0))
+            self.std.copy_(z.std(0).clamp_min(1e-6))
+            rectified = F.softplus(self._standardised(images) - self.threshold)
+            categories = torch.as_tensor(calibration.categories)
+            by_category = torch.stack([rectified[categories == c].mean(0) for c in categories.unique()])
+            preferred_rectified = by_category.max(dim=0).values.clamp_min(1e-6)
+            self.gain_hz.copy_((self.preferred_hz - self.baseline_hz) / preferred_rectified)
 
-    def _drive(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(images)  # (n, channels, height, width)
-        return torch.einsum("nchw,shw,sc->ns", features, self.mask, self.channels)
+    def _mixed(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.readouts[0](images)
+        if len(self.readouts) == 1:
+            return z
+        m = self.nonrobust_fraction
+        return math.sqrt(1.0 - m) * z + math.sqrt(m) * self.readouts[1](images)
+
+    def _standardised(self, images: torch.Tensor) -> torch.Tensor:
+        return (self._mixed(images) - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        z = (self._drive(images) - self.mean) / self.std
-        return self.baseline_hz + self.gain * (self.peak_hz - self.baseline_hz) * torch.sigmoid(1.5 * (z - 1.0))
+        return self.baseline_hz + self.gain * self.gain_hz * F.softplus(self._standardised(images) - self.threshold)
+
+
+def load_nonrobust_backbone(source: str, layer: str, *, input_size: int = 0, trust: bool = False,
+                            seed: int = 0) -> nn.Module:
+    """The twin's non-robust network (:func:`models.load_backbone` of ``source``, random weights
+    from ``seed`` for a registered name), seeing the 224 px image area-downsampled to
+    ``input_size`` px when > 0 (else at the network's own input size)."""
+    backbone = load_backbone(source, layer, trust=trust, seed=seed).eval()
+    backbone.input_size = check_integer("nonrobust_input_size", input_size, minimum=0, maximum=224) or backbone.input_size
+    return backbone
 
 
 def compute_site_gains(n_sites: int, seed: int, driven_fraction: float = 1.0, undriven_gain: float = 0.1) -> np.ndarray:
@@ -127,6 +180,40 @@ def compute_site_gains(n_sites: int, seed: int, driven_fraction: float = 1.0, un
     gains = undriven_gain * rng.random(n_sites)
     gains[rng.permutation(n_sites)[: round(driven_fraction * n_sites)]] = 1.0
     return gains.astype(np.float32)
+
+
+class _SiteReadout(nn.Module):
+    """One network's drive of every site, standardised over calibration images: (n, 3, 224, 224) → (n, n_sites).
+
+    ``centres``: (n_sites, 2) receptive-field centres as fractions of the feature grid.
+    """
+
+    def __init__(self, backbone: nn.Module, centres: torch.Tensor, generator: torch.Generator) -> None:
+        super().__init__()
+        self.backbone = backbone
+        channels, height, width = backbone.out_shape(224)
+        grid = centres * torch.tensor([height - 1.0, width - 1.0])
+        rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        distance = (rows[None] - grid[:, 0, None, None]) ** 2 + (columns[None] - grid[:, 1, None, None]) ** 2
+        mask = torch.exp(-distance / 2.0)
+        n_sites = len(centres)
+        self.register_buffer("mask", mask / mask.sum(dim=(1, 2), keepdim=True))
+        self.register_buffer("channels", torch.randn(n_sites, channels, generator=generator) / math.sqrt(channels))
+        self.register_buffer("mean", torch.zeros(n_sites))
+        self.register_buffer("std", torch.ones(n_sites))
+
+    def _drive(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(images)  # (n, channels, height, width)
+        return torch.einsum("nchw,shw,sc->ns", features, self.mask, self.channels)
+
+    def standardise(self, images: torch.Tensor) -> None:
+        """Set the mean and s.d. of the drive to those over ``images``."""
+        drive = self._drive(images)
+        self.mean.copy_(drive.mean(0))
+        self.std.copy_(drive.std(0).clamp_min(1e-6))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (self._drive(images) - self.mean) / self.std
 
 
 class ExpectedCounts(nn.Module):
@@ -161,11 +248,14 @@ def make_hidden_sites(n_sites: int, seed: int, **base) -> HiddenSites:
 
 def compute_hidden_site_options(config) -> dict:
     """The :class:`HiddenSites` arguments for an experiment: its base model and ``[sim]`` ``weight_noise``,
-    ``driven_fraction`` and ``undriven_gain``."""
+    ``nonrobust_backbone``, ``nonrobust_fraction``, ``nonrobust_input_size``, ``threshold``, ``driven_fraction``
+    and ``undriven_gain``."""
 
     model, sim = config.model, config.sim
     return {"backbone": model.backbone, "layer": model.layer, "base_seed": compute_base_seed(config),
-            "weight_noise": sim.weight_noise, "trust": model.trust_checkpoint, "driven_fraction": sim.driven_fraction,
+            "weight_noise": sim.weight_noise, "nonrobust_backbone": sim.nonrobust_backbone,
+            "nonrobust_fraction": sim.nonrobust_fraction, "nonrobust_input_size": sim.nonrobust_input_size,
+            "threshold": sim.threshold, "trust": model.trust_checkpoint, "driven_fraction": sim.driven_fraction,
             "undriven_gain": sim.undriven_gain}
 
 

@@ -1,0 +1,68 @@
+"""The validation campaign's four targets, checked on planted sensitivity records."""
+
+import pytest
+
+from closedloop.core.files import write_json
+from closedloop.data.layout import day_folder
+from closedloop.demos.loop import compute_demo_summary
+from closedloop.demos.validate import compute_validation_targets, format_validation
+
+
+def _record(site, eps, kind, estimate, sem, truth=None, expected=None):
+    return {"site": site, "eps": eps, "kind": kind, "n_images": 42, "estimate": estimate, "sem": sem, "sigma": 2.0,
+            "normalized": estimate / 2.0, "truth": truth, "expected": expected, "direction_right": 0.9}
+
+
+def _write_days(tmp_path, attack_by_day, *, baseline=0.1, truth=9.0, expected_offset=0.0):
+    """Two sites, ε = 1 and 10; ``attack_by_day``: each day's attack estimate at ε = 1 (ε = 10: 4 ×)."""
+    records_by_day = {}
+    for day, value in enumerate(attack_by_day):
+        records = []
+        for site in (0, 1):
+            for eps, scale in ((1.0, 1.0), (10.0, 4.0)):
+                records.append(_record(site, eps, "attack", scale * value, 0.1, truth=scale * truth,
+                                       expected=scale * value + expected_offset))
+                records += [_record(site, eps, kind, baseline, 0.1) for kind in ("gaussian", "interpolation")]
+        folder = day_folder(tmp_path, day)
+        folder.mkdir(parents=True)
+        write_json(folder / "sensitivity.json", records)
+        records_by_day[day] = records
+    return compute_demo_summary(tmp_path, len(attack_by_day)), records_by_day
+
+
+def _categories(super_flags):
+    crossing = [{"site": s, "crossing_eps": 4.0 if flag else None, "max_eps": 10.0, "rate_at_max_eps_hz": 300.0,
+                 "preferred_rate_hz": 200.0, "preferred_sd_hz": 50.0, "super_stimulus": flag}
+                for s, flag in enumerate(super_flags)]
+    return {"crossing": crossing, "summary": [{"n_sites": len(crossing), "n_crossing": sum(super_flags)}]}
+
+
+def test_every_target_met_on_a_run_that_meets_them(tmp_path):
+    summary, records = _write_days(tmp_path, [0.0, 0.5, 0.8, 1.2])
+    targets = compute_validation_targets(summary, _categories([True, True, False]), records)
+    assert targets["lower_bound"]["met"] and targets["lower_bound"]["n_records"] == 16
+    growth = targets["growth"]
+    assert (growth["eps"], growth["first_day"], growth["last_day"]) == (1.0, 1, 3)
+    assert growth["fold_change"] == pytest.approx(2.4)
+    # s.e. of each day's mean over 2 sites = sqrt(2 × 0.1²) / 2; difference 0.7 over sqrt(2) × that
+    assert growth["difference_in_se"] == pytest.approx(0.7 / (0.1 / 2**0.5 * 2**0.5)) and growth["met"]
+    assert targets["attacks_beat_baselines"]["met"] and targets["attacks_beat_baselines"]["by_eps"]["1.0"]["ratios"] == {
+        "gaussian": pytest.approx(12.0), "interpolation": pytest.approx(12.0)}
+    assert targets["super_stimuli"]["n_super_stimulus_at_eps10"] == 2 and targets["super_stimuli"]["met"]
+    result = {"targets": targets, "figures": {"fig1a": "f.png"}, "report": "r.html",
+              "seconds": {"total": 10.0, "days": [4.0, 6.0]}}
+    text = format_validation(result)
+    assert "growth at eps=1: day 1 0.50 ± 0.07 -> day 3 1.20 ± 0.07" in text and "NOT met" not in text
+
+
+def test_each_target_fails_when_its_condition_fails(tmp_path):
+    summary, records = _write_days(tmp_path, [0.0, 0.5, 0.6, 0.7], baseline=0.3, truth=0.55, expected_offset=0.01)
+    targets = compute_validation_targets(summary, _categories([True, False, False]), records)
+    bound = targets["lower_bound"]
+    assert not bound["met"] and bound["n_noise_free_above_truth"] > 0 and bound["fraction_above"] > 0.05
+    assert not targets["growth"]["met"] and targets["growth"]["fold_change"] == pytest.approx(1.4)
+    assert not targets["attacks_beat_baselines"]["by_eps"]["1.0"]["met"]  # 0.7 < 3 × 0.3
+    assert targets["attacks_beat_baselines"]["by_eps"]["10.0"]["met"]  # 2.8 ≥ 0.9
+    assert not targets["attacks_beat_baselines"]["met"] and not targets["super_stimuli"]["met"]
+    text = format_validation({"targets": targets, "figures": {}, "report": "r.html", "seconds": {"total": 1.0, "days": [1.0]}})
+    assert text.count("NOT met") == 4
