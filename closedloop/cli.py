@@ -486,28 +486,33 @@ def status(experiment: Path, as_json: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("daily_runs/demo"),
               show_default=True, help="Experiment folder to create (an earlier demo there is replaced).")
 @click.option("--days", type=click.IntRange(1, 20), default=4, show_default=True, help="Days to run (day_000 ...).")
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True,
+              help="torch threads; the same count gives the same numbers on every run.")
+@click.option("--no-probes", is_flag=True, help="Skip the probes and base selection at the end (report sections 7, 9-11).")
 @click.option("--json", "as_json", is_flag=True, help="Print the demo's summary as JSON.")
-def demo(out: Path, days: int, as_json: bool) -> None:
-    """The embedded demo: a fresh experiment against the simulated rig, days 0..DAYS-1, then the report."""
+def demo(out: Path, days: int, threads: int, no_probes: bool, as_json: bool) -> None:
+    """The embedded demo: a fresh experiment against the simulated rig, days 0..DAYS-1, the probes, then the report."""
     from closedloop.demos.loop import run_demo
 
-    result = run_demo(out, n_days=days)
+    result = run_demo(out, n_days=days, threads=threads, probes=not no_probes)
     _emit(result["summary"], as_json, result["text"])
 
 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("daily_runs/validate"),
-              show_default=True, help="Experiment folder to create (an earlier validation there is replaced).")
+              show_default=True, help="Experiment folder to create (an earlier validation there is replaced, "
+              "unless --resume).")
 @click.option("--days", type=click.IntRange(2, 20), default=6, show_default=True,
               help="Day 0 plus DAYS-1 refitted days (paper: 6).")
+@click.option("--resume", is_flag=True, help="Continue the campaign already in --out from where it stopped.")
 @click.option("--sites", "n_sites", type=click.IntRange(1, 96), default=21, show_default=True, help="Simulated sites.")
 @click.option("--steps", type=click.IntRange(1), default=20, show_default=True, help="PGD steps of the loop's attacks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the validation summary as JSON.")
-def validate(out: Path, days: int, n_sites: int, steps: int, as_json: bool) -> None:
+def validate(out: Path, days: int, resume: bool, n_sites: int, steps: int, as_json: bool) -> None:
     """The paper's protocol on the calibrated simulated rig; checks the paper's four claims (docs/validate.md)."""
     from closedloop.demos.validate import format_validation, run_validation
 
-    result = run_validation(out, n_days=days, n_sites=n_sites, steps=steps)
+    result = run_validation(out, n_days=days, n_sites=n_sites, steps=steps, resume=resume)
     _emit(result, as_json, format_validation(result))
 
 

@@ -285,9 +285,10 @@ class SimSection(ConfigSection):
         "multi-unit activity the images barely move (a Utah array's day 0). 1 = every site driven.",
     )
     undriven_gain: float = Field(
-        0.1, ge=0.0, le=1.0,
+        0.03, ge=0.0, le=1.0,
         description="Sites not driven respond with a gain drawn from [0, undriven_gain] times a driven site's "
-        "stimulus-driven rate (0 = baseline only).",
+        "stimulus-driven rate (0 = baseline only). 0.03: at most a few Hz of the calibrated twin's drive "
+        "(preferred ~216 Hz); 0.1 already makes a weakly but reliably driven site.",
     )
     time_scale: float = Field(
         1.0, ge=0.0, le=10.0, description="Real seconds per recording-clock second (0.01 runs 100x faster than real time)."

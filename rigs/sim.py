@@ -94,7 +94,7 @@ class HiddenSites(nn.Module):
     def __init__(self, n_sites: int, seed: int, *, backbone: str = "resnet_tiny", layer: str = "layer4.0",
                  base_seed: int = 0, weight_noise: float = 0.0, nonrobust_backbone: str = "resnet_tiny",
                  nonrobust_fraction: float = 0.07, nonrobust_input_size: int = 56, threshold: float = 1.0,
-                 trust: bool = False, driven_fraction: float = 1.0, undriven_gain: float = 0.1) -> None:
+                 trust: bool = False, driven_fraction: float = 1.0, undriven_gain: float = 0.03) -> None:
 
         super().__init__()
         self.nonrobust_fraction = check_number("nonrobust_fraction", nonrobust_fraction, minimum=0.0, maximum=1.0)
@@ -163,7 +163,7 @@ def load_nonrobust_backbone(source: str, layer: str, *, input_size: int = 0, tru
     return backbone
 
 
-def compute_site_gains(n_sites: int, seed: int, driven_fraction: float = 1.0, undriven_gain: float = 0.1) -> np.ndarray:
+def compute_site_gains(n_sites: int, seed: int, driven_fraction: float = 1.0, undriven_gain: float = 0.03) -> np.ndarray:
     """How strongly each simulated site is visually driven: float32 ``(n_sites,)``, in [0, 1].
 
     ``round(driven_fraction × n_sites)`` sites, chosen at random from ``seed``, have gain 1 (the

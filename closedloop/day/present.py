@@ -9,11 +9,13 @@ names the stimuli that lack their valid repetitions.
 
 Otherwise the shuffled RSVP list goes to the day's rig (:class:`~closedloop.link.access.RigAccess`: the
 ``[rig] address``, or the simulated IT rig that :class:`rigs.launch.RigLauncher` starts on
-loopback for the session, with CURVE keys made on first use); every outcome is
-appended to the day store as it arrives, so a crash loses nothing and a rerun resumes with the
-presentations already stored (:func:`closedloop.link.presentations.run_presentations`). The operator sees a
-live view on a terminal (presentations, valid and fixation-break rates, ETA, link health,
-per-site mean rates) and plain log lines otherwise.
+loopback for the session, with CURVE keys made on first use); the outcomes are
+appended to the day store as they arrive, in batches of up to a second (an outcome not yet
+stored when the process dies is resent by the rig on the next connection), so a crash loses
+nothing and a rerun resumes with the presentations already stored
+(:func:`closedloop.link.presentations.run_presentations`). The operator sees a live view on a
+terminal (presentations, valid and fixation-break rates, ETA, link health, per-site mean rates)
+and plain log lines otherwise.
 """
 
 from __future__ import annotations
@@ -97,21 +99,54 @@ class SessionMonitor:
         return table
 
 
-def _run(client, monitor: SessionMonitor, store, n_stimuli: int, config: ExperimentConfig, seed: int) -> dict:
-    def on_result(outcome: dict) -> None:
-        counts = outcome.get("counts")
-        store.append_presentations(
-            [outcome["presentation_id"]], [outcome["stimulus_id"]], [outcome["onset_s"]], [bool(outcome["valid"])],
-            None if counts is None else np.asarray(counts, dtype=np.int64)[None, :],
+class _OutcomeWriter:
+    """Appends outcomes to the day store in batches of up to ``n_max`` or every ``every_s`` seconds.
+
+    One append costs tens of ms whatever its length (zarr resizes and rewrites each column's last
+    chunk), so one per outcome would be most of a simulated session's time. Nothing is lost by
+    waiting: an outcome not yet stored when the control process dies is resent by the rig, which
+    replays its whole session to a new connection, and stored then.
+    """
+
+    def __init__(self, store, *, n_max: int = 64, every_s: float = 1.0) -> None:
+        self.store, self.n_max, self.every_s = store, n_max, every_s
+        self._pending: list[dict] = []
+        self._since = time.monotonic()
+
+    def add(self, outcome: dict) -> None:
+        self._pending.append(outcome)
+        if len(self._pending) >= self.n_max or time.monotonic() - self._since >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._since = time.monotonic()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        counts = [outcome.get("counts") for outcome in pending]
+        self.store.append_presentations(
+            [o["presentation_id"] for o in pending], [o["stimulus_id"] for o in pending], [o["onset_s"] for o in pending],
+            [bool(o["valid"]) for o in pending],
+            None if counts[0] is None else np.asarray(counts, dtype=np.int64).reshape(len(pending), -1),
         )
+
+
+def _run(client, monitor: SessionMonitor, store, n_stimuli: int, config: ExperimentConfig, seed: int) -> dict:
+    writer = _OutcomeWriter(store)
+
+    def on_result(outcome: dict) -> None:
+        writer.add(outcome)
         monitor.update(outcome)
         monitor.link_s = client.seconds_since_heard
 
     recorded = store.read_presentations()
-    return run_presentations(
-        client, np.arange(n_stimuli), repetitions=config.rsvp.repetitions, seed=seed, on_result=on_result,
-        already_recorded=(recorded["id"], recorded["stimulus"], recorded["valid"]),
-    )
+    try:
+        return run_presentations(
+            client, np.arange(n_stimuli), repetitions=config.rsvp.repetitions, seed=seed, on_result=on_result,
+            already_recorded=(recorded["id"], recorded["stimulus"], recorded["valid"]),
+        )
+    finally:
+        writer.flush()
 
 
 @contextmanager

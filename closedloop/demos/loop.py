@@ -25,15 +25,19 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from analysis.report import write_report
+from analysis.report import write_report, write_selection_report
 from closedloop.behavior.models import make_embedded_classifier
-from closedloop.config import CONFIG_NAME, write_default_config
+from closedloop.config import CONFIG_NAME, read_config, write_default_config
 from closedloop.core.files import read_json
 from closedloop.core.logs import logger
+from closedloop.core.validation import check_integer
 from closedloop.data import layout
 from closedloop.data.layout import day_folder
 from closedloop.day.runner import run_day
+from closedloop.probes.evolution import EvolutionSettings
+from closedloop.probes.run import write_evolution, write_geometry, write_patterns
 from rigs.launch import RigLauncher
 
 __all__ = ["run_demo", "compute_demo_summary"]
@@ -60,6 +64,13 @@ def _sem_over_sites(rows: list[dict]) -> float | None:
     return float(np.sqrt(np.sum(np.square(sems))) / len(sems)) if len(sems) == len(rows) and rows else None
 
 
+def _difference_in_se(a: float, sem_a: float | None, b: float, sem_b: float | None) -> float | None:
+    """(a − b) in standard errors of the difference of two independent means; None without both s.e."""
+    if sem_a is None or sem_b is None or np.hypot(sem_a, sem_b) == 0:
+        return None
+    return float((a - b) / np.hypot(sem_a, sem_b))
+
+
 def compute_demo_summary(experiment: str | Path, n_days: int) -> dict:
     """The demo's claims checked on an experiment's ``sensitivity.json`` files.
 
@@ -71,8 +82,12 @@ def compute_demo_summary(experiment: str | Path, n_days: int) -> dict:
       ``truth`` (mean true white-box sensitivity);
     - ``growth``: per ε, the attack estimate (± s.e.) and its noise-free value on the first
       refitted day (day 1; day 0 when there is only one more) and on the last day;
-    - ``attack_beats_baselines``: per ε, pooled over days 1..: mean estimates of each kind and
-      whether the attack's exceeds every baseline's;
+    - ``attack_beats_baselines``: per ε, pooled over days 1..: each kind's mean estimate over
+      site × day records (``means``) and its s.e. (``sems``), the attack's lead over each baseline
+      in s.e. of the difference (``difference_in_se``), whether the attack's mean exceeds every
+      baseline's (``attack_beats_all``) and by more than 2 s.e. (``significant``);
+    - ``smallest_last_day``: the attack bound at the smallest ε on the last day, its s.e., how
+      many s.e. above zero and whether more than 2;
     - ``lower_bound``: site × ε × day attack records: total, ≤ truth, > truth + 2 s.e.
     """
     by_day, records_all = {}, []
@@ -98,15 +113,24 @@ def compute_demo_summary(experiment: str | Path, n_days: int) -> dict:
     later = [r for r in records_all if r["day"] >= 1] or records_all
     beats = {}
     for eps in sorted({r["eps"] for r in later}):
-        mean = {k: float(np.mean([r["estimate"] for r in later if r["kind"] == k and r["eps"] == eps]))
-                for k in ("attack", "gaussian", "interpolation") if any(r["kind"] == k and r["eps"] == eps for r in later)}
-        beats[str(eps)] = {"means": mean, "attack_beats_all": all(mean["attack"] > v for k, v in mean.items() if k != "attack")}
+        pooled = {k: [r for r in later if r["kind"] == k and r["eps"] == eps] for k in ("attack", "gaussian", "interpolation")}
+        mean = {k: float(np.mean([r["estimate"] for r in rows])) for k, rows in pooled.items() if rows}
+        sem = {k: _sem_over_sites(rows) for k, rows in pooled.items() if rows}
+        apart = {k: _difference_in_se(mean["attack"], sem["attack"], mean[k], sem[k]) for k in mean if k != "attack"}
+        beats[str(eps)] = {"means": mean, "sems": sem, "difference_in_se": apart,
+                           "attack_beats_all": all(mean["attack"] > v for k, v in mean.items() if k != "attack"),
+                           "significant": bool(apart) and all(d is not None and d > 2 for d in apart.values())}
+    smallest = min(by_day[n_days - 1]["attack"], key=float)
+    cell = by_day[n_days - 1]["attack"][smallest]
+    above_zero = cell["estimate"] / cell["sem"] if cell["sem"] else None
     attacks = [r for r in records_all if r["kind"] == "attack" and r["truth"] is not None]
     over = [r for r in attacks if r["estimate"] > r["truth"] + 2 * (r["sem"] or 0.0)]
     return {
         "by_day": by_day,
         "growth": growth,
         "attack_beats_baselines": beats,
+        "smallest_last_day": {"eps": float(smallest), "day": n_days - 1, "estimate": cell["estimate"], "sem": cell["sem"],
+                              "above_zero_in_se": above_zero, "significant": above_zero is not None and above_zero > 2},
         "lower_bound": {"n_records": len(attacks), "n_at_or_below_truth": sum(r["estimate"] <= r["truth"] for r in attacks),
                         "n_above_truth_beyond_2_se": len(over)},
     }
@@ -122,7 +146,7 @@ def _cell(value: float | None, sem: float | None = None, *, percent: bool = Fals
 
 def _render(summary: dict, seconds: float, out: Path) -> str:
     budgets = list(summary["by_day"][0]["attack"])
-    lines = [f"closedloop demo: {out} ({seconds:.0f} s)", "",
+    lines = [f"closedloop demo: {out} ({seconds:.0f} s, torch threads: {summary['threads']})", "",
              "Lower bound on the sites' sensitivity, mean over sites (± s.e.), spikes per response window",
              f"{'day':>4}  {'':<16}" + "".join(f"{'eps=' + b:>15}" for b in budgets)]
     for day, table in summary["by_day"].items():
@@ -149,30 +173,67 @@ def _render(summary: dict, seconds: float, out: Path) -> str:
         lines.append(f"bound at eps={eps}: day {g['first_day']} {first['estimate']:.2f} ± {first['sem'] or 0:.2f} -> day "
                      f"{g['last_day']} {last['estimate']:.2f} ± {last['sem'] or 0:.2f}{noise_free}")
     for eps, result in summary["attack_beats_baselines"].items():
-        means = ", ".join(f"{k} {v:.2f}" for k, v in result["means"].items())
-        lines.append(f"eps={eps} (days 1..): {means} -> attack beats baselines: {'yes' if result['attack_beats_all'] else 'NO'}")
+        means = ", ".join(f"{k} {v:.2f} ± {result['sems'][k] or 0:.2f}" for k, v in result["means"].items())
+        apart = ", ".join(f"{k} by {'-' if d is None else format(d, '.1f')} s.e."
+                          for k, d in result["difference_in_se"].items())
+        lines.append(f"eps={eps} (days 1..): {means} -> attack above {apart}; beyond 2 s.e.: "
+                     f"{'yes' if result['significant'] else 'NO'}")
+    low = summary["smallest_last_day"]
+    lines.append(f"bound at the smallest budget on the last day: eps={low['eps']:g} day {low['day']} {low['estimate']:.2f} ± "
+                 f"{low['sem'] or 0:.2f}, {low['above_zero_in_se'] or 0:.1f} s.e. above zero: "
+                 f"{'yes' if low['significant'] else 'NO'}")
     b = summary["lower_bound"]
     lines.append(f"lower bound: {b['n_at_or_below_truth']}/{b['n_records']} site x eps x day estimates <= truth; "
                  f"{b['n_above_truth_beyond_2_se']} above truth by more than 2 s.e.")
+    if summary["probe_seconds"]:
+        lines.append("probes for the report: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["probe_seconds"].items()))
     lines.append(f"report: {summary['report']} (and {out}/day_NNN/report.html per day)")
     return "\n".join(lines)
 
 
-def run_demo(out: str | Path = "daily_runs/demo", *, n_days: int = 4, cache: str | Path | None = None) -> dict:
+def _run_probes(out: Path) -> dict[str, float]:
+    """The probes and the base selection on the demo's experiment, small, so that its report has
+    every section: evolved images (in silico), adversarial patterns, response geometry, and the
+    base model against a random-weight network of its architecture. Returns seconds per probe."""
+    base = read_config(out).model.backbone
+    steps = {
+        "evolve": lambda: write_evolution(out, EvolutionSettings(n_generations=6, n_children=8, seed=0), overwrite=True),
+        "patterns": lambda: write_patterns(out, n_images=16, n_aai=4, n_noise=4, n_steps=10),
+        "geometry": lambda: write_geometry(out, n_images=1, n_grid=9, n_path=3, n_steps=5),
+        "select-base": lambda: write_selection_report(out, [base, "resnet_tiny"], ["layer3.0", "layer4.0"], n_images=48,
+                                                      n_pairs=48),
+    }
+    seconds = {}
+    for name, step in steps.items():
+        logger.info("demo: %s", name)
+        began = time.monotonic()
+        step()
+        seconds[name] = time.monotonic() - began
+    return seconds
+
+
+def run_demo(out: str | Path = "daily_runs/demo", *, n_days: int = 4, cache: str | Path | None = None,
+             threads: int = 2, probes: bool = True) -> dict:
     """Create a fresh demo experiment in ``out`` and run ``n_days`` days. Returns summary and text.
 
     ``cache``: folder of the embedded classifiers (default: ``cache`` beside ``out``, which the
     behavioural pipeline's default config shares); the base model is trained there on first use.
+    ``threads``: torch's threads for the whole run; the demo's numbers are the same on every run
+    with the same thread count (a different count changes the order of floating-point sums, so
+    the numbers move within their errors). ``probes``: end with :func:`_run_probes`.
     """
     out = Path(out)
+    threads = check_integer("threads", threads, minimum=1)
+    torch.set_num_threads(threads)
     start = time.monotonic()
     _prepare(out, Path(cache) if cache is not None else out.parent / "cache")
     for day in range(n_days):
         logger.info("demo: day %d of %d", day, n_days - 1)
         run_day(out, day, rig=RigLauncher())
     summary = compute_demo_summary(out, n_days)
-
+    summary["probe_seconds"] = _run_probes(out) if probes else {}
     report = write_report(out)
     summary["report"] = str(report["html"])
+    summary["threads"] = threads
     seconds = time.monotonic() - start
     return {"summary": {**summary, "seconds": seconds}, "text": _render(summary, seconds, out)}

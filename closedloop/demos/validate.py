@@ -45,9 +45,11 @@ from analysis.report_sections import (
 )
 from closedloop.behavior.models import make_embedded_classifier
 from closedloop.config import CONFIG_NAME, read_config, write_default_config
-from closedloop.core.files import write_json
+from closedloop.core.files import read_json, write_json
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer
+from closedloop.data import layout
+from closedloop.data.layout import day_folder
 from closedloop.day.runner import run_day
 from closedloop.demos.loop import compute_demo_summary
 from rigs.launch import RigLauncher
@@ -64,19 +66,42 @@ VALIDATE_SETTINGS = {
 SUMMARY_NAME = "validation.json"
 
 
-def _prepare(out: Path, cache: Path, changes: dict) -> Path:
-    """Write the fresh experiment; return the standard network (embedded vanilla) for Fig. 1A."""
+def _prepare(out: Path, cache: Path, changes: dict, *, resume: bool) -> Path:
+    """Write the fresh experiment (or, with ``resume``, keep the one in ``out`` when its settings are
+    this campaign's); return the standard network (embedded vanilla) for Fig. 1A."""
     if out.exists() and not (out / CONFIG_NAME).exists():
         raise FileExistsError(f"{out} exists and is not a closedloop experiment; choose another --out")
     robust = make_embedded_classifier("robust", cache)
-    if out.exists():
-        shutil.rmtree(out)
     settings = {section: dict(values) for section, values in VALIDATE_SETTINGS.items()}
     for section, values in changes.items():
         settings.setdefault(section, {}).update(values)
     settings["model"] = {"backbone": str(robust.resolve())}
-    write_default_config(out, preset="demo", changes=settings)
+    if resume and (out / CONFIG_NAME).exists():
+        _check_resumable(out, settings)
+        logger.info("validate: resuming the campaign in %s", out)
+    else:
+        if out.exists():
+            shutil.rmtree(out)
+        write_default_config(out, preset="demo", changes=settings)
     return make_embedded_classifier("vanilla", cache)
+
+
+def _check_resumable(out: Path, settings: dict) -> None:
+    """Refuse to resume a campaign whose experiment.toml differs from ``settings``, naming each key."""
+    config = read_config(out).model_dump()
+    differ = [f"{section}.{key} = {config[section][key]!r} (this campaign: {value!r})"
+              for section, values in settings.items() for key, value in values.items()
+              if config[section][key] != value]
+    if differ:
+        raise ValueError(f"{out} holds another campaign, so --resume cannot continue it: {'; '.join(differ)}; "
+                         "run without --resume to start over there, or choose another --out")
+
+
+def _day_seconds(out: Path, day: int) -> float:
+    """Wall time of a day's finished stages, from their markers (so a resumed campaign counts every day)."""
+    folder = day_folder(out, day)
+    return float(sum(read_json(layout.marker_path(folder, stage)).get("seconds", 0.0) for stage in layout.STAGES
+                     if layout.marker_path(folder, stage).exists()))
 
 
 def compute_validation_targets(summary: dict, categories: dict, records_by_day: dict[int, list[dict]]) -> dict:
@@ -150,28 +175,32 @@ def _normalised_truth(records: list[dict]) -> list[dict]:
 
 
 def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, n_sites: int = 21, steps: int = 20,
-                   cache: str | Path | None = None, device: str = "cpu") -> dict:
+                   cache: str | Path | None = None, device: str = "cpu", resume: bool = False) -> dict:
     """Run the validation campaign into a fresh experiment ``out``; return its summary (also written to
     ``out/validation.json``).
 
     ``n_days``: day 0 plus ``n_days − 1`` refitted days (paper: 6); ``n_sites``: 21 in the paper;
     ``steps``: PGD steps of the loop's attacks (docs/attacks.md: 20 reach ≥ 95% of the 100-step
     objective); ``cache``: folder of the embedded networks (default: ``cache`` beside ``out``).
+    ``resume``: continue the campaign already in ``out`` (its finished stages are kept; refused,
+    naming the keys, when its settings differ) instead of starting over.
     The summary holds ``targets`` (:func:`compute_validation_targets`), the loop summary
-    (``by_day``, ``growth``, …), ``figures`` (PNG paths), ``report`` and ``seconds`` (total and per day).
+    (``by_day``, ``growth``, …), ``figures`` (PNG paths), ``report`` and ``seconds``: ``days`` (each
+    day's stages, from their markers, so a resumed campaign counts every day), ``analysis`` (report
+    and figures), ``total`` (their sum) and ``wall`` (this call, with the first training of the
+    embedded networks).
     """
     out = Path(out)
     n_days = check_integer("n_days", n_days, minimum=2)
     changes = {"sites": {"n_sites": check_integer("n_sites", n_sites, minimum=1)},
                "attack": {"steps": check_integer("steps", steps, minimum=1)}}
     start = time.monotonic()
-    standard = _prepare(out, Path(cache) if cache is not None else out.parent / "cache", changes)
-    day_seconds = []
+    standard = _prepare(out, Path(cache) if cache is not None else out.parent / "cache", changes, resume=resume)
     for day in range(n_days):
         logger.info("validate: day %d of %d", day, n_days - 1)
-        began = time.monotonic()
         run_day(out, day, rig=RigLauncher())
-        day_seconds.append(time.monotonic() - began)
+    day_seconds = [_day_seconds(out, day) for day in range(n_days)]
+    analysis_start = time.monotonic()
     summary = compute_demo_summary(out, n_days)
     days = read_experiment(out)
     last = days[-1]
@@ -182,7 +211,9 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
     report = write_report(out, networks=networks, device=device)
     figures = _write_figures(out, days, networks, device=device)
     result = {"targets": targets, **summary, "report": report["html"], "figures": figures,
-              "seconds": {"total": time.monotonic() - start, "days": day_seconds}}
+              "seconds": {"days": day_seconds, "analysis": time.monotonic() - analysis_start,
+                          "wall": time.monotonic() - start}}
+    result["seconds"]["total"] = sum(day_seconds) + result["seconds"]["analysis"]
     write_json(out / SUMMARY_NAME, result)
     return result
 

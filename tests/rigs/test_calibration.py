@@ -22,11 +22,10 @@ _NOT_REACHABLE = {"sensitivity_position"}
 
 @pytest.fixture(scope="module")
 def networks(request) -> dict:
-    """The demo's base model (the embedded robust resnet_tiny) and its standard sibling, trained
-    once per machine into pytest's cache (about 4–7 min on one core the first time)."""
+    """The demo's base model (the embedded robust resnet_tiny), trained once per machine into
+    pytest's cache (2–4 min on one core the first time)."""
     cache = request.config.cache.mkdir("closedloop-embedded")
-    return {"robust": str(make_embedded_classifier("robust", cache, device="cpu")),
-            "vanilla": str(make_embedded_classifier("vanilla", cache, device="cpu"))}
+    return {"robust": str(make_embedded_classifier("robust", cache, device="cpu"))}
 
 
 def _config(networks: dict, n_sites: int, **sim):

@@ -35,9 +35,22 @@ def test_demo_summary_averages_over_sites_with_their_standard_errors(tmp_path):
     assert (growth["first_day"], growth["last_day"]) == (1, 2)
     assert (growth["first"]["estimate"], growth["last"]["estimate"]) == pytest.approx((0.75, 2.25))
     # pooled over days 1..2: attack 1.5 beats gaussian 0 but not interpolation 1.5
-    assert summary["attack_beats_baselines"]["1.0"]["attack_beats_all"] is False
+    beats = summary["attack_beats_baselines"]["1.0"]
+    assert beats["attack_beats_all"] is False and beats["significant"] is False
+    # s.e. of a mean over 4 site × day records: sqrt(Σ sem²) / 4
+    assert beats["sems"]["attack"] == pytest.approx(np.sqrt(2 * (0.3**2 + 0.4**2)) / 4)
+    assert beats["sems"]["gaussian"] == pytest.approx(0.1)
+    assert beats["difference_in_se"]["gaussian"] == pytest.approx(1.5 / np.hypot(beats["sems"]["attack"], 0.1))
+    assert beats["difference_in_se"]["interpolation"] == pytest.approx(0.0)
+    assert summary["smallest_last_day"] == {"eps": 1.0, "day": 2, "estimate": pytest.approx(2.25),
+                                            "sem": pytest.approx(0.25), "above_zero_in_se": pytest.approx(9.0),
+                                            "significant": True}
     # site 1 on day 2: 3.5 > 2.5 + 2 × 0.4 → the one estimate above its truth beyond 2 s.e.
     assert summary["lower_bound"] == {"n_records": 6, "n_at_or_below_truth": 5, "n_above_truth_beyond_2_se": 1}
-    text = _render(summary | {"report": "r.html"}, 12.0, tmp_path)
-    assert "right direction" in text and "62%" in text and "attack beats baselines: NO" in text
+    text = _render(summary | {"report": "r.html", "threads": 2, "probe_seconds": {"evolve": 3.0}}, 12.0, tmp_path)
+    assert "right direction" in text and "62%" in text and "torch threads: 2" in text
+    assert "attack 1.50 ± 0.18, gaussian 0.00 ± 0.10, interpolation 1.50 ± 0.10 -> attack above gaussian by 7.4 s.e., " \
+           "interpolation by 0.0 s.e.; beyond 2 s.e.: NO" in text
+    assert "bound at the smallest budget on the last day: eps=1 day 2 2.25 ± 0.25, 9.0 s.e. above zero: yes" in text
+    assert "probes for the report: evolve 3 s" in text
     assert "day 1 0.75 ± 0.25 -> day 2 2.25 ± 0.25" in text

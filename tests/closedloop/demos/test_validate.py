@@ -66,3 +66,16 @@ def test_each_target_fails_when_its_condition_fails(tmp_path):
     assert not targets["attacks_beat_baselines"]["met"] and not targets["super_stimuli"]["met"]
     text = format_validation({"targets": targets, "figures": {}, "report": "r.html", "seconds": {"total": 1.0, "days": [1.0]}})
     assert text.count("NOT met") == 4
+
+
+def test_resume_refuses_another_campaign_naming_each_key(tmp_path):
+    """--resume continues only the campaign it would start: a different site count or step count is refused."""
+    from closedloop.config import write_default_config
+    from closedloop.demos.validate import VALIDATE_SETTINGS, _check_resumable
+
+    settings = {section: dict(values) for section, values in VALIDATE_SETTINGS.items()}
+    write_default_config(tmp_path, preset="demo", changes=settings)
+    _check_resumable(tmp_path, settings)  # the same campaign: resumable
+    other = {**settings, "sites": {"n_sites": 4}, "attack": {**settings["attack"], "steps": 5}}
+    with pytest.raises(ValueError, match=r"sites.n_sites = 21 \(this campaign: 4\); attack.steps = 20 \(this campaign: 5\)"):
+        _check_resumable(tmp_path, other)
