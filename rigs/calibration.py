@@ -69,6 +69,7 @@ def compute_twin_calibration(
     n_units: int = 8,
     n_starts: int = 1,
     n_steps: int = 20,
+    curves: bool = True,
     seed: int = 0,
     device="cpu",
 ) -> dict:
@@ -82,7 +83,9 @@ def compute_twin_calibration(
     direction. ``standard``: a standard (not adversarially trained) network of the base model's
     family (name or checkpoint path, e.g. the embedded vanilla ``resnet_tiny`` for the demo's
     robust one); ``n_units`` of its and the base's penultimate units give the sensitivity
-    position (None without ``standard``). Returns ``{"twin": {name: value}, "paper":
+    position (None without ``standard``). ``curves``: also solve the decrease direction for the
+    twin's normalised sensitivity curve (without it, half the work: ``curves`` holds no twin row
+    and the position is None). Returns ``{"twin": {name: value}, "paper":
     PAPER_TARGETS, "in_range": {name: bool}, "curves": [...], "settings": {...}}``; ``curves``
     rows: ``source`` (twin or a network), ``eps``, ``normalized`` (mean s̃ over sites/units).
     """
@@ -107,7 +110,8 @@ def compute_twin_calibration(
     reliability = compute_split_half_reliability(repetitions, np.tile(np.arange(len(clean)), 2), seed=seed)
     attacked = np.concatenate([np.flatnonzero(categories == c)[:n_attacked] for c in names])
     solved = {eps: compute_unit_sensitivity(expected, clean[attacked], eps, n_starts=n_starts, n_steps=n_steps,
-                                            seed=seed, device=device) for eps in BUDGETS}
+                                            directions="both" if curves else "increase", seed=seed, device=device)
+              for eps in BUDGETS}
     crossing, rate_eps10 = [], []
     for site in range(n_sites):
         other = categories[attacked] != preferred[site]
@@ -116,16 +120,16 @@ def compute_twin_calibration(
         crossing.append(compute_crossing_eps([0.0, *BUDGETS], curve, float(preferred_mean[site])))
         rate_eps10.append(curve[-1] / window_length)
     sigma = counts.std(axis=0, ddof=1)
-    curves = [{"source": "twin", "eps": eps, "normalized": float((solved[eps].sensitivity.mean(axis=0) / sigma).mean())}
-              for eps in BUDGETS]
+    rows = [{"source": "twin", "eps": eps, "normalized": float((solved[eps].sensitivity.mean(axis=0) / sigma).mean())}
+            for eps in BUDGETS] if curves else []
     position = None
-    if standard:
+    if standard and curves:
         networks = {"robust": config.model.backbone, "standard": standard}
         units = compute_network_sensitivity(networks, clean, BUDGETS, n_units=n_units, n_images=len(attacked),
                                             n_starts=n_starts, n_steps=n_steps, trust=config.model.trust_checkpoint,
                                             seed=seed, device=device)["mean"]
-        curves += [{"source": row["network"], "eps": row["eps"], "normalized": row["mean"]} for row in units]
-        position = _position(curves)
+        rows += [{"source": row["network"], "eps": row["eps"], "normalized": row["mean"]} for row in units]
+        position = _position(rows)
     crossed = [value for value in crossing if value is not None]
     twin = {
         "baseline_hz": float(sites.baseline_hz.mean()),
@@ -144,9 +148,9 @@ def compute_twin_calibration(
     in_range = {name: twin[name] is not None and target["low"] <= twin[name] <= target["high"]
                 for name, target in PAPER_TARGETS.items()}
     settings = {"n_sites": n_sites, "per_photo": per_photo, "n_attacked_per_photo": n_attacked, "n_units": n_units,
-                "n_starts": n_starts, "n_steps": n_steps, "seed": seed, "budgets": list(BUDGETS),
+                "n_starts": n_starts, "n_steps": n_steps, "curves": curves, "seed": seed, "budgets": list(BUDGETS),
                 "sim": config.sim.model_dump(), "backbone": config.model.backbone, "standard": standard}
-    return {"twin": twin, "paper": PAPER_TARGETS, "in_range": in_range, "curves": curves, "settings": settings}
+    return {"twin": twin, "paper": PAPER_TARGETS, "in_range": in_range, "curves": rows, "settings": settings}
 
 
 def _position(curves: list[dict]) -> float | None:

@@ -17,7 +17,14 @@ import torch
 
 from closedloop.attacks.engine import compute_pgd, compute_predictions
 from closedloop.core.logs import progress
-from closedloop.core.validation import check_device, check_indices, check_integer, check_number, check_uint8_images
+from closedloop.core.validation import (
+    check_device,
+    check_indices,
+    check_integer,
+    check_number,
+    check_option,
+    check_uint8_images,
+)
 from closedloop.images import to_tensor
 
 __all__ = ["UnitSensitivity", "compute_unit_sensitivity"]
@@ -31,7 +38,8 @@ class UnitSensitivity:
 
     ``increase``: best h_i(x + δ) − h_i(x) found (≥ 0); ``decrease``: best h_i(x) − h_i(x + δ)
     (≥ 0); ``sensitivity``: their maximum, s_i(x, ε); ``clean``: h_i(x); ``units``: (n_units,)
-    indices of the units in the flattened output of ``unit_fn``.
+    indices of the units in the flattened output of ``unit_fn``. A direction that was not solved
+    (``directions``) is NaN, and so is ``sensitivity``.
     """
 
     sensitivity: np.ndarray
@@ -57,6 +65,7 @@ def compute_unit_sensitivity(
     step_shrink: float = 0.9,
     n_step_resets: int = 4,
     batch_size: int = 0,
+    directions: str = "both",
     seed: int = 0,
     device="cpu",
 ) -> UnitSensitivity:
@@ -68,7 +77,9 @@ def compute_unit_sensitivity(
     flattened output (default all). Each (image, unit, direction) is solved from ``n_starts``
     random starts (on the 2ε sphere) for ``n_steps`` steps in total, half in the 2ε ball and half
     in the ε ball. ``step_shrink`` / ``n_step_resets``: the adaptive step (paper: 0.9 / 4).
-    ``batch_size``: problems per batch (0: 16). Returns :class:`UnitSensitivity`.
+    ``batch_size``: problems per batch (0: 16). ``directions``: "both" (s_i), or only
+    "increase" or "decrease" (half the work; the other direction and s_i are NaN). Returns
+    :class:`UnitSensitivity`.
     """
     if not isinstance(unit_fn, torch.nn.Module):
         raise TypeError(f"'unit_fn' must be a torch.nn.Module returning unit activations, but got {type(unit_fn).__name__}.")
@@ -78,6 +89,8 @@ def compute_unit_sensitivity(
     eps = check_number("eps", eps, minimum=0.0, inclusive=False)
     n_starts = check_integer("n_starts", n_starts, minimum=1)
     n_steps = check_integer("n_steps", n_steps, minimum=2)
+    check_option("directions", directions, ["both", "increase", "decrease"])
+    solved = {"both": (0, 1), "increase": (0,), "decrease": (1,)}[directions]
     batch_size = check_integer("batch_size", batch_size, minimum=0) or _CPU_BATCH
     device = check_device("device", device)
     unit_fn.to(device)
@@ -88,10 +101,11 @@ def compute_unit_sensitivity(
     # one row per (image, unit, direction, start); direction 0 = increase (minimise −h), 1 = decrease
     image_of, unit_of, direction_of, _ = (a.ravel() for a in np.indices((n_images, n_units, 2, n_starts)))
     sign_of = np.where(direction_of == 0, -1.0, 1.0)
-    reached = np.empty(len(image_of))
+    reached = np.full(len(image_of), np.nan)
+    wanted = np.flatnonzero(np.isin(direction_of, solved))
     generator = torch.Generator().manual_seed(check_integer("seed", seed, minimum=0))
     first_steps = n_steps // 2
-    batches = [np.arange(b, min(b + batch_size, len(image_of))) for b in range(0, len(image_of), batch_size)]
+    batches = [wanted[b:b + batch_size] for b in range(0, len(wanted), batch_size)]
     for rows in progress(batches, description="white-box sensitivity"):
         images = to_tensor(clean_uint8[image_of[rows]], device)
         sign = torch.as_tensor(sign_of[rows], dtype=torch.float32, device=device)
@@ -102,8 +116,8 @@ def compute_unit_sensitivity(
         reached[rows] = (final.loss * sign).cpu().numpy()  # h_i(x + δ)
     reached = reached.reshape(n_images, n_units, 2, n_starts)
     at_clean = clean[:, units]
-    increase = np.maximum(reached[:, :, 0].max(axis=2) - at_clean, 0.0)
-    decrease = np.maximum(at_clean - reached[:, :, 1].min(axis=2), 0.0)
+    increase = np.fmax(reached[:, :, 0].max(axis=2) - at_clean, 0.0) if 0 in solved else np.full_like(at_clean, np.nan)
+    decrease = np.fmax(at_clean - reached[:, :, 1].min(axis=2), 0.0) if 1 in solved else np.full_like(at_clean, np.nan)
     return UnitSensitivity(
         sensitivity=np.maximum(increase, decrease), increase=increase, decrease=decrease, clean=at_clean, units=units
     )

@@ -199,7 +199,7 @@ def _run_probes(out: Path) -> dict[str, float]:
     steps = {
         "evolve": lambda: write_evolution(out, EvolutionSettings(n_generations=6, n_children=8, seed=0), overwrite=True),
         "patterns": lambda: write_patterns(out, n_images=16, n_aai=4, n_noise=4, n_steps=10),
-        "geometry": lambda: write_geometry(out, n_images=1, n_grid=9, n_path=3, n_steps=5),
+        "geometry": lambda: write_geometry(out, n_images=2, n_grid=9, n_path=3, n_steps=5),
         "select-base": lambda: write_selection_report(out, [base, "resnet_tiny"], ["layer3.0", "layer4.0"], n_images=48,
                                                       n_pairs=48),
     }

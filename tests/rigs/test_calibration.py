@@ -36,7 +36,7 @@ def _config(networks: dict, n_sites: int, **sim):
 def test_calibrated_twin_matches_the_paper(networks):
     """The README's table: 21 sites, 20 solver steps (the sites' sensitivities spread widely, so a
     handful of sites cannot check the mean: 6 sites at 10 steps crossed none)."""
-    result = compute_twin_calibration(_config(networks, 21), n_steps=20)
+    result = compute_twin_calibration(_config(networks, 21), n_steps=20, curves=False)  # the increase attacks suffice
     twin = result["twin"]
     assert set(PAPER_TARGETS) <= set(twin) and {"crossing_eps", "rate_eps10_hz", "preferred_hz"} <= set(twin)
     out_of_range = {name: twin[name] for name, ok in result["in_range"].items() if not ok and name not in _NOT_REACHABLE}

@@ -31,6 +31,21 @@ def test_linear_units_reach_the_exact_sensitivity():
     np.testing.assert_allclose(result.sensitivity, np.maximum(result.increase, result.decrease))
 
 
+def test_one_direction_solves_only_that_direction():
+    torch.manual_seed(1)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 3))
+    clean = np.full((2, SIZE, SIZE, 3), 128, np.uint8)
+    exact = 0.5 * linear[1].weight.detach().norm(dim=1).numpy()
+    up = compute_unit_sensitivity(linear, clean, 0.5, n_starts=2, n_steps=30, directions="increase")
+    np.testing.assert_allclose(up.increase, np.broadcast_to(exact, (2, 3)), rtol=1e-3)
+    assert np.isnan(up.decrease).all() and np.isnan(up.sensitivity).all()
+    down = compute_unit_sensitivity(linear, clean, 0.5, n_starts=2, n_steps=30, directions="decrease")
+    np.testing.assert_allclose(down.decrease, np.broadcast_to(exact, (2, 3)), rtol=1e-3)
+    assert np.isnan(down.increase).all()
+    with pytest.raises(ValueError, match="'directions'"):
+        compute_unit_sensitivity(linear, clean, 0.5, directions="up")
+
+
 def test_whitebox_finds_at_least_what_plain_pgd_finds():
     net = _net()
     clean = np.random.default_rng(0).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
