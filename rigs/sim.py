@@ -1,8 +1,8 @@
 """The simulated IT rig: a digital twin of the monkey, the display and the Blackrock NSP.
 
-Its sites are units of a hidden network (:func:`make_hidden_sites`: a noisy copy of the
-experiment's base network with a per-site readout, see :class:`HiddenSites`) whose output is turned into firing
-rates (tens of Hz at baseline, hundreds for strong responses). For each presentation the
+Its sites are units of a hidden network (:func:`make_hidden_sites`: a copy of the experiment's
+base network mixed with a non-robust network, with a per-site readout, see :class:`HiddenSites`)
+whose output is turned into firing rates (tens of Hz at baseline, hundreds for strong responses). For each presentation the
 presenter draws Poisson spike trains on the 30 kHz NSP clock: baseline rate, then the
 stimulus-driven rate from ``latency_s`` after onset for ``on_s``; a fixation break (probability
 ``fixation_break_rate``) leaves only the baseline. Like a Utah array, a day may record electrodes
@@ -239,9 +239,10 @@ class ExpectedCounts(nn.Module):
 def make_hidden_sites(n_sites: int, seed: int, **base) -> HiddenSites:
     """The simulated rig's sites: a :class:`HiddenSites` with ``n_sites`` units built from ``seed``.
 
-    ``base``: the base network the monkey resembles (``backbone``, ``layer``, ``base_seed``,
-    ``weight_noise``, ``trust``, ``driven_fraction``, ``undriven_gain``; see :class:`HiddenSites`), e.g. from
-    :func:`compute_hidden_site_options`.
+    ``base``: the networks the monkey resembles and how (``backbone``, ``layer``, ``base_seed``,
+    ``weight_noise``, ``nonrobust_backbone``, ``nonrobust_fraction``, ``nonrobust_input_size``,
+    ``threshold``, ``trust``, ``driven_fraction``, ``undriven_gain``; see :class:`HiddenSites`),
+    e.g. from :func:`compute_hidden_site_options`.
     """
     return HiddenSites(check_integer("n_sites", n_sites, minimum=1), check_integer("seed", seed, minimum=0), **base)
 

@@ -3,17 +3,20 @@
 ``closedloop demo`` creates a fresh experiment (demo preset: embedded images; base model the
 adversarially trained ``resnet_tiny`` of the embedded behavioural default (L2 ε = 3, 56 px
 inside), trained once into the cache folder, as the paper's base model is an adversarially
-trained network; the simulated IT rig on loopback, whose sites read out a noisy copy of that
-base network, with CURVE keys made for the run), runs days 0..N−1 with
-:func:`closedloop.day.runner.run_day`, writes the experiment report, and summarises what the loop must
-show, each checked against the simulated monkey's known truth:
+trained network; the simulated IT rig on loopback, the twin calibrated to the paper (its sites
+read that base network mixed with a non-robust one, docs/riglink.md), with CURVE keys made for
+the run), runs days 0..N−1 with :func:`closedloop.day.runner.run_day` on a set number of torch
+threads, summarises what the loop must show (:func:`compute_demo_summary`), runs the probes and
+the base selection small (:func:`_run_probes`) and writes the experiment report with every
+section. The summary checks each claim against the simulated monkey's known truth:
 
 1. the model learns the sites: the fraction of attacks whose predicted direction was the true
-   one, and the bound's noise-free value (the estimator on the sites' expected counts), rise
-   from day 0 (random readout) to the last day; the measured bound follows the noise-free value
-   within its standard error;
-2. model-guided attacks beat the Gaussian and interpolation baselines at the budgets where the
-   sites move by more than the response noise;
+   one rises from day 0 (random readout), and the bound (and its noise-free value, the
+   estimator on the sites' expected counts) grows from the first refitted day to the last; the
+   measured bound follows the noise-free value within its standard error;
+2. model-guided attacks beat the Gaussian and interpolation baselines, pooled over days 1..,
+   by more than 2 standard errors of the difference, and the smallest budget's bound on the
+   last day is more than 2 standard errors above zero;
 3. every site's estimate stays at or below its true sensitivity, within sampling error
    (estimate ≤ truth + 2 standard errors).
 """
