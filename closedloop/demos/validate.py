@@ -71,6 +71,8 @@ def _prepare(out: Path, cache: Path, changes: dict, *, resume: bool) -> Path:
     this campaign's); return the standard network (embedded vanilla) for Fig. 1A."""
     if out.exists() and not (out / CONFIG_NAME).exists():
         raise FileExistsError(f"{out} exists and is not a closedloop experiment; choose another --out")
+    if resume and (out / CONFIG_NAME).exists():
+        read_config(out)  # a malformed experiment.toml fails here, before minutes of training
     robust = make_embedded_classifier("robust", cache)
     settings = {section: dict(values) for section, values in VALIDATE_SETTINGS.items()}
     for section, values in changes.items():

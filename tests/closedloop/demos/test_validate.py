@@ -79,3 +79,16 @@ def test_resume_refuses_another_campaign_naming_each_key(tmp_path):
     other = {**settings, "sites": {"n_sites": 4}, "attack": {**settings["attack"], "steps": 5}}
     with pytest.raises(ValueError, match=r"sites.n_sites = 21 \(this campaign: 4\); attack.steps = 20 \(this campaign: 5\)"):
         _check_resumable(tmp_path, other)
+
+
+@pytest.mark.timeout(60)
+def test_resume_of_a_malformed_experiment_fails_before_any_training(tmp_path):
+    """A broken experiment.toml is an error in seconds, not after minutes of training the networks."""
+    from closedloop.demos.validate import run_validation
+
+    out = tmp_path / "validate"
+    out.mkdir()
+    (out / "experiment.toml").write_text("not = [toml")
+    with pytest.raises(ValueError, match="experiment.toml"):
+        run_validation(out, resume=True, cache=tmp_path / "empty-cache")
+    assert not (tmp_path / "empty-cache").exists()
