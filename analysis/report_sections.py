@@ -407,10 +407,12 @@ def compute_networks(experiment: Path, days: list[ExperimentDay], options: Netwo
     return NetworkData(sources, result, options, len(images))
 
 
-def make_networks_figure(data: NetworkData, recorded: list[dict], day: int, *, truth: list[dict] | None = None):
+def make_networks_figure(data: NetworkData, recorded: list[dict], day: int, *, truth: list[dict] | None = None,
+                         ceiling: list[dict] | None = None):
     """Each network's mean ± s.d. unit sensitivity against ε beside ``recorded``, section 1's mean
     curve of the sites' lower bound on ``day`` (rows of ``eps``, ``mean``, ``sd``, ``n_sites``), and,
-    on a simulated rig, ``truth``: the sites' mean normalised white-box sensitivity (rows of ``eps``, ``mean``)."""
+    on a simulated rig, ``truth``: the sites' mean normalised white-box sensitivity, and ``ceiling``:
+    the noise-free bound had the best model of the loop's class made the attacks (rows of ``eps``, ``mean``)."""
     figure, axes = make_figure(8, 4.6)
     recorded = [r for r in recorded if r["mean"] is not None]
     axes.errorbar([r["eps"] for r in recorded], [r["mean"] for r in recorded], yerr=[r["sd"] for r in recorded], color="tab:red",
@@ -418,6 +420,9 @@ def make_networks_figure(data: NetworkData, recorded: list[dict], day: int, *, t
     if truth:
         axes.plot([r["eps"] for r in truth], [r["mean"] for r in truth], color="tab:red", ls="--", marker="*",
                   label="simulated sites' truth (white-box)")
+    if ceiling:
+        axes.plot([r["eps"] for r in ceiling], [r["mean"] for r in ceiling], color="tab:red", ls=":", marker="s",
+                  label="best model of the loop's class (noise-free bound)")
     for label, color in zip(data.sources, _NETWORK_COLORS):
         rows = [r for r in data.result["mean"] if r["network"] == label]
         axes.errorbar([r["eps"] for r in rows], [r["mean"] for r in rows], yerr=[r["sd"] for r in rows], color=color,

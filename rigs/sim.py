@@ -139,18 +139,24 @@ class HiddenSites(nn.Module):
             preferred_rectified = by_category.max(dim=0).values.clamp_min(1e-6)
             self.gain_hz.copy_((self.preferred_hz - self.baseline_hz) / preferred_rectified)
 
-    def _mixed(self, images: torch.Tensor) -> torch.Tensor:
+    def _mixed(self, images: torch.Tensor, base_share_only: bool = False) -> torch.Tensor:
         z = self.readouts[0](images)
         if len(self.readouts) == 1:
             return z
         m = self.nonrobust_fraction
-        return math.sqrt(1.0 - m) * z + math.sqrt(m) * self.readouts[1](images)
+        # the non-robust drive is standardised over natural images, so 0 is its mean
+        nonrobust = 0.0 if base_share_only else self.readouts[1](images)
+        return math.sqrt(1.0 - m) * z + math.sqrt(m) * nonrobust
 
-    def _standardised(self, images: torch.Tensor) -> torch.Tensor:
-        return (self._mixed(images) - self.mean) / self.std
+    def _standardised(self, images: torch.Tensor, base_share_only: bool = False) -> torch.Tensor:
+        return (self._mixed(images, base_share_only) - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.baseline_hz + self.gain * self.gain_hz * F.softplus(self._standardised(images) - self.threshold)
+    def forward(self, images: torch.Tensor, *, base_share_only: bool = False) -> torch.Tensor:
+        """Rates, Hz (n_images, n_sites). ``base_share_only``: the non-robust network's drive held at
+        its mean over natural images (0), leaving what the loop's model class can represent exactly
+        (validation only: :func:`rigs.truth.compute_class_ceiling`)."""
+        drive = self._standardised(images, base_share_only)
+        return self.baseline_hz + self.gain * self.gain_hz * F.softplus(drive - self.threshold)
 
 
 def load_nonrobust_backbone(source: str, layer: str, *, input_size: int = 0, trust: bool = False,
@@ -223,17 +229,21 @@ class ExpectedCounts(nn.Module):
     when they follow the stimulus-driven rate of ``sites``; the expected count in the window
     [start, stop) is baseline × (time outside the driven period) + rate × (time inside). This is
     the truth the validation compares the lower bound with; the loop never reads it.
+    ``base_share_only``: the counts of the sites' base-network share alone (see :class:`HiddenSites`).
     """
 
-    def __init__(self, sites: HiddenSites, *, window_s, on_s: float = 0.1, latency_s: float = DEFAULT_LATENCY_S):
+    def __init__(self, sites: HiddenSites, *, window_s, on_s: float = 0.1, latency_s: float = DEFAULT_LATENCY_S,
+                 base_share_only: bool = False):
         super().__init__()
         start, stop = window_s
         self.sites = sites
+        self.base_share_only = base_share_only
         self.driven_s = max(0.0, min(stop, latency_s + on_s) - max(start, latency_s))
         self.baseline_s = (stop - start) - self.driven_s
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.sites.baseline_hz * self.baseline_s + self.sites(images) * self.driven_s
+        rates = self.sites(images, base_share_only=self.base_share_only)
+        return self.sites.baseline_hz * self.baseline_s + rates * self.driven_s
 
 
 def make_hidden_sites(n_sites: int, seed: int, **base) -> HiddenSites:

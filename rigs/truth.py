@@ -5,8 +5,9 @@ budget ε over the clean images it was attacked on, E_x max_{‖δ‖<ε} |r_i(x
 r_i the expected spike count per response window of the hidden site (:class:`rigs.sim.ExpectedCounts`),
 solved by the white-box solver (:func:`closedloop.attacks.whitebox.compute_unit_sensitivity`), and the
 hidden sites' noise-free expected counts of every stimulus shown, and which sites are visually
-driven (``[sim] driven_fraction``). Only the
-estimate stage of a simulated day, the validation reports and the tests call this; the loop never uses it.
+driven (``[sim] driven_fraction``), and the class ceiling: the bound that attacks made by the
+best model of the loop's class would give. Only the estimate stage of a simulated day, the
+validation reports and the tests call this; the loop never uses it.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from typing import NamedTuple
 import numpy as np
 
 from closedloop.attacks.engine import compute_predictions
+from closedloop.attacks.sites import make_site_attacks
 from closedloop.attacks.whitebox import compute_unit_sensitivity
 from closedloop.config import ExperimentConfig
 from closedloop.data.store import open_store
 from rigs.sim import ExpectedCounts, compute_hidden_site_options, compute_site_gains, make_hidden_sites
 
-__all__ = ["SimTruth", "compute_sim_truth", "compute_driven_sites"]
+__all__ = ["SimTruth", "compute_sim_truth", "compute_driven_sites", "compute_class_ceiling",
+           "compute_day_class_ceiling"]
 
 _CHUNK = 256  # stimuli read and evaluated at a time
 
@@ -79,3 +82,49 @@ def compute_driven_sites(config: ExperimentConfig) -> np.ndarray:
     """
     sim = config.sim
     return compute_site_gains(config.sites.n_sites, sim.seed, sim.driven_fraction, sim.undriven_gain) == 1.0
+
+
+def compute_class_ceiling(config: ExperimentConfig, clean_uint8: np.ndarray, image_index, site, eps, *, seed: int,
+                          device="cpu") -> np.ndarray:
+    """What the best model of the loop's class would have measured, without response noise.
+
+    The loop's model is the base backbone with a readout, so the most it can know of a simulated
+    site is the site's base-network share (:class:`rigs.sim.HiddenSites` with the non-robust drive
+    held at its mean). Job j attacks that share of site ``site[j]`` on image
+    ``clean_uint8[image_index[j]]`` (uint8 (n_images, H, W, 3)) within ``eps[j]`` with the loop's
+    own attack (:func:`closedloop.attacks.sites.make_site_attacks`: ``[attack]`` steps and step
+    ratio, fp32); the three broadcast to (n_jobs,). Returns float64 (n_jobs,): the estimator's
+    signed change sign(f(x) − f(x+δ)) · (r(x) − r(x+δ)), spikes per window, with f the share and
+    r the sites' full expected counts. Its mean over a site's images is the ceiling of the loop's
+    noise-free bound for a perfectly fitted readout; what lies between it and the truth only a
+    model outside the class could reach.
+    """
+    image_index, site, eps = (np.asarray(a) for a in np.broadcast_arrays(image_index, site, eps))
+    sites = make_hidden_sites(config.sites.n_sites, config.sim.seed, **compute_hidden_site_options(config))
+    window = {"window_s": config.response.window_s, "on_s": config.rsvp.on_s}
+    share = ExpectedCounts(sites, **window, base_share_only=True).to(device)
+    counts = ExpectedCounts(sites, **window).to(device)
+    attacks = make_site_attacks(share, clean_uint8, image_index, site, eps, n_steps=config.attack.steps,
+                                step_ratio=config.attack.step_ratio, seed=seed, device=device, precision="fp32")
+    jobs = np.arange(len(site))
+    clean_counts = compute_predictions(counts, clean_uint8, device=device).astype(np.float64)
+    shown_counts = np.concatenate([
+        compute_predictions(counts, attacks.pixels[start:start + _CHUNK], device=device)
+        for start in range(0, len(jobs), _CHUNK)
+    ]).astype(np.float64)
+    sign = np.sign(attacks.predicted_clean[jobs, site] - attacks.predicted[jobs, site])
+    return sign * (clean_counts[image_index, site] - shown_counts[jobs, site])
+
+
+def compute_day_class_ceiling(config: ExperimentConfig, store_path: str | Path, *, seed: int, device="cpu") -> dict:
+    """:func:`compute_class_ceiling` for every attack job of a day store (its clean parent, site
+    and ε): ``{(site, eps): mean over the site's attacked images}``, spikes per window."""
+    store = open_store(store_path)
+    stimuli = store.read_stimuli(pixels=False)
+    attack = np.flatnonzero(stimuli["kind"] == "attack")
+    parents = np.unique(stimuli["parent"][attack])
+    site, eps = stimuli["site"][attack].astype(np.int64), stimuli["eps"][attack].astype(np.float64)
+    change = compute_class_ceiling(config, store.read_pixels(parents), np.searchsorted(parents, stimuli["parent"][attack]),
+                                   site, eps, seed=seed, device=device)
+    return {(int(s), float(e)): float(change[(site == s) & (eps == e)].mean())
+            for s, e in sorted(set(zip(site.tolist(), eps.tolist())))}

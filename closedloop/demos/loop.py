@@ -6,7 +6,8 @@ inside), trained once into the cache folder, as the paper's base model is an adv
 trained network; the simulated IT rig on loopback, the twin calibrated to the paper (its sites
 read that base network mixed with a non-robust one, docs/riglink.md), with CURVE keys made for
 the run), runs days 0..N−1 with :func:`closedloop.day.runner.run_day` on a set number of torch
-threads, summarises what the loop must show (:func:`compute_demo_summary`), runs the probes and
+threads, summarises what the loop must show (:func:`compute_demo_summary`) and how far the last
+day's bound lies from what its model class allows (:func:`compute_ceiling_summary`), runs the probes and
 the base selection small (:func:`_run_probes`) and writes the experiment report with every
 section. The summary checks each claim against the simulated monkey's known truth:
 
@@ -42,6 +43,7 @@ from closedloop.day.runner import run_day
 from closedloop.probes.evolution import EvolutionSettings
 from closedloop.probes.run import write_evolution, write_geometry, write_patterns
 from rigs.launch import RigLauncher
+from rigs.truth import compute_day_class_ceiling
 
 __all__ = ["run_demo", "compute_demo_summary"]
 
@@ -147,6 +149,39 @@ def _cell(value: float | None, sem: float | None = None, *, percent: bool = Fals
     return f"{value:>8.2f} ± {sem:<4.2f}" if sem is not None else f"{value:>8.2f}       "
 
 
+def compute_ceiling_summary(experiment: str | Path, day: int, *, device="cpu") -> dict:
+    """Where a simulated day's bound stands between what the loop's model class allows and the truth.
+
+    Per ε (key ``str(eps)``), means over the attacked sites, spikes per window: ``noise_free``
+    (the loop's bound on the sites' expected counts), ``ceiling`` (the same estimator had the best
+    model of the loop's class made the attacks: :func:`rigs.truth.compute_day_class_ceiling`,
+    seed 0) and ``truth`` (white-box); ``ceiling_normalized``: mean over sites of ceiling / σ (the
+    bound's normalisation, for Fig. 1A). Validation only (the simulated rig's sites).
+    """
+    folder = day_folder(experiment, day)
+    config = read_config(folder / layout.CONFIG)
+    ceiling = compute_day_class_ceiling(config, folder / layout.STORE, seed=0, device=device)
+    rows = [r for r in read_json(folder / layout.SENSITIVITY) if r["kind"] == "attack" and (r["site"], r["eps"]) in ceiling]
+    summary = {}
+    for eps in sorted({r["eps"] for r in rows}):
+        chosen = [r for r in rows if r["eps"] == eps]
+        summary[str(eps)] = {
+            "noise_free": _mean_over_sites(chosen, "expected"),
+            "ceiling": float(np.mean([ceiling[(r["site"], eps)] for r in chosen])),
+            "truth": _mean_over_sites(chosen, "truth"),
+            "ceiling_normalized": float(np.mean([ceiling[(r["site"], eps)] / r["sigma"] for r in chosen if r["sigma"]])),
+        }
+    return summary
+
+
+def format_ceiling(ceiling: dict, day: int) -> str:
+    """One line per ε of :func:`compute_ceiling_summary`: the loop's noise-free bound, the class ceiling, the truth."""
+    lines = [f"model class on day {day}, noise-free: the loop's bound / the best model of its class (the base network, "
+             "perfect readout) / truth, spikes per window"]
+    lines += [f"  eps={eps}: {c['noise_free']:.2f} / {c['ceiling']:.2f} / {c['truth']:.2f}" for eps, c in ceiling.items()]
+    return "\n".join(lines)
+
+
 def _render(summary: dict, seconds: float, out: Path) -> str:
     budgets = list(summary["by_day"][0]["attack"])
     lines = [f"closedloop demo: {out} ({seconds:.0f} s, torch threads: {summary['threads']})", "",
@@ -185,6 +220,8 @@ def _render(summary: dict, seconds: float, out: Path) -> str:
     lines.append(f"bound at the smallest budget on the last day: eps={low['eps']:g} day {low['day']} {low['estimate']:.2f} ± "
                  f"{low['sem'] or 0:.2f}, {low['above_zero_in_se'] or 0:.1f} s.e. above zero: "
                  f"{'yes' if low['significant'] else 'NO'}")
+    if summary.get("class_ceiling"):
+        lines.append(format_ceiling(summary["class_ceiling"], max(summary["by_day"])))
     b = summary["lower_bound"]
     lines.append(f"lower bound: {b['n_at_or_below_truth']}/{b['n_records']} site x eps x day estimates <= truth; "
                  f"{b['n_above_truth_beyond_2_se']} above truth by more than 2 s.e.")
@@ -234,6 +271,8 @@ def run_demo(out: str | Path = "daily_runs/demo", *, n_days: int = 4, cache: str
         logger.info("demo: day %d of %d", day, n_days - 1)
         run_day(out, day, rig=RigLauncher())
     summary = compute_demo_summary(out, n_days)
+    logger.info("demo: the model class's ceiling on day %d", n_days - 1)
+    summary["class_ceiling"] = compute_ceiling_summary(out, n_days - 1)
     summary["probe_seconds"] = _run_probes(out) if probes else {}
     report = write_report(out)
     summary["report"] = str(report["html"])

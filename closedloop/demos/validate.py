@@ -51,7 +51,7 @@ from closedloop.core.validation import check_integer
 from closedloop.data import layout
 from closedloop.data.layout import day_folder
 from closedloop.day.runner import run_day
-from closedloop.demos.loop import compute_demo_summary
+from closedloop.demos.loop import compute_ceiling_summary, compute_demo_summary, format_ceiling
 from rigs.launch import RigLauncher
 
 __all__ = ["VALIDATE_SETTINGS", "run_validation", "compute_validation_targets", "format_validation"]
@@ -149,15 +149,18 @@ def compute_validation_targets(summary: dict, categories: dict, records_by_day: 
             "super_stimuli": super_stimuli}
 
 
-def _write_figures(out: Path, days, networks: NetworkOptions, *, device: str) -> dict[str, str]:
-    """Fig. 1A (bound vs truth vs network units, last day), Fig. 5 (progress), Fig. 2C (super-stimuli) as PNGs."""
+def _write_figures(out: Path, days, networks: NetworkOptions, ceiling: dict, *, device: str) -> dict[str, str]:
+    """Fig. 1A (bound vs class ceiling vs truth vs network units, last day), Fig. 5 (progress), Fig. 2C
+    (super-stimuli) as PNGs; ``ceiling``: :func:`closedloop.demos.loop.compute_ceiling_summary` of the last day."""
     folder = out / "validation_figures"
     folder.mkdir(exist_ok=True)
     last = days[-1]
     sensitivity = compute_sensitivity(last)
     data: NetworkData | None = compute_networks(out, days, networks, seed=0, device=device)
     truth = _normalised_truth(last.records)
-    figures = {"fig1a": make_networks_figure(data, sensitivity["curves"]["mean"], last.day, truth=truth),
+    normalised_ceiling = [{"eps": float(eps), "mean": c["ceiling_normalized"]} for eps, c in ceiling.items()]
+    figures = {"fig1a": make_networks_figure(data, sensitivity["curves"]["mean"], last.day, truth=truth,
+                                             ceiling=normalised_ceiling),
                "fig5": make_progress_figure(compute_progress({d.day: d.records for d in days})),
                "fig2c": make_categories_figure(
                    compute_category_preference([last.responses], window_length_s=last.window_length_s),
@@ -210,9 +213,10 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
     targets = compute_validation_targets(summary, categories, {d.day: d.records for d in days})
     networks = NetworkOptions(networks=[read_config(out).model.backbone, str(standard)], n_units=8, n_images=4,
                               n_starts=1, n_steps=20)
+    ceiling = compute_ceiling_summary(out, last.day, device=device)
     report = write_report(out, networks=networks, device=device)
-    figures = _write_figures(out, days, networks, device=device)
-    result = {"targets": targets, **summary, "report": report["html"], "figures": figures,
+    figures = _write_figures(out, days, networks, ceiling, device=device)
+    result = {"targets": targets, **summary, "class_ceiling": ceiling, "report": report["html"], "figures": figures,
               "seconds": {"days": day_seconds, "analysis": time.monotonic() - analysis_start,
                           "wall": time.monotonic() - start}}
     result["seconds"]["total"] = sum(day_seconds) + result["seconds"]["analysis"]
@@ -239,6 +243,7 @@ def format_validation(result: dict) -> str:
         f"{g['difference_in_se'] or 0:.1f} s.e.; target >= 2x beyond 2 s.e.) -> {mark[g['met']]}",
         f"attacks >= 3x baselines on the last day: {by_eps} -> {mark[t['attacks_beat_baselines']['met']]}",
         f"super-stimuli at eps=10 on the last day: {s['n_super_stimulus_at_eps10']} of {s['n_sites']} sites -> {mark[s['met']]}",
+        *([format_ceiling(result["class_ceiling"], g["last_day"])] if result.get("class_ceiling") else []),
         f"figures: {', '.join(result['figures'].values())}",
         f"report: {result['report']}",
     ]

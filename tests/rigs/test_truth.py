@@ -1,0 +1,70 @@
+"""The simulated rig's truth for validation: the class ceiling (what the best model of the loop's
+class would measure) against the base share it attacks and the white-box truth it must stay under."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from closedloop.attacks.whitebox import compute_unit_sensitivity
+from closedloop.config import build_config
+from closedloop.images import make_embedded_image_set
+from rigs.sim import ExpectedCounts, compute_hidden_site_options, make_hidden_sites
+from rigs.truth import compute_class_ceiling
+
+pytestmark = pytest.mark.timeout(300)
+
+_WINDOW = {"window_s": (0.07, 0.17), "on_s": 0.1}
+
+
+def _config(**sim):
+    """A small twin on random-weight resnet_tiny networks (no training)."""
+    return build_config({"model": {"backbone": "resnet_tiny"}, "sites": {"n_sites": 2}, "attack": {"steps": 8},
+                         "sim": sim})
+
+
+def _photographs(n: int) -> np.ndarray:
+    images = make_embedded_image_set(per_photo=1, seed=5)
+    return images.read(np.arange(n))
+
+
+def test_the_base_share_does_not_depend_on_the_nonrobust_network():
+    config = _config(nonrobust_fraction=0.3)
+    sites = make_hidden_sites(2, config.sim.seed, **compute_hidden_site_options(config))
+    images = torch.from_numpy(_photographs(4)).permute(0, 3, 1, 2).float().div(255)
+    share, full = ExpectedCounts(sites, **_WINDOW, base_share_only=True), ExpectedCounts(sites, **_WINDOW)
+    with torch.no_grad():
+        before_share, before_full = share(images), full(images)
+        sites.readouts[1].channels.mul_(-3.0)  # another non-robust network's drive
+        after_share, after_full = share(images), full(images)
+    torch.testing.assert_close(after_share, before_share)
+    assert not torch.allclose(after_full, before_full, atol=0.1)
+
+
+def test_without_a_nonrobust_share_the_ceiling_reaches_the_white_box_truth():
+    """The share is then the whole site: the loop's own attack on it comes close to the white-box
+    truth and never exceeds it (beyond the 8-bit rounding of the attack images)."""
+    config = _config(nonrobust_fraction=0.0)
+    clean = _photographs(2)
+    image_index, site = np.meshgrid(np.arange(2), np.arange(2), indexing="ij")
+    ceiling = compute_class_ceiling(config, clean, image_index.ravel(), site.ravel(), 2.0, seed=0)
+    sites = make_hidden_sites(2, config.sim.seed, **compute_hidden_site_options(config))
+    truth = compute_unit_sensitivity(ExpectedCounts(sites, **_WINDOW), clean, 2.0, n_starts=1, n_steps=12).sensitivity
+    truth = truth.ravel()  # (image, site), as the jobs
+    assert ceiling.shape == truth.shape
+    assert np.all(ceiling <= 1.1 * truth + 0.05), np.c_[ceiling, truth]
+    assert ceiling.mean() >= 0.7 * truth.mean(), (ceiling.mean(), truth.mean())
+
+
+def test_a_nonrobust_share_puts_the_truth_beyond_the_ceiling():
+    """With most of the drive from a network the model cannot represent (here a network as
+    sensitive as the base: both random, both at 224 px), attacks on the base share reach a small part
+    of the truth."""
+    config = _config(nonrobust_fraction=0.99, nonrobust_input_size=0)
+    clean = _photographs(2)
+    image_index, site = np.meshgrid(np.arange(2), np.arange(2), indexing="ij")
+    ceiling = compute_class_ceiling(config, clean, image_index.ravel(), site.ravel(), 2.0, seed=0)
+    sites = make_hidden_sites(2, config.sim.seed, **compute_hidden_site_options(config))
+    truth = compute_unit_sensitivity(ExpectedCounts(sites, **_WINDOW), clean, 2.0, n_starts=1, n_steps=12).sensitivity
+    assert ceiling.mean() < 0.5 * truth.mean(), (ceiling.mean(), truth.mean())
