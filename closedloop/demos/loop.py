@@ -45,7 +45,7 @@ from closedloop.probes.run import write_evolution, write_geometry, write_pattern
 from rigs.launch import RigLauncher
 from rigs.truth import compute_day_class_ceiling
 
-__all__ = ["run_demo", "compute_demo_summary"]
+__all__ = ["run_demo", "compute_demo_summary", "compute_ceiling_summary", "format_ceiling"]
 
 
 def _prepare(out: Path, cache: Path) -> None:

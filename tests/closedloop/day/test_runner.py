@@ -15,6 +15,7 @@ from closedloop.core.files import read_json
 from closedloop.data.layout import STAGES
 from closedloop.day.runner import run_day
 from closedloop.day.status import read_status
+from closedloop.demos.loop import compute_ceiling_summary, format_ceiling
 from rigs.launch import RigLauncher
 
 TINY = """
@@ -100,6 +101,16 @@ def test_two_days_against_the_simulated_rig(tmp_path):
     assert [s["next_stage"] for s in status] == [None, None] and all(s["model_fitted"] for s in status)
     # finished stages are not redone
     assert all(r["skipped"] for r in run_day(experiment, 1, rig=RigLauncher()).values())
+    # validation: the model class's ceiling on the day's own attack jobs, beside its bound and truth
+    ceiling = compute_ceiling_summary(experiment, 1)
+    attacks = [r for r in read_json(experiment / "day_001/sensitivity.json") if r["kind"] == "attack"]
+    assert list(ceiling) == ["2.0", "6.0"]
+    for eps, cell in ceiling.items():
+        chosen = [r for r in attacks if r["eps"] == float(eps)]
+        assert cell["noise_free"] == pytest.approx(np.mean([r["expected"] for r in chosen]))
+        assert cell["truth"] == pytest.approx(np.mean([r["truth"] for r in chosen]))
+        assert np.isfinite(cell["ceiling"]) and cell["ceiling"] <= 1.5 * cell["truth"] + 0.1, cell
+    assert format_ceiling(ceiling, 1).count("\n  eps=") == 2
 
 
 def test_day_needs_the_previous_model_and_a_stable_config(tmp_path):
