@@ -92,3 +92,48 @@ def test_resume_of_a_malformed_experiment_fails_before_any_training(tmp_path):
     with pytest.raises(ValueError, match="experiment.toml"):
         run_validation(out, resume=True, cache=tmp_path / "empty-cache")
     assert not (tmp_path / "empty-cache").exists()
+
+
+_TINY_CAMPAIGN = """
+[images]
+n_clean_day0 = 6
+n_clean_per_day = 2
+embedded_per_photo = 2
+[model]
+backbone = "resnet_tiny"
+[sites]
+n_sites = 2
+[attack]
+budgets = [2.0, 6.0]
+steps = 3
+part_size = 4
+[rig]
+kind = "sim"
+[sim]
+fixation_break_rate = 0.1
+truth_steps = 6
+[fit]
+epochs = 2
+batch_size = 8
+"""
+
+
+@pytest.mark.slow
+def test_the_analysis_runs_on_a_campaign_whose_last_day_stopped_after_its_estimate(tmp_path):
+    """What run_validation does after its days, on a tiny two-day campaign run the same way (the
+    last day without its refit and day report): targets, class ceiling, figures, report."""
+    from closedloop.day.runner import run_day
+    from closedloop.demos.validate import analyse_validation
+    from rigs.launch import RigLauncher
+
+    (tmp_path / "experiment.toml").write_text(_TINY_CAMPAIGN)
+    run_day(tmp_path, 0, rig=RigLauncher())
+    run_day(tmp_path, 1, rig=RigLauncher(), until="estimate")
+    assert not (day_folder(tmp_path, 1) / "model.safetensors").exists()
+    result = analyse_validation(tmp_path, 2, "resnet_tiny")
+    assert set(result["targets"]) == {"lower_bound", "growth", "attacks_beat_baselines", "super_stimuli"}
+    assert result["targets"]["lower_bound"]["n_records"] == 2 * 2 * 2  # sites × budgets × days
+    assert list(result["class_ceiling"]) == ["2.0", "6.0"]
+    assert all((tmp_path / "validation_figures" / f"{name}.png").stat().st_size > 0 for name in ("fig1a", "fig5", "fig2c"))
+    assert result["report"].endswith("report.html") and len(result["seconds"]["days"]) == 2
+    assert "model class on day 1" in format_validation({**result, "seconds": {**result["seconds"], "wall": 0.0}})
