@@ -156,20 +156,27 @@ def compute_ceiling_summary(experiment: str | Path, day: int, *, device="cpu") -
     (the loop's bound on the sites' expected counts), ``ceiling`` (the same estimator had the best
     model of the loop's class made the attacks: :func:`rigs.truth.compute_day_class_ceiling`,
     seed 0) and ``truth`` (white-box); ``ceiling_normalized``: mean over sites of ceiling / σ (the
-    bound's normalisation, for Fig. 1A). Validation only (the simulated rig's sites).
+    bound's normalisation, for Fig. 1A; None where no site has a σ). Validation only (the simulated rig's sites).
     """
     folder = day_folder(experiment, day)
     config = read_config(folder / layout.CONFIG)
     ceiling = compute_day_class_ceiling(config, folder / layout.STORE, seed=0, device=device)
-    rows = [r for r in read_json(folder / layout.SENSITIVITY) if r["kind"] == "attack" and (r["site"], r["eps"]) in ceiling]
+    return _summarise_ceiling(read_json(folder / layout.SENSITIVITY), ceiling)
+
+
+def _summarise_ceiling(records: list[dict], ceiling: dict) -> dict:
+    """:func:`compute_ceiling_summary` from a day's ``sensitivity.json`` records and its
+    ``{(site, eps): ceiling}``; ``ceiling_normalized`` is None where no site has a σ."""
+    rows = [r for r in records if r["kind"] == "attack" and (r["site"], r["eps"]) in ceiling]
     summary = {}
     for eps in sorted({r["eps"] for r in rows}):
         chosen = [r for r in rows if r["eps"] == eps]
+        normalized = [ceiling[(r["site"], eps)] / r["sigma"] for r in chosen if r["sigma"]]
         summary[str(eps)] = {
             "noise_free": _mean_over_sites(chosen, "expected"),
             "ceiling": float(np.mean([ceiling[(r["site"], eps)] for r in chosen])),
             "truth": _mean_over_sites(chosen, "truth"),
-            "ceiling_normalized": float(np.mean([ceiling[(r["site"], eps)] / r["sigma"] for r in chosen if r["sigma"]])),
+            "ceiling_normalized": float(np.mean(normalized)) if normalized else None,
         }
     return summary
 

@@ -160,7 +160,8 @@ def _write_figures(out: Path, days, networks: NetworkOptions, ceiling: dict, *, 
     truth = _normalised_truth(last.records)
     # the sites with increase attacks on non-preferred images (all, unless a site saw few images)
     categories = compute_category_preference([last.responses], window_length_s=last.window_length_s)
-    normalised_ceiling = [{"eps": float(eps), "mean": c["ceiling_normalized"]} for eps, c in ceiling.items()]
+    normalised_ceiling = [{"eps": float(eps), "mean": c["ceiling_normalized"]} for eps, c in ceiling.items()
+                          if c["ceiling_normalized"] is not None]
     figures = {"fig1a": make_networks_figure(data, sensitivity["curves"]["mean"], last.day, truth=truth,
                                              ceiling=normalised_ceiling),
                "fig5": make_progress_figure(compute_progress({d.day: d.records for d in days})),

@@ -54,3 +54,17 @@ def test_demo_summary_averages_over_sites_with_their_standard_errors(tmp_path):
     assert "bound at the smallest budget on the last day: eps=1 day 2 2.25 ± 0.25, 9.0 s.e. above zero: yes" in text
     assert "probes for the report: evolve 3 s" in text
     assert "day 1 0.75 ± 0.25 -> day 2 2.25 ± 0.25" in text
+
+
+def test_ceiling_summary_is_json_even_when_no_site_has_a_response_sd(tmp_path):
+    """A site whose clean responses give no σ (fewer than 2 valid) has no normalised ceiling; the
+    summary must stay writable JSON (validation.json refuses NaN at the end of a campaign)."""
+    from closedloop.demos.loop import _summarise_ceiling, format_ceiling
+
+    rows = [{**_record(s, 1.0, "attack", 0.2, 0.1, truth=2.0, expected=0.1), "sigma": None} for s in (0, 1)]
+    rows.append({**_record(0, 4.0, "attack", 0.6, 0.1, truth=6.0, expected=0.5), "sigma": 2.0})
+    summary = _summarise_ceiling(rows, {(0, 1.0): 0.3, (1, 1.0): 0.5, (0, 4.0): 1.0})
+    assert summary["1.0"] == {"noise_free": 0.1, "ceiling": 0.4, "truth": 2.0, "ceiling_normalized": None}
+    assert summary["4.0"]["ceiling_normalized"] == 0.5
+    write_json(tmp_path / "summary.json", summary)
+    assert "eps=1.0: 0.10 / 0.40 / 2.00" in format_ceiling(summary, 3)
