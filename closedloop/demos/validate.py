@@ -50,6 +50,7 @@ from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer
 from closedloop.data import layout
 from closedloop.data.layout import day_folder
+from closedloop.day.lock import hold_day_lock
 from closedloop.day.runner import run_day
 from closedloop.demos.loop import compute_ceiling_summary, compute_demo_summary, format_ceiling
 from rigs.launch import RigLauncher
@@ -190,7 +191,9 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
     ``steps``: PGD steps of the loop's attacks (docs/attacks.md: 20 reach ≥ 95% of the 100-step
     objective); ``cache``: folder of the embedded networks (default: ``cache`` beside ``out``).
     ``resume``: continue the campaign already in ``out`` (its finished stages are kept; refused,
-    naming the keys, when its settings differ) instead of starting over.
+    naming the keys, when its settings differ) instead of starting over. One process at a time
+    runs a campaign in ``out`` (``OUT.lock`` beside it; a second is refused with
+    :class:`~closedloop.day.lock.DayLockedError` naming the holder, before anything is touched).
     The summary holds ``targets`` (:func:`compute_validation_targets`), the loop summary
     (``by_day``, ``growth``, …), ``figures`` (PNG paths), ``report`` and ``seconds``: ``days`` (each
     day's stages, from their markers, so a resumed campaign counts every day), ``analysis`` (report
@@ -202,12 +205,15 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
     changes = {"sites": {"n_sites": check_integer("n_sites", n_sites, minimum=1)},
                "attack": {"steps": check_integer("steps", steps, minimum=1)}}
     start = time.monotonic()
-    standard = _prepare(out, Path(cache) if cache is not None else out.parent / "cache", changes, resume=resume)
-    for day in range(n_days):
-        logger.info("validate: day %d of %d", day, n_days - 1)
-        # the last day's refit would fit a model no day uses (about 13 min at the paper's protocol here)
-        run_day(out, day, rig=RigLauncher(), until="estimate" if day == n_days - 1 else None)
-    result = analyse_validation(out, n_days, standard, device=device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one campaign per folder: a second one would delete this one's days (or analyse them twice)
+    with hold_day_lock(out.parent / f"{out.name}.lock"):
+        standard = _prepare(out, Path(cache) if cache is not None else out.parent / "cache", changes, resume=resume)
+        for day in range(n_days):
+            logger.info("validate: day %d of %d", day, n_days - 1)
+            # the last day's refit would fit a model no day uses (about 13 min at the paper's protocol here)
+            run_day(out, day, rig=RigLauncher(), until="estimate" if day == n_days - 1 else None)
+        result = analyse_validation(out, n_days, standard, device=device)
     result["seconds"]["wall"] = time.monotonic() - start
     write_json(out / SUMMARY_NAME, result)
     return result

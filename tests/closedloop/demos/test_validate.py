@@ -137,3 +137,22 @@ def test_the_analysis_runs_on_a_campaign_whose_last_day_stopped_after_its_estima
     assert all((tmp_path / "validation_figures" / f"{name}.png").stat().st_size > 0 for name in ("fig1a", "fig5", "fig2c"))
     assert result["report"].endswith("report.html") and len(result["seconds"]["days"]) == 2
     assert "model class on day 1" in format_validation({**result, "seconds": {**result["seconds"], "wall": 0.0}})
+
+
+def test_a_second_campaign_on_the_same_folder_is_refused_and_deletes_nothing(tmp_path):
+    """Two `closedloop validate --out X` at once: without --resume the second would start afresh,
+    deleting the running campaign's days. It is refused at once, naming the holder, before any
+    training, and the folder is left as it was."""
+    from closedloop.day.lock import DayLockedError, hold_day_lock
+    from closedloop.demos.validate import run_validation
+
+    out = tmp_path / "validate"
+    (out / "day_000").mkdir(parents=True)
+    (out / "experiment.toml").write_text("")
+    (out / "day_000" / "sensitivity.json").write_text("[]")
+    with hold_day_lock(tmp_path / "validate.lock"):
+        for resume in (False, True):
+            with pytest.raises(DayLockedError, match="validate is being run by another process"):
+                run_validation(out, resume=resume, cache=tmp_path / "empty-cache")
+    assert (out / "day_000" / "sensitivity.json").read_text() == "[]"
+    assert not (tmp_path / "empty-cache").exists()
