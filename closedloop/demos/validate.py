@@ -150,22 +150,23 @@ def compute_validation_targets(summary: dict, categories: dict, records_by_day: 
             "super_stimuli": super_stimuli}
 
 
-def _write_figures(out: Path, days, networks: NetworkOptions, ceiling: dict, *, device: str) -> dict[str, str]:
+def _write_figures(out: Path, days, networks: NetworkOptions, ceiling: dict, categories: dict, *,
+                   device: str) -> dict[str, str]:
     """Fig. 1A (bound vs class ceiling vs truth vs network units, last day), Fig. 5 (progress), Fig. 2C
-    (super-stimuli) as PNGs; ``ceiling``: :func:`closedloop.demos.loop.compute_ceiling_summary` of the last day."""
+    (super-stimuli) as PNGs; ``ceiling``: :func:`closedloop.demos.loop.compute_ceiling_summary` and
+    ``categories``: :func:`analysis.categories.compute_category_preference` of the last day."""
     folder = out / "validation_figures"
     folder.mkdir(exist_ok=True)
     last = days[-1]
     sensitivity = compute_sensitivity(last)
     data: NetworkData | None = compute_networks(out, days, networks, seed=0, device=device)
     truth = _normalised_truth(last.records)
-    # the sites with increase attacks on non-preferred images (all, unless a site saw few images)
-    categories = compute_category_preference([last.responses], window_length_s=last.window_length_s)
     normalised_ceiling = [{"eps": float(eps), "mean": c["ceiling_normalized"]} for eps, c in ceiling.items()
                           if c["ceiling_normalized"] is not None]
     figures = {"fig1a": make_networks_figure(data, sensitivity["curves"]["mean"], last.day, truth=truth,
                                              ceiling=normalised_ceiling),
                "fig5": make_progress_figure(compute_progress({d.day: d.records for d in days})),
+               # the sites with increase attacks on non-preferred images (all, unless a site saw few images)
                "fig2c": make_categories_figure(categories, sorted({r["site"] for r in categories["crossing"]})[:8],
                                                last.window_length_s)}
     paths = {}
@@ -236,7 +237,7 @@ def analyse_validation(out: str | Path, n_days: int, standard: str | Path, *, de
                               n_starts=1, n_steps=20)
     ceiling = compute_ceiling_summary(out, last.day, device=device)
     report = write_report(out, networks=networks, device=device)
-    figures = _write_figures(out, days, networks, ceiling, device=device)
+    figures = _write_figures(out, days, networks, ceiling, categories, device=device)
     result = {"targets": targets, **summary, "class_ceiling": ceiling, "report": report["html"], "figures": figures,
               "seconds": {"days": day_seconds, "analysis": time.monotonic() - analysis_start}}
     result["seconds"]["total"] = sum(day_seconds) + result["seconds"]["analysis"]

@@ -18,39 +18,6 @@ from closedloop.day.status import read_status
 from closedloop.demos.loop import compute_ceiling_summary, format_ceiling
 from rigs.launch import RigLauncher
 
-TINY = """
-[experiment]
-seed = 3
-[images]
-n_clean_day0 = 6
-n_clean_per_day = 2
-embedded_per_photo = 2
-[model]
-backbone = "resnet_tiny"
-[sites]
-n_sites = 2
-[attack]
-budgets = [2.0, 6.0]
-steps = 3
-part_size = 2
-[rig]
-kind = "sim"
-[sim]
-time_scale = {time_scale}
-fixation_break_rate = 0.2
-truth_starts = 1
-truth_steps = 6
-[fit]
-epochs = 2
-batch_size = 8
-"""
-
-
-def _experiment(folder: Path, time_scale: float = 0.0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "experiment.toml").write_text(TINY.format(time_scale=time_scale))
-    return folder
-
 
 def _independent_estimate(store_path: Path) -> dict:
     """The lower bound recomputed from the raw zarr arrays, with loops (no closedloop code)."""
@@ -75,8 +42,8 @@ def _independent_estimate(store_path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_days_against_the_simulated_rig(tmp_path):
-    experiment = _experiment(tmp_path / "exp")
+def test_two_days_against_the_simulated_rig(tmp_path, tiny_sim_experiment):
+    experiment = tiny_sim_experiment(tmp_path / "exp")
     for day in (0, 1):
         results = run_day(experiment, day, rig=RigLauncher())
         assert list(results) == list(STAGES) and not any(r["skipped"] for r in results.values())
@@ -113,13 +80,14 @@ def test_two_days_against_the_simulated_rig(tmp_path):
     assert format_ceiling(ceiling, 1).count("\n  eps=") == 2
 
 
-def test_day_needs_the_previous_model_and_a_stable_config(tmp_path):
-    experiment = _experiment(tmp_path / "exp")
+def test_day_needs_the_previous_model_and_a_stable_config(tmp_path, tiny_sim_experiment):
+    experiment = tiny_sim_experiment(tmp_path / "exp")
     with pytest.raises(FileNotFoundError, match=r"day 1 needs day 0's fitted model .*closedloop fit-day 0"):
         run_day(experiment, 1, until="plan", rig=RigLauncher())
     assert not (experiment / "day_001").exists()  # nothing written for a day that cannot start
     run_day(experiment, 0, until="plan", rig=RigLauncher())
-    (experiment / "experiment.toml").write_text(TINY.format(time_scale=0.0).replace("steps = 3", "steps = 4"))
+    config = experiment / "experiment.toml"
+    config.write_text(config.read_text().replace("steps = 3", "steps = 4"))
     with pytest.raises(ValueError, match=r"day 0 .* was started with a different configuration \(changed: attack.steps 3 -> 4\)"):
         run_day(experiment, 0, rig=RigLauncher())
     run_day(experiment, 0, until="plan", force=True, rig=RigLauncher())
@@ -152,11 +120,11 @@ def _n_presentations(folder: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_day_resumes_to_the_same_result(tmp_path):
-    reference = _experiment(tmp_path / "reference", time_scale=0.05)
+def test_killed_day_resumes_to_the_same_result(tmp_path, tiny_sim_experiment):
+    reference = tiny_sim_experiment(tmp_path / "reference", time_scale=0.05)
     uninterrupted = _fit_day(reference)
     assert uninterrupted.wait() == 0, uninterrupted.stderr.read().decode()[-2000:]
-    resumed = _experiment(tmp_path / "resumed", time_scale=0.05)
+    resumed = tiny_sim_experiment(tmp_path / "resumed", time_scale=0.05)
     folder = resumed / "day_000"
     kill_points = [
         lambda: (folder / "synthesis_parts" / "part_00000.npz").exists(),

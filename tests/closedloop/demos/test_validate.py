@@ -94,39 +94,15 @@ def test_resume_of_a_malformed_experiment_fails_before_any_training(tmp_path):
     assert not (tmp_path / "empty-cache").exists()
 
 
-_TINY_CAMPAIGN = """
-[images]
-n_clean_day0 = 6
-n_clean_per_day = 2
-embedded_per_photo = 2
-[model]
-backbone = "resnet_tiny"
-[sites]
-n_sites = 2
-[attack]
-budgets = [2.0, 6.0]
-steps = 3
-part_size = 4
-[rig]
-kind = "sim"
-[sim]
-fixation_break_rate = 0.1
-truth_steps = 6
-[fit]
-epochs = 2
-batch_size = 8
-"""
-
-
 @pytest.mark.slow
-def test_the_analysis_runs_on_a_campaign_whose_last_day_stopped_after_its_estimate(tmp_path):
+def test_the_analysis_runs_on_a_campaign_whose_last_day_stopped_after_its_estimate(tmp_path, tiny_sim_experiment):
     """What run_validation does after its days, on a tiny two-day campaign run the same way (the
     last day without its refit and day report): targets, class ceiling, figures, report."""
     from closedloop.day.runner import run_day
     from closedloop.demos.validate import analyse_validation
     from rigs.launch import RigLauncher
 
-    (tmp_path / "experiment.toml").write_text(_TINY_CAMPAIGN)
+    tiny_sim_experiment(tmp_path)
     run_day(tmp_path, 0, rig=RigLauncher())
     run_day(tmp_path, 1, rig=RigLauncher(), until="estimate")
     assert not (day_folder(tmp_path, 1) / "model.safetensors").exists()
