@@ -215,8 +215,8 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
             # the last day's refit would fit a model no day uses (about 13 min at the paper's protocol here)
             run_day(out, day, rig=RigLauncher(), until="estimate" if day == n_days - 1 else None)
         result = analyse_validation(out, n_days, standard, device=device)
-    result["seconds"]["wall"] = time.monotonic() - start
-    write_json(out / SUMMARY_NAME, result)
+        result["seconds"]["wall"] = time.monotonic() - start
+        write_json(out / SUMMARY_NAME, result)
     return result
 
 
