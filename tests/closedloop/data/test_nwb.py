@@ -21,7 +21,7 @@ from closedloop.data.nwb import write_day_nwb, write_experiment_nwb
 from closedloop.data.store import open_store
 from closedloop.day.runner import run_day
 from rigs.launch import RigLauncher
-from tests.closedloop.day.test_runner import TINY
+from tests.tiny_experiment import TINY
 
 NWB = """
 [nwb]

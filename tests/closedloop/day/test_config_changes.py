@@ -9,7 +9,7 @@ import pytest
 from closedloop.core.files import read_json
 from closedloop.day.runner import run_day
 from rigs.launch import RigLauncher
-from tests.closedloop.day.test_runner import TINY
+from tests.tiny_experiment import TINY
 
 
 def _experiment(folder: Path, extra: str = "") -> Path:

@@ -23,7 +23,7 @@ import pytest
 import zarr
 
 from closedloop.core.files import read_json
-from tests.closedloop.day.test_runner import TINY
+from tests.tiny_experiment import TINY
 
 ROOT = Path(__file__).resolve().parents[3]
 

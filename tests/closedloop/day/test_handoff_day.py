@@ -28,7 +28,7 @@ from closedloop.day.waiting import EXIT_WAITING
 from rigs.launch import RigLauncher
 from rigs.nev import write_nev
 from rigs.sim import SimulatedPresenter, compute_hidden_site_options, make_hidden_sites
-from tests.closedloop.day.test_runner import TINY
+from tests.tiny_experiment import TINY
 
 
 def _experiment(folder: Path, rig: str, sim: str = "") -> Path:

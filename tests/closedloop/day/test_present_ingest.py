@@ -13,7 +13,7 @@ from closedloop.data.store import open_store
 from closedloop.day.runner import run_day
 from rigs.launch import RigLauncher
 from rigs.nev import write_nev
-from tests.closedloop.day.test_runner import TINY
+from tests.tiny_experiment import TINY
 
 
 def _experiment(folder):

@@ -21,7 +21,7 @@ from closedloop.data import layout
 from closedloop.day.lock import hold_day_lock
 from closedloop.day.runner import run_day
 from closedloop.day.status import read_status
-from tests.closedloop.day.test_runner import TINY
+from tests.tiny_experiment import TINY
 
 ROOT = Path(__file__).resolve().parents[3]
 # 2 attacked images × 2 sites × 2 budgets = 8 attack jobs in parts of 3: parts 0 and 2 on rank 0, part 1 on rank 1.

@@ -47,7 +47,7 @@ from closedloop.link.client import RigClient, RigRefusedError
 from closedloop.link.keys import make_keys
 from rigs.display.config import write_default_rig_config
 from rigs.nev import write_nev
-from tests.closedloop.day.test_runner import TINY
+from tests.tiny_experiment import TINY
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
