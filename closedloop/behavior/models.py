@@ -30,6 +30,7 @@ __all__ = [
     "EMBEDDED_CATEGORIES",
     "EMBEDDED_NEW_CLASS",
     "EMBEDDED_CLASSIFIERS",
+    "EMBEDDED_RECIPE",
     "BehaviorModel",
     "make_embedded_classifier",
     "make_embedded_training_set",
@@ -47,7 +48,8 @@ EMBEDDED_CLASSIFIERS: dict[str, tuple[float, int]] = {
     "vanilla-seed1": (0.0, 1),
     "robust-seed1": (3.0, 1),
 }
-_EMBEDDED_RECIPE = {
+# how every embedded classifier is trained (with its ε and seed from EMBEDDED_CLASSIFIERS)
+EMBEDDED_RECIPE = {
     "architecture": "resnet_tiny", "input_size": 56, "per_photo": 40, "crop_seed": 0,
     "epochs": 12, "batch_size": 32, "learning_rate": 0.05,
 }
@@ -86,7 +88,7 @@ def make_embedded_classifier(name: str, cache: str | Path, *, device="auto") -> 
 
     check_option("name", name, EMBEDDED_CLASSIFIERS)
     eps, seed = EMBEDDED_CLASSIFIERS[name]
-    recipe = _EMBEDDED_RECIPE | {"eps": eps, "seed": seed}
+    recipe = EMBEDDED_RECIPE | {"eps": eps, "seed": seed}
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     folder = Path(cache).expanduser() / f"embedded-{name}-{digest}"
     path, held_out_path = folder / CHECKPOINT_NAME, folder / "held_out.json"
