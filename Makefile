@@ -42,8 +42,7 @@ demo: setup
 	$(BIN)/closedloop demo
 
 test: setup
-	# one pytest worker per core (at most 4), each test file on one worker (its module fixtures built once)
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --maxprocesses 4 --dist loadfile --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --durations=15
 
 bench: $(STAMP)
 	$(BIN)/closedloop bench --json
