@@ -31,6 +31,19 @@ _experiment_option = click.option(
 )
 
 
+def _stop_on_signals(stop) -> None:
+    """Set the ``stop`` event (threading.Event) on Ctrl-C (SIGINT) and SIGTERM, for the serving commands.
+
+    Installed explicitly rather than relying on KeyboardInterrupt: a program started as a background
+    job of a non-interactive shell (`... &`, nohup, many process managers) inherits SIGINT ignored,
+    and Python then never raises KeyboardInterrupt, so a rig would outlive its Ctrl-C.
+    """
+    import signal
+
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: stop.set())
+
+
 def _emit(result: dict, as_json: bool, text: str) -> None:
     """Print ``result`` as JSON, or ``text`` for people."""
     click.echo(json.dumps(result, indent=2, sort_keys=False) if as_json else text)
@@ -332,7 +345,7 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
             fixation_break_rate: float, drop: float, duplicate: float, reorder: float,
             crash_after: int | None, calibration: bool, n_sites: int | None, steps: int, standard: str | None,
             as_json: bool) -> None:
-    """Run the simulated IT rig on the configured [rig] address until interrupted (Ctrl-C).
+    """Run the simulated IT rig on the configured [rig] address until interrupted (Ctrl-C or SIGTERM).
 
     With --calibration, measure its sites against the paper's numbers instead (docs/riglink.md).
     """
@@ -358,11 +371,9 @@ def rig_sim(experiment: Path, state_dir: Path | None, seed: int | None, time_sca
         time_scale=time_scale, fixation_break_rate=fixation_break_rate,
         faults=StreamFaults(drop=drop, duplicate=duplicate, reorder=reorder, seed=config.experiment.seed),
     )
-    try:
-        run_sim_rig(stop, crash_after=crash_after, on_start=lambda agent: click.echo(f"serving on {agent.address}"),
-                    **arguments)
-    except KeyboardInterrupt:
-        stop.set()
+    _stop_on_signals(stop)
+    run_sim_rig(stop, crash_after=crash_after, on_start=lambda agent: click.echo(f"serving on {agent.address}"),
+                **arguments)
 
 
 @cli.group()
@@ -408,14 +419,13 @@ def rig_check(config_path: Path, as_json: bool) -> None:
               help="The display computer's rig.toml.")
 def rig_serve(config_path: Path) -> None:
     """Serve the rig agent with the PsychoPy presenter until interrupted (Ctrl-C or SIGTERM)."""
-    import signal
     import threading
 
     from rigs.display.config import read_rig_config
     from rigs.display.serve import run_rig_serve
 
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    _stop_on_signals(stop)
     run_rig_serve(read_rig_config(config_path), stop,
                   on_ready=lambda summary: click.echo(_rig_summary_text(summary) + "\nserving", nl=True))
 
