@@ -18,7 +18,7 @@ import numpy as np
 
 from rigs.display.config import RigConfig, compute_pixels_per_degree
 
-__all__ = ["Screen", "measure_refresh"]
+__all__ = ["Screen", "measure_refresh", "compute_timing_problems"]
 
 
 def measure_refresh(window, n_frames: int) -> dict:
@@ -31,6 +31,27 @@ def measure_refresh(window, n_frames: int) -> dict:
     intervals = np.diff(times)
     return {"refresh_hz": float(1.0 / np.median(intervals)), "jitter_ms": float(np.std(intervals) * 1e3),
             "max_interval_ms": float(intervals.max() * 1e3), "intervals_ms": (intervals * 1e3).round(3).tolist()}
+
+
+def compute_timing_problems(measured: dict, refresh_hz: float, *, max_jitter_ms: float,
+                            dropped_frame_factor: float) -> list[str]:
+    """What ``rig check`` finds off in timed flips (``measured``: see :func:`measure_refresh`).
+
+    The jitter (ms) over ``max_jitter_ms``, and flips later than ``dropped_frame_factor`` frame periods
+    at ``refresh_hz`` (Hz, the rate frames are counted at) after the one before: dropped frames, judged
+    as the presenter judges them during a session. Returns one message per problem (empty: none).
+    """
+    problems = []
+    if measured["jitter_ms"] > max_jitter_ms:
+        problems.append(f"frame-interval jitter {measured['jitter_ms']:.3f} ms is over [screen] max_jitter_ms "
+                        f"= {max_jitter_ms:g} ms: close other programs, check that the display syncs "
+                        "to the vertical blank")
+    late = [i for i in measured["intervals_ms"] if i > dropped_frame_factor * 1e3 / refresh_hz]
+    if late:
+        problems.append(f"{len(late)} of {len(measured['intervals_ms'])} flips were dropped frames "
+                        f"(longer than [screen] dropped_frame_factor = {dropped_frame_factor:g} frames at "
+                        f"{refresh_hz:g} Hz; longest {max(late):.1f} ms)")
+    return problems
 
 
 class Screen:

@@ -21,7 +21,7 @@ from rigs.display.config import RigConfig
 from rigs.display.events import open_event_output
 from rigs.display.fixation import open_gaze_source
 from rigs.display.presenter import PsychoPyPresenter
-from rigs.display.screen import Screen
+from rigs.display.screen import Screen, compute_timing_problems
 
 __all__ = ["run_rig_serve", "run_rig_check", "compute_rig_summary", "TEST_PATTERN"]
 
@@ -58,16 +58,8 @@ def run_rig_check(config: RigConfig) -> dict:
     with ExitStack() as stack:
         screen, events, gaze = _open(config, stack)
         report = compute_rig_summary(config, screen, events, gaze)
-        problems = []
-        if screen.measured["jitter_ms"] > config.screen.max_jitter_ms:
-            problems.append(f"frame-interval jitter {screen.measured['jitter_ms']:.3f} ms is over [screen] max_jitter_ms "
-                            f"= {config.screen.max_jitter_ms} ms: close other programs, check that the display syncs "
-                            "to the vertical blank")
-        late = [i for i in screen.measured["intervals_ms"]
-                if i > config.screen.dropped_frame_factor * 1e3 / screen.measured["refresh_hz"]]
-        if late:
-            problems.append(f"{len(late)} of {len(screen.measured['intervals_ms'])} flips were dropped frames "
-                            f"(longest {max(late):.1f} ms)")
+        problems = compute_timing_problems(screen.measured, screen.refresh_hz, max_jitter_ms=config.screen.max_jitter_ms,
+                                           dropped_frame_factor=config.screen.dropped_frame_factor)
         for code in TEST_PATTERN:
             screen.window.callOnFlip(events.send, code)
             screen.draw_overlay(light=True)

@@ -1,5 +1,6 @@
 """The display rig's parts without a display: rig.toml, event outputs (serial for real through a
-pseudo-terminal), frame counts and the fixation monitor."""
+pseudo-terminal), frame counts, `rig check`'s timing verdict on flip times the test sets, and the
+fixation monitor."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from closedloop.data.event_codes import OFFSET, SESSION_START, VALID
@@ -16,6 +18,7 @@ from rigs.display.config import RigConfig, compute_pixels_per_degree, read_rig_c
 from rigs.display.events import EventOutputError, encode_code, open_event_output
 from rigs.display.fixation import FixationMonitor, ScriptedGaze
 from rigs.display.presenter import compute_frame_counts
+from rigs.display.screen import compute_timing_problems
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,6 +60,29 @@ def test_no_rig_toml_says_how_to_make_one(tmp_path):
 def test_pixels_per_degree_from_the_screen_geometry():
     # 57 cm away one degree spans 57 * pi / 180 = 0.995 cm (small angle); 1920 px over 53 cm = 36.2 px/cm
     assert compute_pixels_per_degree(1920, 53.0, 57.0) == pytest.approx(1920 / 53 * 57 * math.pi / 180, rel=1e-4)
+
+
+def _flips(intervals_ms: list[float]) -> dict:
+    intervals = np.array(intervals_ms)
+    return {"jitter_ms": float(intervals.std()), "intervals_ms": intervals_ms}
+
+
+def test_rig_check_judges_flips_as_the_presenter_does_on_frame_times_it_is_given():
+    steady = [1000 / 60] * 29
+    assert compute_timing_problems(_flips(steady), 60.0, max_jitter_ms=1.0, dropped_frame_factor=1.5) == []
+    # one flip of 2 frame periods at 60 Hz: dropped at the default factor 1.5 (25 ms), not at 3 (50 ms)
+    dropped = steady[:10] + [2000 / 60] + steady[11:]
+    problems = compute_timing_problems(_flips(dropped), 60.0, max_jitter_ms=10.0, dropped_frame_factor=1.5)
+    assert problems == ["1 of 29 flips were dropped frames (longer than [screen] dropped_frame_factor = 1.5 frames "
+                        "at 60 Hz; longest 33.3 ms)"]
+    assert compute_timing_problems(_flips(dropped), 60.0, max_jitter_ms=10.0, dropped_frame_factor=3.0) == []
+    # the frame period is the counting rate's: a virtual display flipping every 1 ms, counted at a nominal 60 Hz,
+    # drops no frame with a 20 ms flip (under a 1.5-frame period of 25 ms)
+    fast = [1.0] * 20 + [20.0] + [1.0] * 8
+    assert compute_timing_problems(_flips(fast), 60.0, max_jitter_ms=100.0, dropped_frame_factor=1.5) == []
+    jittery = [10.0, 23.3] * 14 + [16.7]
+    (problem,) = compute_timing_problems(_flips(jittery), 60.0, max_jitter_ms=1.0, dropped_frame_factor=1.5)
+    assert problem.startswith("frame-interval jitter 6.534 ms") and "over [screen] max_jitter_ms = 1 ms" in problem
 
 
 def test_frame_counts():
