@@ -207,23 +207,12 @@ class RigAgent:
         self.faults = faults or StreamFaults()
         self._rng = np.random.default_rng(self.faults.seed)
         self._context = zmq.Context()
-        self._authenticator = make_authenticator(self._context, keys_dir) if security == "curve" else None
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.linger = 0
-        self._socket.router_handover = 1
-        self._socket.maxmsgsize = MAX_FRAME_BYTES
-        if security == "curve":
-            load_curve_keys(self._socket, keys_dir, "rig")
+        self._authenticator = self._socket = None
         try:
-            self._socket.bind(address)
-        except zmq.ZMQError as error:
-            self._socket.close()
-            self._context.term()
-            raise ValueError(
-                f"cannot serve on {address!r}: {os.strerror(error.errno)}; another rig agent (closedloop rig serve or rig-sim) "
-                "is serving there, or the address is not this computer's: choose another address"
-            ) from None
-        self.address = self._socket.last_endpoint.decode()
+            self._open_socket(address, security, keys_dir)
+        except BaseException:
+            self._release_sockets()
+            raise
         self._lock = threading.Condition()
         self._queue: collections.deque[tuple[int, int]] = collections.deque()
         self._current: tuple[int, int] | None = None
@@ -239,7 +228,41 @@ class RigAgent:
         self._last_beat = 0.0
         self._window_s = (0.07, 0.17)
         self._threads: list[threading.Thread] = []
-        self._restore()
+        try:
+            self._restore()
+        except BaseException:  # e.g. a presenter that cannot read the session's bundle: free the address
+            self._release_sockets()
+            raise
+
+    def _open_socket(self, address: str, security: str, keys_dir) -> None:
+        """Make the ROUTER socket (CURVE: with its ZAP authenticator, started first) and bind it to ``address``."""
+        if security == "curve":
+            self._authenticator = make_authenticator(self._context, keys_dir)
+        self._socket = self._context.socket(zmq.ROUTER)
+        self._socket.linger = 0
+        self._socket.router_handover = 1
+        self._socket.maxmsgsize = MAX_FRAME_BYTES
+        if security == "curve":
+            load_curve_keys(self._socket, keys_dir, "rig")
+        try:
+            self._socket.bind(address)
+        except zmq.ZMQError as error:
+            raise ValueError(
+                f"cannot serve on {address!r}: {os.strerror(error.errno)}; another rig agent (closedloop rig serve or rig-sim) "
+                "is serving there, or the address is not this computer's: choose another address"
+            ) from None
+        self.address = self._socket.last_endpoint.decode()
+
+    def _release_sockets(self) -> None:
+        """Close the socket, stop the ZAP authenticator (its thread holds sockets too), then end the context.
+
+        ``zmq.Context.term`` waits for every socket of the context to close, so it comes last.
+        """
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._context.term()
 
     # ----- session state on disk -------------------------------------------------------------
 
@@ -336,10 +359,7 @@ class RigAgent:
             self._lock.notify_all()
         for thread in self._threads:
             thread.join(timeout=30)
-        self._socket.close(linger=0)
-        if self._authenticator is not None:
-            self._authenticator.stop()
-        self._context.term()
+        self._release_sockets()
         self._journal.close()
 
     @property
