@@ -62,6 +62,7 @@ from closedloop.link.protocol import (
     MAX_CHUNKS,
     MAX_FRAME_BYTES,
     MAX_QUEUED,
+    NOT_IN_SESSION,
     PROTOCOL_VERSION,
     ProtocolError,
     decode_message,
@@ -483,7 +484,7 @@ class RigAgent:
             self._socket.send_multipart([peer, *self._replies[request_id]])
             return
         if message.type != "hello" and peer != self._peer:
-            self._send(peer, "reply", id=request_id, ok=False, error="not in session: send hello first")
+            self._send(peer, "reply", id=request_id, ok=False, error=NOT_IN_SESSION)
             return
         self._peer_seen = time.monotonic()
         try:
