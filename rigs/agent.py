@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -122,7 +123,9 @@ class StreamFaults:
 
 @dataclass
 class _Transfer:
-    """A bundle upload in progress: its announced layout and the chunks received so far."""
+    """A bundle upload in progress from the session's peer: its announcement (sha256 and layout), its own
+    chunk file, and the chunks received so far. Another announcement, a failure, or another peer's hello
+    discards it with its file."""
 
     sha256: str
     n_bytes: int
@@ -219,8 +222,9 @@ class RigAgent:
         self._current: tuple[int, int] | None = None
         self._to_send: queue.Queue[int] = queue.Queue()
         self._halt = threading.Event()
-        self._replies: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
+        self._replies: collections.OrderedDict[tuple[bytes, str], list[bytes]] = collections.OrderedDict()  # (peer, id)
         self._transfer: _Transfer | None = None
+        self._upload_numbers = itertools.count()
         self._failure: BaseException | None = None
         self._failed_thread = ""
         self._held: list[int] = []
@@ -480,8 +484,8 @@ class RigAgent:
             logger.warning("rig %s: ignoring a %r message (rig to control only)", self.rig_id, message.type)
             return
         request_id = message["id"]
-        if request_id in self._replies:
-            self._socket.send_multipart([peer, *self._replies[request_id]])
+        if (peer, request_id) in self._replies:  # a retry: the same peer's request again
+            self._socket.send_multipart([peer, *self._replies[peer, request_id]])
             return
         if message.type != "hello" and peer != self._peer:
             self._send(peer, "reply", id=request_id, ok=False, error=NOT_IN_SESSION)
@@ -497,7 +501,7 @@ class RigAgent:
             frames = encode_message("reply", id=request_id, ok=False,
                                     error=f"refused: internal error {type(error).__name__}: {error}"[:256])
         if message.type not in ("hello", "status", "resend"):
-            self._replies[request_id] = frames
+            self._replies[peer, request_id] = frames
             while len(self._replies) > _MAX_CACHED_REPLIES:
                 self._replies.popitem(last=False)
         self._socket.send_multipart([peer, *frames])
@@ -510,6 +514,7 @@ class RigAgent:
             set_rsvp(message.get("rsvp"))
         if self._peer not in (None, peer):
             logger.info("rig %s: a new control process took over the session", self.rig_id)
+            self._drop_transfer()  # the old peer's upload is not the new one's to finish
         self._peer, self._window_s = peer, tuple(message["window_s"])
         with self._lock:
             return {
@@ -527,11 +532,15 @@ class RigAgent:
         transfer = self._transfer
         if transfer is None or (transfer.sha256, transfer.n_bytes, transfer.chunk_size) != (sha256, n_bytes, chunk_size):
             self._drop_transfer()  # one upload at a time: another bundle or another layout starts over
-            transfer = self._transfer = _Transfer(sha256, n_bytes, chunk_size, self.state_dir / f"incoming-{sha256}.part")
-            transfer.path.write_bytes(b"")
-        with open(transfer.path, "r+b") as file:
-            file.seek(index * chunk_size)
-            file.write(chunk)
+            path = self.state_dir / f"incoming-{sha256[:16]}-{next(self._upload_numbers)}.part"
+            transfer = self._transfer = _Transfer(sha256, n_bytes, chunk_size, path)
+        try:
+            with open(transfer.path, "r+b" if transfer.received else "wb") as file:
+                file.seek(index * chunk_size)
+                file.write(chunk)
+        except BaseException:  # e.g. the disk is full: the upload failed, nothing of it is kept
+            self._drop_transfer()
+            raise
         transfer.received.add(index)
         if len(transfer.received) < transfer.n_chunks:
             return {"complete": False, "n_received": len(transfer.received)}

@@ -3,6 +3,7 @@ keeps serving, and a thread that dies anyway takes the agent down loudly (docs/r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -299,3 +300,36 @@ def test_an_agent_that_cannot_start_leaves_no_thread_and_frees_its_address(tmp_p
     (tmp_path / "rig" / "session.json").unlink()
     start_agent(tmp_path, address=address).close()  # the refused agent let go of the address (not just at its GC)
     assert refused.traceback  # held until here, and with it the refused agent's frame
+
+
+def test_a_hostile_peer_cannot_make_the_agent_refuse_a_later_valid_bundle(tmp_path):
+    """Its uploads, their errors and its cached replies stay its own: a new peer's valid bundle is loaded."""
+    agent = start_agent(tmp_path)
+    hostile, peer = Peer(agent.address, name=b"hostile"), Peer(agent.address, name=b"new")
+    good = write_test_bundle(tmp_path / "good.h5", [10, 11, 12])
+    data, sha256 = good.read_bytes(), hashlib.sha256(good.read_bytes()).hexdigest()
+    chunk = len(data) // 4 + 1
+    try:
+        assert hostile.hello()["ok"]
+        mismatch = hostile.call("bundle_chunk", (b"not it",), id="1", sha256="ab" * 32, n_bytes=6, chunk_size=6, index=0)
+        assert "bundle sha256 mismatch: announced abab" in mismatch["error"]
+        huge = hostile.call("bundle_chunk", (b"not it",), id="2", sha256="ab" * 32, n_bytes=1 << 40, chunk_size=6, index=0)
+        assert "over the maximum bundle size" in huge["error"]
+        group = hostile.send_bundle(write_raw_bundle(tmp_path / "group.h5", pixels_group=True), prefix="3")
+        assert "'pixels' must be a dataset" in group["error"]
+        for index in (1, 2, 3):  # garbage where the good bundle's last chunks go
+            garbage = bytes(min(chunk, len(data) - index * chunk))
+            assert hostile.call("bundle_chunk", (garbage,), id=f"g{index}", sha256=sha256, n_bytes=len(data),
+                                chunk_size=chunk, index=index)["ok"]
+        assert peer.hello()["ok"]
+        for index in range(4):  # the same request ids as the hostile peer's
+            reply = peer.call("bundle_chunk", (data[index * chunk:(index + 1) * chunk],), id=["1", "2", "3", "g1"][index],
+                              sha256=sha256, n_bytes=len(data), chunk_size=chunk, index=index)
+            assert reply["ok"], reply["error"]
+        assert reply["data"] == {"complete": True, "n_stimuli": 3}
+        assert not list((tmp_path / "rig").glob("incoming-*")), "an upload left its chunks behind"
+        _serving(agent, peer)
+    finally:
+        hostile.close()
+        peer.close()
+        agent.close()
