@@ -474,6 +474,13 @@ def fit_day(day: int, experiment: Path, until: str | None, force: bool, rank_tim
     _emit(results, as_json, heading + "\n" + "\n".join(lines))
 
 
+def _describe_lacking(lacking: list[dict], n_shown: int = 10) -> str:
+    """'3 (1 of 2 valid), 7 (0 of 2 valid) and 5 more' for a day's stimuli lacking valid repetitions."""
+    shown = ", ".join(f"{s['stimulus_id']}" + ("" if s["n_valid"] is None else f" ({s['n_valid']} of {s['repetitions']} valid)")
+                      for s in lacking[:n_shown])
+    return shown + (f" and {len(lacking) - n_shown} more (--json lists all)" if len(lacking) > n_shown else "")
+
+
 @cli.command()
 @_experiment_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
@@ -486,9 +493,10 @@ def status(experiment: Path, as_json: bool) -> None:
     lines = [f"{'day':>4}  {'next stage':<21} {'stimuli':>8} {'presentations':>13}  model"]
     for r in records:
         step = "waiting for recording" if r["waiting_for_recording"] else r["next_stage"] or "complete"
-        lacking = f"  ({r['n_lacking_valid']} stimuli lack valid repetitions)" if r["n_lacking_valid"] else ""
         lines.append(f"{r['day']:>4}  {step:<21} {r['n_stimuli']:>8} {r['n_presentations']:>13}  "
-                     f"{'fitted' if r['model_fitted'] else '-'}{lacking}")
+                     f"{'fitted' if r['model_fitted'] else '-'}")
+        if r["lacking_valid"]:
+            lines.append(f"      {r['n_lacking_valid']} stimuli lack valid repetitions: {_describe_lacking(r['lacking_valid'])}")
     _emit({"experiment": str(experiment), "days": records}, as_json, "\n".join(lines) if records else "no days yet")
 
 

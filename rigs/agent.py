@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import queue
@@ -62,6 +63,7 @@ from closedloop.link.protocol import (
     MAX_CHUNKS,
     MAX_FRAME_BYTES,
     MAX_QUEUED,
+    NOT_IN_SESSION,
     PROTOCOL_VERSION,
     ProtocolError,
     decode_message,
@@ -121,7 +123,9 @@ class StreamFaults:
 
 @dataclass
 class _Transfer:
-    """A bundle upload in progress: its announced layout and the chunks received so far."""
+    """A bundle upload in progress from the session's peer: its announcement (sha256 and layout), its own
+    chunk file, and the chunks received so far. Another announcement, a failure, or another peer's hello
+    discards it with its file."""
 
     sha256: str
     n_bytes: int
@@ -207,7 +211,38 @@ class RigAgent:
         self.faults = faults or StreamFaults()
         self._rng = np.random.default_rng(self.faults.seed)
         self._context = zmq.Context()
-        self._authenticator = make_authenticator(self._context, keys_dir) if security == "curve" else None
+        self._authenticator = self._socket = None
+        try:
+            self._open_socket(address, security, keys_dir)
+        except BaseException:
+            self._release_sockets()
+            raise
+        self._lock = threading.Condition()
+        self._queue: collections.deque[tuple[int, int]] = collections.deque()
+        self._current: tuple[int, int] | None = None
+        self._to_send: queue.Queue[int] = queue.Queue()
+        self._halt = threading.Event()
+        self._replies: collections.OrderedDict[tuple[bytes, str], list[bytes]] = collections.OrderedDict()  # (peer, id)
+        self._transfer: _Transfer | None = None
+        self._upload_numbers = itertools.count()
+        self._failure: BaseException | None = None
+        self._failed_thread = ""
+        self._held: list[int] = []
+        self._peer: bytes | None = None
+        self._peer_seen = 0.0
+        self._last_beat = 0.0
+        self._window_s = (0.07, 0.17)
+        self._threads: list[threading.Thread] = []
+        try:
+            self._restore()
+        except BaseException:  # e.g. a presenter that cannot read the session's bundle: free the address
+            self._release_sockets()
+            raise
+
+    def _open_socket(self, address: str, security: str, keys_dir) -> None:
+        """Make the ROUTER socket (CURVE: with its ZAP authenticator, started first) and bind it to ``address``."""
+        if security == "curve":
+            self._authenticator = make_authenticator(self._context, keys_dir)
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.linger = 0
         self._socket.router_handover = 1
@@ -217,29 +252,22 @@ class RigAgent:
         try:
             self._socket.bind(address)
         except zmq.ZMQError as error:
-            self._socket.close()
-            self._context.term()
             raise ValueError(
                 f"cannot serve on {address!r}: {os.strerror(error.errno)}; another rig agent (closedloop rig serve or rig-sim) "
                 "is serving there, or the address is not this computer's: choose another address"
             ) from None
         self.address = self._socket.last_endpoint.decode()
-        self._lock = threading.Condition()
-        self._queue: collections.deque[tuple[int, int]] = collections.deque()
-        self._current: tuple[int, int] | None = None
-        self._to_send: queue.Queue[int] = queue.Queue()
-        self._halt = threading.Event()
-        self._replies: collections.OrderedDict[str, list[bytes]] = collections.OrderedDict()
-        self._transfer: _Transfer | None = None
-        self._failure: BaseException | None = None
-        self._failed_thread = ""
-        self._held: list[int] = []
-        self._peer: bytes | None = None
-        self._peer_seen = 0.0
-        self._last_beat = 0.0
-        self._window_s = (0.07, 0.17)
-        self._threads: list[threading.Thread] = []
-        self._restore()
+
+    def _release_sockets(self) -> None:
+        """Close the socket, stop the ZAP authenticator (its thread holds sockets too), then end the context.
+
+        ``zmq.Context.term`` waits for every socket of the context to close, so it comes last.
+        """
+        if self._socket is not None:
+            self._socket.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()
+        self._context.term()
 
     # ----- session state on disk -------------------------------------------------------------
 
@@ -336,10 +364,7 @@ class RigAgent:
             self._lock.notify_all()
         for thread in self._threads:
             thread.join(timeout=30)
-        self._socket.close(linger=0)
-        if self._authenticator is not None:
-            self._authenticator.stop()
-        self._context.term()
+        self._release_sockets()
         self._journal.close()
 
     @property
@@ -459,11 +484,11 @@ class RigAgent:
             logger.warning("rig %s: ignoring a %r message (rig to control only)", self.rig_id, message.type)
             return
         request_id = message["id"]
-        if request_id in self._replies:
-            self._socket.send_multipart([peer, *self._replies[request_id]])
+        if (peer, request_id) in self._replies:  # a retry: the same peer's request again
+            self._socket.send_multipart([peer, *self._replies[peer, request_id]])
             return
         if message.type != "hello" and peer != self._peer:
-            self._send(peer, "reply", id=request_id, ok=False, error="not in session: send hello first")
+            self._send(peer, "reply", id=request_id, ok=False, error=NOT_IN_SESSION)
             return
         self._peer_seen = time.monotonic()
         try:
@@ -476,7 +501,7 @@ class RigAgent:
             frames = encode_message("reply", id=request_id, ok=False,
                                     error=f"refused: internal error {type(error).__name__}: {error}"[:256])
         if message.type not in ("hello", "status", "resend"):
-            self._replies[request_id] = frames
+            self._replies[peer, request_id] = frames
             while len(self._replies) > _MAX_CACHED_REPLIES:
                 self._replies.popitem(last=False)
         self._socket.send_multipart([peer, *frames])
@@ -489,6 +514,7 @@ class RigAgent:
             set_rsvp(message.get("rsvp"))
         if self._peer not in (None, peer):
             logger.info("rig %s: a new control process took over the session", self.rig_id)
+            self._drop_transfer()  # the old peer's upload is not the new one's to finish
         self._peer, self._window_s = peer, tuple(message["window_s"])
         with self._lock:
             return {
@@ -506,11 +532,15 @@ class RigAgent:
         transfer = self._transfer
         if transfer is None or (transfer.sha256, transfer.n_bytes, transfer.chunk_size) != (sha256, n_bytes, chunk_size):
             self._drop_transfer()  # one upload at a time: another bundle or another layout starts over
-            transfer = self._transfer = _Transfer(sha256, n_bytes, chunk_size, self.state_dir / f"incoming-{sha256}.part")
-            transfer.path.write_bytes(b"")
-        with open(transfer.path, "r+b") as file:
-            file.seek(index * chunk_size)
-            file.write(chunk)
+            path = self.state_dir / f"incoming-{sha256[:16]}-{next(self._upload_numbers)}.part"
+            transfer = self._transfer = _Transfer(sha256, n_bytes, chunk_size, path)
+        try:
+            with open(transfer.path, "r+b" if transfer.received else "wb") as file:
+                file.seek(index * chunk_size)
+                file.write(chunk)
+        except BaseException:  # e.g. the disk is full: the upload failed, nothing of it is kept
+            self._drop_transfer()
+            raise
         transfer.received.add(index)
         if len(transfer.received) < transfer.n_chunks:
             return {"complete": False, "n_received": len(transfer.received)}

@@ -39,7 +39,7 @@ from closedloop.data.store import open_store
 from closedloop.day.waiting import make_waiting_error
 from closedloop.link.presentations import run_presentations
 
-__all__ = ["SessionMonitor", "run_stage"]
+__all__ = ["SessionMonitor", "compute_lacking_valid", "run_stage"]
 
 
 class SessionMonitor:
@@ -225,15 +225,29 @@ def run_stage(day) -> dict:
         store.finish()
     recorded = store.read_presentations()
     n_valid = int(recorded["valid"].sum())
-    valid_per_stimulus = np.bincount(recorded["stimulus"][recorded["valid"]], minlength=store.n_stimuli)
-    lacking = np.flatnonzero(valid_per_stimulus < config.rsvp.repetitions)
+    lacking = compute_lacking_valid(recorded["stimulus"], recorded["valid"], store.n_stimuli, config.rsvp.repetitions)
     logger.info("present: %d presentations, %d valid", store.n_presentations, n_valid)
-    if lacking.size:
-        logger.warning("present: %d stimuli lack their %d valid repetitions: %s", lacking.size, config.rsvp.repetitions,
-                       ", ".join(map(str, lacking[:20].tolist())) + (" …" if lacking.size > 20 else ""))
+    if lacking["n_lacking_valid"]:
+        logger.warning("present: %d stimuli lack their %d valid repetitions: %s", lacking["n_lacking_valid"],
+                       config.rsvp.repetitions, ", ".join(map(str, lacking["lacking_valid"][:20]))
+                       + (" …" if lacking["n_lacking_valid"] > 20 else ""))
     return {"n_presentations": store.n_presentations, "n_valid": n_valid,
-            "n_fixation_breaks": store.n_presentations - n_valid, "n_lacking_valid": int(lacking.size),
-            "lacking_valid": lacking.tolist(), **facts}
+            "n_fixation_breaks": store.n_presentations - n_valid, **lacking, **facts}
+
+
+def compute_lacking_valid(stimulus, valid, n_stimuli: int, repetitions: int) -> dict:
+    """The stimuli with fewer than ``repetitions`` valid presentations, as the present stage's summary has them.
+
+    ``stimulus``: stimulus id of each presentation, int ``(n_presentations,)`` (ids 0..n_stimuli-1);
+    ``valid``: bool ``(n_presentations,)``. Returns ``n_lacking_valid``, ``lacking_valid`` (their ids,
+    ascending), ``n_valid_lacking`` (valid presentations of each of them, in the same order) and
+    ``repetitions``.
+    """
+    stimulus, valid = np.asarray(stimulus, dtype=np.int64), np.asarray(valid, dtype=bool)
+    valid_per_stimulus = np.bincount(stimulus[valid], minlength=n_stimuli)
+    lacking = np.flatnonzero(valid_per_stimulus < repetitions)
+    return {"n_lacking_valid": int(lacking.size), "lacking_valid": lacking.tolist(),
+            "n_valid_lacking": valid_per_stimulus[lacking].tolist(), "repetitions": int(repetitions)}
 
 
 def _store_recorded_presentations(day, store) -> dict:

@@ -33,6 +33,7 @@ from closedloop.link.protocol import (
     MAX_BUNDLE_BYTES,
     MAX_CHUNK_BYTES,
     MAX_FRAME_BYTES,
+    NOT_IN_SESSION,
     ProtocolError,
     decode_message,
     encode_message,
@@ -350,7 +351,7 @@ class RigClient:
             reply = self._awaiting[request_id]
         finally:
             self._awaiting.pop(request_id, None)
-        if reply is None:
+        if reply is None or (not reply["ok"] and reply.get("error") == NOT_IN_SESSION):  # the rig restarted
             raise _LinkDown
         if not reply["ok"]:
             raise RigRefusedError(f"the rig refused {message_type!r}: {reply.get('error', 'no reason given')}")

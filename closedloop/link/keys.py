@@ -3,8 +3,9 @@
 A keys folder holds, as ZeroMQ certificate files (``zmq.auth`` format):
 
 - ``control.key`` / ``control.key_secret``: the control PC's pair;
-- ``rig.key`` / ``rig.key_secret``: the rig agent's pair (copy the folder, or these two files
-  and ``allowed/``, to the rig);
+- ``rig.key`` / ``rig.key_secret``: the rig agent's pair (the agent reads ``rig.key_secret``,
+  which holds the public key too, and ``allowed/``: copy those to the rig; ``rig.key`` stays with
+  the control side, which trusts it);
 - ``allowed/``: public keys the rig accepts from control processes (``control.key`` is put
   there); a control process whose key is not in it is refused during the handshake.
 

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_BUNDLE_BYTES",
     "MAX_CHUNKS",
     "MAX_QUEUED",
+    "NOT_IN_SESSION",
     "MESSAGE_FIELDS",
     "COMMANDS",
     "Message",
@@ -46,6 +47,9 @@ MAX_BUNDLE_BYTES = 1 << 32
 MAX_CHUNKS = 1 << 16
 #: Most presentations waiting in a rig's queue; a ``queue`` command that would pass it is refused.
 MAX_QUEUED = 1 << 16
+#: The error of a command from a peer that is not the rig's session peer (it has not said hello,
+#: or the rig restarted and lost it); the control side says hello again and repeats the command.
+NOT_IN_SESSION = "not in session: send hello first"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_INT = 2**63 - 1
 

@@ -79,10 +79,9 @@ def write_raw_bundle(path: Path, *, pixels=None, stimulus_ids=None, codes=None, 
     return path
 
 
-def start_agent(folder: Path, presenter=None, **kwargs) -> RigAgent:
+def start_agent(folder: Path, presenter=None, *, address: str = "tcp://127.0.0.1:*", **kwargs) -> RigAgent:
     kwargs = {"security": "plain", **FAST, **kwargs}
-    return RigAgent(presenter or FramePresenter(), address="tcp://127.0.0.1:*", state_dir=folder / "rig",
-                    **kwargs).start()
+    return RigAgent(presenter or FramePresenter(), address=address, state_dir=folder / "rig", **kwargs).start()
 
 
 class Peer:

@@ -3,14 +3,17 @@ keeps serving, and a thread that dies anyway takes the agent down loudly (docs/r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+import threading
 import time
 
 import numpy as np
 import pytest
 
+from closedloop.link.keys import make_keys
 from closedloop.link.protocol import MAX_BUNDLE_BYTES, MAX_FRAME_BYTES, MAX_QUEUED
 from rigs.agent import Outcome, RigAgent, RigAgentError
 from tests.rigs.agent_peer import FramePresenter, Peer, expected_counts, frames, start_agent, write_raw_bundle, write_test_bundle
@@ -196,8 +199,6 @@ def test_a_thread_that_dies_takes_the_agent_down_loudly(tmp_path, caplog):
 
 def test_run_sim_rig_exits_with_the_failure(tmp_path, monkeypatch):
     """What `closedloop rig-sim` runs: a dead agent thread ends it with RigAgentError (exit status 1)."""
-    import threading
-
     from rigs import sim
 
     monkeypatch.setattr(sim.SimulatedPresenter, "present", _BrokenPresenter.present)
@@ -266,11 +267,69 @@ def test_a_finished_recording_is_never_written_again(tmp_path):
         agent.close()
 
 
-def test_a_second_agent_on_a_taken_address_is_a_one_line_error(tmp_path):
-    agent = start_agent(tmp_path)
+@pytest.mark.timeout(20)  # it used to hang in zmq.Context.term() with CURVE: fail, do not hang the suite
+@pytest.mark.parametrize("security", ["plain", "curve"])
+def test_a_second_agent_on_a_taken_address_is_a_one_line_error(tmp_path, security):
+    keys = {"security": security, "keys_dir": tmp_path / "keys"}
+    make_keys(keys["keys_dir"])
+    agent = start_agent(tmp_path, **keys)
     try:
+        started = time.monotonic()
         with pytest.raises(ValueError, match=r"cannot serve on 'tcp://127\.0\.0\.1:\d+': Address already in use; another "
                                              r"rig agent \(closedloop rig serve or rig-sim\) is serving there"):
-            RigAgent(FramePresenter(), address=agent.address, state_dir=tmp_path / "second", security="plain")
+            RigAgent(FramePresenter(), address=agent.address, state_dir=tmp_path / "second", **keys)
+        assert time.monotonic() - started < 5
     finally:
+        agent.close()
+
+
+def test_an_agent_that_cannot_start_leaves_no_thread_and_frees_its_address(tmp_path):
+    keys = tmp_path / "keys"
+    make_keys(keys)
+    (keys / "rig.key_secret").chmod(0o644)  # refused after the ZAP authenticator thread has started
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match="readable by other users"):
+        RigAgent(FramePresenter(), address="tcp://127.0.0.1:*", state_dir=tmp_path / "rig", keys_dir=keys)
+    assert threading.active_count() == threads, "the ZAP authenticator thread outlived the refused agent"
+    first = start_agent(tmp_path)
+    address = first.address
+    first.close()
+    (tmp_path / "rig" / "session.json").write_text('{"sha256": "' + "ab" * 32 + '", "bundle": "gone.h5", "stopped": false}')
+    with pytest.raises(OSError) as refused:  # the session's bundle is gone: the presenter cannot resume it
+        RigAgent(FramePresenter(), address=address, state_dir=tmp_path / "rig", security="plain")
+    (tmp_path / "rig" / "session.json").unlink()
+    start_agent(tmp_path, address=address).close()  # the refused agent let go of the address (not just at its GC)
+    assert refused.traceback  # held until here, and with it the refused agent's frame
+
+
+def test_a_hostile_peer_cannot_make_the_agent_refuse_a_later_valid_bundle(tmp_path):
+    """Its uploads, their errors and its cached replies stay its own: a new peer's valid bundle is loaded."""
+    agent = start_agent(tmp_path)
+    hostile, peer = Peer(agent.address, name=b"hostile"), Peer(agent.address, name=b"new")
+    good = write_test_bundle(tmp_path / "good.h5", [10, 11, 12])
+    data, sha256 = good.read_bytes(), hashlib.sha256(good.read_bytes()).hexdigest()
+    chunk = len(data) // 4 + 1
+    try:
+        assert hostile.hello()["ok"]
+        mismatch = hostile.call("bundle_chunk", (b"not it",), id="1", sha256="ab" * 32, n_bytes=6, chunk_size=6, index=0)
+        assert "bundle sha256 mismatch: announced abab" in mismatch["error"]
+        huge = hostile.call("bundle_chunk", (b"not it",), id="2", sha256="ab" * 32, n_bytes=1 << 40, chunk_size=6, index=0)
+        assert "over the maximum bundle size" in huge["error"]
+        group = hostile.send_bundle(write_raw_bundle(tmp_path / "group.h5", pixels_group=True), prefix="3")
+        assert "'pixels' must be a dataset" in group["error"]
+        for index in (1, 2, 3):  # garbage where the good bundle's last chunks go
+            garbage = bytes(min(chunk, len(data) - index * chunk))
+            assert hostile.call("bundle_chunk", (garbage,), id=f"g{index}", sha256=sha256, n_bytes=len(data),
+                                chunk_size=chunk, index=index)["ok"]
+        assert peer.hello()["ok"]
+        for index in range(4):  # the same request ids as the hostile peer's
+            reply = peer.call("bundle_chunk", (data[index * chunk:(index + 1) * chunk],), id=["1", "2", "3", "g1"][index],
+                              sha256=sha256, n_bytes=len(data), chunk_size=chunk, index=index)
+            assert reply["ok"], reply["error"]
+        assert reply["data"] == {"complete": True, "n_stimuli": 3}
+        assert not list((tmp_path / "rig").glob("incoming-*")), "an upload left its chunks behind"
+        _serving(agent, peer)
+    finally:
+        hostile.close()
+        peer.close()
         agent.close()

@@ -1,8 +1,10 @@
 """Protocol fuzzing: a peer that completed the handshake sends 10,000 random and mutated messages
 (random frames; every message type with fields dropped, added, retyped or oversized; damaged
 JSON; wrong frame counts; hostile but well-formed commands; damaged bundles; frames over the
-socket limit). Afterwards the agent still answers ``status`` and presents a queued presentation
-with the right frame. Seeded numpy generator: a failure replays exactly."""
+socket limit; garbage chunks announcing the bundle that a new peer uploads next, with the request
+ids it will use). Afterwards the agent still answers ``status``, a new peer's valid upload is
+loaded, and the agent presents a queued presentation with the right frame. Seeded numpy
+generator: a failure replays exactly."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ pytestmark = pytest.mark.timeout(300)
 N_MESSAGES = 10_000
 SEED = 2024
 IDS = [10, 11, 12]
+NEXT_IDS = [20, 21, 22]  # the bundle a new peer uploads after the fuzz
+NEXT_CHUNK_BYTES = 4096
 TYPES = ("hello", "bundle_chunk", "queue", "status", "resend", "stop", "heartbeat", "reply", "outcome")
 WEIRD = [None, True, False, -1, 0, 2**63, 2**64, -(2**70), 1.5, -0.0, 1e308, "", "x" * 300, "é\u0000", [], {}, [[1, 2, 3]],
          [[-1, 5]], [[0, 2**80]], [1e9] * 3, {"a": [1]}, [[True, 1]], [0.07], [0.5, 0.1], "ab" * 32]
@@ -103,8 +107,8 @@ def _damaged_bundles(folder) -> list[bytes]:
     return [path.read_bytes() for path in paths] + [b"", b"not hdf5 at all", b"\x89HDF\r\n\x1a\n" + bytes(600)]
 
 
-def _message(rng: np.random.Generator, damaged: list[bytes], good: bytes) -> tuple[str, list[bytes]]:
-    """One fuzz message and a label for it."""
+def _message(rng: np.random.Generator, damaged: list[bytes], good: bytes, upcoming: bytes) -> tuple[str, list[bytes]]:
+    """One fuzz message and a label for it (``upcoming``: the bundle a new peer uploads after the fuzz)."""
     draw = rng.random()
     if draw < 0.15:
         return "random frames", [rng.bytes(int(rng.integers(0, 300))) for _ in range(rng.integers(1, 4))]
@@ -112,8 +116,15 @@ def _message(rng: np.random.Generator, damaged: list[bytes], good: bytes) -> tup
     fields, payload = _template(rng, kind)
     if draw < 0.70:
         return f"mutated {kind}", _mutate(rng, fields, kind, payload)
-    if draw < 0.9965:
+    if draw < 0.99:
         return f"well-formed {kind}", _encode(kind, fields, payload)
+    if draw < 0.9965:  # a chunk of the upcoming upload, with its request id, but the wrong bytes
+        sha256, n_chunks = hashlib.sha256(upcoming).hexdigest(), -(-len(upcoming) // NEXT_CHUNK_BYTES)
+        index = int(rng.integers(n_chunks))
+        size = min(NEXT_CHUNK_BYTES, len(upcoming) - index * NEXT_CHUNK_BYTES)
+        return "hijacking chunk", encode_message("bundle_chunk", (rng.bytes(size),), id=f"u-{sha256[:8]}-{index}",
+                                                 sha256=sha256, n_bytes=len(upcoming), chunk_size=NEXT_CHUNK_BYTES,
+                                                 index=index)
     if draw < 0.9985:
         data = good if rng.random() < 0.3 else damaged[rng.integers(len(damaged))]
         sha256 = hashlib.sha256(data).hexdigest()
@@ -131,6 +142,7 @@ def test_the_agent_survives_10000_fuzzed_messages_and_presents_correctly(tmp_pat
     agent = start_agent(tmp_path)
     good_path = write_test_bundle(tmp_path / "good.h5", IDS)
     good, damaged = good_path.read_bytes(), _damaged_bundles(tmp_path)
+    upcoming = write_test_bundle(tmp_path / "upcoming.h5", NEXT_IDS, seed=1)
     rng = np.random.default_rng(SEED)
     peer = Peer(agent.address, name=b"fuzzer")
     recent: collections.deque[str] = collections.deque(maxlen=20)
@@ -139,7 +151,7 @@ def test_the_agent_survives_10000_fuzzed_messages_and_presents_correctly(tmp_pat
     try:
         assert peer.hello()["ok"] and peer.send_bundle(good_path)["data"]["complete"]
         for number in range(N_MESSAGES):
-            label, message = _message(rng, damaged, good)
+            label, message = _message(rng, damaged, good, upcoming.read_bytes())
             recent.append(label)
             kinds[label.split()[0]] += 1
             peer.send(message)
@@ -150,11 +162,19 @@ def test_the_agent_survives_10000_fuzzed_messages_and_presents_correctly(tmp_pat
         assert reply is not None and reply["ok"], f"the agent stopped answering; last messages: {list(recent)}"
         agent.check()
         assert not [p for p in (tmp_path / "rig").iterdir() if p.stat().st_size > MAX_BUNDLE_BYTES]
-        assert set(kinds) >= {"random", "mutated", "well-formed", "whole"}, kinds
+        assert set(kinds) >= {"random", "mutated", "well-formed", "whole", "hijacking"}, kinds
         errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
         assert not errors, f"requests refused by no deliberate check (internal errors): {errors[:5]}"
     finally:
         peer.close()
+    newcomer = Peer(agent.address, name=b"newcomer")
+    try:  # the fuzzer's uploads, errors and replies are its own: a new peer's valid upload is loaded
+        assert newcomer.hello()["ok"]
+        reply = newcomer.send_bundle(upcoming, chunk_bytes=NEXT_CHUNK_BYTES, prefix="u")
+        assert reply["ok"] and reply["data"] == {"complete": True, "n_stimuli": len(NEXT_IDS)}, reply
+        assert not list((tmp_path / "rig").glob("incoming-*")), "an upload left its chunks behind"
+    finally:
+        newcomer.close()
     try:
         with RigClient(agent.address, security="plain", heartbeat_s=0.05, timeout_s=2.0, reconnect_s=10.0) as client:
             assert client.status()["n_sent"] >= 0

@@ -226,6 +226,27 @@ def test_rig_that_vanishes_and_comes_back_loses_nothing(tmp_path):
     assert onsets == sorted(onsets), "the recording clock went back after the restart"
 
 
+def test_a_rig_restarted_between_hello_and_queue_is_greeted_again(tmp_path):
+    """The restarted rig answers the queue "not in session" before any heartbeat tells the client: the
+    client says hello again, reconciles and repeats the command (it used to raise RigRefusedError)."""
+    quiet = {"heartbeat_s": 30.0, "timeout_s": 10.0}  # no heartbeat may reveal the restart first
+    agent = _agent(tmp_path, CountingPresenter(), **quiet)
+    address = agent.address
+    try:
+        with _client(agent, **quiet) as client:
+            client.load_bundle(_bundle(tmp_path, [10, 11, 12]))
+            agent.close()
+            agent = _agent(tmp_path, CountingPresenter(), address=address, **quiet)
+            client.queue([(0, 10), (1, 12)])  # re-queued at the new hello, then this repeat finds them queued
+            shown: list[dict] = []
+            deadline = time.monotonic() + 10
+            while len(shown) < 2 and time.monotonic() < deadline:
+                shown += client.read_outcomes(0.2)
+        assert [(o["presentation_id"], o["stimulus_id"]) for o in shown] == [(0, 10), (1, 12)]
+    finally:
+        agent.close()
+
+
 def test_control_process_restarted_mid_session(tmp_path):
     stimuli = list(range(10))
     agent = _agent(tmp_path, CountingPresenter(break_every=6))
