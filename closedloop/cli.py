@@ -227,6 +227,7 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
     from closedloop.data.nev import read_nev
     from closedloop.data.photodiode import read_photodiode
     from closedloop.data.reconcile import write_day_counts
+    from closedloop.day.ingest import remove_stale_markers
 
     if (experiment is None) != (day is None):
         raise click.UsageError("--experiment and --day go together")
@@ -246,7 +247,10 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
     store = layout.day_folder(experiment, day) / layout.STORE
     report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
                               unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine, photodiode=light)
+    report["redo"] = remove_stale_markers(layout.day_folder(experiment, day)) if report["written"] else []
     text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
+    if report["redo"]:
+        text += f"\nthe counts changed: fit-day {day} redoes {', '.join(report['redo'])}"
     _emit(report | ({"summary": result} if result else {}), as_json, text)
     if not report["written"]:
         raise ValueError(

@@ -296,6 +296,7 @@ def _run_day(experiment: str | Path, day: int, *, force: bool, until: str | None
     _write_provenance(state, changes)
     for leftover in remove_temporaries(state.folder):  # half-written by a process killed mid-write
         logger.info("day %d: removed %s, left by an interrupted write", day, leftover.relative_to(state.folder))
+    ingest.check_ingest_source(state)  # finished stages too may rest on the counts of another file
     results = {}
     for stage in STAGES:
         marker = layout.marker_path(state.folder, stage)

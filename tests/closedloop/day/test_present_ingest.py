@@ -64,3 +64,35 @@ def test_a_store_renamed_before_its_marker_is_kept(tmp_path):
     assert not results["synthesize"]["skipped"] and results["synthesize"]["summary"]["n_stimuli"] == len(pixels)
     np.testing.assert_array_equal(open_store(folder / "store.zarr").read_stimuli(pixels=True)["pixels"], pixels)
     assert not (folder / "store.zarr.partial").exists() and not (folder / "synthesis_parts").exists()
+
+
+@pytest.mark.slow
+def test_an_ingest_of_another_file_than_the_recording_is_refused_until_replaced(tmp_path, capsys):
+    """An ``ingest --allow-mismatch`` of a wrong file, then the right recording.nev put in place:
+    fit-day refuses (the stored counts are not the file's) and names the command that replaces
+    them; after it, the ingest and the stages after it are redone from the right file."""
+    from closedloop.cli import main
+
+    experiment = _experiment(tmp_path / "exp")
+    folder = experiment / "day_000"
+    run_day(experiment, 0, until="present", rig=RigLauncher())
+    right = folder / "recording.nev"
+    recording = read_nev(right)
+    wrong = tmp_path / "wrong.nev"
+    write_nev(wrong, dataclasses.replace(recording, event_words=np.where(recording.event_words > 0,
+                                                                         recording.event_words + 500, 0)))
+    right.rename(tmp_path / "right.nev")
+    main(["-q", "ingest", str(wrong), "--experiment", str(experiment), "--day", "0", "--allow-mismatch"])
+    run_day(experiment, 0, rig=RigLauncher())  # finished on the wrong file's (empty) counts
+    assert not open_store(folder / "store.zarr").read_ingest()["matched"].any()
+
+    (tmp_path / "right.nev").rename(right)  # the operator puts the right recording in place
+    with pytest.raises(ValueError, match=r"day 0's store holds the counts of .*wrong.nev \(sha256 [0-9a-f]{12}…, 0 of \d+ presentations matched\), but "
+                                         r".*recording.nev is another file \(sha256 [0-9a-f]{12}…\).*"
+                                         r"run `closedloop ingest .*recording.nev --experiment .* --day 0`"):
+        run_day(experiment, 0, rig=RigLauncher())
+    main(["-q", "ingest", str(right), "--experiment", str(experiment), "--day", "0"])
+    assert "the counts changed: fit-day 0 redoes ingest, estimate, refit, report" in capsys.readouterr().out
+    results = run_day(experiment, 0, rig=RigLauncher())
+    assert [stage for stage, r in results.items() if not r["skipped"]] == ["ingest", "estimate", "refit", "report"]
+    assert open_store(folder / "store.zarr").read_ingest()["matched"].all()
