@@ -179,15 +179,13 @@ def _photodiode_text(photodiode: dict) -> str:
 
 
 def _report_text(report: dict) -> str:
+    from closedloop.data.reconcile import format_mismatch
+
     lines = [
         f"{report['n_matched']} of {report['n_presentations']} logged presentations matched "
         f"{report['n_onsets']} recorded onsets; {report['n_mismatches']} mismatches",
     ]
-    lines += [
-        f"  {m['kind']}: presentation {m['presentation']}, code {m['code']}, log {m['log_onset_s']} s, "
-        f"nev {m['nev_onset_s']} s" + (f", recorded code {m['nev_code']}" if "nev_code" in m else "")
-        for m in report["mismatches"]
-    ]
+    lines += [f"  {format_mismatch(m)}" for m in report["mismatches"]]
     if "photodiode" in report:
         lines.append(_photodiode_text(report["photodiode"]))
     lines.append(f"written to {report['store']}" if report["written"] else "nothing written")
@@ -207,6 +205,8 @@ def _report_text(report: dict) -> str:
               help="Largest onset difference, s, between the day's log and the recording.")
 @click.option("--ignore-unmapped", is_flag=True, help="Ignore spikes on electrodes missing from the site map.")
 @click.option("--allow-mismatch", is_flag=True, help="Store counts of matched presentations despite mismatches.")
+@click.option("--allow-truncated", is_flag=True, help="Drop a partial last data packet (a recording cut short) "
+              "instead of refusing the file.")
 @click.option("--engine", type=click.Choice(["stream", "neo"]), default="stream", show_default=True,
               help="stream: closedloop's reader, one pass in constant memory; neo: neo's BlackrockRawIO (the reference).")
 @click.option("--photodiode", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.nsX",
@@ -218,7 +218,8 @@ def _report_text(report: dict) -> str:
               help="Longest code-to-light delay, s (below the shortest interval between codes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
-           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, photodiode: Path | None,
+           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, allow_truncated: bool, engine: str,
+           photodiode: Path | None,
            photodiode_channel: str | None, photodiode_threshold: float | None, photodiode_max_latency: float,
            as_json: bool) -> None:
     """Read a Blackrock RECORDING.nev: summarise it, or count spikes into a day's store."""
@@ -239,14 +240,16 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
                                                              max_latency_s=photodiode_max_latency)
     result = {}
     if experiment is None or summary:
-        source = read_nev(recording, engine="neo") if engine == "neo" else recording
-        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped, photodiode=light)
+        source = read_nev(recording, engine="neo", allow_truncated=allow_truncated) if engine == "neo" else recording
+        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped, photodiode=light,
+                                 allow_truncated=allow_truncated)
     if experiment is None:
         _emit(result, as_json, _summary_text(result))
         return
     store = layout.day_folder(experiment, day) / layout.STORE
     report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
-                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine, photodiode=light)
+                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine, photodiode=light,
+                              allow_truncated=allow_truncated)
     report["redo"] = remove_stale_markers(layout.day_folder(experiment, day)) if report["written"] else []
     text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
     if report["redo"]:

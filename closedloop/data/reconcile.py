@@ -27,7 +27,8 @@ from closedloop.data.sites import SiteTable
 from closedloop.data.store import open_store
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window
 
-__all__ = ["Reconciliation", "compute_clock_fit", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S"]
+__all__ = ["Reconciliation", "compute_clock_fit", "compute_reconciliation", "format_mismatch", "write_day_counts",
+           "DEFAULT_TOLERANCE_S"]
 
 DEFAULT_TOLERANCE_S = 0.010
 SHIFT_SEARCH_S = 1.0
@@ -44,10 +45,21 @@ class Reconciliation(NamedTuple):
 
 
 def _mismatch(kind: str, presentation, code, log_s, nev_s) -> dict:
-    shift = None if log_s is None or nev_s is None else round(nev_s - log_s, 6)
+    shift = None if log_s is None or nev_s is None else round(float(nev_s - log_s), 6)
     return {"kind": kind, "presentation": presentation, "code": int(code),
             "log_onset_s": None if log_s is None else float(log_s),
             "nev_onset_s": None if nev_s is None else float(nev_s), "shift_s": shift}
+
+
+def format_mismatch(mismatch: dict) -> str:
+    """One mismatch of :func:`compute_reconciliation` for people: kind, presentation, code, onsets (s)."""
+    def seconds(value):
+        return "none" if value is None else f"{value:.4f} s"
+
+    recorded = f", recorded code {mismatch['nev_code']}" if "nev_code" in mismatch else ""
+    presentation = "none" if mismatch["presentation"] is None else mismatch["presentation"]
+    return (f"{mismatch['kind']}: presentation {presentation}, code {mismatch['code']}, "
+            f"log {seconds(mismatch['log_onset_s'])}, nev {seconds(mismatch['nev_onset_s'])}{recorded}")
 
 
 def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes, *,
@@ -164,6 +176,7 @@ def write_day_counts(
     allow_mismatch: bool = False,
     engine: str = "stream",
     photodiode: Photodiode | None = None,
+    allow_truncated: bool = False,
 ) -> dict:
     """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
 
@@ -178,7 +191,8 @@ def write_day_counts(
     length); "neo" reads the file with ``read_nev(engine="neo")`` (the reference; same result).
     With a ``photodiode`` (:func:`~closedloop.data.photodiode.read_photodiode`), presentations
     are matched to the log by their codes' times, and counted and stored from the light's; the
-    report adds ``photodiode`` (settings and code-to-light latencies).
+    report adds ``photodiode`` (settings and code-to-light latencies). ``allow_truncated`` drops a
+    partial last packet of the ``.nev`` (a recording cut short).
     """
     window = check_window(window_s)
     check_option("engine", engine, NEV_ENGINES)
@@ -190,12 +204,12 @@ def write_day_counts(
             f"({store.n_sites} sites); use the site map the day was recorded with."
         )
     if engine == "neo":
-        recording = read_nev(nev_path, engine="neo")
+        recording = read_nev(nev_path, engine="neo", allow_truncated=allow_truncated)
         onsets = compute_onsets(recording, photodiode=photodiode)
         nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped=unmapped)
     else:
         onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped,
-                                                photodiode=photodiode)
+                                                photodiode=photodiode, allow_truncated=allow_truncated)
     log = store.read_presentations()
     stimulus_codes = store.read_stimuli(pixels=False)["code"]
     by_code = onsets if onsets.code_times_s is None else Onsets(onsets.code_times_s, onsets.codes)

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from closedloop.core.files import compute_file_digest
 from closedloop.data import layout
+from closedloop.data.counts import UnmappedSpikesError
 from closedloop.data.layout import STAGES
-from closedloop.data.reconcile import write_day_counts
+from closedloop.data.reconcile import format_mismatch, write_day_counts
 from closedloop.data.store import open_store
 from closedloop.day.waiting import make_waiting_error
 
@@ -43,15 +44,22 @@ def run_stage(day) -> dict:
     ingest = store.read_ingest()
     if ingest is not None:  # an earlier run (killed before its marker) or the operator stored it
         return {"reconciled": True, **{key: ingest["attrs"][key] for key in _SUMMARY_KEYS}}
-    report = write_day_counts(recording, day.path(layout.STORE), window_s=day.config.response.window_s)
+    try:
+        report = write_day_counts(recording, day.path(layout.STORE), window_s=day.config.response.window_s)
+    except UnmappedSpikesError as error:  # fit-day has no --ignore-unmapped: name the command that has it
+        raise ValueError(
+            f"{error.problem}; the day's site map is fixed once the day has been presented, so ignore them: run "
+            f"`closedloop ingest {recording} --experiment {day.experiment} --day {day.number} --ignore-unmapped`, "
+            f"then `closedloop fit-day {day.number} --experiment {day.experiment}`"
+        ) from None
     if not report["written"]:
-        first = report["mismatches"][0] if report["mismatches"] else {}
+        first = format_mismatch(report["mismatches"][0]) if report["mismatches"] else "none"
         raise ValueError(
             f"{recording} does not match day {day.number}'s presentation log: {report['n_matched']} of "
             f"{report['n_presentations']} presentations matched, {report['n_mismatches']} mismatches (first: {first}); "
             "nothing was stored. Check that this is the day's recording; to keep the matched presentations, run "
-            f"`closedloop ingest {recording} --experiment {day.experiment} --day {day.number} --allow-mismatch` "
-            "and then fit-day again"
+            f"`closedloop ingest {recording} --experiment {day.experiment} --day {day.number} --allow-mismatch`, "
+            f"then `closedloop fit-day {day.number} --experiment {day.experiment}`"
         )
     return {"reconciled": True, **{key: report[key] for key in _SUMMARY_KEYS}}
 

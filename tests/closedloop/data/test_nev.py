@@ -141,7 +141,8 @@ def test_summary_is_the_operator_check():
 def test_unmapped_electrodes_are_an_error_unless_ignored():
     sites = make_default_sites([1, 2])
     with pytest.raises(ValueError, match=r"'\(in memory\)': 2 spikes on electrodes \[3\] that are missing from "
-                                         r"the site map"):
+                                         r"the site map; add them to the site map \(\[sites\] site_map or --site-map\), "
+                                         r"or ignore them with `closedloop ingest` --ignore-unmapped\.$"):
         compute_counts(_edge_recording(), [1.0], sites=sites)
     assert compute_counts(_edge_recording(), [1.0], sites=sites, unmapped="ignore").tolist() == [[2, 4]]
 
@@ -188,10 +189,17 @@ def test_time_going_backwards_is_refused(tmp_path, engine):
         read_nev(path, engine=engine)
 
 
-def test_truncated_file_can_be_read_when_allowed(tmp_path):
+def test_truncated_file_can_be_read_when_allowed(tmp_path, capsys):
+    from closedloop.cli import main
+
     path = write_nev(tmp_path / "rec.nev", _edge_recording())
     path.write_bytes(path.read_bytes()[:-50])
     assert _read_both(path, allow_truncated=True).n_spikes == _edge_recording().n_spikes - 1
+    with pytest.raises(ValueError, match=r"truncated or corrupt\); to drop the partial packet, run `closedloop ingest` "
+                                         r"with --allow-truncated\.$"):
+        read_nev(path)
+    main(["ingest", str(path), "--summary", "--json", "--allow-truncated"])  # what the message says to type
+    assert json.loads(capsys.readouterr().out)["n_presentations"] == 2
 
 
 @pytest.mark.parametrize("engine", NEV_ENGINES)

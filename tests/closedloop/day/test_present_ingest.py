@@ -44,8 +44,10 @@ def test_a_recording_of_another_day_stops_the_day(tmp_path):
     path.unlink()
     write_nev(path, other)
     with pytest.raises(ValueError, match=r"recording.nev does not match day 0's presentation log: 0 of \d+ presentations "
-                                         r"matched.*nothing was stored.*--allow-mismatch"):
+                                         r"matched.*\(first: unknown_code: presentation \d+, code \d+, log [0-9.]+ s, nev "
+                                         r"[0-9.]+ s, recorded code \d+\).*nothing was stored.*--allow-mismatch") as refused:
         run_day(experiment, 0, rig=RigLauncher())
+    assert "np." not in str(refused.value)
     folder = experiment / "day_000"
     assert open_store(folder / "store.zarr").read_ingest() is None
     assert not (folder / "stages/ingest.json").exists() and not (folder / "sensitivity.json").exists()
@@ -96,3 +98,20 @@ def test_an_ingest_of_another_file_than_the_recording_is_refused_until_replaced(
     results = run_day(experiment, 0, rig=RigLauncher())
     assert [stage for stage, r in results.items() if not r["skipped"]] == ["ingest", "estimate", "refit", "report"]
     assert open_store(folder / "store.zarr").read_ingest()["matched"].all()
+
+
+@pytest.mark.slow
+def test_spikes_off_the_site_map_name_the_ingest_command(tmp_path):
+    """fit-day has no --ignore-unmapped: the ingest stage names the `closedloop ingest` command that has it."""
+    experiment = _experiment(tmp_path / "exp")
+    run_day(experiment, 0, until="present", rig=RigLauncher())
+    path = experiment / "day_000/recording.nev"
+    recording = read_nev(path)
+    electrodes = recording.spike_electrodes.copy()
+    electrodes[::7] = 99  # an electrode the day's sites do not name
+    path.unlink()
+    write_nev(path, dataclasses.replace(recording, spike_electrodes=electrodes, electrodes=(*recording.electrodes, 99)))
+    with pytest.raises(ValueError, match=r"spikes on electrodes \[99\] that are missing from the site map; .* so ignore them: "
+                                         r"run `closedloop ingest .*recording.nev --experiment .* --day 0 --ignore-unmapped`, "
+                                         r"then `closedloop fit-day 0 --experiment .*`$"):
+        run_day(experiment, 0, rig=RigLauncher())
