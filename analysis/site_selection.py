@@ -40,7 +40,7 @@ from closedloop.core.files import atomic_path, compute_file_digest, read_json, w
 from closedloop.core.validation import check_dir, check_integer, check_number
 from closedloop.data import layout
 from closedloop.data.counts import compute_nev_counts
-from closedloop.data.reconcile import compute_reconciliation
+from closedloop.data.reconcile import compute_day_reconciliation
 from closedloop.data.store import open_store
 from closedloop.data.window import check_window
 from models.predictivity import compute_split_half_reliability
@@ -107,8 +107,9 @@ def compute_site_metrics(store_path: str | Path, recording_path: str | Path, *, 
     """Reliability, visual drive, rate and predictivity of every site of a recorded day.
 
     ``store_path``: the day store (stimuli, presentation log, validity, sites); ``recording_path``:
-    the day's Blackrock ``.nev``, whose onsets are matched to the log by code and time (as the
-    ingest does) and counted in ``window_s`` and ``baseline_window_s`` ((start, stop) s after
+    the day's Blackrock ``.nev``, whose onsets are matched to the log by code and time (by the
+    ingest's own :func:`~closedloop.data.reconcile.compute_day_reconciliation`, through the clock
+    fit when the log is on a display computer's clock) and counted in ``window_s`` and ``baseline_window_s`` ((start, stop) s after
     onset, 0 ≤ start < stop). ``held_out_r``: (n_sites,) the fitted model's held-out r (None
     entries or None: not available). Uses the valid, recorded presentations of clean stimuli.
     Returns one row per site: ``site``, ``label``, ``array``, ``electrode``, ``unit``,
@@ -120,10 +121,9 @@ def compute_site_metrics(store_path: str | Path, recording_path: str | Path, *, 
     window, baseline = check_window(window_s), check_window(baseline_window_s)
     store = open_store(store_path)
     stimuli, log = store.read_stimuli(pixels=False), store.read_presentations()
-    codes = stimuli["code"]
     onsets, response = compute_nev_counts(recording_path, window_s=window, sites=store.sites, unmapped="ignore")
     _, spontaneous = compute_nev_counts(recording_path, window_s=baseline, sites=store.sites, unmapped="ignore")
-    matched = compute_reconciliation(onsets, codes[log["stimulus"]], log["onset"], codes).onset_index
+    matched = compute_day_reconciliation(onsets, store)[0].onset_index
     use = log["valid"] & (matched >= 0) & (stimuli["parent"][log["stimulus"]] < 0)
     stimulus = log["stimulus"][use]
     response = response[matched[use]].astype(np.float64)

@@ -24,11 +24,11 @@ from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, c
 from closedloop.data.nev import NEV_ENGINES, read_nev
 from closedloop.data.photodiode import Photodiode, compute_latency_summary
 from closedloop.data.sites import SiteTable
-from closedloop.data.store import open_store
+from closedloop.data.store import DayStore, open_store
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window
 
-__all__ = ["Reconciliation", "compute_clock_fit", "compute_reconciliation", "format_mismatch", "write_day_counts",
-           "DEFAULT_TOLERANCE_S"]
+__all__ = ["Reconciliation", "compute_clock_fit", "compute_day_reconciliation", "compute_reconciliation",
+           "format_mismatch", "write_day_counts", "DEFAULT_TOLERANCE_S"]
 
 DEFAULT_TOLERANCE_S = 0.010
 SHIFT_SEARCH_S = 1.0
@@ -165,6 +165,27 @@ def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
     return {"offset_s": offset, "rate": float(rate), "drift_ppm": float((rate - 1.0) * 1e6), "n_pairs": len(x)}
 
 
+def compute_day_reconciliation(onsets: Onsets, store: DayStore, *,
+                               tolerance_s: float = DEFAULT_TOLERANCE_S) -> tuple[Reconciliation, dict | None]:
+    """A day store's presentation log matched to a recording's onsets, as the ingest matches them.
+
+    ``onsets``: the recording's (with a photodiode, the log is matched by the codes' own times).
+    A store without live counts logged its onsets on the presenter's clock: they are first mapped
+    onto the recording's with :func:`compute_clock_fit`. Returns the
+    :func:`compute_reconciliation` of every logged presentation and the clock fit (None for a
+    store with live counts, whose onsets are recording times already).
+    """
+    log = store.read_presentations()
+    stimulus_codes = store.read_stimuli(pixels=False)["code"]
+    log_codes = stimulus_codes[log["stimulus"]]
+    by_code = onsets if onsets.code_times_s is None else Onsets(onsets.code_times_s, onsets.codes)
+    log_onsets, clock = log["onset"], None
+    if not store.has_live_counts:  # onsets on the presenter's clock: map them onto the NSP's
+        clock = compute_clock_fit(by_code, log_codes, log_onsets)
+        log_onsets = clock["offset_s"] + clock["rate"] * log_onsets
+    return compute_reconciliation(by_code, log_codes, log_onsets, stimulus_codes, tolerance_s=tolerance_s), clock
+
+
 def write_day_counts(
     nev_path: str | Path,
     store_path: str | Path,
@@ -210,15 +231,7 @@ def write_day_counts(
     else:
         onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped,
                                                 photodiode=photodiode, allow_truncated=allow_truncated)
-    log = store.read_presentations()
-    stimulus_codes = store.read_stimuli(pixels=False)["code"]
-    by_code = onsets if onsets.code_times_s is None else Onsets(onsets.code_times_s, onsets.codes)
-    log_onsets, clock = log["onset"], None
-    if not store.has_live_counts:  # onsets on the presenter's clock: map them onto the NSP's
-        clock = compute_clock_fit(by_code, stimulus_codes[log["stimulus"]], log_onsets)
-        log_onsets = clock["offset_s"] + clock["rate"] * log_onsets
-    reconciliation = compute_reconciliation(by_code, stimulus_codes[log["stimulus"]], log_onsets, stimulus_codes,
-                                            tolerance_s=tolerance_s)
+    reconciliation, clock = compute_day_reconciliation(onsets, store, tolerance_s=tolerance_s)
     matched = reconciliation.onset_index >= 0
     report = {
         "source": str(Path(nev_path).resolve()),
