@@ -37,6 +37,7 @@ from scipy.stats import wilcoxon
 from analysis.html import make_figure, render_figure, render_links, render_table, write_csv, write_page
 from closedloop.config import CONFIG_NAME, read_config, write_config_targets
 from closedloop.core.files import atomic_path, compute_file_digest, read_json, write_json
+from closedloop.core.lock import hold_lock
 from closedloop.core.validation import check_dir, check_integer, check_number
 from closedloop.data import layout
 from closedloop.data.counts import compute_nev_counts
@@ -281,9 +282,17 @@ def write_site_selection(experiment: str | Path, day: int = 0, criteria: SiteCri
     beside it (date, day, criteria, windows, recording and its sha256, every site's row). Returns
     the selection plus ``html``, ``png``, ``table``, ``config`` and ``record`` (None in a dry
     run), ``previous_targets``, ``later_days`` (days after ``day`` already begun: their frozen
-    configs keep the old targets).
+    configs keep the old targets). One ``select-sites`` at a time per experiment: a second is
+    refused with :class:`~closedloop.core.lock.LockedError` naming the first (``site_selection.lock``).
     """
     experiment = check_dir("experiment", experiment)
+    with hold_lock(experiment / layout.SITE_SELECTION_LOCK):
+        return _write_site_selection(experiment, day, criteria, baseline_window_s=baseline_window_s, out=out,
+                                     dry_run=dry_run, n_splits=n_splits, seed=seed)
+
+
+def _write_site_selection(experiment: Path, day: int, criteria: SiteCriteria | None, *, baseline_window_s,
+                          out: str | Path | None, dry_run: bool, n_splits: int, seed: int) -> dict:
     day = check_integer("day", day, minimum=0, maximum=999)
     criteria = criteria or SiteCriteria()
     baseline_window_s = check_window(baseline_window_s)

@@ -245,3 +245,22 @@ def test_select_sites_errors(utah_day, capsys, tmp_path):
     zarr.consolidate_metadata(str(copy / "day_000" / "store.zarr"))  # a finished store reads consolidated metadata
     code, _, err = _select(capsys, "--experiment", str(copy), "--dry-run")
     assert code == 2 and "day 0 has no Blackrock recording" in err
+
+
+def test_a_second_select_sites_on_the_experiment_is_refused_naming_the_first(tmp_path, capsys):
+    """select-sites rewrites experiment.toml: two at once on one experiment would lose one's targets."""
+    import os
+    import socket
+
+    from closedloop.core.lock import hold_lock
+
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / "experiment.toml").write_text("[sites]\nn_sites = 2\n")
+    with hold_lock(experiment / "site_selection.lock"):  # as a select-sites running now holds it
+        code, out, err = _select(capsys, "--experiment", str(experiment))
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert re.search(rf"site_selection is being run by another process \(pid {os.getpid()} on {socket.gethostname()}, "
+                     r"started \d{4}-\d\d-\d\dT", err)
+    assert (experiment / "experiment.toml").read_text() == "[sites]\nn_sites = 2\n"
+    assert not (experiment / "site_selection.json").exists() and not (experiment / "report").exists()
