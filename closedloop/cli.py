@@ -186,6 +186,9 @@ def _report_text(report: dict) -> str:
         f"{report['n_onsets']} recorded onsets; {report['n_mismatches']} mismatches",
     ]
     lines += [f"  {format_mismatch(m)}" for m in report["mismatches"]]
+    if report["n_unrecorded"]:
+        runs = ", ".join(f"{first}-{last}" for first, last in report["unrecorded"])
+        lines.append(f"{report['n_unrecorded']} presentations logged outside the recording (unrecorded, not mismatches): {runs}")
     if "photodiode" in report:
         lines.append(_photodiode_text(report["photodiode"]))
     lines.append(f"written to {report['store']}" if report["written"] else "nothing written")

@@ -32,16 +32,19 @@ __all__ = ["Reconciliation", "compute_clock_fit", "compute_day_reconciliation", 
 
 DEFAULT_TOLERANCE_S = 0.010
 SHIFT_SEARCH_S = 1.0
-_VOTE_PRESENTATIONS, _VOTE_PLACES, _VOTE_WIDTH_S = 64, 8, 0.005  # the clock offset's vote (compute_clock_fit)
+_VOTE_PRESENTATIONS, _VOTE_WIDTH_S = 64, 0.005  # the clock offset's vote (compute_clock_fit)
 _PAIR_REACH_S = 0.050  # a logged presentation pairs with an onset of its code this close to its predicted time
 
 
 class Reconciliation(NamedTuple):
     """``onset_index`` int64 ``(n_presentations,)``: the matching onset of each logged
-    presentation, −1 if none; ``mismatches``: one dict per problem found."""
+    presentation, −1 if none; ``mismatches``: one dict per problem found; ``unrecorded`` int64:
+    the presentations logged before the recording's first onset or after its last (the NSP
+    started late or stopped early), which are not mismatches."""
 
     onset_index: np.ndarray
     mismatches: list[dict]
+    unrecorded: np.ndarray
 
 
 def _mismatch(kind: str, presentation, code, log_s, nev_s) -> dict:
@@ -73,7 +76,9 @@ def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes,
     within tolerance carries another stimulus's code / a code no stimulus has),
     ``shifted_timing`` (the code is recorded further than the tolerance but within 1 s),
     ``missing_onset`` (not recorded), ``unknown_code`` or ``extra_onset`` for recorded onsets no
-    presentation explains, ``order`` (matches out of order).
+    presentation explains, ``order`` (matches out of order). Once some presentation matched, one
+    left unmatched whose onset lies more than ``tolerance_s`` before the first recorded onset or
+    after the last is ``unrecorded`` (outside the recording), not a mismatch.
     """
     tolerance = check_number("tolerance_s", tolerance_s, minimum=0.0)
     log_codes = np.asarray(log_codes, dtype=np.int64)
@@ -94,7 +99,9 @@ def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes,
         if same:
             onset_index[presentation], used[same[0]] = same[0], True
     mismatches = []
-    for presentation in by_time[onset_index[by_time] < 0]:  # second pass: explain what is left
+    outside = (log_onsets < times[0] - tolerance) | (log_onsets > times[-1] + tolerance) if len(times) else log_onsets < np.inf
+    unrecorded = (onset_index < 0) & outside & (onset_index >= 0).any()
+    for presentation in by_time[(onset_index[by_time] < 0) & ~unrecorded[by_time]]:  # second pass: explain what is left
         log_s, code = log_onsets[presentation], log_codes[presentation]
         near = unused_near(log_s, tolerance)
         shifted = [j for j in unused_near(log_s, SHIFT_SEARCH_S) if codes[j] == code]
@@ -119,15 +126,29 @@ def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes,
         index = int(matched[position + 1])
         mismatches.append(_mismatch("order", int(np.flatnonzero(onset_index == index)[0]), codes[index], None,
                                     times[index]))
-    return Reconciliation(onset_index=onset_index, mismatches=mismatches)
+    return Reconciliation(onset_index=onset_index, mismatches=mismatches, unrecorded=np.flatnonzero(unrecorded))
+
+
+def _compute_code_differences(codes_a: np.ndarray, times_a: np.ndarray, codes_b: np.ndarray,
+                               times_b: np.ndarray) -> np.ndarray:
+    """``times_b[j] − times_a[i]`` (s) for every pair (i, j) with ``codes_a[i] == codes_b[j]``, float64 ``(n_pairs,)``."""
+    order = np.argsort(codes_b, kind="stable")
+    low, high = np.searchsorted(codes_b[order], codes_a, "left"), np.searchsorted(codes_b[order], codes_a, "right")
+    n_same = high - low
+    rows = np.repeat(np.arange(len(codes_a)), n_same)
+    columns = order[np.repeat(low - np.cumsum(n_same) + n_same, n_same) + np.arange(n_same.sum())]
+    return times_b[columns] - times_a[rows]
 
 
 def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
     """The map from the log's clock onto the recording's: ``nev_s ≈ offset_s + rate · log_s``.
 
     ``log_codes``, ``log_onsets_s`` ``(n_presentations,)``. The offset is first found by a vote:
-    over the first 64 logged presentations (in time order), every recorded onset with the same
-    code within 8 places proposes its time difference, and the densest 5 ms of proposals wins.
+    each of the first 64 logged presentations (in time order) with every recorded onset of the
+    same code, and each of the first 64 recorded onsets with every logged presentation of its
+    code, propose their time difference, and the densest 5 ms of proposals wins. So every lag
+    between the two sequences is tried: a recording that started late (its onsets a later part of
+    the log's) or early is aligned, since only at the true lag do codes and intervals agree.
     Then each logged presentation, in time order, pairs with the unpaired onset of its code
     nearest to its predicted time within 50 ms, the offset following the last pair (so a slow
     drift of either clock is tracked); a line is fitted to the pairs. Returns ``{"offset_s",
@@ -138,9 +159,11 @@ def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
     order = np.argsort(log_onsets, kind="stable")
     log_codes, log_onsets = log_codes[order], log_onsets[order]
     codes, times = onsets.codes.astype(np.int64), onsets.times_s
-    proposals = np.sort([times[j] - log_onsets[k] for k in range(min(_VOTE_PRESENTATIONS, len(log_codes)))
-                         for j in range(max(0, k - _VOTE_PLACES), min(len(codes), k + _VOTE_PLACES + 1))
-                         if codes[j] == log_codes[k]])
+    first = slice(0, _VOTE_PRESENTATIONS)
+    proposals = np.sort(np.concatenate([
+        _compute_code_differences(log_codes[first], log_onsets[first], codes, times),
+        -_compute_code_differences(codes[first], times[first], log_codes, log_onsets),
+    ]))
     if not proposals.size:
         return {"offset_s": 0.0, "rate": 1.0, "drift_ppm": 0.0, "n_pairs": 0}
     n_within = np.searchsorted(proposals, proposals + _VOTE_WIDTH_S, side="right") - np.arange(len(proposals))
@@ -163,6 +186,13 @@ def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
     rate, intercept = np.polyfit(x - x[0], y, 1)
     offset = float(intercept - rate * x[0])
     return {"offset_s": offset, "rate": float(rate), "drift_ppm": float((rate - 1.0) * 1e6), "n_pairs": len(x)}
+
+
+def _compute_runs(indices: np.ndarray) -> list[list[int]]:
+    """Sorted indices as runs ``[[first, last], ...]`` of consecutive values (JSON-ready)."""
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    starts, stops = np.append(indices[:1], indices[breaks + 1]), np.append(indices[breaks], indices[-1:])
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
 
 
 def compute_day_reconciliation(onsets: Onsets, store: DayStore, *,
@@ -205,7 +235,9 @@ def write_day_counts(
     nothing is written unless ``allow_mismatch``, in which case matched presentations get their
     ``.nev`` counts and the rest are marked unmatched. Returns a JSON-ready report:
     ``n_presentations`` (logged), ``n_onsets`` (recorded), ``n_matched``, ``n_mismatches``,
-    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``, ``clock`` (the
+    ``mismatches``, ``n_unrecorded`` and ``unrecorded`` (runs ``[first, last]`` of presentations
+    logged outside the recording: they are marked unmatched, not counted as mismatches),
+    ``window_s``, ``written``, ``source``, ``sha256``, ``clock`` (the
     :func:`compute_clock_fit` applied to the logged onsets of a store without live counts, else
     None). ``engine``: "stream"
     counts with :func:`compute_nev_counts` (one pass, memory independent of the recording's
@@ -245,6 +277,8 @@ def write_day_counts(
         "n_matched": int(matched.sum()),
         "n_mismatches": len(reconciliation.mismatches),
         "mismatches": reconciliation.mismatches,
+        "n_unrecorded": len(reconciliation.unrecorded),
+        "unrecorded": _compute_runs(reconciliation.unrecorded),
         "clock": clock,
         "written": False,
     }

@@ -423,3 +423,34 @@ def test_onsets_on_a_presenters_clock_are_mapped_onto_the_recordings(tmp_path):
 def test_live_onsets_are_on_the_recording_clock_already(tmp_path):
     report = _display_clock_day(tmp_path, live_counts=True)  # a rig that counts live reports NSP times: no fit
     assert report["clock"] is None and report["n_matched"] == 0
+
+
+@pytest.mark.parametrize("n_late", [9, 20, 100])
+def test_a_recording_started_late_is_aligned_and_the_rest_reported_unrecorded(tmp_path, n_late, capsys):
+    """The NSP started after the first ``n_late`` of 168 presentations (display clock 1234.5 s
+    ahead, 30 ppm fast): the recorded onsets are a contiguous later part of the log's."""
+    rng = np.random.default_rng(7)
+    n, n_codes = 168, 24
+    codes = rng.integers(1, n_codes + 1, size=n)
+    nsp_s = 3.0 + 0.2 * np.arange(n) + rng.normal(0, 2e-4, n)  # RSVP every 200 ms, 0.2 ms jitter
+    ticks = np.round(nsp_s * 30000).astype(np.int64)
+    recorded = np.arange(n) >= n_late
+    spikes = np.sort(rng.integers(ticks[n_late], ticks[-1] + 6000, size=500))
+    write_nev(tmp_path / "r.nev", Recording.from_ticks(spikes, np.ones(500, int), np.ones(500, int), ticks[recorded],
+                                                        codes[recorded], (1,)))
+    store = create_store(tmp_path / "day_000" / "store.zarr", sites=1)
+    store.append_stimuli(np.zeros((n_codes, 224, 224, 3), np.uint8), parent=-1, site=-1, eps=0.0, direction=0,
+                         kind="clean", predicted=np.zeros((n_codes, 1)), code=np.arange(1, n_codes + 1))
+    store.append_presentations(np.arange(n), codes - 1, (nsp_s + 1234.5) * (1 + 30e-6), np.ones(n, bool), None)
+    from closedloop.cli import main
+
+    main(["-q", "ingest", str(tmp_path / "r.nev"), "--experiment", str(tmp_path), "--day", "0"])  # no --allow-mismatch
+    assert (f"{n - n_late} of {n} logged presentations matched {n - n_late} recorded onsets; 0 mismatches\n"
+            f"{n_late} presentations logged outside the recording (unrecorded, not mismatches): 0-{n_late - 1}\n") in capsys.readouterr().out
+    report = write_day_counts(tmp_path / "r.nev", tmp_path / "day_000" / "store.zarr")
+    assert report["written"] and report["n_matched"] == n - n_late and report["n_mismatches"] == 0, report["mismatches"][:3]
+    assert report["n_unrecorded"] == n_late and report["unrecorded"] == [[0, n_late - 1]]
+    assert report["clock"]["drift_ppm"] == pytest.approx(-30, abs=3)
+    ingest = open_store(tmp_path / "day_000" / "store.zarr").read_ingest()
+    np.testing.assert_array_equal(ingest["matched"], recorded)
+    np.testing.assert_allclose(ingest["onset"][recorded], ticks[recorded] / 30000)
