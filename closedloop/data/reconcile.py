@@ -152,7 +152,11 @@ def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
     Then each logged presentation, in time order, pairs with the unpaired onset of its code
     nearest to its predicted time within 50 ms, the offset following the last pair (so a slow
     drift of either clock is tracked); a line is fitted to the pairs. Returns ``{"offset_s",
-    "rate", "drift_ppm", "n_pairs"}``; the identity when nothing pairs (one pair: the offset only).
+    "rate", "drift_ppm", "n_pairs", "first_onset_offset_s"}``: ``offset_s`` is the offset at log
+    time 0 (the line's intercept, extrapolated from the session), ``first_onset_offset_s`` the
+    offset at the first logged onset (recording minus log time there, s: the number to compare
+    with the clocks' difference at the start of the session); the identity when nothing pairs
+    (one pair: the offset only).
     """
     log_codes = np.asarray(log_codes, dtype=np.int64)
     log_onsets = np.asarray(log_onsets_s, dtype=np.float64)
@@ -165,7 +169,7 @@ def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
         -_compute_code_differences(codes[first], times[first], log_codes, log_onsets),
     ]))
     if not proposals.size:
-        return {"offset_s": 0.0, "rate": 1.0, "drift_ppm": 0.0, "n_pairs": 0}
+        return _describe_clock(0.0, 1.0, 0, log_onsets)
     n_within = np.searchsorted(proposals, proposals + _VOTE_WIDTH_S, side="right") - np.arange(len(proposals))
     best = int(np.argmax(n_within))
     offset = float(np.median(proposals[best : best + n_within[best]]))
@@ -181,11 +185,16 @@ def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
             offset = times[j] - log_s
     x, y = (np.array(column, dtype=np.float64) for column in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
     if len(x) < 2:
-        offset = float(y[0] - x[0]) if len(x) else 0.0
-        return {"offset_s": offset, "rate": 1.0, "drift_ppm": 0.0, "n_pairs": len(x)}
+        return _describe_clock(float(y[0] - x[0]) if len(x) else 0.0, 1.0, len(x), log_onsets)
     rate, intercept = np.polyfit(x - x[0], y, 1)
-    offset = float(intercept - rate * x[0])
-    return {"offset_s": offset, "rate": float(rate), "drift_ppm": float((rate - 1.0) * 1e6), "n_pairs": len(x)}
+    return _describe_clock(float(intercept - rate * x[0]), float(rate), len(x), log_onsets)
+
+
+def _describe_clock(offset_s: float, rate: float, n_pairs: int, log_onsets: np.ndarray) -> dict:
+    """The clock fit as reported; ``first_onset_offset_s``: recording minus log time at the first logged onset."""
+    first = float(log_onsets[0]) if len(log_onsets) else 0.0
+    return {"offset_s": offset_s, "rate": rate, "drift_ppm": (rate - 1.0) * 1e6, "n_pairs": n_pairs,
+            "first_onset_offset_s": offset_s + (rate - 1.0) * first}
 
 
 def _compute_runs(indices: np.ndarray) -> list[list[int]]:

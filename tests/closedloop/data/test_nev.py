@@ -418,6 +418,8 @@ def test_onsets_on_a_presenters_clock_are_mapped_onto_the_recordings(tmp_path):
     clock = report["clock"]
     assert clock["n_pairs"] == 29 and clock["drift_ppm"] == pytest.approx(-40, abs=0.5)
     assert clock["offset_s"] + clock["rate"] * (2.0 + 500.3) * (1 + 40e-6) == pytest.approx(2.0, abs=1e-6)  # NSP 2.0 s
+    # offset_s is the offset at display time 0 (far from the session); this one is where it began
+    assert clock["first_onset_offset_s"] == pytest.approx(2.0 - (2.0 + 500.3) * (1 + 40e-6), abs=1e-6)
 
 
 def test_live_onsets_are_on_the_recording_clock_already(tmp_path):
