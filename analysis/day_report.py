@@ -8,7 +8,8 @@ import numpy as np
 
 from analysis.html import make_figure, render_figure, render_table, write_page
 from closedloop.core.files import read_json
-from closedloop.data.layout import STAGES
+from closedloop.data.layout import SENSITIVITY, STAGES, STORE
+from closedloop.sensitivity.responses import read_day_responses
 
 __all__ = ["compute_sensitivity_summary", "write_day_report"]
 
@@ -65,6 +66,33 @@ def _sensitivity_figure(summary: list[dict]) -> str:
                                  "A model-guided bound above the baselines means the model found directions that move the sites.")
 
 
+def _no_estimates_reason(store: Path) -> str:
+    """Why a day's ``sensitivity.json`` has no records, from its store (e.g. a session cut short)."""
+    if not store.exists():
+        return "the day has no store.zarr"
+    responses = read_day_responses(store)
+    perturbed = responses.stimuli["parent"] >= 0
+    n_stimuli, n_perturbed = perturbed.size, int(perturbed.sum())
+    if n_perturbed == 0:
+        return f"none of the day's {n_stimuli} stimuli is a perturbed image"
+    shown = responses.n_valid > 0
+    n_clean_shown = int(shown[~perturbed].sum())
+    n_perturbed_shown = int(shown[perturbed].sum())
+    return (f"no perturbed image has valid presentations of both itself and its clean image "
+            f"({n_perturbed_shown} of {n_perturbed} perturbed and {n_clean_shown} of {n_stimuli - n_perturbed} clean images "
+            f"have valid presentations; {int(responses.valid.sum())} valid presentations, counts from {responses.source})")
+
+
+def _sensitivity_section(folder: Path) -> str:
+    """The sensitivity figure and table, or a note saying why the day has no estimates."""
+    records = read_json(folder / SENSITIVITY)
+    if not records:
+        return f'<p class="note">No estimates: {_no_estimates_reason(folder / STORE)}.</p>'
+    summary = compute_sensitivity_summary(records)
+    columns = ["kind", "eps", "n_sites", "n_images", "estimate", "estimate_sd", "normalized", "truth", "below_truth"]
+    return _sensitivity_figure(summary) + render_table(summary, columns)
+
+
 def write_day_report(folder: str | Path) -> Path:
     """Write ``folder/report.html`` from the day's artifacts; return its path."""
     folder = Path(folder)
@@ -82,10 +110,8 @@ def write_day_report(folder: str | Path) -> Path:
                 f'{", ".join(map(str, lacking))}.</p>' if lacking else "")
         sections.append(("Presentations", render_table([{k: v for k, v in present.items() if not isinstance(v, (list, dict))}])
                          + note))
-    if (folder / "sensitivity.json").exists():
-        summary = compute_sensitivity_summary(read_json(folder / "sensitivity.json"))
-        columns = ["kind", "eps", "n_sites", "n_images", "estimate", "estimate_sd", "normalized", "truth", "below_truth"]
-        sections.append(("Sensitivity", _sensitivity_figure(summary) + render_table(summary, columns)))
+    if (folder / SENSITIVITY).exists():
+        sections.append(("Sensitivity", _sensitivity_section(folder)))
     fit = stages.get("refit", {}).get("summary")
     if fit:
         pairs = zip(fit["held_out_r"], fit["reliability"])

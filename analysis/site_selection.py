@@ -37,10 +37,11 @@ from scipy.stats import wilcoxon
 from analysis.html import make_figure, render_figure, render_links, render_table, write_csv, write_page
 from closedloop.config import CONFIG_NAME, read_config, write_config_targets
 from closedloop.core.files import atomic_path, compute_file_digest, read_json, write_json
+from closedloop.core.lock import hold_lock
 from closedloop.core.validation import check_dir, check_integer, check_number
 from closedloop.data import layout
 from closedloop.data.counts import compute_nev_counts
-from closedloop.data.reconcile import compute_reconciliation
+from closedloop.data.reconcile import compute_day_reconciliation
 from closedloop.data.store import open_store
 from closedloop.data.window import check_window
 from models.predictivity import compute_split_half_reliability
@@ -107,8 +108,9 @@ def compute_site_metrics(store_path: str | Path, recording_path: str | Path, *, 
     """Reliability, visual drive, rate and predictivity of every site of a recorded day.
 
     ``store_path``: the day store (stimuli, presentation log, validity, sites); ``recording_path``:
-    the day's Blackrock ``.nev``, whose onsets are matched to the log by code and time (as the
-    ingest does) and counted in ``window_s`` and ``baseline_window_s`` ((start, stop) s after
+    the day's Blackrock ``.nev``, whose onsets are matched to the log by code and time (by the
+    ingest's own :func:`~closedloop.data.reconcile.compute_day_reconciliation`, through the clock
+    fit when the log is on a display computer's clock) and counted in ``window_s`` and ``baseline_window_s`` ((start, stop) s after
     onset, 0 ≤ start < stop). ``held_out_r``: (n_sites,) the fitted model's held-out r (None
     entries or None: not available). Uses the valid, recorded presentations of clean stimuli.
     Returns one row per site: ``site``, ``label``, ``array``, ``electrode``, ``unit``,
@@ -120,10 +122,9 @@ def compute_site_metrics(store_path: str | Path, recording_path: str | Path, *, 
     window, baseline = check_window(window_s), check_window(baseline_window_s)
     store = open_store(store_path)
     stimuli, log = store.read_stimuli(pixels=False), store.read_presentations()
-    codes = stimuli["code"]
     onsets, response = compute_nev_counts(recording_path, window_s=window, sites=store.sites, unmapped="ignore")
     _, spontaneous = compute_nev_counts(recording_path, window_s=baseline, sites=store.sites, unmapped="ignore")
-    matched = compute_reconciliation(onsets, codes[log["stimulus"]], log["onset"], codes).onset_index
+    matched = compute_day_reconciliation(onsets, store)[0].onset_index
     use = log["valid"] & (matched >= 0) & (stimuli["parent"][log["stimulus"]] < 0)
     stimulus = log["stimulus"][use]
     response = response[matched[use]].astype(np.float64)
@@ -281,9 +282,17 @@ def write_site_selection(experiment: str | Path, day: int = 0, criteria: SiteCri
     beside it (date, day, criteria, windows, recording and its sha256, every site's row). Returns
     the selection plus ``html``, ``png``, ``table``, ``config`` and ``record`` (None in a dry
     run), ``previous_targets``, ``later_days`` (days after ``day`` already begun: their frozen
-    configs keep the old targets).
+    configs keep the old targets). One ``select-sites`` at a time per experiment: a second is
+    refused with :class:`~closedloop.core.lock.LockedError` naming the first (``site_selection.lock``).
     """
     experiment = check_dir("experiment", experiment)
+    with hold_lock(experiment / layout.SITE_SELECTION_LOCK):
+        return _write_site_selection(experiment, day, criteria, baseline_window_s=baseline_window_s, out=out,
+                                     dry_run=dry_run, n_splits=n_splits, seed=seed)
+
+
+def _write_site_selection(experiment: Path, day: int, criteria: SiteCriteria | None, *, baseline_window_s,
+                          out: str | Path | None, dry_run: bool, n_splits: int, seed: int) -> dict:
     day = check_integer("day", day, minimum=0, maximum=999)
     criteria = criteria or SiteCriteria()
     baseline_window_s = check_window(baseline_window_s)

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import click
 
+from closedloop.core.lock import LockedError
 from closedloop.core.logs import set_log_level
 from closedloop.data.layout import STAGES
-from closedloop.day.lock import DayLockedError
 
 __all__ = ["main", "cli"]
 
@@ -192,15 +192,16 @@ def _photodiode_text(photodiode: dict) -> str:
 
 
 def _report_text(report: dict) -> str:
+    from closedloop.data.reconcile import format_mismatch
+
     lines = [
         f"{report['n_matched']} of {report['n_presentations']} logged presentations matched "
         f"{report['n_onsets']} recorded onsets; {report['n_mismatches']} mismatches",
     ]
-    lines += [
-        f"  {m['kind']}: presentation {m['presentation']}, code {m['code']}, log {m['log_onset_s']} s, "
-        f"nev {m['nev_onset_s']} s" + (f", recorded code {m['nev_code']}" if "nev_code" in m else "")
-        for m in report["mismatches"]
-    ]
+    lines += [f"  {format_mismatch(m)}" for m in report["mismatches"]]
+    if report["n_unrecorded"]:
+        runs = ", ".join(f"{first}-{last}" for first, last in report["unrecorded"])
+        lines.append(f"{report['n_unrecorded']} presentations logged outside the recording (unrecorded, not mismatches): {runs}")
     if "photodiode" in report:
         lines.append(_photodiode_text(report["photodiode"]))
     lines.append(f"written to {report['store']}" if report["written"] else "nothing written")
@@ -220,6 +221,8 @@ def _report_text(report: dict) -> str:
               help="Largest onset difference, s, between the day's log and the recording.")
 @click.option("--ignore-unmapped", is_flag=True, help="Ignore spikes on electrodes missing from the site map.")
 @click.option("--allow-mismatch", is_flag=True, help="Store counts of matched presentations despite mismatches.")
+@click.option("--allow-truncated", is_flag=True, help="Drop a partial last data packet (a recording cut short) "
+              "instead of refusing the file.")
 @click.option("--engine", type=click.Choice(["stream", "neo"]), default="stream", show_default=True,
               help="stream: closedloop's reader, one pass in constant memory; neo: neo's BlackrockRawIO (the reference).")
 @click.option("--photodiode", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="FILE.nsX",
@@ -231,7 +234,8 @@ def _report_text(report: dict) -> str:
               help="Longest code-to-light delay, s (below the shortest interval between codes).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | None, window, site_map: Path | None,
-           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, engine: str, photodiode: Path | None,
+           tolerance: float, ignore_unmapped: bool, allow_mismatch: bool, allow_truncated: bool, engine: str,
+           photodiode: Path | None,
            photodiode_channel: str | None, photodiode_threshold: float | None, photodiode_max_latency: float,
            as_json: bool) -> None:
     """Read a Blackrock RECORDING.nev: summarise it, or count spikes into a day's store."""
@@ -240,6 +244,7 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
     from closedloop.data.nev import read_nev
     from closedloop.data.photodiode import read_photodiode
     from closedloop.data.reconcile import write_day_counts
+    from closedloop.day.ingest import remove_stale_markers
 
     if (experiment is None) != (day is None):
         raise click.UsageError("--experiment and --day go together")
@@ -251,15 +256,20 @@ def ingest(recording: Path, summary: bool, experiment: Path | None, day: int | N
                                                              max_latency_s=photodiode_max_latency)
     result = {}
     if experiment is None or summary:
-        source = read_nev(recording, engine="neo") if engine == "neo" else recording
-        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped, photodiode=light)
+        source = read_nev(recording, engine="neo", allow_truncated=allow_truncated) if engine == "neo" else recording
+        result = compute_summary(source, window_s=window, sites=sites, unmapped=unmapped, photodiode=light,
+                                 allow_truncated=allow_truncated)
     if experiment is None:
         _emit(result, as_json, _summary_text(result))
         return
     store = layout.day_folder(experiment, day) / layout.STORE
     report = write_day_counts(recording, store, window_s=window, tolerance_s=tolerance, sites=sites,
-                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine, photodiode=light)
+                              unmapped=unmapped, allow_mismatch=allow_mismatch, engine=engine, photodiode=light,
+                              allow_truncated=allow_truncated)
+    report["redo"] = remove_stale_markers(layout.day_folder(experiment, day)) if report["written"] else []
     text = (_summary_text(result) + "\n" if result else "") + _report_text(report)
+    if report["redo"]:
+        text += f"\nthe counts changed: fit-day {day} redoes {', '.join(report['redo'])}"
     _emit(report | ({"summary": result} if result else {}), as_json, text)
     if not report["written"]:
         raise ValueError(
@@ -1028,7 +1038,7 @@ def geometry(experiment: Path, day: int | None, sites: str | None, eps: float, n
 # --- end probes -------------------------------------------------------------------------------------
 
 
-_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, DayLockedError)
+_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, LockedError)
 
 
 def main(argv: list[str] | None = None) -> None:

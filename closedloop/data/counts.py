@@ -29,7 +29,7 @@ from closedloop.data.recording import Recording, compute_ticks
 from closedloop.data.sites import ALL_UNITS, NOISE_UNIT, SiteTable, make_default_sites
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window, compute_window_ticks
 
-__all__ = ["Onsets", "compute_onsets", "compute_counts", "compute_nev_counts", "compute_summary"]
+__all__ = ["Onsets", "UnmappedSpikesError", "compute_onsets", "compute_counts", "compute_nev_counts", "compute_summary"]
 
 _KEY = 256  # spike key = electrode * 256 + unit class
 
@@ -69,6 +69,16 @@ def compute_onsets(recording: Recording, *, photodiode: Photodiode | None = None
                         photodiode)
 
 
+class UnmappedSpikesError(ValueError):
+    """Spikes on electrodes the site map lacks; ``problem``: what was found (recording, spikes,
+    electrodes), for a caller that names its own way out."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; add them to the site map ([sites] site_map or --site-map), "
+                         "or ignore them with `closedloop ingest` --ignore-unmapped.")
+        self.problem = problem
+
+
 def _count_spikes_per_electrode(electrodes: np.ndarray) -> Counter:
     """Spikes per electrode id, from the electrode of each spike ``(n_spikes,)``."""
     found, n_spikes = np.unique(electrodes, return_counts=True)
@@ -76,14 +86,14 @@ def _count_spikes_per_electrode(electrodes: np.ndarray) -> Counter:
 
 
 def _check_unmapped(source: str, spikes_per_electrode: dict[int, int], sites: SiteTable, unmapped: str) -> None:
-    """Refuse spikes on electrodes no site names, unless ``unmapped="ignore"``."""
+    """Refuse (:class:`UnmappedSpikesError`) spikes on electrodes no site names, unless ``unmapped="ignore"``."""
     check_option("unmapped", unmapped, ("error", "ignore"))
     missing = sorted(set(spikes_per_electrode) - set(sites.electrode.tolist()))
     if missing and unmapped == "error":
         n_spikes = sum(spikes_per_electrode[e] for e in missing)
-        raise ValueError(
+        raise UnmappedSpikesError(
             f"recording {source or '(in memory)'!r}: {n_spikes} spikes on electrodes {missing[:10]} that are missing "
-            "from the site map; add them to the site map, or ignore them (unmapped='ignore', --ignore-unmapped)."
+            "from the site map"
         )
 
 
@@ -290,7 +300,7 @@ def compute_nev_counts(
 
 
 def compute_summary(recording: Recording | str | Path, *, window_s=DEFAULT_WINDOW_S, sites: SiteTable | None = None,
-                    unmapped: str = "error", photodiode: Photodiode | None = None) -> dict:
+                    unmapped: str = "error", photodiode: Photodiode | None = None, allow_truncated: bool = False) -> dict:
     """The operator's first check of a recording, JSON-ready.
 
     ``{"n_presentations", "electrodes", "window_s", "counts": {"<electrode>": in-window spikes
@@ -298,7 +308,8 @@ def compute_summary(recording: Recording | str | Path, *, window_s=DEFAULT_WINDO
     ``photodiode`` ``"photodiode"``: its settings and the code-to-light latencies
     (:func:`~closedloop.data.photodiode.compute_latency_summary`). ``sites`` (optional) only
     checks that every spiking electrode is mapped. ``recording`` is a :class:`Recording` or the
-    path of a ``.nev``, which is then streamed (see :func:`compute_nev_counts`).
+    path of a ``.nev``, which is then streamed (see :func:`compute_nev_counts`; ``allow_truncated``
+    drops a partial last packet of it).
     """
     window = check_window(window_s)
     check_option("unmapped", unmapped, ("error", "ignore"))
@@ -309,7 +320,7 @@ def compute_summary(recording: Recording | str | Path, *, window_s=DEFAULT_WINDO
         counts = compute_counts(recording, onsets.times_s, window_s=window, sites=make_default_sites(electrodes))
     else:
         source = str(check_nev_path(recording))
-        onsets, counts, spikes_per_electrode, facts = _stream_counts(Path(source), window, None, False, sites,
+        onsets, counts, spikes_per_electrode, facts = _stream_counts(Path(source), window, None, allow_truncated, sites,
                                                                      photodiode)
         electrodes = facts["electrodes"]
     if sites is not None:

@@ -22,10 +22,10 @@ An experiment folder holds ``experiment.toml`` and one ``day_NNN/`` folder per d
 
 Beside the day folders, ``site_selection.json`` records the last ``closedloop select-sites``
 (its date, day, criteria and every site's numbers; the chosen sites are ``[sites] targets`` in
-``experiment.toml``).
+``experiment.toml``); ``site_selection.lock`` is the lock of the ``select-sites`` running now.
 
 Beside each day folder, ``day_NNN.lock`` is the lock of the process running the day (empty when
-no process holds it; see :mod:`closedloop.day.lock`).
+no process holds it; see :mod:`closedloop.core.lock`).
 
 Every module that reads or writes a day goes through these names; none spells them itself.
 """
@@ -40,7 +40,8 @@ from closedloop.core.validation import check_integer
 
 __all__ = [
     "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RSVP_LIST", "RECORDING", "TRIAL_LOG",
-    "SENSITIVITY", "MODEL", "REPORT", "RIG_STATE", "SYNTHESIS_PARTS", "SITE_SELECTION", "day_folder", "day_lock_path",
+    "SENSITIVITY", "MODEL", "REPORT", "RIG_STATE", "SYNTHESIS_PARTS", "SITE_SELECTION", "SITE_SELECTION_LOCK",
+    "day_folder", "day_lock_path",
     "find_day_folders", "marker_path", "compute_base_seed",
 ]
 
@@ -61,6 +62,7 @@ REPORT = "report.html"
 RIG_STATE = "rig_sim"
 SYNTHESIS_PARTS = "synthesis_parts"
 SITE_SELECTION = "site_selection.json"  # in the experiment folder, beside the days
+SITE_SELECTION_LOCK = "site_selection.lock"  # held by the select-sites running now
 _MARKERS = "stages"
 _DAY_NAME = re.compile(r"day_(\d{3})")
 

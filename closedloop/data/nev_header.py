@@ -64,7 +64,7 @@ def _find_layout_problem(version: str, size: int, header_bytes: int, packet_byte
     if leftover and not allow_truncated:
         return (
             f"the file ends {leftover} bytes into a {packet_bytes}-byte data packet (truncated or corrupt); "
-            "pass allow_truncated=True to drop the partial packet"
+            "to drop the partial packet, run `closedloop ingest` with --allow-truncated"
         )
     return ""
 

@@ -24,30 +24,45 @@ from closedloop.data.counts import Onsets, compute_counts, compute_nev_counts, c
 from closedloop.data.nev import NEV_ENGINES, read_nev
 from closedloop.data.photodiode import Photodiode, compute_latency_summary
 from closedloop.data.sites import SiteTable
-from closedloop.data.store import open_store
+from closedloop.data.store import DayStore, open_store
 from closedloop.data.window import DEFAULT_WINDOW_S, check_window
 
-__all__ = ["Reconciliation", "compute_clock_fit", "compute_reconciliation", "write_day_counts", "DEFAULT_TOLERANCE_S"]
+__all__ = ["Reconciliation", "compute_clock_fit", "compute_day_reconciliation", "compute_reconciliation",
+           "format_mismatch", "write_day_counts", "DEFAULT_TOLERANCE_S"]
 
 DEFAULT_TOLERANCE_S = 0.010
 SHIFT_SEARCH_S = 1.0
-_VOTE_PRESENTATIONS, _VOTE_PLACES, _VOTE_WIDTH_S = 64, 8, 0.005  # the clock offset's vote (compute_clock_fit)
+_VOTE_PRESENTATIONS, _VOTE_WIDTH_S = 64, 0.005  # the clock offset's vote (compute_clock_fit)
 _PAIR_REACH_S = 0.050  # a logged presentation pairs with an onset of its code this close to its predicted time
 
 
 class Reconciliation(NamedTuple):
     """``onset_index`` int64 ``(n_presentations,)``: the matching onset of each logged
-    presentation, −1 if none; ``mismatches``: one dict per problem found."""
+    presentation, −1 if none; ``mismatches``: one dict per problem found; ``unrecorded`` int64:
+    the presentations logged before the recording's first onset or after its last (the NSP
+    started late or stopped early), which are not mismatches."""
 
     onset_index: np.ndarray
     mismatches: list[dict]
+    unrecorded: np.ndarray
 
 
 def _mismatch(kind: str, presentation, code, log_s, nev_s) -> dict:
-    shift = None if log_s is None or nev_s is None else round(nev_s - log_s, 6)
+    shift = None if log_s is None or nev_s is None else round(float(nev_s - log_s), 6)
     return {"kind": kind, "presentation": presentation, "code": int(code),
             "log_onset_s": None if log_s is None else float(log_s),
             "nev_onset_s": None if nev_s is None else float(nev_s), "shift_s": shift}
+
+
+def format_mismatch(mismatch: dict) -> str:
+    """One mismatch of :func:`compute_reconciliation` for people: kind, presentation, code, onsets (s)."""
+    def seconds(value):
+        return "none" if value is None else f"{value:.4f} s"
+
+    recorded = f", recorded code {mismatch['nev_code']}" if "nev_code" in mismatch else ""
+    presentation = "none" if mismatch["presentation"] is None else mismatch["presentation"]
+    return (f"{mismatch['kind']}: presentation {presentation}, code {mismatch['code']}, "
+            f"log {seconds(mismatch['log_onset_s'])}, nev {seconds(mismatch['nev_onset_s'])}{recorded}")
 
 
 def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes, *,
@@ -61,7 +76,9 @@ def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes,
     within tolerance carries another stimulus's code / a code no stimulus has),
     ``shifted_timing`` (the code is recorded further than the tolerance but within 1 s),
     ``missing_onset`` (not recorded), ``unknown_code`` or ``extra_onset`` for recorded onsets no
-    presentation explains, ``order`` (matches out of order).
+    presentation explains, ``order`` (matches out of order). Once some presentation matched, one
+    left unmatched whose onset lies more than ``tolerance_s`` before the first recorded onset or
+    after the last is ``unrecorded`` (outside the recording), not a mismatch.
     """
     tolerance = check_number("tolerance_s", tolerance_s, minimum=0.0)
     log_codes = np.asarray(log_codes, dtype=np.int64)
@@ -82,7 +99,9 @@ def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes,
         if same:
             onset_index[presentation], used[same[0]] = same[0], True
     mismatches = []
-    for presentation in by_time[onset_index[by_time] < 0]:  # second pass: explain what is left
+    outside = (log_onsets < times[0] - tolerance) | (log_onsets > times[-1] + tolerance) if len(times) else log_onsets < np.inf
+    unrecorded = (onset_index < 0) & outside & (onset_index >= 0).any()
+    for presentation in by_time[(onset_index[by_time] < 0) & ~unrecorded[by_time]]:  # second pass: explain what is left
         log_s, code = log_onsets[presentation], log_codes[presentation]
         near = unused_near(log_s, tolerance)
         shifted = [j for j in unused_near(log_s, SHIFT_SEARCH_S) if codes[j] == code]
@@ -107,30 +126,50 @@ def compute_reconciliation(onsets: Onsets, log_codes, log_onsets_s, known_codes,
         index = int(matched[position + 1])
         mismatches.append(_mismatch("order", int(np.flatnonzero(onset_index == index)[0]), codes[index], None,
                                     times[index]))
-    return Reconciliation(onset_index=onset_index, mismatches=mismatches)
+    return Reconciliation(onset_index=onset_index, mismatches=mismatches, unrecorded=np.flatnonzero(unrecorded))
+
+
+def _compute_code_differences(codes_a: np.ndarray, times_a: np.ndarray, codes_b: np.ndarray,
+                               times_b: np.ndarray) -> np.ndarray:
+    """``times_b[j] − times_a[i]`` (s) for every pair (i, j) with ``codes_a[i] == codes_b[j]``, float64 ``(n_pairs,)``."""
+    order = np.argsort(codes_b, kind="stable")
+    low, high = np.searchsorted(codes_b[order], codes_a, "left"), np.searchsorted(codes_b[order], codes_a, "right")
+    n_same = high - low
+    rows = np.repeat(np.arange(len(codes_a)), n_same)
+    columns = order[np.repeat(low - np.cumsum(n_same) + n_same, n_same) + np.arange(n_same.sum())]
+    return times_b[columns] - times_a[rows]
 
 
 def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
     """The map from the log's clock onto the recording's: ``nev_s ≈ offset_s + rate · log_s``.
 
     ``log_codes``, ``log_onsets_s`` ``(n_presentations,)``. The offset is first found by a vote:
-    over the first 64 logged presentations (in time order), every recorded onset with the same
-    code within 8 places proposes its time difference, and the densest 5 ms of proposals wins.
+    each of the first 64 logged presentations (in time order) with every recorded onset of the
+    same code, and each of the first 64 recorded onsets with every logged presentation of its
+    code, propose their time difference, and the densest 5 ms of proposals wins. So every lag
+    between the two sequences is tried: a recording that started late (its onsets a later part of
+    the log's) or early is aligned, since only at the true lag do codes and intervals agree.
     Then each logged presentation, in time order, pairs with the unpaired onset of its code
     nearest to its predicted time within 50 ms, the offset following the last pair (so a slow
     drift of either clock is tracked); a line is fitted to the pairs. Returns ``{"offset_s",
-    "rate", "drift_ppm", "n_pairs"}``; the identity when nothing pairs (one pair: the offset only).
+    "rate", "drift_ppm", "n_pairs", "first_onset_offset_s"}``: ``offset_s`` is the offset at log
+    time 0 (the line's intercept, extrapolated from the session), ``first_onset_offset_s`` the
+    offset at the first logged onset (recording minus log time there, s: the number to compare
+    with the clocks' difference at the start of the session); the identity when nothing pairs
+    (one pair: the offset only).
     """
     log_codes = np.asarray(log_codes, dtype=np.int64)
     log_onsets = np.asarray(log_onsets_s, dtype=np.float64)
     order = np.argsort(log_onsets, kind="stable")
     log_codes, log_onsets = log_codes[order], log_onsets[order]
     codes, times = onsets.codes.astype(np.int64), onsets.times_s
-    proposals = np.sort([times[j] - log_onsets[k] for k in range(min(_VOTE_PRESENTATIONS, len(log_codes)))
-                         for j in range(max(0, k - _VOTE_PLACES), min(len(codes), k + _VOTE_PLACES + 1))
-                         if codes[j] == log_codes[k]])
+    first = slice(0, _VOTE_PRESENTATIONS)
+    proposals = np.sort(np.concatenate([
+        _compute_code_differences(log_codes[first], log_onsets[first], codes, times),
+        -_compute_code_differences(codes[first], times[first], log_codes, log_onsets),
+    ]))
     if not proposals.size:
-        return {"offset_s": 0.0, "rate": 1.0, "drift_ppm": 0.0, "n_pairs": 0}
+        return _describe_clock(0.0, 1.0, 0, log_onsets)
     n_within = np.searchsorted(proposals, proposals + _VOTE_WIDTH_S, side="right") - np.arange(len(proposals))
     best = int(np.argmax(n_within))
     offset = float(np.median(proposals[best : best + n_within[best]]))
@@ -146,11 +185,44 @@ def compute_clock_fit(onsets: Onsets, log_codes, log_onsets_s) -> dict:
             offset = times[j] - log_s
     x, y = (np.array(column, dtype=np.float64) for column in zip(*pairs)) if pairs else (np.zeros(0), np.zeros(0))
     if len(x) < 2:
-        offset = float(y[0] - x[0]) if len(x) else 0.0
-        return {"offset_s": offset, "rate": 1.0, "drift_ppm": 0.0, "n_pairs": len(x)}
+        return _describe_clock(float(y[0] - x[0]) if len(x) else 0.0, 1.0, len(x), log_onsets)
     rate, intercept = np.polyfit(x - x[0], y, 1)
-    offset = float(intercept - rate * x[0])
-    return {"offset_s": offset, "rate": float(rate), "drift_ppm": float((rate - 1.0) * 1e6), "n_pairs": len(x)}
+    return _describe_clock(float(intercept - rate * x[0]), float(rate), len(x), log_onsets)
+
+
+def _describe_clock(offset_s: float, rate: float, n_pairs: int, log_onsets: np.ndarray) -> dict:
+    """The clock fit as reported; ``first_onset_offset_s``: recording minus log time at the first logged onset."""
+    first = float(log_onsets[0]) if len(log_onsets) else 0.0
+    return {"offset_s": offset_s, "rate": rate, "drift_ppm": (rate - 1.0) * 1e6, "n_pairs": n_pairs,
+            "first_onset_offset_s": offset_s + (rate - 1.0) * first}
+
+
+def _compute_runs(indices: np.ndarray) -> list[list[int]]:
+    """Sorted indices as runs ``[[first, last], ...]`` of consecutive values (JSON-ready)."""
+    breaks = np.flatnonzero(np.diff(indices) != 1)
+    starts, stops = np.append(indices[:1], indices[breaks + 1]), np.append(indices[breaks], indices[-1:])
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
+
+
+def compute_day_reconciliation(onsets: Onsets, store: DayStore, *,
+                               tolerance_s: float = DEFAULT_TOLERANCE_S) -> tuple[Reconciliation, dict | None]:
+    """A day store's presentation log matched to a recording's onsets, as the ingest matches them.
+
+    ``onsets``: the recording's (with a photodiode, the log is matched by the codes' own times).
+    A store without live counts logged its onsets on the presenter's clock: they are first mapped
+    onto the recording's with :func:`compute_clock_fit`. Returns the
+    :func:`compute_reconciliation` of every logged presentation and the clock fit (None for a
+    store with live counts, whose onsets are recording times already).
+    """
+    log = store.read_presentations()
+    stimulus_codes = store.read_stimuli(pixels=False)["code"]
+    log_codes = stimulus_codes[log["stimulus"]]
+    by_code = onsets if onsets.code_times_s is None else Onsets(onsets.code_times_s, onsets.codes)
+    log_onsets, clock = log["onset"], None
+    if not store.has_live_counts:  # onsets on the presenter's clock: map them onto the NSP's
+        clock = compute_clock_fit(by_code, log_codes, log_onsets)
+        log_onsets = clock["offset_s"] + clock["rate"] * log_onsets
+    return compute_reconciliation(by_code, log_codes, log_onsets, stimulus_codes, tolerance_s=tolerance_s), clock
 
 
 def write_day_counts(
@@ -164,6 +236,7 @@ def write_day_counts(
     allow_mismatch: bool = False,
     engine: str = "stream",
     photodiode: Photodiode | None = None,
+    allow_truncated: bool = False,
 ) -> dict:
     """Reconcile a ``.nev`` with a day store's presentation log and store its counts there.
 
@@ -171,14 +244,17 @@ def write_day_counts(
     nothing is written unless ``allow_mismatch``, in which case matched presentations get their
     ``.nev`` counts and the rest are marked unmatched. Returns a JSON-ready report:
     ``n_presentations`` (logged), ``n_onsets`` (recorded), ``n_matched``, ``n_mismatches``,
-    ``mismatches``, ``window_s``, ``written``, ``source``, ``sha256``, ``clock`` (the
+    ``mismatches``, ``n_unrecorded`` and ``unrecorded`` (runs ``[first, last]`` of presentations
+    logged outside the recording: they are marked unmatched, not counted as mismatches),
+    ``window_s``, ``written``, ``source``, ``sha256``, ``clock`` (the
     :func:`compute_clock_fit` applied to the logged onsets of a store without live counts, else
     None). ``engine``: "stream"
     counts with :func:`compute_nev_counts` (one pass, memory independent of the recording's
     length); "neo" reads the file with ``read_nev(engine="neo")`` (the reference; same result).
     With a ``photodiode`` (:func:`~closedloop.data.photodiode.read_photodiode`), presentations
     are matched to the log by their codes' times, and counted and stored from the light's; the
-    report adds ``photodiode`` (settings and code-to-light latencies).
+    report adds ``photodiode`` (settings and code-to-light latencies). ``allow_truncated`` drops a
+    partial last packet of the ``.nev`` (a recording cut short).
     """
     window = check_window(window_s)
     check_option("engine", engine, NEV_ENGINES)
@@ -190,21 +266,13 @@ def write_day_counts(
             f"({store.n_sites} sites); use the site map the day was recorded with."
         )
     if engine == "neo":
-        recording = read_nev(nev_path, engine="neo")
+        recording = read_nev(nev_path, engine="neo", allow_truncated=allow_truncated)
         onsets = compute_onsets(recording, photodiode=photodiode)
         nev_counts = compute_counts(recording, onsets.times_s, window_s=window, sites=store.sites, unmapped=unmapped)
     else:
         onsets, nev_counts = compute_nev_counts(nev_path, window_s=window, sites=store.sites, unmapped=unmapped,
-                                                photodiode=photodiode)
-    log = store.read_presentations()
-    stimulus_codes = store.read_stimuli(pixels=False)["code"]
-    by_code = onsets if onsets.code_times_s is None else Onsets(onsets.code_times_s, onsets.codes)
-    log_onsets, clock = log["onset"], None
-    if not store.has_live_counts:  # onsets on the presenter's clock: map them onto the NSP's
-        clock = compute_clock_fit(by_code, stimulus_codes[log["stimulus"]], log_onsets)
-        log_onsets = clock["offset_s"] + clock["rate"] * log_onsets
-    reconciliation = compute_reconciliation(by_code, stimulus_codes[log["stimulus"]], log_onsets, stimulus_codes,
-                                            tolerance_s=tolerance_s)
+                                                photodiode=photodiode, allow_truncated=allow_truncated)
+    reconciliation, clock = compute_day_reconciliation(onsets, store, tolerance_s=tolerance_s)
     matched = reconciliation.onset_index >= 0
     report = {
         "source": str(Path(nev_path).resolve()),
@@ -218,6 +286,8 @@ def write_day_counts(
         "n_matched": int(matched.sum()),
         "n_mismatches": len(reconciliation.mismatches),
         "mismatches": reconciliation.mismatches,
+        "n_unrecorded": len(reconciliation.unrecorded),
+        "unrecorded": _compute_runs(reconciliation.unrecorded),
         "clock": clock,
         "written": False,
     }

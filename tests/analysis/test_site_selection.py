@@ -22,13 +22,15 @@ RATE = 30000  # NSP ticks per second
 N_IMAGES, N_REPEATS = 10, 4
 
 
-def _planted_day(tmp_path, repeats: int = N_REPEATS):
+def _planted_day(tmp_path, repeats: int = N_REPEATS, display_clock: tuple[float, float] | None = None):
     """A day store and its .nev with three sites whose metrics are known exactly.
 
     Site 0 (electrode 1): k spikes in the response window for clean image k and one in the
     baseline window, every presentation (perfectly reliable, driven). Site 1: one spike at 20 ms
     and one at 100 ms (baseline 20 Hz > response 10 Hz: not driven). Site 2: silent. A gaussian
     stimulus and an invalid presentation carry 50 spikes on site 2 that must not be counted.
+    ``display_clock`` (offset s, drift ppm): the day was streamed without counts and logged its
+    onsets on a display clock, NSP time = offset + (1 + drift · 1e-6) · display time.
     """
     store = create_store(tmp_path / "store.zarr", sites=3)
     frames = np.zeros((N_IMAGES + 1, 224, 224, 3), np.uint8)
@@ -48,8 +50,13 @@ def _planted_day(tmp_path, repeats: int = N_REPEATS):
         planted += [(onset + 2400 + 10 * j, 3) for j in range(50)] if loud else []
         ticks += [t for t, _ in planted]
         electrodes += [e for _, e in planted]
-    store.append_presentations(np.arange(stimulus.size), stimulus, onsets / RATE, valid,
-                               np.zeros((stimulus.size, 3), np.uint16))
+    if display_clock is None:
+        store.append_presentations(np.arange(stimulus.size), stimulus, onsets / RATE, valid,
+                                   np.zeros((stimulus.size, 3), np.uint16))
+    else:
+        offset_s, drift_ppm = display_clock
+        store.append_presentations(np.arange(stimulus.size), stimulus, (onsets / RATE - offset_s) / (1 + drift_ppm * 1e-6),
+                                   valid, None)
     codes = np.array([*range(1, N_IMAGES + 1), 99])[stimulus]
     recording = Recording.from_ticks(ticks, electrodes, np.ones(len(ticks), int), np.concatenate([onsets, onsets + 3000]),
                                      np.concatenate([codes, np.zeros_like(codes)]), (1, 2, 3))
@@ -69,6 +76,14 @@ def test_metrics_of_planted_sites(tmp_path):
     assert silent["rate_hz"] == 0.0 and silent["drive_p"] == 1.0  # the loud gaussian and invalid presentations are left out
     assert [r["predictivity"] for r in rows] == [0.8, None, 0.1]
     assert [r["electrode"] for r in rows] == [1, 2, 3] and driven["label"] == "e1"
+
+
+def test_a_streamed_day_on_another_clock_is_matched_through_the_clock_fit(tmp_path):
+    """Display and NSP clocks 1234.5 s apart with a 40 ppm drift: the same metrics as on one clock."""
+    store, nev = _planted_day(tmp_path, display_clock=(-1234.5, 40.0))
+    rows = compute_site_metrics(store, nev, window_s=(0.07, 0.17))
+    assert [r["n_presentations"] for r in rows] == [N_IMAGES * N_REPEATS] * 3
+    assert rows[0]["rate_hz"] == pytest.approx(45.0) and rows[0]["reliability"] == pytest.approx(1.0)
 
 
 def test_one_repetition_is_not_enough_for_reliability(tmp_path):
@@ -230,3 +245,22 @@ def test_select_sites_errors(utah_day, capsys, tmp_path):
     zarr.consolidate_metadata(str(copy / "day_000" / "store.zarr"))  # a finished store reads consolidated metadata
     code, _, err = _select(capsys, "--experiment", str(copy), "--dry-run")
     assert code == 2 and "day 0 has no Blackrock recording" in err
+
+
+def test_a_second_select_sites_on_the_experiment_is_refused_naming_the_first(tmp_path, capsys):
+    """select-sites rewrites experiment.toml: two at once on one experiment would lose one's targets."""
+    import os
+    import socket
+
+    from closedloop.core.lock import hold_lock
+
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / "experiment.toml").write_text("[sites]\nn_sites = 2\n")
+    with hold_lock(experiment / "site_selection.lock"):  # as a select-sites running now holds it
+        code, out, err = _select(capsys, "--experiment", str(experiment))
+    assert code == 2 and err.strip().count("\n") == 0, err
+    assert re.search(rf"site_selection is being run by another process \(pid {os.getpid()} on {socket.gethostname()}, "
+                     r"started \d{4}-\d\d-\d\dT", err)
+    assert (experiment / "experiment.toml").read_text() == "[sites]\nn_sites = 2\n"
+    assert not (experiment / "site_selection.json").exists() and not (experiment / "report").exists()

@@ -141,7 +141,8 @@ def test_summary_is_the_operator_check():
 def test_unmapped_electrodes_are_an_error_unless_ignored():
     sites = make_default_sites([1, 2])
     with pytest.raises(ValueError, match=r"'\(in memory\)': 2 spikes on electrodes \[3\] that are missing from "
-                                         r"the site map"):
+                                         r"the site map; add them to the site map \(\[sites\] site_map or --site-map\), "
+                                         r"or ignore them with `closedloop ingest` --ignore-unmapped\.$"):
         compute_counts(_edge_recording(), [1.0], sites=sites)
     assert compute_counts(_edge_recording(), [1.0], sites=sites, unmapped="ignore").tolist() == [[2, 4]]
 
@@ -188,10 +189,17 @@ def test_time_going_backwards_is_refused(tmp_path, engine):
         read_nev(path, engine=engine)
 
 
-def test_truncated_file_can_be_read_when_allowed(tmp_path):
+def test_truncated_file_can_be_read_when_allowed(tmp_path, capsys):
+    from closedloop.cli import main
+
     path = write_nev(tmp_path / "rec.nev", _edge_recording())
     path.write_bytes(path.read_bytes()[:-50])
     assert _read_both(path, allow_truncated=True).n_spikes == _edge_recording().n_spikes - 1
+    with pytest.raises(ValueError, match=r"truncated or corrupt\); to drop the partial packet, run `closedloop ingest` "
+                                         r"with --allow-truncated\.$"):
+        read_nev(path)
+    main(["ingest", str(path), "--summary", "--json", "--allow-truncated"])  # what the message says to type
+    assert json.loads(capsys.readouterr().out)["n_presentations"] == 2
 
 
 @pytest.mark.parametrize("engine", NEV_ENGINES)
@@ -410,8 +418,41 @@ def test_onsets_on_a_presenters_clock_are_mapped_onto_the_recordings(tmp_path):
     clock = report["clock"]
     assert clock["n_pairs"] == 29 and clock["drift_ppm"] == pytest.approx(-40, abs=0.5)
     assert clock["offset_s"] + clock["rate"] * (2.0 + 500.3) * (1 + 40e-6) == pytest.approx(2.0, abs=1e-6)  # NSP 2.0 s
+    # offset_s is the offset at display time 0 (far from the session); this one is where it began
+    assert clock["first_onset_offset_s"] == pytest.approx(2.0 - (2.0 + 500.3) * (1 + 40e-6), abs=1e-6)
 
 
 def test_live_onsets_are_on_the_recording_clock_already(tmp_path):
     report = _display_clock_day(tmp_path, live_counts=True)  # a rig that counts live reports NSP times: no fit
     assert report["clock"] is None and report["n_matched"] == 0
+
+
+@pytest.mark.parametrize("n_late", [9, 20, 100])
+def test_a_recording_started_late_is_aligned_and_the_rest_reported_unrecorded(tmp_path, n_late, capsys):
+    """The NSP started after the first ``n_late`` of 168 presentations (display clock 1234.5 s
+    ahead, 30 ppm fast): the recorded onsets are a contiguous later part of the log's."""
+    rng = np.random.default_rng(7)
+    n, n_codes = 168, 24
+    codes = rng.integers(1, n_codes + 1, size=n)
+    nsp_s = 3.0 + 0.2 * np.arange(n) + rng.normal(0, 2e-4, n)  # RSVP every 200 ms, 0.2 ms jitter
+    ticks = np.round(nsp_s * 30000).astype(np.int64)
+    recorded = np.arange(n) >= n_late
+    spikes = np.sort(rng.integers(ticks[n_late], ticks[-1] + 6000, size=500))
+    write_nev(tmp_path / "r.nev", Recording.from_ticks(spikes, np.ones(500, int), np.ones(500, int), ticks[recorded],
+                                                        codes[recorded], (1,)))
+    store = create_store(tmp_path / "day_000" / "store.zarr", sites=1)
+    store.append_stimuli(np.zeros((n_codes, 224, 224, 3), np.uint8), parent=-1, site=-1, eps=0.0, direction=0,
+                         kind="clean", predicted=np.zeros((n_codes, 1)), code=np.arange(1, n_codes + 1))
+    store.append_presentations(np.arange(n), codes - 1, (nsp_s + 1234.5) * (1 + 30e-6), np.ones(n, bool), None)
+    from closedloop.cli import main
+
+    main(["-q", "ingest", str(tmp_path / "r.nev"), "--experiment", str(tmp_path), "--day", "0"])  # no --allow-mismatch
+    assert (f"{n - n_late} of {n} logged presentations matched {n - n_late} recorded onsets; 0 mismatches\n"
+            f"{n_late} presentations logged outside the recording (unrecorded, not mismatches): 0-{n_late - 1}\n") in capsys.readouterr().out
+    report = write_day_counts(tmp_path / "r.nev", tmp_path / "day_000" / "store.zarr")
+    assert report["written"] and report["n_matched"] == n - n_late and report["n_mismatches"] == 0, report["mismatches"][:3]
+    assert report["n_unrecorded"] == n_late and report["unrecorded"] == [[0, n_late - 1]]
+    assert report["clock"]["drift_ppm"] == pytest.approx(-30, abs=3)
+    ingest = open_store(tmp_path / "day_000" / "store.zarr").read_ingest()
+    np.testing.assert_array_equal(ingest["matched"], recorded)
+    np.testing.assert_allclose(ingest["onset"][recorded], ticks[recorded] / 30000)

@@ -1,7 +1,8 @@
-"""One process per day: an exclusive lock beside the day folder, released when its holder dies.
+"""One process at a time: an exclusive lock file, released when its holder dies.
 
-``day_NNN.lock`` (beside ``day_NNN/``, so ``--force`` can set the folder aside while holding it)
-is locked with ``flock``: the kernel releases the lock when the holding process exits or is
+Used for a day (``day_NNN.lock`` beside ``day_NNN/``, so ``--force`` can set the folder aside
+while holding it), a validation campaign and ``closedloop select-sites`` (``site_selection.lock``
+beside ``experiment.toml``). The file is locked with ``flock``: the kernel releases the lock when the holding process exits or is
 killed, so a lock left by a dead process is taken over without any guessing about pids. The file
 names its holder (pid, host, start time, command), which the refusal quotes; a lock file whose
 holder died is reported in the log when it is taken over.
@@ -21,11 +22,11 @@ from pathlib import Path
 
 from closedloop.core.logs import logger
 
-__all__ = ["DayLockedError", "hold_day_lock"]
+__all__ = ["LockedError", "hold_lock"]
 
 
-class DayLockedError(RuntimeError):
-    """Another live process holds the day."""
+class LockedError(RuntimeError):
+    """Another live process holds the lock."""
 
 
 def _describe(holder: dict) -> str:
@@ -34,8 +35,8 @@ def _describe(holder: dict) -> str:
 
 
 @contextmanager
-def hold_day_lock(path: str | Path) -> Iterator[None]:
-    """Hold the lock file ``path`` for the duration; ``DayLockedError`` naming the holder if a live
+def hold_lock(path: str | Path) -> Iterator[None]:
+    """Hold the lock file ``path`` for the duration; ``LockedError`` naming the holder if a live
     process holds it."""
     path = Path(path)
     if path.is_dir():
@@ -46,7 +47,7 @@ def hold_day_lock(path: str | Path) -> Iterator[None]:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(descriptor)
-            raise DayLockedError(
+            raise LockedError(
                 f"{path.stem} is being run by another process ({_describe(holder)}); wait for it to finish, "
                 f"or stop that process first (a killed process releases {path.name} by itself)"
             ) from None
