@@ -21,8 +21,10 @@ continue until it ends. Per presentation:
 - fixation must be held (:class:`~rigs.display.fixation.FixationMonitor`) from onset to the end
   of the response window.
 
-Times are ``time.monotonic()`` seconds (the system-wide monotonic clock) taken when the code is
-sent right after the flip: ``onset_s`` of the outcome is the onset flip. A display rig does not
+Times are ``time.monotonic()`` seconds (the system-wide monotonic clock) taken as soon as the
+code has been written, right after the flip: ``onset_s`` of the outcome is the onset flip, as the
+NSP stamps its code (taken after the write, so that a thread switch between stamp and write on a
+busy computer cannot set the two apart). A display rig does not
 know spike counts: it has no sites and its outcomes carry no counts (the NSP's ``.nev`` has them).
 ``SESSION_START`` is sent when a new session's bundle is loaded and ``SESSION_END`` at ``finish``.
 """
@@ -159,9 +161,9 @@ class PsychoPyPresenter:
         sent: list[int] = []
 
         def send(code: int, name: str | None = None) -> None:
-            if name:
-                stamps[name] = time.monotonic()
             self.events.send(code)
+            if name:  # stamped once the code is out: a thread switch between the two would make them disagree
+                stamps[name] = time.monotonic()
             sent.append(code)
 
         image = self._images[stimulus_id]

@@ -120,6 +120,7 @@ class _NSP:
         self.thread.start()
 
     def _read(self) -> None:
+        _raise_priority(realtime=True)
         while not self.stop.is_set():
             if select.select([self.master], [], [], 0.05)[0]:
                 now = time.monotonic()
@@ -134,8 +135,25 @@ class _NSP:
         self.thread.join(5)
 
 
+def _raise_priority(realtime: bool = False) -> None:
+    """Run the calling thread as a real NSP and a display computer run, ahead of whatever else loads this machine.
+
+    An NSP stamps codes in hardware; this test stamps them in a thread when they arrive, and a rig runs its
+    display at high priority. On a machine busy with other work (two CPU hogs, the suite on every core) a
+    code then still arrives within a millisecond or two of its onset flip, not tens of ms late. Without the
+    right to raise priority (not root), the test runs as it is.
+    """
+    try:
+        if realtime:  # this thread only (Linux applies the policy per thread); it sleeps in select()
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+        else:
+            os.nice(-20)
+    except (PermissionError, OSError):
+        pass
+
+
 def _serve(config: Path, display: str) -> tuple[subprocess.Popen, str, list[str]]:
-    rig = _closedloop("rig", "serve", "--config", str(config), display=display)
+    rig = _closedloop("rig", "serve", "--config", str(config), display=display, preexec_fn=_raise_priority)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(rig.stdout.readline, "")), daemon=True)
     reader.start()
@@ -248,7 +266,7 @@ def test_a_day_streamed_from_fit_day_to_rig_serve_with_the_psychopy_presenter(tm
     print(f"\n{len(journal)} presentations of {store.n_stimuli} stimuli, {sum(r == 'valid' for r in reasons)} valid; "
           f"Xvfb flip intervals median {np.median(intervals):.2f} ms (p95 {np.percentile(intervals, 95):.2f}, max "
           f"{intervals.max():.2f}); onset-to-offset median {1e3 * np.median(onset_to_offset):.1f} ms for 6 frames; "
-          f"code arrival after the onset flip median {1e3 * np.median(latency):.2f} ms, max {1e3 * max(latency):.2f} ms")
+          f"code arrival after the onset stamp median {1e3 * np.median(latency):.2f} ms, max {1e3 * max(latency):.2f} ms")
 
     # the NSP's clock started 2.5 s before the session: 2.5 s minus the display's monotonic time of its first code
     nsp_zero = nsp.words[0][0] - 2.5
