@@ -42,7 +42,7 @@ demo: setup
 	$(BIN)/closedloop demo
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile --durations=15
 
 bench: $(STAMP)
 	$(BIN)/closedloop bench --json

@@ -8,6 +8,16 @@ import pytest
 from tests.tiny_experiment import TINY
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with end-to-end (``slow``) tests run first, each file's tests in their own order.
+
+    `make test` hands whole files to its workers (pytest-xdist ``--dist loadfile``) in collection
+    order; a long file that starts last keeps one core busy alone at the end.
+    """
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
