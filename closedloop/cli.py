@@ -18,9 +18,9 @@ from pathlib import Path
 
 import click
 
+from closedloop.core.lock import LockedError
 from closedloop.core.logs import set_log_level
 from closedloop.data.layout import STAGES
-from closedloop.day.lock import DayLockedError
 
 __all__ = ["main", "cli"]
 
@@ -1010,7 +1010,7 @@ def geometry(experiment: Path, day: int | None, sites: str | None, eps: float, n
 # --- end probes -------------------------------------------------------------------------------------
 
 
-_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, DayLockedError)
+_BAD_INPUT = (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError, LockedError)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,7 @@ Beside the day folders, ``site_selection.json`` records the last ``closedloop se
 ``experiment.toml``).
 
 Beside each day folder, ``day_NNN.lock`` is the lock of the process running the day (empty when
-no process holds it; see :mod:`closedloop.day.lock`).
+no process holds it; see :mod:`closedloop.core.lock`).
 
 Every module that reads or writes a day goes through these names; none spells them itself.
 """

@@ -42,6 +42,7 @@ from closedloop.config import (
 )
 from closedloop.core.distributed import ProcessGroup
 from closedloop.core.files import compute_file_digest, read_json, remove_temporaries, write_json, write_text
+from closedloop.core.lock import hold_lock
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
 from closedloop.core.validation import check_dir, check_integer, check_option
@@ -49,7 +50,6 @@ from closedloop.data import layout
 from closedloop.data.layout import STAGES
 from closedloop.day import bundle, estimate, ingest, plan, present, refit, report, synthesize
 from closedloop.day.context import DayContext
-from closedloop.day.lock import hold_day_lock
 from closedloop.day.preflight import check_experiment
 from closedloop.link.access import RigAccess
 
@@ -224,7 +224,7 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
     keep partial work); otherwise it is refused unless ``force`` (the old day folder is then set
     aside as ``day_NNN.replaced-<time>`` and the day starts over).
     One process at a time runs a day: a second is refused with
-    :class:`~closedloop.day.lock.DayLockedError` naming the holder (``day_NNN.lock``).
+    :class:`~closedloop.core.lock.LockedError` naming the holder (``day_NNN.lock``).
     ``group``: the ranks of a ``torchrun`` job (:func:`closedloop.core.distributed.join_process_group`;
     default: this process alone). Then ``until`` must be ``"plan"`` or ``"synthesize"``; rank 0
     holds the lock and runs the day as above, sharing the synthesize stage's attack parts with the
@@ -241,7 +241,7 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
         return _assist_day(Path(experiment), day, group)
     try:
         check_dir("experiment", experiment)  # before the lock file is made beside its days
-        with hold_day_lock(layout.day_lock_path(experiment, day)):
+        with hold_lock(layout.day_lock_path(experiment, day)):
             results = _run_day(experiment, day, force=force, until=until, rig=rig, group=group)
     except Exception as error:
         _release_ranks(group, error)

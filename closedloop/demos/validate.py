@@ -46,11 +46,11 @@ from analysis.report_sections import (
 from closedloop.behavior.models import make_embedded_classifier
 from closedloop.config import CONFIG_NAME, read_config, write_default_config
 from closedloop.core.files import read_json, write_json
+from closedloop.core.lock import hold_lock
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer
 from closedloop.data import layout
 from closedloop.data.layout import day_folder
-from closedloop.day.lock import hold_day_lock
 from closedloop.day.runner import run_day
 from closedloop.demos.loop import compute_ceiling_summary, compute_demo_summary, format_ceiling
 from rigs.launch import RigLauncher
@@ -194,7 +194,7 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
     ``resume``: continue the campaign already in ``out`` (its finished stages are kept; refused,
     naming the keys, when its settings differ) instead of starting over. One process at a time
     runs a campaign in ``out`` (``OUT.lock`` beside it; a second is refused with
-    :class:`~closedloop.day.lock.DayLockedError` naming the holder, before anything is touched).
+    :class:`~closedloop.core.lock.LockedError` naming the holder, before anything is touched).
     The summary holds ``targets`` (:func:`compute_validation_targets`), the loop summary
     (``by_day``, ``growth``, …), ``figures`` (PNG paths), ``report`` and ``seconds``: ``days`` (each
     day's stages, from their markers, so a resumed campaign counts every day), ``analysis`` (report
@@ -208,7 +208,7 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
     start = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
     # one campaign per folder: a second one would delete this one's days (or analyse them twice)
-    with hold_day_lock(out.parent / f"{out.name}.lock"):
+    with hold_lock(out.parent / f"{out.name}.lock"):
         standard = _prepare(out, Path(cache) if cache is not None else out.parent / "cache", changes, resume=resume)
         for day in range(n_days):
             logger.info("validate: day %d of %d", day, n_days - 1)

@@ -17,8 +17,8 @@ import zarr
 
 from closedloop.core.distributed import ProcessGroup, join_process_group
 from closedloop.core.files import write_npz
+from closedloop.core.lock import hold_lock
 from closedloop.data import layout
-from closedloop.day.lock import hold_day_lock
 from closedloop.day.runner import run_day
 from closedloop.day.status import read_status
 from tests.tiny_experiment import TINY
@@ -80,11 +80,11 @@ def test_two_ranks_make_the_same_stimuli_as_one_process(tmp_path):
 @pytest.mark.slow
 def test_a_failing_rank_or_a_held_day_stops_every_rank(tmp_path):
     experiment = _experiment(tmp_path / "exp")
-    with hold_day_lock(layout.day_lock_path(experiment, 0)):
+    with hold_lock(layout.day_lock_path(experiment, 0)):
         held = _torchrun(experiment)
     assert held.returncode != 0
     assert "error: day_000 is being run by another process" in held.stderr  # rank 0
-    assert "error: rank 0 of 2 on" in held.stderr and "failed at 'start': DayLockedError" in held.stderr  # rank 1
+    assert "error: rank 0 of 2 on" in held.stderr and "failed at 'start': LockedError" in held.stderr  # rank 1
 
     run_day(experiment, 0, until="plan")
     parts = layout.day_folder(experiment, 0) / layout.SYNTHESIS_PARTS

@@ -119,16 +119,16 @@ def test_a_second_campaign_on_the_same_folder_is_refused_and_deletes_nothing(tmp
     """Two `closedloop validate --out X` at once: without --resume the second would start afresh,
     deleting the running campaign's days. It is refused at once, naming the holder, before any
     training, and the folder is left as it was."""
-    from closedloop.day.lock import DayLockedError, hold_day_lock
+    from closedloop.core.lock import LockedError, hold_lock
     from closedloop.demos.validate import run_validation
 
     out = tmp_path / "validate"
     (out / "day_000").mkdir(parents=True)
     (out / "experiment.toml").write_text("")
     (out / "day_000" / "sensitivity.json").write_text("[]")
-    with hold_day_lock(tmp_path / "validate.lock"):
+    with hold_lock(tmp_path / "validate.lock"):
         for resume in (False, True):
-            with pytest.raises(DayLockedError, match="validate is being run by another process"):
+            with pytest.raises(LockedError, match="validate is being run by another process"):
                 run_validation(out, resume=resume, cache=tmp_path / "empty-cache")
     assert (out / "day_000" / "sensitivity.json").read_text() == "[]"
     assert not (tmp_path / "empty-cache").exists()

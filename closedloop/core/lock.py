@@ -1,7 +1,9 @@
-"""One process per day: an exclusive lock beside the day folder, released when its holder dies.
+"""One process at a time on a day, a campaign or an export: an exclusive lock file, released when
+its holder dies.
 
-``day_NNN.lock`` (beside ``day_NNN/``, so ``--force`` can set the folder aside while holding it)
-is locked with ``flock``: the kernel releases the lock when the holding process exits or is
+A lock file (``day_NNN.lock`` beside ``day_NNN/``, so ``--force`` can set the folder aside while
+holding it; ``validate.lock`` beside a campaign folder; ``.<OUT>.lock`` beside an NWB export's
+OUT) is locked with ``flock``: the kernel releases the lock when the holding process exits or is
 killed, so a lock left by a dead process is taken over without any guessing about pids. The file
 names its holder (pid, host, start time, command), which the refusal quotes; a lock file whose
 holder died is reported in the log when it is taken over.
@@ -21,11 +23,11 @@ from pathlib import Path
 
 from closedloop.core.logs import logger
 
-__all__ = ["DayLockedError", "hold_day_lock"]
+__all__ = ["LockedError", "hold_lock"]
 
 
-class DayLockedError(RuntimeError):
-    """Another live process holds the day."""
+class LockedError(RuntimeError):
+    """Another live process holds the lock (of a day, a campaign, an export)."""
 
 
 def _describe(holder: dict) -> str:
@@ -34,20 +36,22 @@ def _describe(holder: dict) -> str:
 
 
 @contextmanager
-def hold_day_lock(path: str | Path) -> Iterator[None]:
-    """Hold the lock file ``path`` for the duration; ``DayLockedError`` naming the holder if a live
-    process holds it."""
+def hold_lock(path: str | Path, *, what: str | None = None) -> Iterator[None]:
+    """Hold the lock file ``path`` for the duration; ``LockedError`` naming the holder (pid, host,
+    start time, command) if a live process holds it. ``what``: what the lock guards, as the refusal
+    names it ("day_000", "the export to nwb/day_003.nwb"; default: the lock file's name without
+    its suffix)."""
     path = Path(path)
     if path.is_dir():
-        raise FileExistsError(f"{str(path)!r} is a folder, not a lock file; remove it and run the day again")
+        raise FileExistsError(f"{str(path)!r} is a folder, not a lock file; remove it and run the command again")
     descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _read_holder(descriptor)
-            raise DayLockedError(
-                f"{path.stem} is being run by another process ({_describe(holder)}); wait for it to finish, "
+            raise LockedError(
+                f"{what or path.stem} is being run by another process ({_describe(holder)}); wait for it to finish, "
                 f"or stop that process first (a killed process releases {path.name} by itself)"
             ) from None
         earlier = _read_holder(descriptor)

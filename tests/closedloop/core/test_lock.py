@@ -1,4 +1,4 @@
-"""The day lock: one holder at a time, a dead holder's lock taken over, a damaged lock file handled."""
+"""The lock of a day (or of an export's OUT): one holder at a time, a dead holder's lock taken over, a damaged lock file handled."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import os
 
 import pytest
 
-from closedloop.day.lock import DayLockedError, hold_day_lock
+from closedloop.core.lock import LockedError, hold_lock
 
 
 def test_a_held_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
     path = tmp_path / "day_000.lock"
-    with hold_day_lock(path):
+    with hold_lock(path):
         assert json.loads(path.read_text())["pid"] == os.getpid()
-        with pytest.raises(DayLockedError, match=rf"day_000 is being run by another process \(pid {os.getpid()} on "):
-            with hold_day_lock(path):
+        with pytest.raises(LockedError, match=rf"day_000 is being run by another process \(pid {os.getpid()} on "):
+            with hold_lock(path):
                 pass
     assert path.read_text() == ""  # released cleanly
 
@@ -23,7 +23,7 @@ def test_a_held_lock_refuses_a_second_holder_and_names_the_first(tmp_path):
 def test_a_garbled_lock_file_left_by_a_dead_holder_is_taken_over(tmp_path, caplog):
     path = tmp_path / "day_000.lock"
     path.write_bytes(b"\x00\xffnot json")
-    with hold_day_lock(path):
+    with hold_lock(path):
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert "taking over the lock of a process that is gone (pid ? on ?" in caplog.text
 
@@ -31,5 +31,5 @@ def test_a_garbled_lock_file_left_by_a_dead_holder_is_taken_over(tmp_path, caplo
 def test_a_lock_path_that_is_a_folder_is_a_clear_error(tmp_path):
     (tmp_path / "day_000.lock").mkdir()
     with pytest.raises(FileExistsError, match=r"day_000.lock' is a folder, not a lock file; remove it"):
-        with hold_day_lock(tmp_path / "day_000.lock"):
+        with hold_lock(tmp_path / "day_000.lock"):
             pass
