@@ -6,10 +6,12 @@ once complete (a rename within one file system is atomic); on failure the tempor
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,8 +21,8 @@ import numpy as np
 from closedloop.core.validation import check_file
 
 __all__ = [
-    "atomic_path", "remove_temporaries", "write_text", "write_bytes", "write_npz", "write_json", "read_json",
-    "compute_file_digest", "compute_folder_digest",
+    "atomic_path", "remove_temporaries", "remove_temporaries_of", "write_text", "write_bytes", "write_npz", "write_json",
+    "read_json", "compute_file_digest", "compute_folder_digest",
 ]
 
 
@@ -28,20 +30,29 @@ __all__ = [
 def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path``; rename it to ``path`` if the block succeeds.
 
-    The parent folder is created if needed. If the block raises, the temporary is removed and
-    ``path`` is left as it was. ``suffix``: the end of the temporary's name (for writers that
-    check the extension).
+    The parent folder is created if needed. The temporary, ``.<name>.<random><suffix>``, is
+    created empty with the mode the umask gives (0666 & ~umask, like any file a user writes), which
+    the renamed file keeps. If the block raises, the temporary is removed and ``path`` is left as
+    it was. ``suffix``: the end of the temporary's name (for writers that check the extension).
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
+    temporary = _create_temporary(path, suffix)
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _create_temporary(path: Path, suffix: str) -> Path:
+    while True:  # tempfile.mkstemp would make it 0600 whatever the umask
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
 
 
 def remove_temporaries(folder: str | Path) -> list[Path]:
@@ -51,6 +62,19 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
     removed = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
     for path in removed:
         path.unlink(missing_ok=True)
+    return removed
+
+
+def remove_temporaries_of(path: str | Path, *, suffixes: tuple[str, ...] = (".tmp",)) -> list[Path]:
+    """Remove what ``atomic_path(path, suffix=s)`` leaves beside ``path`` when its process is killed,
+    for each ``s`` in ``suffixes``: ``.<name>.<random><s>``, never another file's. Only while no
+    other process writes ``path`` (e.g. under its lock). Returns the removed paths."""
+    path = Path(path).expanduser()
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[^.]+(?:{'|'.join(map(re.escape, suffixes))})")
+    removed = [item for item in path.parent.glob(f".{glob.escape(path.name)}.*")
+               if pattern.fullmatch(item.name) and item.is_file()]
+    for item in removed:
+        item.unlink(missing_ok=True)
     return removed
 
 
