@@ -27,6 +27,10 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -42,7 +46,8 @@ from pynwb.image import IndexSeries, RGBImage
 from pynwb.misc import Units
 
 from closedloop.config import ExperimentConfig, NwbSection, read_config
-from closedloop.core.files import atomic_path, compute_file_digest, compute_folder_digest, read_json
+from closedloop.core.files import atomic_path, compute_file_digest, compute_folder_digest, read_json, remove_temporaries_of
+from closedloop.core.lock import hold_lock
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
 from closedloop.core.validation import check_dir, check_integer
@@ -68,6 +73,7 @@ SENSITIVITY_COLUMNS = {  # sensitivity.json key -> (dtype, description)
     "expected": (np.float64, "simulated rig only: the estimator on noise-free expected counts (NaN: none)"),
     "direction_right": (np.float64, "simulated rig only: fraction of pairs whose predicted direction was right (NaN: none)"),
 }
+_PARTIAL = ".partial"  # a file being written: .<OUT>.<random>.partial (no .nwb, so no tool takes it for one)
 _KEYWORDS = ["closed loop", "adversarial examples", "inferior temporal cortex", "macaque", "Utah array", "RSVP"]
 
 
@@ -119,10 +125,6 @@ class _Day:
     session_start: datetime
     start_source: str
 
-    @property
-    def identifier(self) -> str:
-        return f"{self.config.experiment.name}-day_{self.number:03d}-{self.store_digest[:16]}"
-
 
 def _read_day(experiment: str | Path, day: int) -> _Day:
     """Read and check a finished day; every bad input is refused before anything is written."""
@@ -168,7 +170,7 @@ def _column(name: str, description: str, values, *, compress: bool = False):
     return VectorData(name=name, description=description, data=_compressed(values) if compress else values)
 
 
-def _make_nwbfile(day: _Day):
+def _make_nwbfile(day: _Day, identifier: str):
 
     name, lab = day.config.experiment.name, day.lab
     description = lab.session_description or (
@@ -184,7 +186,7 @@ def _make_nwbfile(day: _Day):
              "session_start_time_from": day.start_source, "export": export}
     return NWBFile(
         session_description=description,
-        identifier=day.identifier,
+        identifier=identifier,
         session_start_time=day.session_start,
         session_id=f"day_{day.number:03d}",
         experimenter=list(lab.experimenter) or None,
@@ -372,23 +374,48 @@ def write_day_nwb(experiment: str | Path, day: int, out: str | Path, *, overwrit
     out = _check_out(out, overwrite)
     started = time.perf_counter()
     data = _read_day(experiment, day)
-    return _write(data, out, started)
+    with _hold_outs([out], overwrite):
+        return _write(data, out, started)
 
 
 def _check_out(out: str | Path, overwrite: bool) -> Path:
     out = Path(out).expanduser()
     if out.suffix != ".nwb":
         raise ValueError(f"OUT {str(out)!r} must be a file name ending in .nwb (e.g. day_003.nwb)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    _refuse_existing([out], overwrite)
     if out.is_dir():
         raise ValueError(f"OUT {str(out)!r} is a folder; give the .nwb file to write")
     return out
 
 
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not overwrite:
+        verb, pronoun = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        raise FileExistsError(f"{', '.join(existing)} already {verb}; pass --overwrite to replace {pronoun}")
+
+
+@contextmanager
+def _hold_outs(paths: list[Path], overwrite: bool) -> Iterator[None]:
+    """Lock each file to write (``.<name>.lock`` beside it), refuse again those that now exist
+    (unless ``overwrite``: another export may have written one meanwhile), and remove the
+    partial files that killed exports of them left (:data:`_PARTIAL`, and ``.partial.nwb`` as
+    exports before 2026-12 named them): under the lock, no live export writes them."""
+    with ExitStack() as stack:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(hold_lock(path.with_name(f".{path.name}.lock"), what=f"the export to {path}", remove=True))
+        _refuse_existing(paths, overwrite)
+        for path in paths:
+            for stale in remove_temporaries_of(path, suffixes=(_PARTIAL, ".partial.nwb")):
+                logger.warning("removed %s, left by an export of %s that was killed", stale.name, path.name)
+        yield
+
+
 def _write(day: _Day, out: Path, started: float) -> dict:
 
-    nwbfile = _make_nwbfile(day)
+    identifier = str(uuid.uuid4())
+    nwbfile = _make_nwbfile(day, identifier)
     _add_electrodes(nwbfile, day)
     if day.recording is not None:
         _add_units(nwbfile, day)
@@ -396,11 +423,14 @@ def _write(day: _Day, out: Path, started: float) -> dict:
     images = _add_templates(nwbfile, stimuli)
     n_presentations = _add_presentations(nwbfile, day, stimuli, images)
     _add_sensitivity(nwbfile, day)
-    with atomic_path(out, suffix=".partial.nwb") as temporary, NWBHDF5IO(str(temporary), mode="w") as io:
-        io.write(nwbfile)
+    with atomic_path(out, suffix=_PARTIAL) as temporary, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The file path provided: .* does not end in '.nwb'")  # on purpose
+        with NWBHDF5IO(str(temporary), mode="w") as io:
+            io.write(nwbfile)
     seconds = time.perf_counter() - started
     logger.info("exported day %d to %s (%.1f MB, %.1f s)", day.number, out, out.stat().st_size / 1e6, seconds)
-    return {"day": day.number, "path": str(out), "identifier": day.identifier, "n_stimuli": day.store.n_stimuli,
+    return {"day": day.number, "path": str(out), "identifier": identifier,
+            "store_digest": day.store_digest, "n_stimuli": day.store.n_stimuli,
             "n_presentations": n_presentations, "n_units": 0 if day.recording is None else day.store.n_sites,
             "bytes": out.stat().st_size, "seconds": round(seconds, 2)}
 
@@ -423,12 +453,10 @@ def write_experiment_nwb(experiment: str | Path, out: str | Path, *, overwrite: 
     _read_nwb_section(experiment)
     name = read_config(experiment, check_paths=False).experiment.name
     paths = {day: out / make_nwb_name(name, day) for day in finished}
-    existing = [str(path) for path in paths.values() if path.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
-                              "pass --overwrite to replace them")
+    _refuse_existing(list(paths.values()), overwrite)
     summaries = []
-    for day, path in paths.items():
-        started = time.perf_counter()
-        summaries.append(_write(_read_day(experiment, day), path, started))
+    with _hold_outs(list(paths.values()), overwrite):
+        for day, path in paths.items():
+            started = time.perf_counter()
+            summaries.append(_write(_read_day(experiment, day), path, started))
     return {"days": summaries, "skipped": unfinished}

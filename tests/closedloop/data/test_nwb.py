@@ -3,18 +3,21 @@ table by table against the day store, the .nev and the day's JSON files; the NWB
 
 import hashlib
 import json
+import os
 import shutil
+import threading
+import uuid
 from datetime import datetime
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from nwbinspector import Importance, inspect_nwbfile
+from nwbinspector import Importance, inspect_all, inspect_nwbfile, load_config
 from pynwb import NWBHDF5IO
 
 from closedloop.cli import main
-from closedloop.core.files import read_json
+from closedloop.core.files import compute_folder_digest, read_json
 from closedloop.data.nev import read_nev
 from closedloop.data.nev_header import read_nev_header
 from closedloop.data.nwb import write_day_nwb, write_experiment_nwb
@@ -84,7 +87,7 @@ def test_every_table_matches_the_day_exactly(experiment, exported):
         nwb = io.read()
         # session
         assert nwb.session_start_time == read_nev_header(folder / "recording.nev", False)["time_origin"]
-        assert nwb.identifier.startswith("experiment-day_000-") and nwb.session_id == "day_000"
+        assert uuid.UUID(nwb.identifier).version == 4 and nwb.session_id == "day_000"
         assert (nwb.subject.subject_id, nwb.subject.species, nwb.subject.sex, nwb.subject.age) == (
             "monkeyS", "Macaca mulatta", "M", "P6Y")
         assert list(nwb.experimenter) == ["Doe, Jane"] and nwb.lab == "Sim Lab" and nwb.institution == "Sim Institute"
@@ -165,10 +168,19 @@ def test_the_inspector_finds_nothing_to_fix(exported):
     assert {(m.check_function_name, m.object_name) for m in messages} <= ACCEPTED_SUGGESTIONS
 
 
-def test_identifier_is_stable_and_names_the_store(experiment, exported, tmp_path):
+def test_each_export_has_its_own_identifier_and_the_store_digest_apart(experiment, exported, tmp_path):
+    """Two exports of one day: unique identifiers (uuid4), so the Inspector passes a folder
+    holding both; the store digest (what identifies the data) is the same in both."""
+    shutil.copy(exported, tmp_path / "first.nwb")
     again = write_day_nwb(experiment, 0, tmp_path / "again.nwb")
     with NWBHDF5IO(str(exported), "r") as first, NWBHDF5IO(again["path"], "r") as second:
-        assert first.read().identifier == second.read().identifier == again["identifier"]
+        one, two = first.read(), second.read()
+        assert one.identifier != two.identifier == again["identifier"]
+        assert uuid.UUID(one.identifier).version == uuid.UUID(two.identifier).version == 4
+        digests = {json.loads(nwb.notes)["store"]["sha256_of_files"] for nwb in (one, two)}
+    assert digests == {compute_folder_digest(experiment / "day_000" / "store.zarr")} == {again["store_digest"]}
+    messages = list(inspect_all(path=tmp_path, config=load_config("dandi"), progress_bar=False))
+    assert not [m for m in messages if m.importance == Importance.CRITICAL], [m.message for m in messages]
 
 
 def test_a_day_without_its_recording_keeps_the_counts(experiment, tmp_path):
@@ -250,3 +262,70 @@ def test_a_failed_export_leaves_nothing_behind(experiment, tmp_path, monkeypatch
     assert _no_files(tmp_path / "out") == ["d.nwb"] and (tmp_path / "out" / "d.nwb").read_bytes() == b"old"
     with pytest.raises(ValueError, match="must be a folder with --all"):
         write_experiment_nwb(experiment, tmp_path / "out" / "d.nwb")
+
+
+def test_a_partial_file_is_no_nwb_and_stale_partials_of_out_are_removed(experiment, tmp_path, monkeypatch):
+    """A killed export leaves its temporary beside OUT: it must not end in .nwb (the Inspector
+    would read it as a broken NWB file), and the next export of that OUT removes it (also one
+    named as earlier versions named them), never a partial of another OUT."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".d.nwb.k1ll3d00.partial", out / ".d.nwb.k1ll3d01.partial.nwb"]
+    other = out / ".e.nwb.k1ll3d02.partial"
+    for path in (*stale, other):
+        path.write_bytes(b"half an HDF5 file")
+    written = []
+    write = NWBHDF5IO.write
+
+    def record(self, *args, **kwargs):
+        written.append(Path(self.source))
+        write(self, *args, **kwargs)
+
+    monkeypatch.setattr(NWBHDF5IO, "write", record)
+    write_day_nwb(experiment, 0, out / "d.nwb")
+    assert len(written) == 1 and written[0].parent == out and written[0].suffix != ".nwb", written
+    assert written[0].name.startswith(".d.nwb.")
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".nwb" or p.name.endswith(".partial")) == [
+        ".e.nwb.k1ll3d02.partial", "d.nwb"]
+
+
+def test_two_exports_to_one_out_at_once_one_is_refused_naming_the_other(experiment, tmp_path, monkeypatch, capsys):
+    """A second export (of the day, or --all into the folder) while one writes OUT is refused with
+    one error line naming the first (pid, host, start time); the first finishes; nothing is lost."""
+    out = tmp_path / "out"
+    out.mkdir()
+    writing, finish = threading.Event(), threading.Event()
+    write = NWBHDF5IO.write
+
+    def slow(self, *args, **kwargs):
+        if threading.current_thread() is first:
+            writing.set()
+            assert finish.wait(60)
+        write(self, *args, **kwargs)
+
+    monkeypatch.setattr(NWBHDF5IO, "write", slow)
+    first = threading.Thread(target=write_day_nwb, args=(experiment, 0, out / "experiment_day_000.nwb"))
+    first.start()
+    try:
+        assert writing.wait(60)
+        for args in (["--day", 0, out / "experiment_day_000.nwb"], ["--all", out], ["--all", out, "--overwrite"]):
+            code, _, err = _cli(capsys, "-q", "export-nwb", "--experiment", experiment, *args)
+            assert code == 2 and err.count("\n") == 1 and err.startswith("error: the export to "), err
+            assert f"experiment_day_000.nwb is being run by another process (pid {os.getpid()} on " in err
+            assert ", started 20" in err
+    finally:
+        finish.set()
+        first.join()
+    assert _no_files(out) == ["experiment_day_000.nwb"]
+    with NWBHDF5IO(str(out / "experiment_day_000.nwb"), "r") as io:
+        assert io.read().session_id == "day_000"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_file_gets_the_mode_the_umask_gives(experiment, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        summary = write_day_nwb(experiment, 0, tmp_path / "d.nwb")
+    finally:
+        os.umask(previous)
+    assert os.stat(summary["path"]).st_mode & 0o777 == 0o666 & ~umask
