@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +101,7 @@ def _read_nwb_section(experiment: Path) -> NwbSection:
     if missing:
         raise ValueError(
             f"{experiment / 'experiment.toml'}: [nwb] {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-            "missing; DANDI requires subject_id, species, sex and age: set them in the [nwb] section "
+            "missing; DANDI requires subject_id, species, sex and age (or date_of_birth): set them in the [nwb] section "
             '(e.g. subject_id = "monkeyA", sex = "M", age = "P5Y")'
         )
     return section
@@ -124,6 +124,45 @@ class _Day:
     recording: Recording | None
     session_start: datetime
     start_source: str
+    age: str
+    date_of_birth: datetime | None
+
+
+def _read_session_start(folder: Path) -> tuple[datetime, str]:
+    """When a day folder's session started (UTC) and where that came from: the time origin in the
+    header of its ``recording.nev``, else (no recording, or the NSP left it empty) ``created_utc``
+    of its ``provenance.json``."""
+    if (folder / layout.RECORDING).exists():
+        start = read_nev_header(folder / layout.RECORDING, False)["time_origin"]
+        if start is not None:
+            return start, "the time origin in the header of recording.nev"
+    if not (folder / layout.PROVENANCE).is_file():
+        raise FileNotFoundError(f"{folder} has neither a recording.nev with a time origin nor a provenance.json, so "
+                                "the date of its session is unknown")
+    created = read_json(folder / layout.PROVENANCE)["created_utc"]
+    return datetime.fromisoformat(created.replace("Z", "+00:00")), "created_utc of provenance.json"
+
+
+def _compute_subject_dates(experiment: Path, day: int, lab: NwbSection, start: datetime) -> tuple[str, datetime | None]:
+    """The subject's age at day ``day``'s session (``[nwb] age``, the age at the first day, plus the
+    whole days from the first day's session date to this one's, UTC; ``""`` if none) and date of
+    birth (UTC midnight; None if none), refused if the session comes before either."""
+    born = None
+    if lab.date_of_birth:
+        born = datetime.fromisoformat(lab.date_of_birth).replace(tzinfo=UTC)
+        if born.date() > start.astimezone(UTC).date():
+            raise ValueError(f"[nwb] date_of_birth = {lab.date_of_birth} is after the session of day {day} "
+                             f"({start.isoformat()}); give the subject's date of birth, YYYY-MM-DD")
+    if not lab.age:
+        return "", born
+    first = min(layout.find_day_folders(experiment))
+    first_start = start if first == day else _read_session_start(layout.day_folder(experiment, first))[0]
+    days = (start.astimezone(UTC).date() - first_start.astimezone(UTC).date()).days
+    if days < 0:
+        raise ValueError(f"day {day}'s session ({start.isoformat()}) is before the first day's (day {first}, "
+                         f"{first_start.isoformat()}), so its age cannot follow from [nwb] age (the age at the first "
+                         "day); check the dates of the days' recordings")
+    return lab.compute_age(days), born
 
 
 def _read_day(experiment: str | Path, day: int) -> _Day:
@@ -143,17 +182,12 @@ def _read_day(experiment: str | Path, day: int) -> _Day:
     store = open_store(folder / layout.STORE)
     if not store.finished:
         raise ValueError(f"day store {str(store.path)!r} is not finished; finish the day before exporting it")
-    provenance = read_json(folder / layout.PROVENANCE)
-    recording, session_start, source = None, None, "the time origin in the header of recording.nev"
-    if (folder / layout.RECORDING).exists():
-        recording = read_nev(folder / layout.RECORDING)
-        session_start = read_nev_header(folder / layout.RECORDING, False)["time_origin"]
-    if session_start is None:  # no recording, or the NSP left its time origin empty
-        session_start = datetime.fromisoformat(provenance["created_utc"].replace("Z", "+00:00"))
-        source = "created_utc of provenance.json"
-    return _Day(experiment, day, folder, config, lab, store, compute_folder_digest(store.path), provenance,
-                read_json(folder / layout.SENSITIVITY), compute_file_digest(folder / layout.MODEL), recording,
-                session_start, source)
+    session_start, source = _read_session_start(folder)
+    age, born = _compute_subject_dates(experiment, day, lab, session_start)
+    recording = read_nev(folder / layout.RECORDING) if (folder / layout.RECORDING).exists() else None
+    return _Day(experiment, day, folder, config, lab, store, compute_folder_digest(store.path),
+                read_json(folder / layout.PROVENANCE), read_json(folder / layout.SENSITIVITY),
+                compute_file_digest(folder / layout.MODEL), recording, session_start, source, age, born)
 
 
 # -- the parts of the file ----------------------------------------------------------------------
@@ -206,18 +240,24 @@ def _make_nwbfile(day: _Day, identifier: str):
         notes=json.dumps(notes),
         data_collection=json.dumps({"provenance": day.provenance}),
         was_generated_by=[["closedloop", version]],
-        subject=Subject(subject_id=lab.subject_id, species=lab.species, sex=lab.sex, age=lab.age,
+        subject=Subject(subject_id=lab.subject_id, species=lab.species, sex=lab.sex, age=day.age or None,
+                        date_of_birth=day.date_of_birth,
                         description=f"The subject of experiment '{name}'."),
     )
 
 
 def _add_electrodes(nwbfile, day: _Day) -> None:
-    """A device and electrode group per Utah array; one electrodes row per site (row i = site i)."""
+    """A device and electrode group per Utah array (all of the device model ``utah_array``, by
+    Blackrock Microsystems); one electrodes row per site (row i = site i)."""
     sites = day.store.sites
+    model = nwbfile.create_device_model(
+        name="utah_array", manufacturer="Blackrock Microsystems",
+        description="Utah array: 96 electrodes, recorded by a Blackrock NSP (Neural Signal Processor).",
+    )
     groups = {}
     for array in sorted(set(sites.array.tolist())):
         device = nwbfile.create_device(
-            name=f"utah_array_{array}",
+            name=f"utah_array_{array}", model=model,
             description=f"Utah array {array} (Blackrock Microsystems, 96 electrodes), recorded by a Blackrock NSP.",
         )
         groups[array] = nwbfile.create_electrode_group(
@@ -450,7 +490,9 @@ def write_experiment_nwb(experiment: str | Path, out: str | Path, *, overwrite: 
     if not finished:
         raise ValueError(f"experiment {str(experiment)!r} has no finished day to export "
                          f"(unfinished: {unfinished or 'none'})")
-    _read_nwb_section(experiment)
+    lab = _read_nwb_section(experiment)
+    for day in finished:  # every day's subject dates checked before any file is written
+        _compute_subject_dates(experiment, day, lab, _read_session_start(layout.day_folder(experiment, day))[0])
     name = read_config(experiment, check_paths=False).experiment.name
     paths = {day: out / make_nwb_name(name, day) for day in finished}
     _refuse_existing(list(paths.values()), overwrite)

@@ -7,7 +7,7 @@ import os
 import shutil
 import threading
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import h5py
@@ -96,6 +96,7 @@ def test_every_table_matches_the_day_exactly(experiment, exported):
         assert json.loads(nwb.data_collection)["provenance"] == read_json(folder / "provenance.json")
         # devices, groups, electrodes: row i = site i
         assert set(nwb.devices) == {"utah_array_0"} and set(nwb.electrode_groups) == {"array_0"}
+        assert nwb.devices["utah_array_0"].model.manufacturer == "Blackrock Microsystems"
         electrodes = nwb.electrodes.to_dataframe()
         assert electrodes["array"].tolist() == store.sites.array.tolist()
         assert electrodes["electrode"].tolist() == store.sites.electrode.tolist()
@@ -236,7 +237,14 @@ def test_bad_input_is_one_error_line_and_writes_nothing(experiment, tmp_path, ca
     code, _, err = _cli(capsys, "export-nwb", "--experiment", copy, "--day", 0, out / "d.nwb")
     assert code == 2 and "[nwb] subject_id, age are missing; DANDI requires subject_id, species, sex and age" in err
     code, _, err = _cli(capsys, "export-nwb", "--experiment", copy, "--all", out)
-    assert code == 2 and "[nwb] subject_id, age are missing" in err
+    assert code == 2 and "[nwb] subject_id, age are missing" in err and "and age (or date_of_birth)" in err
+    for line, message in (('species = "rhesus monkey"', "'nwb.species' = 'rhesus monkey': must be a Latin binomial"),
+                          ('location = ""', "'nwb.location' = '': must name the brain area of the arrays"),
+                          ('date_of_birth = "2099-01-01"', "[nwb] date_of_birth = 2099-01-01 is after the session of day 0 (")):
+        (copy / "experiment.toml").write_text(f"{toml}{line}\n")
+        for args in (["--day", 0, out / "d.nwb"], ["--all", out]):
+            code, _, err = _cli(capsys, "-q", "export-nwb", "--experiment", copy, *args)
+            assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert _no_files(out) == []
     (copy / "experiment.toml").write_text(toml)
     (out / "d.nwb").write_bytes(b"keep me")
@@ -329,3 +337,30 @@ def test_the_file_gets_the_mode_the_umask_gives(experiment, tmp_path, umask):
     finally:
         os.umask(previous)
     assert os.stat(summary["path"]).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_each_day_carries_the_subject_s_age_at_its_session(experiment, tmp_path):
+    """[nwb] age is the age at the first day: day 1, three days later, is three days older. An
+    age range moves as a whole; a date of birth is written as given (and suffices alone)."""
+    copy = _copy(experiment, tmp_path)
+    shutil.copytree(copy / "day_000", copy / "day_001")
+    start = datetime.now(UTC) - timedelta(days=10)  # (a session in the future is CRITICAL for the Inspector)
+    for day, days in (("day_000", 0), ("day_001", 3)):
+        (copy / day / "recording.nev").unlink()  # so its session starts at its provenance's created_utc
+        provenance = read_json(copy / day / "provenance.json")
+        provenance["created_utc"] = (start + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        (copy / day / "provenance.json").write_text(json.dumps(provenance))
+    toml = (copy / "experiment.toml").read_text()
+    for lines, ages, born in (
+        ('age = "P6Y"', ["P6Y", "P6Y3D"], None),
+        ('age = "P5Y/P7Y"\ndate_of_birth = "2019-04-01"', ["P5Y/P7Y", "P5Y3D/P7Y3D"], datetime(2019, 4, 1, tzinfo=UTC)),
+        ('date_of_birth = 2019-04-01', [None, None], datetime(2019, 4, 1, tzinfo=UTC)),
+    ):
+        (copy / "experiment.toml").write_text(toml.replace('age = "P6Y"', lines))
+        summary = write_experiment_nwb(copy, tmp_path / "nwb", overwrite=True)
+        for day, age in zip(summary["days"], ages):
+            with NWBHDF5IO(day["path"], "r") as io:
+                subject = io.read().subject
+                assert (subject.age, subject.date_of_birth) == (age, born), (lines, day["day"])
+            messages = list(inspect_nwbfile(nwbfile_path=day["path"], config=load_config("dandi")))
+            assert not [m for m in messages if m.importance == Importance.CRITICAL], [m.message for m in messages]
