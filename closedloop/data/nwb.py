@@ -3,10 +3,11 @@
 One file per day holds what the day folder holds, in NWB's places (see ``docs/nwb.md``):
 
 - session: start time from the ``.nev`` header's time origin (else the day's provenance time),
-  a stable identifier ``<experiment>-day_NNN-<store digest[:16]>``, the subject and lab fields
-  of the experiment's ``[nwb]`` config section;
-- ``devices`` (one per Utah array), ``electrode_groups`` and the ``electrodes`` table: one row
-  per site of the day store, row i = site i (columns ``array``, ``electrode``, ``unit``, ``label``);
+  a new uuid4 identifier per file written, the subject (its age at this day's session: ``[nwb]
+  age`` is the age at the first day) and lab fields of the experiment's ``[nwb]`` config section;
+- ``devices`` (one per Utah array, of the device model ``utah_array`` by Blackrock Microsystems),
+  ``electrode_groups`` and the ``electrodes`` table: one row per site of the day store, row i =
+  site i (columns ``array``, ``electrode``, ``unit``, ``label``);
 - ``units``: row i = site i, every spike of the site in the day's ``recording.nev`` (only when
   the day folder has one);
 - ``stimulus_templates/stimuli``: the day's 8-bit frames as ``RGBImage`` ``stimulus_NNNNN``
@@ -20,7 +21,9 @@ One file per day holds what the day folder holds, in NWB's places (see ``docs/nw
   day's provenance (JSON).
 
 Large datasets are gzip-compressed (``H5DataIO``). The file is written under a temporary name
-and renamed when complete.
+that does not end in ``.nwb`` (``.<OUT>.<random>.partial``) and renamed when complete, with the
+mode the umask gives; one export at a time writes an OUT (the lock ``.<OUT>.lock``), which first
+removes the partial files that killed exports of that OUT left.
 """
 
 from __future__ import annotations
@@ -408,8 +411,10 @@ def write_day_nwb(experiment: str | Path, day: int, out: str | Path, *, overwrit
     """Export finished day ``day`` of ``experiment`` as the NWB file ``out`` (``.nwb``); return a summary.
 
     Refuses (before writing anything) a missing or unfinished day, an ``[nwb]`` section without
-    a DANDI-required field, and an existing ``out`` unless ``overwrite``. Returns ``{"day",
-    "path", "identifier", "n_stimuli", "n_presentations", "n_units", "bytes", "seconds"}``.
+    a DANDI-required field, a subject date the day contradicts, an existing ``out`` unless
+    ``overwrite``, and (``LockedError`` naming it) an ``out`` another export is writing. Returns
+    ``{"day", "path", "identifier" (a new uuid4), "store_digest" (sha256 of the day store's
+    files), "n_stimuli", "n_presentations", "n_units", "bytes", "seconds"}``.
     """
     out = _check_out(out, overwrite)
     started = time.perf_counter()
@@ -440,7 +445,7 @@ def _hold_outs(paths: list[Path], overwrite: bool) -> Iterator[None]:
     """Lock each file to write (``.<name>.lock`` beside it), refuse again those that now exist
     (unless ``overwrite``: another export may have written one meanwhile), and remove the
     partial files that killed exports of them left (:data:`_PARTIAL`, and ``.partial.nwb`` as
-    exports before 2026-12 named them): under the lock, no live export writes them."""
+    earlier versions named them): under the lock, no live export writes them."""
     with ExitStack() as stack:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -479,8 +484,9 @@ def write_experiment_nwb(experiment: str | Path, out: str | Path, *, overwrite: 
     """Export every finished day of ``experiment`` into folder ``out`` (:func:`make_nwb_name` each).
 
     Unfinished days are skipped and listed. Refuses, before writing anything, an experiment
-    without a finished day, a bad ``[nwb]`` section, and (unless ``overwrite``) any file it
-    would replace. Returns ``{"days": [summary of each day], "skipped": [unfinished days]}``.
+    without a finished day, a bad ``[nwb]`` section (or one a day's date contradicts), (unless
+    ``overwrite``) any file it would replace, and (``LockedError``) any file another export is
+    writing. Returns ``{"days": [summary of each day], "skipped": [unfinished days]}``.
     """
     experiment = check_dir("--experiment", experiment)
     out = Path(out).expanduser()
