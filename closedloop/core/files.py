@@ -6,7 +6,6 @@ once complete (a rename within one file system is atomic); on failure the tempor
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -27,17 +26,19 @@ __all__ = [
 
 
 @contextmanager
-def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | Path, *, suffix: str = ".tmp", extension: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path``; rename it to ``path`` if the block succeeds.
 
     The parent folder is created if needed. The temporary, ``.<name>.<random><suffix>``, is
     created empty with the mode the umask gives (0666 & ~umask, like any file a user writes), which
     the renamed file keeps. If the block raises, the temporary is removed and ``path`` is left as
     it was. ``suffix``: the end of the temporary's name (for writers that check the extension).
+    ``extension=False``: leave ``path``'s extension out of the name (``.<stem>.<random><suffix>``),
+    for files that tools find by a pattern such as ``*.nwb*``.
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _create_temporary(path, suffix)
+    temporary = _create_temporary(path, suffix, extension)
     try:
         yield temporary
         os.replace(temporary, path)
@@ -45,9 +46,14 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
-def _create_temporary(path: Path, suffix: str) -> Path:
+def _name_temporaries(path: Path, extension: bool) -> str:
+    """What the temporaries of ``path`` are named after (after the leading dot)."""
+    return path.name if extension else path.stem
+
+
+def _create_temporary(path: Path, suffix: str, extension: bool) -> Path:
     while True:  # tempfile.mkstemp would make it 0600 whatever the umask
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
+        temporary = path.with_name(f".{_name_temporaries(path, extension)}.{secrets.token_hex(4)}{suffix}")
         try:
             os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return temporary
@@ -65,14 +71,13 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def remove_temporaries_of(path: str | Path, *, suffixes: tuple[str, ...] = (".tmp",)) -> list[Path]:
-    """Remove what ``atomic_path(path, suffix=s)`` leaves beside ``path`` when its process is killed,
-    for each ``s`` in ``suffixes``: ``.<name>.<random><s>``, never another file's. Only while no
-    other process writes ``path`` (e.g. under its lock). Returns the removed paths."""
+def remove_temporaries_of(path: str | Path, *, suffix: str = ".tmp", extension: bool = True) -> list[Path]:
+    """Remove what ``atomic_path(path, suffix=suffix, extension=extension)`` leaves beside ``path``
+    when its process is killed, never another file's. Only while no other process writes ``path``
+    (e.g. under its lock). Returns the removed paths."""
     path = Path(path).expanduser()
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[^.]+(?:{'|'.join(map(re.escape, suffixes))})")
-    removed = [item for item in path.parent.glob(f".{glob.escape(path.name)}.*")
-               if pattern.fullmatch(item.name) and item.is_file()]
+    pattern = re.compile(rf"\.{re.escape(_name_temporaries(path, extension))}\.[^.]+{re.escape(suffix)}")
+    removed = [item for item in path.parent.glob(".*") if pattern.fullmatch(item.name) and item.is_file()]
     for item in removed:
         item.unlink(missing_ok=True)
     return removed

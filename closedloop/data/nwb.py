@@ -21,8 +21,8 @@ One file per day holds what the day folder holds, in NWB's places (see ``docs/nw
   day's provenance (JSON).
 
 Large datasets are gzip-compressed (``H5DataIO``). The file is written under a temporary name
-that does not end in ``.nwb`` (``.<OUT>.<random>.partial``) and renamed when complete, with the
-mode the umask gives; one export at a time writes an OUT (the lock ``.<OUT>.lock``), which first
+without ``.nwb`` in it (``.<OUT's stem>.<random>.partial``) and renamed when complete, with the
+mode the umask gives; one export at a time writes an OUT (the lock ``.<stem>.lock``), which first
 removes the partial files that killed exports of that OUT left.
 """
 
@@ -76,7 +76,10 @@ SENSITIVITY_COLUMNS = {  # sensitivity.json key -> (dtype, description)
     "expected": (np.float64, "simulated rig only: the estimator on noise-free expected counts (NaN: none)"),
     "direction_right": (np.float64, "simulated rig only: fraction of pairs whose predicted direction was right (NaN: none)"),
 }
-_PARTIAL = ".partial"  # a file being written: .<OUT>.<random>.partial (no .nwb, so no tool takes it for one)
+# A file being written is .<OUT's stem>.<random>.partial, and its lock .<OUT's stem>.lock: no ".nwb"
+# in either name, since tools find NWB files by it (the NWB Inspector globs *.nwb* in a folder).
+_PARTIAL = ".partial"
+_OLD_PARTIAL = ".partial.nwb"  # as .<OUT>.<random>.partial.nwb, by earlier versions: removed too
 _KEYWORDS = ["closed loop", "adversarial examples", "inferior temporal cortex", "macaque", "Utah array", "RSVP"]
 
 
@@ -442,17 +445,19 @@ def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
 
 @contextmanager
 def _hold_outs(paths: list[Path], overwrite: bool) -> Iterator[None]:
-    """Lock each file to write (``.<name>.lock`` beside it), refuse again those that now exist
+    """Lock each file to write (``.<stem>.lock`` beside it), refuse again those that now exist
     (unless ``overwrite``: another export may have written one meanwhile), and remove the
-    partial files that killed exports of them left (:data:`_PARTIAL`, and ``.partial.nwb`` as
-    earlier versions named them): under the lock, no live export writes them."""
+    partial files that killed exports of them left (:data:`_PARTIAL`, :data:`_OLD_PARTIAL`):
+    under the lock, no live export writes them."""
     with ExitStack() as stack:
         for path in paths:
             path.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(hold_lock(path.with_name(f".{path.name}.lock"), what=f"the export to {path}", remove=True))
+            stack.enter_context(hold_lock(path.with_name(f".{path.stem}.lock"), what=f"the export to {path}", remove=True))
         _refuse_existing(paths, overwrite)
         for path in paths:
-            for stale in remove_temporaries_of(path, suffixes=(_PARTIAL, ".partial.nwb")):
+            stale_files = [*remove_temporaries_of(path, suffix=_PARTIAL, extension=False),
+                           *remove_temporaries_of(path, suffix=_OLD_PARTIAL)]
+            for stale in stale_files:
                 logger.warning("removed %s, left by an export of %s that was killed", stale.name, path.name)
         yield
 
@@ -468,7 +473,7 @@ def _write(day: _Day, out: Path, started: float) -> dict:
     images = _add_templates(nwbfile, stimuli)
     n_presentations = _add_presentations(nwbfile, day, stimuli, images)
     _add_sensitivity(nwbfile, day)
-    with atomic_path(out, suffix=_PARTIAL) as temporary, warnings.catch_warnings():
+    with atomic_path(out, suffix=_PARTIAL, extension=False) as temporary, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The file path provided: .* does not end in '.nwb'")  # on purpose
         with NWBHDF5IO(str(temporary), mode="w") as io:
             io.write(nwbfile)

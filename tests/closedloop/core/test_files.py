@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -42,10 +43,15 @@ def test_a_written_file_gets_the_mode_the_umask_gives_unless_told(tmp_path, umas
 
 def test_temporaries_of_one_file_are_removed_and_no_other_file_s(tmp_path):
     out = tmp_path / "d.nwb"
-    left = [tmp_path / ".d.nwb.ab12cd34.partial", tmp_path / ".d.nwb.x_y.partial.nwb"]
-    kept = [tmp_path / ".d.nwb.x.nwb.ab12cd34.partial", tmp_path / ".e.nwb.ab12cd34.partial", tmp_path / "d.nwb",
-            tmp_path / ".d.nwb.ab12cd34.tmp", tmp_path / ".d.nwb.lock"]
-    for path in left + kept:
-        path.write_text("x")
-    assert sorted(remove_temporaries_of(out, suffixes=(".partial", ".partial.nwb"))) == sorted(left)
+    with atomic_path(out, suffix=".partial", extension=False) as temporary:
+        assert temporary.parent == tmp_path and ".nwb" not in temporary.name and temporary.name.endswith(".partial")
+        shutil.copy(temporary, tmp_path / ".d.k1ll3d00.partial")  # as a killed writer leaves it
+    left = [tmp_path / ".d.k1ll3d00.partial"]
+    kept = [tmp_path / ".d.x.k1ll3d00.partial", tmp_path / ".e.k1ll3d00.partial", tmp_path / "d.nwb",
+            tmp_path / ".d.k1ll3d00.tmp", tmp_path / ".d.nwb.k1ll3d00.partial", tmp_path / ".d.lock"]
+    for path in kept:
+        if path != out:
+            path.write_text("x")
+    assert remove_temporaries_of(out, suffix=".partial", extension=False) == left
     assert all(path.exists() for path in kept) and not any(path.exists() for path in left)
+    assert remove_temporaries_of(out, suffix=".partial") == [tmp_path / ".d.nwb.k1ll3d00.partial"]

@@ -5,7 +5,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -278,8 +282,8 @@ def test_a_partial_file_is_no_nwb_and_stale_partials_of_out_are_removed(experime
     named as earlier versions named them), never a partial of another OUT."""
     out = tmp_path / "out"
     out.mkdir()
-    stale = [out / ".d.nwb.k1ll3d00.partial", out / ".d.nwb.k1ll3d01.partial.nwb"]
-    other = out / ".e.nwb.k1ll3d02.partial"
+    stale = [out / ".d.k1ll3d00.partial", out / ".d.nwb.k1ll3d01.partial.nwb"]  # (as earlier versions named it)
+    other = out / ".e.k1ll3d02.partial"
     for path in (*stale, other):
         path.write_bytes(b"half an HDF5 file")
     written = []
@@ -291,10 +295,9 @@ def test_a_partial_file_is_no_nwb_and_stale_partials_of_out_are_removed(experime
 
     monkeypatch.setattr(NWBHDF5IO, "write", record)
     write_day_nwb(experiment, 0, out / "d.nwb")
-    assert len(written) == 1 and written[0].parent == out and written[0].suffix != ".nwb", written
-    assert written[0].name.startswith(".d.nwb.")
-    assert sorted(p.name for p in out.iterdir() if p.suffix == ".nwb" or p.name.endswith(".partial")) == [
-        ".e.nwb.k1ll3d02.partial", "d.nwb"]
+    assert len(written) == 1 and written[0].parent == out and ".nwb" not in written[0].name, written
+    assert written[0].name.startswith(".d.") and written[0].name.endswith(".partial")
+    assert _no_files(out) == [".e.k1ll3d02.partial", "d.nwb"]
 
 
 def test_two_exports_to_one_out_at_once_one_is_refused_naming_the_other(experiment, tmp_path, monkeypatch, capsys):
@@ -364,3 +367,27 @@ def test_each_day_carries_the_subject_s_age_at_its_session(experiment, tmp_path)
                 assert (subject.age, subject.date_of_birth) == (age, born), (lines, day["day"])
             messages = list(inspect_nwbfile(nwbfile_path=day["path"], config=load_config("dandi")))
             assert not [m for m in messages if m.importance == Importance.CRITICAL], [m.message for m in messages]
+
+
+def test_a_killed_export_leaves_nothing_an_nwb_tool_reads_and_the_next_export_cleans_up(experiment, tmp_path):
+    """SIGKILL of a real `closedloop export-nwb` while it writes: no file ending in .nwb is left
+    (the Inspector, given the folder, finds no file), and the next export of the same OUT takes
+    over the dead export's lock and removes its partial file and its lock."""
+    out = tmp_path / "out"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[3]
+    command = [sys.executable, "-m", "closedloop", "-q", "export-nwb", "--experiment", str(experiment), "--day", "0",
+               str(out / "d.nwb")]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, cwd=root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(".d.*.partial")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL  # killed while writing, not finished
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 2 and ".d.lock" in left and all(name.endswith((".lock", ".partial")) for name in left), left
+    assert not list(inspect_all(path=out, progress_bar=False))
+    summary = write_day_nwb(experiment, 0, out / "d.nwb")
+    assert _no_files(out) == ["d.nwb"] and summary["n_presentations"] == 65
