@@ -13,12 +13,14 @@ place, keeping the rest of the file (and its comments) as it was.
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
 import re
 import textwrap
 import tomllib
 from collections.abc import Callable
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
@@ -330,7 +332,15 @@ class FitSection(ConfigSection):
     freeze_backbone: bool = Field(False, description="Train only the readout.")
 
 
-_ISO_DURATION = re.compile(r"P(?!$)(\d+Y)?(\d+M)?(\d+W)?(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?")
+_ISO_DURATION = re.compile(r"P(?!$)(?:(?P<Y>\d+)Y)?(?:(?P<M>\d+)M)?(?:(?P<W>\d+)W)?(?:(?P<D>\d+)D)?"
+                           r"(?:T(?=\d)(?:(?P<h>\d+)H)?(?:(?P<m>\d+)M)?(?:(?P<s>\d+(?:\.\d+)?)S)?)?")
+# Days per unit of an ISO 8601 duration, for comparing the bounds of an age range: the mean
+# Gregorian year and month, so that P12M and P1Y are equal (as the NWB Inspector finds them).
+_DAYS = {"Y": Fraction(146097, 400), "M": Fraction(146097, 4800), "W": Fraction(7), "D": Fraction(1),
+         "h": Fraction(1, 24), "m": Fraction(1, 1440), "s": Fraction(1, 86400)}
+# What DANDI's NWB Inspector (check_subject_species_form, nwbinspector 0.7.2) accepts, verbatim.
+_SPECIES = re.compile(r"([A-Z][a-z]* [a-z]+)|(http://purl.obolibrary.org/obo/NCBITaxon_\d+)")
+_NCBI_CURIE = re.compile(r"NCBITaxon[:_](\d+)")
 NWB_REQUIRED = ("subject_id", "species", "sex", "age")
 
 
@@ -338,11 +348,21 @@ class NwbSection(ConfigSection):
     """[nwb]: subject and lab for closedloop export-nwb; DANDI needs subject_id, species, sex, age."""
 
     subject_id: str = Field("", description='The monkey\'s id (no "/"), e.g. "monkeyA". Required for export.')
-    species: str = Field("Macaca mulatta", description="Latin binomial of the subject's species. Required for export.")
+    species: str = Field(
+        "Macaca mulatta",
+        description='Latin binomial of the subject\'s species, or its NCBI taxonomy URL '
+                    '("http://purl.obolibrary.org/obo/NCBITaxon_9544"). Required for export.',
+    )
     sex: Literal["", "M", "F", "U", "O"] = Field(
         "", description='"M", "F", "U" (unknown) or "O" (other). Required for export.'
     )
-    age: str = Field("", description='Age at the first day, an ISO 8601 duration such as "P5Y" or "P5Y3M". Required for export.')
+    age: str = Field(
+        "",
+        description='Age at the first day, an ISO 8601 duration such as "P5Y" or "P5Y3M", or a range such as "P5Y/P7Y" '
+                    '("P5Y/": 5 years or more); each day\'s file gets the age at its session. Required for export '
+                    "unless date_of_birth is given.",
+    )
+    date_of_birth: str = Field("", description='Date of birth, "YYYY-MM-DD"; DANDI takes it instead of an age.')
     experimenter: list[str] = Field([], description='People who ran the sessions, each "Last, First".')
     institution: str = Field("", description="Institution where the experiment was done.")
     lab: str = Field("", description="Lab where the experiment was done.")
@@ -358,12 +378,55 @@ class NwbSection(ConfigSection):
             raise ValueError(f'must not contain "/" (DANDI uses it in file paths); got {subject_id!r}')
         return subject_id
 
+    @field_validator("species")
+    @classmethod
+    def _species_form(cls, species: str) -> str:
+        if species and not _SPECIES.fullmatch(species):
+            curie = _NCBI_CURIE.fullmatch(species)
+            fix = f'; write it "http://purl.obolibrary.org/obo/NCBITaxon_{curie[1]}"' if curie else ""
+            raise ValueError('must be a Latin binomial such as "Macaca mulatta" (genus capitalised, species in lower '
+                             'case) or an NCBI taxonomy URL such as "http://purl.obolibrary.org/obo/NCBITaxon_9544", '
+                             f"as DANDI requires{fix}")
+        return species
+
     @field_validator("age")
     @classmethod
     def _iso_duration(cls, age: str) -> str:
-        if age and not _ISO_DURATION.fullmatch(age):
-            raise ValueError(f'must be an ISO 8601 duration such as "P5Y" (5 years) or "P70M" (70 months); got {age!r}')
+        if not age:
+            return age
+        bounds = age.split("/")
+        if len(bounds) > 2 or not all(_ISO_DURATION.fullmatch(bound) for bound in bounds if bound) or not bounds[0]:
+            raise ValueError('must be an ISO 8601 duration such as "P5Y" (5 years) or "P70M" (70 months), or a range '
+                             'of two such as "P5Y/P7Y" ("P5Y/": 5 years or more)')
+        if len(bounds) == 2 and bounds[1] and _count_days(bounds[0]) >= _count_days(bounds[1]):
+            raise ValueError(f"an age range must grow: {bounds[0]} is not shorter than {bounds[1]}")
         return age
+
+    @field_validator("date_of_birth", mode="before")
+    @classmethod
+    def _toml_date(cls, value):
+        return value.isoformat() if isinstance(value, datetime.date) else value  # a TOML date (or date-time)
+
+    @field_validator("date_of_birth")
+    @classmethod
+    def _iso_date(cls, date_of_birth: str) -> str:
+        if not date_of_birth:
+            return date_of_birth
+        rule = 'must be a date written YYYY-MM-DD, such as "2019-04-01"'
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date_of_birth):
+            raise ValueError(rule)
+        try:
+            datetime.date.fromisoformat(date_of_birth)
+        except ValueError as error:
+            raise ValueError(f"{rule} ({error})") from None
+        return date_of_birth
+
+    @field_validator("location")
+    @classmethod
+    def _named(cls, location: str) -> str:
+        if not location.strip():
+            raise ValueError('must name the brain area of the arrays, e.g. "inferior temporal cortex"')
+        return location
 
     @field_validator("experimenter")
     @classmethod
@@ -374,8 +437,31 @@ class NwbSection(ConfigSection):
         return experimenter
 
     def find_missing(self) -> list[str]:
-        """The DANDI-required fields (:data:`NWB_REQUIRED`) that are still empty."""
-        return [name for name in NWB_REQUIRED if not getattr(self, name)]
+        """The DANDI-required fields (:data:`NWB_REQUIRED`) that are still empty (``age`` is not
+        missing when ``date_of_birth`` is given)."""
+        return [name for name in NWB_REQUIRED if not getattr(self, name) and not (name == "age" and self.date_of_birth)]
+
+    def compute_age(self, days: int) -> str:
+        """The configured age (at the first day) ``days`` days later, as an ISO 8601 duration (or
+        range, each bound moved): ``"P5Y"`` and 3 give ``"P5Y3D"``; ``""`` when no age is given."""
+        return "/".join(_add_days(bound, days) if bound else bound for bound in self.age.split("/")) if self.age else ""
+
+
+def _count_days(duration: str) -> Fraction:
+    """An ISO 8601 duration in days (a year and a month: their mean Gregorian lengths)."""
+    parts = _ISO_DURATION.fullmatch(duration).groupdict()
+    return sum((Fraction(value) * _DAYS[unit] for unit, value in parts.items() if value), Fraction(0))
+
+
+def _add_days(duration: str, days: int) -> str:
+    """ISO 8601 ``duration`` plus ``days`` whole days, keeping its other parts as written."""
+    if days == 0:
+        return duration
+    match = _ISO_DURATION.fullmatch(duration)
+    if match["D"]:
+        return f"{duration[:match.start('D')]}{int(match['D']) + days}{duration[match.end('D'):]}"
+    at = max([1] + [match.end(unit) + 1 for unit in "YMW" if match[unit]])  # after P and any year, month, week
+    return f"{duration[:at]}{days}D{duration[at:]}"
 
 
 class ExperimentConfig(ConfigSection):
@@ -427,9 +513,14 @@ def format_config_error(source: str, error: ValidationError, root: type[BaseMode
         else:
             message = item["msg"].removeprefix("Value error, ")
             # never a whole section or config (what a check across keys is handed): only the value
-            shown = "" if item["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
+            shown = "" if item["type"] == "missing" or isinstance(value, dict) else f" = {_show(value)}"
             parts.append(f"'{key}'{shown}: {message}")
     return f"{source}: invalid configuration: " + "; ".join(parts)
+
+
+def _show(value) -> str:
+    """A value as the TOML file wrote it: a date or time as written (not ``datetime.date(…)``), else its repr."""
+    return value.isoformat() if isinstance(value, (datetime.date, datetime.time)) else repr(value)
 
 
 def _allowed_keys(section: tuple, root: type[BaseModel]) -> list[str]:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,29 +20,45 @@ import numpy as np
 from closedloop.core.validation import check_file
 
 __all__ = [
-    "atomic_path", "remove_temporaries", "write_text", "write_bytes", "write_npz", "write_json", "read_json",
-    "compute_file_digest", "compute_folder_digest",
+    "atomic_path", "remove_temporaries", "remove_temporaries_of", "write_text", "write_bytes", "write_npz", "write_json",
+    "read_json", "compute_file_digest", "compute_folder_digest",
 ]
 
 
 @contextmanager
-def atomic_path(path: str | Path, *, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | Path, *, suffix: str = ".tmp", extension: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``path``; rename it to ``path`` if the block succeeds.
 
-    The parent folder is created if needed. If the block raises, the temporary is removed and
-    ``path`` is left as it was. ``suffix``: the end of the temporary's name (for writers that
-    check the extension).
+    The parent folder is created if needed. The temporary, ``.<name>.<random><suffix>``, is
+    created empty with the mode the umask gives (0666 & ~umask, like any file a user writes), which
+    the renamed file keeps. If the block raises, the temporary is removed and ``path`` is left as
+    it was. ``suffix``: the end of the temporary's name (for writers that check the extension).
+    ``extension=False``: leave ``path``'s extension out of the name (``.<stem>.<random><suffix>``),
+    for files that tools find by a pattern such as ``*.nwb*``.
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
+    temporary = _create_temporary(path, suffix, extension)
     try:
         yield temporary
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _name_temporaries(path: Path, extension: bool) -> str:
+    """What the temporaries of ``path`` are named after (after the leading dot)."""
+    return path.name if extension else path.stem
+
+
+def _create_temporary(path: Path, suffix: str, extension: bool) -> Path:
+    while True:  # tempfile.mkstemp would make it 0600 whatever the umask
+        temporary = path.with_name(f".{_name_temporaries(path, extension)}.{secrets.token_hex(4)}{suffix}")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
 
 
 def remove_temporaries(folder: str | Path) -> list[Path]:
@@ -51,6 +68,18 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
     removed = [path for path in Path(folder).rglob(".*.tmp") if path.is_file()]
     for path in removed:
         path.unlink(missing_ok=True)
+    return removed
+
+
+def remove_temporaries_of(path: str | Path, *, suffix: str = ".tmp", extension: bool = True) -> list[Path]:
+    """Remove what ``atomic_path(path, suffix=suffix, extension=extension)`` leaves beside ``path``
+    when its process is killed, never another file's. Only while no other process writes ``path``
+    (e.g. under its lock). Returns the removed paths."""
+    path = Path(path).expanduser()
+    pattern = re.compile(rf"\.{re.escape(_name_temporaries(path, extension))}\.[^.]+{re.escape(suffix)}")
+    removed = [item for item in path.parent.glob(".*") if pattern.fullmatch(item.name) and item.is_file()]
+    for item in removed:
+        item.unlink(missing_ok=True)
     return removed
 
 

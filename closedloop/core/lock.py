@@ -1,8 +1,9 @@
-"""One process at a time: an exclusive lock file, released when its holder dies.
+"""One process at a time on a day, a campaign or an export: an exclusive lock file, released when
+its holder dies.
 
-Used for a day (``day_NNN.lock`` beside ``day_NNN/``, so ``--force`` can set the folder aside
-while holding it), a validation campaign and ``closedloop select-sites`` (``site_selection.lock``
-beside ``experiment.toml``). The file is locked with ``flock``: the kernel releases the lock when the holding process exits or is
+A lock file (``day_NNN.lock`` beside ``day_NNN/``, so ``--force`` can set the folder aside while
+holding it; ``validate.lock`` beside a campaign folder; ``site_selection.lock`` beside
+``experiment.toml``; ``.<OUT>.lock`` beside an NWB export's OUT) is locked with ``flock``: the kernel releases the lock when the holding process exits or is
 killed, so a lock left by a dead process is taken over without any guessing about pids. The file
 names its holder (pid, host, start time, command), which the refusal quotes; a lock file whose
 holder died is reported in the log when it is taken over.
@@ -26,7 +27,7 @@ __all__ = ["LockedError", "hold_lock"]
 
 
 class LockedError(RuntimeError):
-    """Another live process holds the lock."""
+    """Another live process holds the lock (of a day, a campaign, an export)."""
 
 
 def _describe(holder: dict) -> str:
@@ -35,22 +36,20 @@ def _describe(holder: dict) -> str:
 
 
 @contextmanager
-def hold_lock(path: str | Path) -> Iterator[None]:
-    """Hold the lock file ``path`` for the duration; ``LockedError`` naming the holder if a live
-    process holds it."""
+def hold_lock(path: str | Path, *, what: str | None = None, remove: bool = False) -> Iterator[None]:
+    """Hold the lock file ``path`` for the duration; ``LockedError`` naming the holder (pid, host,
+    start time, command) if a live process holds it.
+
+    ``what``: what the lock guards, as the refusal names it ("day_000", "the export to
+    nwb/day_003.nwb"; default: the lock file's name without its suffix). ``remove``: delete the
+    lock file on release (for a lock beside a user's files) rather than leave it empty; a process
+    that locked the file just before it was deleted notices and locks the new one.
+    """
     path = Path(path)
     if path.is_dir():
-        raise FileExistsError(f"{str(path)!r} is a folder, not a lock file; remove it and run the day again")
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        raise FileExistsError(f"{str(path)!r} is a folder, not a lock file; remove it and run the command again")
+    descriptor = _acquire(path, what)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(descriptor)
-            raise LockedError(
-                f"{path.stem} is being run by another process ({_describe(holder)}); wait for it to finish, "
-                f"or stop that process first (a killed process releases {path.name} by itself)"
-            ) from None
         earlier = _read_holder(descriptor)
         if earlier:
             logger.warning("%s: taking over the lock of a process that is gone (%s)", path.name, _describe(earlier))
@@ -61,9 +60,33 @@ def hold_lock(path: str | Path) -> Iterator[None]:
         try:
             yield
         finally:
+            if remove:
+                path.unlink(missing_ok=True)  # while still locked: see _acquire
             os.ftruncate(descriptor, 0)  # an empty file: released cleanly (a killed holder leaves its name)
             fcntl.flock(descriptor, fcntl.LOCK_UN)
     finally:
+        os.close(descriptor)
+
+
+def _acquire(path: Path, what: str | None) -> int:
+    """An open descriptor of ``path``, flock'ed; retried when the locked file was deleted meanwhile
+    (by a holder releasing with ``remove``), so that two processes never hold two files."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(descriptor)
+            os.close(descriptor)
+            raise LockedError(
+                f"{what or path.stem} is being run by another process ({_describe(holder)}); wait for it to finish, "
+                f"or stop that process first (a killed process releases {path.name} by itself)"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+                return descriptor
+        except FileNotFoundError:
+            pass
         os.close(descriptor)
 
 

@@ -3,10 +3,11 @@
 One file per day holds what the day folder holds, in NWB's places (see ``docs/nwb.md``):
 
 - session: start time from the ``.nev`` header's time origin (else the day's provenance time),
-  a stable identifier ``<experiment>-day_NNN-<store digest[:16]>``, the subject and lab fields
-  of the experiment's ``[nwb]`` config section;
-- ``devices`` (one per Utah array), ``electrode_groups`` and the ``electrodes`` table: one row
-  per site of the day store, row i = site i (columns ``array``, ``electrode``, ``unit``, ``label``);
+  a new uuid4 identifier per file written, the subject (its age at this day's session: ``[nwb]
+  age`` is the age at the first day) and lab fields of the experiment's ``[nwb]`` config section;
+- ``devices`` (one per Utah array, of the device model ``utah_array`` by Blackrock Microsystems),
+  ``electrode_groups`` and the ``electrodes`` table: one row per site of the day store, row i =
+  site i (columns ``array``, ``electrode``, ``unit``, ``label``);
 - ``units``: row i = site i, every spike of the site in the day's ``recording.nev`` (only when
   the day folder has one);
 - ``stimulus_templates/stimuli``: the day's 8-bit frames as ``RGBImage`` ``stimulus_NNNNN``
@@ -20,15 +21,21 @@ One file per day holds what the day folder holds, in NWB's places (see ``docs/nw
   day's provenance (JSON).
 
 Large datasets are gzip-compressed (``H5DataIO``). The file is written under a temporary name
-and renamed when complete.
+without ``.nwb`` in it (``.<OUT's stem>.<random>.partial``) and renamed when complete, with the
+mode the umask gives; one export at a time writes an OUT (the lock ``.<stem>.lock``), which first
+removes the partial files that killed exports of that OUT left.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +49,8 @@ from pynwb.image import IndexSeries, RGBImage
 from pynwb.misc import Units
 
 from closedloop.config import ExperimentConfig, NwbSection, read_config
-from closedloop.core.files import atomic_path, compute_file_digest, compute_folder_digest, read_json
+from closedloop.core.files import atomic_path, compute_file_digest, compute_folder_digest, read_json, remove_temporaries_of
+from closedloop.core.lock import hold_lock
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
 from closedloop.core.validation import check_dir, check_integer
@@ -68,6 +76,10 @@ SENSITIVITY_COLUMNS = {  # sensitivity.json key -> (dtype, description)
     "expected": (np.float64, "simulated rig only: the estimator on noise-free expected counts (NaN: none)"),
     "direction_right": (np.float64, "simulated rig only: fraction of pairs whose predicted direction was right (NaN: none)"),
 }
+# A file being written is .<OUT's stem>.<random>.partial, and its lock .<OUT's stem>.lock: no ".nwb"
+# in either name, since tools find NWB files by it (the NWB Inspector globs *.nwb* in a folder).
+_PARTIAL = ".partial"
+_OLD_PARTIAL = ".partial.nwb"  # as .<OUT>.<random>.partial.nwb, by earlier versions: removed too
 _KEYWORDS = ["closed loop", "adversarial examples", "inferior temporal cortex", "macaque", "Utah array", "RSVP"]
 
 
@@ -95,7 +107,7 @@ def _read_nwb_section(experiment: Path) -> NwbSection:
     if missing:
         raise ValueError(
             f"{experiment / 'experiment.toml'}: [nwb] {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-            "missing; DANDI requires subject_id, species, sex and age: set them in the [nwb] section "
+            "missing; DANDI requires subject_id, species, sex and age (or date_of_birth): set them in the [nwb] section "
             '(e.g. subject_id = "monkeyA", sex = "M", age = "P5Y")'
         )
     return section
@@ -118,10 +130,45 @@ class _Day:
     recording: Recording | None
     session_start: datetime
     start_source: str
+    age: str
+    date_of_birth: datetime | None
 
-    @property
-    def identifier(self) -> str:
-        return f"{self.config.experiment.name}-day_{self.number:03d}-{self.store_digest[:16]}"
+
+def _read_session_start(folder: Path) -> tuple[datetime, str]:
+    """When a day folder's session started (UTC) and where that came from: the time origin in the
+    header of its ``recording.nev``, else (no recording, or the NSP left it empty) ``created_utc``
+    of its ``provenance.json``."""
+    if (folder / layout.RECORDING).exists():
+        start = read_nev_header(folder / layout.RECORDING, False)["time_origin"]
+        if start is not None:
+            return start, "the time origin in the header of recording.nev"
+    if not (folder / layout.PROVENANCE).is_file():
+        raise FileNotFoundError(f"{folder} has neither a recording.nev with a time origin nor a provenance.json, so "
+                                "the date of its session is unknown")
+    created = read_json(folder / layout.PROVENANCE)["created_utc"]
+    return datetime.fromisoformat(created.replace("Z", "+00:00")), "created_utc of provenance.json"
+
+
+def _compute_subject_dates(experiment: Path, day: int, lab: NwbSection, start: datetime) -> tuple[str, datetime | None]:
+    """The subject's age at day ``day``'s session (``[nwb] age``, the age at the first day, plus the
+    whole days from the first day's session date to this one's, UTC; ``""`` if none) and date of
+    birth (UTC midnight; None if none), refused if the session comes before either."""
+    born = None
+    if lab.date_of_birth:
+        born = datetime.fromisoformat(lab.date_of_birth).replace(tzinfo=UTC)
+        if born.date() > start.astimezone(UTC).date():
+            raise ValueError(f"[nwb] date_of_birth = {lab.date_of_birth} is after the session of day {day} "
+                             f"({start.isoformat()}); give the subject's date of birth, YYYY-MM-DD")
+    if not lab.age:
+        return "", born
+    first = min(layout.find_day_folders(experiment))
+    first_start = start if first == day else _read_session_start(layout.day_folder(experiment, first))[0]
+    days = (start.astimezone(UTC).date() - first_start.astimezone(UTC).date()).days
+    if days < 0:
+        raise ValueError(f"day {day}'s session ({start.isoformat()}) is before the first day's (day {first}, "
+                         f"{first_start.isoformat()}), so its age cannot follow from [nwb] age (the age at the first "
+                         "day); check the dates of the days' recordings")
+    return lab.compute_age(days), born
 
 
 def _read_day(experiment: str | Path, day: int) -> _Day:
@@ -141,17 +188,12 @@ def _read_day(experiment: str | Path, day: int) -> _Day:
     store = open_store(folder / layout.STORE)
     if not store.finished:
         raise ValueError(f"day store {str(store.path)!r} is not finished; finish the day before exporting it")
-    provenance = read_json(folder / layout.PROVENANCE)
-    recording, session_start, source = None, None, "the time origin in the header of recording.nev"
-    if (folder / layout.RECORDING).exists():
-        recording = read_nev(folder / layout.RECORDING)
-        session_start = read_nev_header(folder / layout.RECORDING, False)["time_origin"]
-    if session_start is None:  # no recording, or the NSP left its time origin empty
-        session_start = datetime.fromisoformat(provenance["created_utc"].replace("Z", "+00:00"))
-        source = "created_utc of provenance.json"
-    return _Day(experiment, day, folder, config, lab, store, compute_folder_digest(store.path), provenance,
-                read_json(folder / layout.SENSITIVITY), compute_file_digest(folder / layout.MODEL), recording,
-                session_start, source)
+    session_start, source = _read_session_start(folder)
+    age, born = _compute_subject_dates(experiment, day, lab, session_start)
+    recording = read_nev(folder / layout.RECORDING) if (folder / layout.RECORDING).exists() else None
+    return _Day(experiment, day, folder, config, lab, store, compute_folder_digest(store.path),
+                read_json(folder / layout.PROVENANCE), read_json(folder / layout.SENSITIVITY),
+                compute_file_digest(folder / layout.MODEL), recording, session_start, source, age, born)
 
 
 # -- the parts of the file ----------------------------------------------------------------------
@@ -168,7 +210,7 @@ def _column(name: str, description: str, values, *, compress: bool = False):
     return VectorData(name=name, description=description, data=_compressed(values) if compress else values)
 
 
-def _make_nwbfile(day: _Day):
+def _make_nwbfile(day: _Day, identifier: str):
 
     name, lab = day.config.experiment.name, day.lab
     description = lab.session_description or (
@@ -184,7 +226,7 @@ def _make_nwbfile(day: _Day):
              "session_start_time_from": day.start_source, "export": export}
     return NWBFile(
         session_description=description,
-        identifier=day.identifier,
+        identifier=identifier,
         session_start_time=day.session_start,
         session_id=f"day_{day.number:03d}",
         experimenter=list(lab.experimenter) or None,
@@ -204,18 +246,24 @@ def _make_nwbfile(day: _Day):
         notes=json.dumps(notes),
         data_collection=json.dumps({"provenance": day.provenance}),
         was_generated_by=[["closedloop", version]],
-        subject=Subject(subject_id=lab.subject_id, species=lab.species, sex=lab.sex, age=lab.age,
+        subject=Subject(subject_id=lab.subject_id, species=lab.species, sex=lab.sex, age=day.age or None,
+                        date_of_birth=day.date_of_birth,
                         description=f"The subject of experiment '{name}'."),
     )
 
 
 def _add_electrodes(nwbfile, day: _Day) -> None:
-    """A device and electrode group per Utah array; one electrodes row per site (row i = site i)."""
+    """A device and electrode group per Utah array (all of the device model ``utah_array``, by
+    Blackrock Microsystems); one electrodes row per site (row i = site i)."""
     sites = day.store.sites
+    model = nwbfile.create_device_model(
+        name="utah_array", manufacturer="Blackrock Microsystems",
+        description="Utah array: 96 electrodes, recorded by a Blackrock NSP (Neural Signal Processor).",
+    )
     groups = {}
     for array in sorted(set(sites.array.tolist())):
         device = nwbfile.create_device(
-            name=f"utah_array_{array}",
+            name=f"utah_array_{array}", model=model,
             description=f"Utah array {array} (Blackrock Microsystems, 96 electrodes), recorded by a Blackrock NSP.",
         )
         groups[array] = nwbfile.create_electrode_group(
@@ -366,29 +414,58 @@ def write_day_nwb(experiment: str | Path, day: int, out: str | Path, *, overwrit
     """Export finished day ``day`` of ``experiment`` as the NWB file ``out`` (``.nwb``); return a summary.
 
     Refuses (before writing anything) a missing or unfinished day, an ``[nwb]`` section without
-    a DANDI-required field, and an existing ``out`` unless ``overwrite``. Returns ``{"day",
-    "path", "identifier", "n_stimuli", "n_presentations", "n_units", "bytes", "seconds"}``.
+    a DANDI-required field, a subject date the day contradicts, an existing ``out`` unless
+    ``overwrite``, and (``LockedError`` naming it) an ``out`` another export is writing. Returns
+    ``{"day", "path", "identifier" (a new uuid4), "store_digest" (sha256 of the day store's
+    files), "n_stimuli", "n_presentations", "n_units", "bytes", "seconds"}``.
     """
     out = _check_out(out, overwrite)
     started = time.perf_counter()
     data = _read_day(experiment, day)
-    return _write(data, out, started)
+    with _hold_outs([out], overwrite):
+        return _write(data, out, started)
 
 
 def _check_out(out: str | Path, overwrite: bool) -> Path:
     out = Path(out).expanduser()
     if out.suffix != ".nwb":
         raise ValueError(f"OUT {str(out)!r} must be a file name ending in .nwb (e.g. day_003.nwb)")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    _refuse_existing([out], overwrite)
     if out.is_dir():
         raise ValueError(f"OUT {str(out)!r} is a folder; give the .nwb file to write")
     return out
 
 
+def _refuse_existing(paths: list[Path], overwrite: bool) -> None:
+    existing = [str(path) for path in paths if path.exists()]
+    if existing and not overwrite:
+        verb, pronoun = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        raise FileExistsError(f"{', '.join(existing)} already {verb}; pass --overwrite to replace {pronoun}")
+
+
+@contextmanager
+def _hold_outs(paths: list[Path], overwrite: bool) -> Iterator[None]:
+    """Lock each file to write (``.<stem>.lock`` beside it), refuse again those that now exist
+    (unless ``overwrite``: another export may have written one meanwhile), and remove the
+    partial files that killed exports of them left (:data:`_PARTIAL`, :data:`_OLD_PARTIAL`):
+    under the lock, no live export writes them."""
+    with ExitStack() as stack:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(hold_lock(path.with_name(f".{path.stem}.lock"), what=f"the export to {path}", remove=True))
+        _refuse_existing(paths, overwrite)
+        for path in paths:
+            stale_files = [*remove_temporaries_of(path, suffix=_PARTIAL, extension=False),
+                           *remove_temporaries_of(path, suffix=_OLD_PARTIAL)]
+            for stale in stale_files:
+                logger.warning("removed %s, left by an export of %s that was killed", stale.name, path.name)
+        yield
+
+
 def _write(day: _Day, out: Path, started: float) -> dict:
 
-    nwbfile = _make_nwbfile(day)
+    identifier = str(uuid.uuid4())
+    nwbfile = _make_nwbfile(day, identifier)
     _add_electrodes(nwbfile, day)
     if day.recording is not None:
         _add_units(nwbfile, day)
@@ -396,11 +473,14 @@ def _write(day: _Day, out: Path, started: float) -> dict:
     images = _add_templates(nwbfile, stimuli)
     n_presentations = _add_presentations(nwbfile, day, stimuli, images)
     _add_sensitivity(nwbfile, day)
-    with atomic_path(out, suffix=".partial.nwb") as temporary, NWBHDF5IO(str(temporary), mode="w") as io:
-        io.write(nwbfile)
+    with atomic_path(out, suffix=_PARTIAL, extension=False) as temporary, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The file path provided: .* does not end in '.nwb'")  # on purpose
+        with NWBHDF5IO(str(temporary), mode="w") as io:
+            io.write(nwbfile)
     seconds = time.perf_counter() - started
     logger.info("exported day %d to %s (%.1f MB, %.1f s)", day.number, out, out.stat().st_size / 1e6, seconds)
-    return {"day": day.number, "path": str(out), "identifier": day.identifier, "n_stimuli": day.store.n_stimuli,
+    return {"day": day.number, "path": str(out), "identifier": identifier,
+            "store_digest": day.store_digest, "n_stimuli": day.store.n_stimuli,
             "n_presentations": n_presentations, "n_units": 0 if day.recording is None else day.store.n_sites,
             "bytes": out.stat().st_size, "seconds": round(seconds, 2)}
 
@@ -409,8 +489,9 @@ def write_experiment_nwb(experiment: str | Path, out: str | Path, *, overwrite: 
     """Export every finished day of ``experiment`` into folder ``out`` (:func:`make_nwb_name` each).
 
     Unfinished days are skipped and listed. Refuses, before writing anything, an experiment
-    without a finished day, a bad ``[nwb]`` section, and (unless ``overwrite``) any file it
-    would replace. Returns ``{"days": [summary of each day], "skipped": [unfinished days]}``.
+    without a finished day, a bad ``[nwb]`` section (or one a day's date contradicts), (unless
+    ``overwrite``) any file it would replace, and (``LockedError``) any file another export is
+    writing. Returns ``{"days": [summary of each day], "skipped": [unfinished days]}``.
     """
     experiment = check_dir("--experiment", experiment)
     out = Path(out).expanduser()
@@ -420,15 +501,15 @@ def write_experiment_nwb(experiment: str | Path, out: str | Path, *, overwrite: 
     if not finished:
         raise ValueError(f"experiment {str(experiment)!r} has no finished day to export "
                          f"(unfinished: {unfinished or 'none'})")
-    _read_nwb_section(experiment)
+    lab = _read_nwb_section(experiment)
+    for day in finished:  # every day's subject dates checked before any file is written
+        _compute_subject_dates(experiment, day, lab, _read_session_start(layout.day_folder(experiment, day))[0])
     name = read_config(experiment, check_paths=False).experiment.name
     paths = {day: out / make_nwb_name(name, day) for day in finished}
-    existing = [str(path) for path in paths.values() if path.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; "
-                              "pass --overwrite to replace them")
+    _refuse_existing(list(paths.values()), overwrite)
     summaries = []
-    for day, path in paths.items():
-        started = time.perf_counter()
-        summaries.append(_write(_read_day(experiment, day), path, started))
+    with _hold_outs(list(paths.values()), overwrite):
+        for day, path in paths.items():
+            started = time.perf_counter()
+            summaries.append(_write(_read_day(experiment, day), path, started))
     return {"days": summaries, "skipped": unfinished}

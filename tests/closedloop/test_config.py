@@ -228,6 +228,63 @@ def test_init_writes_the_nwb_section_and_it_reads_back(tmp_path):
     assert read_config(tmp_path).nwb.find_missing() == []
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("species = 'rhesus monkey'", r"'nwb.species' = 'rhesus monkey': must be a Latin binomial such as \"Macaca mulatta\" "
+         r"\(genus capitalised, species in lower case\) or an NCBI taxonomy URL such as "
+         r"\"http://purl.obolibrary.org/obo/NCBITaxon_9544\""),
+        ("species = 'NCBITaxon:9544'", r"write it \"http://purl.obolibrary.org/obo/NCBITaxon_9544\""),
+        ("species = 'macaca mulatta'", r"'nwb.species' = 'macaca mulatta': must be a Latin binomial"),
+        ("location = ''", r"'nwb.location' = '': must name the brain area of the arrays, e.g. \"inferior temporal cortex\""),
+        ("location = '  '", r"'nwb.location' = '  ': must name the brain area"),
+        ("age = 'P7Y/P5Y'", r"'nwb.age' = 'P7Y/P5Y': an age range must grow: P7Y is not shorter than P5Y"),
+        ("age = 'P12M/P1Y'", r"an age range must grow: P12M is not shorter than P1Y"),
+        ("age = '/P5Y'", r"'nwb.age' = '/P5Y': must be an ISO 8601 duration such as \"P5Y\" .* or a range"),
+        ("age = 'P5Y/P6Y/P7Y'", r"'nwb.age' = 'P5Y/P6Y/P7Y': must be an ISO 8601 duration"),
+        ("date_of_birth = '2019-13-01'", r"'nwb.date_of_birth' = '2019-13-01': must be a date written YYYY-MM-DD, such "
+         r"as \"2019-04-01\" \(month must be in 1..12\)"),
+        ("date_of_birth = '01/04/2019'", r"'nwb.date_of_birth' = '01/04/2019': must be a date written YYYY-MM-DD"),
+        ("date_of_birth = 2019-04-01T10:00:00", r"'nwb.date_of_birth' = 2019-04-01T10:00:00: must be a date written YYYY-MM-DD"),
+    ],
+)
+def test_bad_nwb_values_are_refused_naming_the_key_and_what_dandi_accepts(tmp_path, text, message):
+    _write(tmp_path, f"[nwb]\n{text}\n")
+    with pytest.raises(ValueError, match=message):
+        read_config(tmp_path)
+
+
+def test_nwb_species_is_checked_exactly_as_dandi_s_inspector_checks_it():
+    from nwbinspector.checks import check_subject_species_form
+    from pynwb.file import Subject
+
+    from closedloop.config import build_config
+
+    for species in ("Macaca mulatta", "Macaca fascicularis", "Homo sapiens", "M mulatta", "http://purl.obolibrary.org/obo/NCBITaxon_9544",
+                    "rhesus monkey", "Rhesus Monkey", "NCBITaxon:9544", "NCBITaxon_9544", "Macaca", "Macaca mulatta mulatta",
+                    "Macaca mulatta ", "macaca mulatta", "Macaca Mulatta", "https://purl.obolibrary.org/obo/NCBITaxon_9544",
+                    "http://purl.obolibrary.org/obo/NCBITaxon_"):
+        inspector = check_subject_species_form(Subject(subject_id="s", species=species)) is None
+        try:
+            build_config({"nwb": {"species": species}})
+            ours = True
+        except ValueError:
+            ours = False
+        assert ours == inspector, species
+
+
+def test_nwb_age_ranges_and_date_of_birth_are_accepted(tmp_path):
+    _write(tmp_path, "[nwb]\nsubject_id = 'monkeyA'\nsex = 'F'\nage = 'P5Y/P7Y'\n")
+    assert read_config(tmp_path).nwb.age == "P5Y/P7Y"
+    _write(tmp_path, "[nwb]\nage = 'P90Y/'\n")
+    assert read_config(tmp_path).nwb.age == "P90Y/"
+    _write(tmp_path, "[nwb]\nsubject_id = 'monkeyA'\nsex = 'F'\ndate_of_birth = '2019-04-01'\n")
+    nwb = read_config(tmp_path).nwb
+    assert nwb.date_of_birth == "2019-04-01" and nwb.find_missing() == []  # DANDI takes a date of birth for an age
+    _write(tmp_path, "[nwb]\ndate_of_birth = 2019-04-01\n")  # a TOML date
+    assert read_config(tmp_path).nwb.date_of_birth == "2019-04-01"
+
+
 def test_a_day_config_leaves_the_nwb_section_out():
     from closedloop.config import DAY_INDEPENDENT_SECTIONS, ExperimentConfig, build_config, render_config
 

@@ -1,4 +1,4 @@
-"""The lock (closedloop/core/lock.py): one holder at a time, a dead holder's lock taken over, a damaged lock file handled."""
+"""The lock of a day (or of an export's OUT): one holder at a time, a dead holder's lock taken over, a damaged lock file handled."""
 
 from __future__ import annotations
 
@@ -33,3 +33,16 @@ def test_a_lock_path_that_is_a_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileExistsError, match=r"day_000.lock' is a folder, not a lock file; remove it"):
         with hold_lock(tmp_path / "day_000.lock"):
             pass
+
+
+def test_a_lock_that_removes_its_file_still_excludes_and_leaves_nothing(tmp_path):
+    path = tmp_path / ".d.nwb.lock"
+    with hold_lock(path, what="the export to d.nwb", remove=True):
+        with pytest.raises(LockedError, match=rf"^the export to d.nwb is being run by another process \(pid {os.getpid()} on "):
+            with hold_lock(path, what="the export to d.nwb", remove=True):
+                pass
+        assert path.exists()
+    assert not path.exists()
+    with hold_lock(path, remove=True):  # taken again after its release
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert list(tmp_path.iterdir()) == []

@@ -3,18 +3,25 @@ table by table against the day store, the .nev and the day's JSON files; the NWB
 
 import hashlib
 import json
+import os
 import shutil
-from datetime import datetime
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-from nwbinspector import Importance, inspect_nwbfile
+from nwbinspector import Importance, inspect_all, inspect_nwbfile, load_config
 from pynwb import NWBHDF5IO
 
 from closedloop.cli import main
-from closedloop.core.files import read_json
+from closedloop.core.files import compute_folder_digest, read_json
 from closedloop.data.nev import read_nev
 from closedloop.data.nev_header import read_nev_header
 from closedloop.data.nwb import write_day_nwb, write_experiment_nwb
@@ -84,7 +91,7 @@ def test_every_table_matches_the_day_exactly(experiment, exported):
         nwb = io.read()
         # session
         assert nwb.session_start_time == read_nev_header(folder / "recording.nev", False)["time_origin"]
-        assert nwb.identifier.startswith("experiment-day_000-") and nwb.session_id == "day_000"
+        assert uuid.UUID(nwb.identifier).version == 4 and nwb.session_id == "day_000"
         assert (nwb.subject.subject_id, nwb.subject.species, nwb.subject.sex, nwb.subject.age) == (
             "monkeyS", "Macaca mulatta", "M", "P6Y")
         assert list(nwb.experimenter) == ["Doe, Jane"] and nwb.lab == "Sim Lab" and nwb.institution == "Sim Institute"
@@ -93,6 +100,7 @@ def test_every_table_matches_the_day_exactly(experiment, exported):
         assert json.loads(nwb.data_collection)["provenance"] == read_json(folder / "provenance.json")
         # devices, groups, electrodes: row i = site i
         assert set(nwb.devices) == {"utah_array_0"} and set(nwb.electrode_groups) == {"array_0"}
+        assert nwb.devices["utah_array_0"].model.manufacturer == "Blackrock Microsystems"
         electrodes = nwb.electrodes.to_dataframe()
         assert electrodes["array"].tolist() == store.sites.array.tolist()
         assert electrodes["electrode"].tolist() == store.sites.electrode.tolist()
@@ -165,10 +173,19 @@ def test_the_inspector_finds_nothing_to_fix(exported):
     assert {(m.check_function_name, m.object_name) for m in messages} <= ACCEPTED_SUGGESTIONS
 
 
-def test_identifier_is_stable_and_names_the_store(experiment, exported, tmp_path):
+def test_each_export_has_its_own_identifier_and_the_store_digest_apart(experiment, exported, tmp_path):
+    """Two exports of one day: unique identifiers (uuid4), so the Inspector passes a folder
+    holding both; the store digest (what identifies the data) is the same in both."""
+    shutil.copy(exported, tmp_path / "first.nwb")
     again = write_day_nwb(experiment, 0, tmp_path / "again.nwb")
     with NWBHDF5IO(str(exported), "r") as first, NWBHDF5IO(again["path"], "r") as second:
-        assert first.read().identifier == second.read().identifier == again["identifier"]
+        one, two = first.read(), second.read()
+        assert one.identifier != two.identifier == again["identifier"]
+        assert uuid.UUID(one.identifier).version == uuid.UUID(two.identifier).version == 4
+        digests = {json.loads(nwb.notes)["store"]["sha256_of_files"] for nwb in (one, two)}
+    assert digests == {compute_folder_digest(experiment / "day_000" / "store.zarr")} == {again["store_digest"]}
+    messages = list(inspect_all(path=tmp_path, config=load_config("dandi"), progress_bar=False))
+    assert not [m for m in messages if m.importance == Importance.CRITICAL], [m.message for m in messages]
 
 
 def test_a_day_without_its_recording_keeps_the_counts(experiment, tmp_path):
@@ -224,7 +241,14 @@ def test_bad_input_is_one_error_line_and_writes_nothing(experiment, tmp_path, ca
     code, _, err = _cli(capsys, "export-nwb", "--experiment", copy, "--day", 0, out / "d.nwb")
     assert code == 2 and "[nwb] subject_id, age are missing; DANDI requires subject_id, species, sex and age" in err
     code, _, err = _cli(capsys, "export-nwb", "--experiment", copy, "--all", out)
-    assert code == 2 and "[nwb] subject_id, age are missing" in err
+    assert code == 2 and "[nwb] subject_id, age are missing" in err and "and age (or date_of_birth)" in err
+    for line, message in (('species = "rhesus monkey"', "'nwb.species' = 'rhesus monkey': must be a Latin binomial"),
+                          ('location = ""', "'nwb.location' = '': must name the brain area of the arrays"),
+                          ('date_of_birth = "2099-01-01"', "[nwb] date_of_birth = 2099-01-01 is after the session of day 0 (")):
+        (copy / "experiment.toml").write_text(f"{toml}{line}\n")
+        for args in (["--day", 0, out / "d.nwb"], ["--all", out]):
+            code, _, err = _cli(capsys, "-q", "export-nwb", "--experiment", copy, *args)
+            assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, err
     assert _no_files(out) == []
     (copy / "experiment.toml").write_text(toml)
     (out / "d.nwb").write_bytes(b"keep me")
@@ -250,3 +274,120 @@ def test_a_failed_export_leaves_nothing_behind(experiment, tmp_path, monkeypatch
     assert _no_files(tmp_path / "out") == ["d.nwb"] and (tmp_path / "out" / "d.nwb").read_bytes() == b"old"
     with pytest.raises(ValueError, match="must be a folder with --all"):
         write_experiment_nwb(experiment, tmp_path / "out" / "d.nwb")
+
+
+def test_a_partial_file_is_no_nwb_and_stale_partials_of_out_are_removed(experiment, tmp_path, monkeypatch):
+    """A killed export leaves its temporary beside OUT: it must not end in .nwb (the Inspector
+    would read it as a broken NWB file), and the next export of that OUT removes it (also one
+    named as earlier versions named them), never a partial of another OUT."""
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [out / ".d.k1ll3d00.partial", out / ".d.nwb.k1ll3d01.partial.nwb"]  # (as earlier versions named it)
+    other = out / ".e.k1ll3d02.partial"
+    for path in (*stale, other):
+        path.write_bytes(b"half an HDF5 file")
+    written = []
+    write = NWBHDF5IO.write
+
+    def record(self, *args, **kwargs):
+        written.append(Path(self.source))
+        write(self, *args, **kwargs)
+
+    monkeypatch.setattr(NWBHDF5IO, "write", record)
+    write_day_nwb(experiment, 0, out / "d.nwb")
+    assert len(written) == 1 and written[0].parent == out and ".nwb" not in written[0].name, written
+    assert written[0].name.startswith(".d.") and written[0].name.endswith(".partial")
+    assert _no_files(out) == [".e.k1ll3d02.partial", "d.nwb"]
+
+
+def test_two_exports_to_one_out_at_once_one_is_refused_naming_the_other(experiment, tmp_path, monkeypatch, capsys):
+    """A second export (of the day, or --all into the folder) while one writes OUT is refused with
+    one error line naming the first (pid, host, start time); the first finishes; nothing is lost."""
+    out = tmp_path / "out"
+    out.mkdir()
+    writing, finish = threading.Event(), threading.Event()
+    write = NWBHDF5IO.write
+
+    def slow(self, *args, **kwargs):
+        if threading.current_thread() is first:
+            writing.set()
+            assert finish.wait(60)
+        write(self, *args, **kwargs)
+
+    monkeypatch.setattr(NWBHDF5IO, "write", slow)
+    first = threading.Thread(target=write_day_nwb, args=(experiment, 0, out / "experiment_day_000.nwb"))
+    first.start()
+    try:
+        assert writing.wait(60)
+        for args in (["--day", 0, out / "experiment_day_000.nwb"], ["--all", out], ["--all", out, "--overwrite"]):
+            code, _, err = _cli(capsys, "-q", "export-nwb", "--experiment", experiment, *args)
+            assert code == 2 and err.count("\n") == 1 and err.startswith("error: the export to "), err
+            assert f"experiment_day_000.nwb is being run by another process (pid {os.getpid()} on " in err
+            assert ", started 20" in err
+    finally:
+        finish.set()
+        first.join()
+    assert _no_files(out) == ["experiment_day_000.nwb"]
+    with NWBHDF5IO(str(out / "experiment_day_000.nwb"), "r") as io:
+        assert io.read().session_id == "day_000"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_the_file_gets_the_mode_the_umask_gives(experiment, tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        summary = write_day_nwb(experiment, 0, tmp_path / "d.nwb")
+    finally:
+        os.umask(previous)
+    assert os.stat(summary["path"]).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_each_day_carries_the_subject_s_age_at_its_session(experiment, tmp_path):
+    """[nwb] age is the age at the first day: day 1, three days later, is three days older. An
+    age range moves as a whole; a date of birth is written as given (and suffices alone)."""
+    copy = _copy(experiment, tmp_path)
+    shutil.copytree(copy / "day_000", copy / "day_001")
+    start = datetime.now(UTC) - timedelta(days=10)  # (a session in the future is CRITICAL for the Inspector)
+    for day, days in (("day_000", 0), ("day_001", 3)):
+        (copy / day / "recording.nev").unlink()  # so its session starts at its provenance's created_utc
+        provenance = read_json(copy / day / "provenance.json")
+        provenance["created_utc"] = (start + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        (copy / day / "provenance.json").write_text(json.dumps(provenance))
+    toml = (copy / "experiment.toml").read_text()
+    for lines, ages, born in (
+        ('age = "P6Y"', ["P6Y", "P6Y3D"], None),
+        ('age = "P5Y/P7Y"\ndate_of_birth = "2019-04-01"', ["P5Y/P7Y", "P5Y3D/P7Y3D"], datetime(2019, 4, 1, tzinfo=UTC)),
+        ('date_of_birth = 2019-04-01', [None, None], datetime(2019, 4, 1, tzinfo=UTC)),
+    ):
+        (copy / "experiment.toml").write_text(toml.replace('age = "P6Y"', lines))
+        summary = write_experiment_nwb(copy, tmp_path / "nwb", overwrite=True)
+        for day, age in zip(summary["days"], ages):
+            with NWBHDF5IO(day["path"], "r") as io:
+                subject = io.read().subject
+                assert (subject.age, subject.date_of_birth) == (age, born), (lines, day["day"])
+            messages = list(inspect_nwbfile(nwbfile_path=day["path"], config=load_config("dandi")))
+            assert not [m for m in messages if m.importance == Importance.CRITICAL], [m.message for m in messages]
+
+
+def test_a_killed_export_leaves_nothing_an_nwb_tool_reads_and_the_next_export_cleans_up(experiment, tmp_path):
+    """SIGKILL of a real `closedloop export-nwb` while it writes: no file ending in .nwb is left
+    (the Inspector, given the folder, finds no file), and the next export of the same OUT takes
+    over the dead export's lock and removes its partial file and its lock."""
+    out = tmp_path / "out"
+    out.mkdir()
+    root = Path(__file__).resolve().parents[3]
+    command = [sys.executable, "-m", "closedloop", "-q", "export-nwb", "--experiment", str(experiment), "--day", "0",
+               str(out / "d.nwb")]
+    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, cwd=root,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.glob(".d.*.partial")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL  # killed while writing, not finished
+    left = sorted(p.name for p in out.iterdir())
+    assert len(left) == 2 and ".d.lock" in left and all(name.endswith((".lock", ".partial")) for name in left), left
+    assert not list(inspect_all(path=out, progress_bar=False))
+    summary = write_day_nwb(experiment, 0, out / "d.nwb")
+    assert _no_files(out) == ["d.nwb"] and summary["n_presentations"] == 65
