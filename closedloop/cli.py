@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from closedloop.core.files import DiskFullError, describe_disk_full
 from closedloop.core.lock import LockedError
 from closedloop.core.logs import set_log_level
 from closedloop.data.layout import STAGES
@@ -1060,6 +1061,9 @@ def main(argv: list[str] | None = None) -> None:
         message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         click.echo("error: " + " ".join(message.split()), err=True)
         sys.exit(2)
+    except DiskFullError as error:
+        click.echo("error: " + describe_disk_full(error), err=True)
+        sys.exit(1)
     except RuntimeError as error:
         from closedloop.core.distributed import RankFailedError
         from closedloop.link.client import RigLinkError  # here, not above: the link is zmq, loaded on demand

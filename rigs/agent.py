@@ -38,6 +38,7 @@ A presenter is any object with:
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import itertools
 import json
@@ -495,6 +496,8 @@ class RigAgent:
             data = getattr(self, f"_on_{message.type}")(peer, message)
             frames = encode_message("reply", id=request_id, ok=True, data=data)
         except (ValueError, OSError) as error:
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                error = f"no space left on the rig's disk holding {self.state_dir}: free some space there"
             frames = encode_message("reply", id=request_id, ok=False, error=str(error)[:256])
         except Exception as error:  # a bug or a presenter fault: refuse, log, serve on
             logger.error("rig %s: %r failed", self.rig_id, message.type, exc_info=error)

@@ -6,11 +6,13 @@ once complete (a rename within one file system is atomic); on failure the tempor
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +22,51 @@ import numpy as np
 from closedloop.core.validation import check_file
 
 __all__ = [
+    "DiskFullError", "reporting_full_disk", "describe_disk_full",
     "atomic_path", "remove_temporaries", "remove_temporaries_of", "write_text", "write_bytes", "write_npz", "write_json",
     "read_json", "compute_file_digest", "compute_folder_digest",
 ]
+
+
+class DiskFullError(OSError):
+    """A write ran out of space (ENOSPC) or quota (EDQUOT); ``filename`` is the file or folder it wrote to."""
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # safetensors and HDF5 (h5py, also as a RuntimeError when closing) report it in their messages only
+    reported = isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
+    return reported and any(text in str(error) for text in (f"os error {errno.ENOSPC})", f"errno = {errno.ENOSPC},"))
+
+
+@contextmanager
+def reporting_full_disk(path: str | Path) -> Iterator[None]:
+    """Turn a write in the block that runs out of disk space into :class:`DiskFullError` naming where.
+
+    The name is the failing call's own file when it gives one, else ``path`` (the file or folder
+    the block writes to). Every other error passes unchanged.
+    """
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        where = getattr(error, "filename", None) or str(path)
+        raise DiskFullError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where)) from error
+
+
+def describe_disk_full(error: DiskFullError) -> str:
+    """One line for the user: where the disk is full, how much is free there, and what to do."""
+    place = Path(error.filename or ".").expanduser().absolute()
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    usage = shutil.disk_usage(place)
+    return (f"no space left on the device holding {error.filename} ({usage.free / 1e6:.1f} MB free of "
+            f"{usage.total / 1e6:.0f} MB); nothing half-written was kept: free some space there and run the same "
+            "command again, it goes on from what was finished")
 
 
 @contextmanager
@@ -32,18 +76,20 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp", extension: bool = Tru
     The parent folder is created if needed. The temporary, ``.<name>.<random><suffix>``, is
     created empty with the mode the umask gives (0666 & ~umask, like any file a user writes), which
     the renamed file keeps. If the block raises, the temporary is removed and ``path`` is left as
-    it was. ``suffix``: the end of the temporary's name (for writers that check the extension).
+    it was; a write that runs out of disk space raises :class:`DiskFullError` naming ``path``
+    (or the file the failing call named). ``suffix``: the end of the temporary's name (for writers that check the extension).
     ``extension=False``: leave ``path``'s extension out of the name (``.<stem>.<random><suffix>``),
     for files that tools find by a pattern such as ``*.nwb*``.
     """
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = _create_temporary(path, suffix, extension)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with reporting_full_disk(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = _create_temporary(path, suffix, extension)
+        try:
+            yield temporary
+            os.replace(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
 
 
 def _name_temporaries(path: Path, extension: bool) -> str:

@@ -1,12 +1,13 @@
-"""One process at a time on a day, a campaign or an export: an exclusive lock file, released when
-its holder dies.
+"""One process at a time on a day, a campaign, a site selection or an export: an exclusive lock
+file, released when its holder dies.
 
 A lock file (``day_NNN.lock`` beside ``day_NNN/``, so ``--force`` can set the folder aside while
-holding it; ``validate.lock`` beside a campaign folder; ``site_selection.lock`` beside
-``experiment.toml``; ``.<OUT>.lock`` beside an NWB export's OUT) is locked with ``flock``: the kernel releases the lock when the holding process exits or is
-killed, so a lock left by a dead process is taken over without any guessing about pids. The file
-names its holder (pid, host, start time, command), which the refusal quotes; a lock file whose
-holder died is reported in the log when it is taken over.
+holding it; ``OUT.lock`` beside a validation campaign's folder; ``site_selection.lock`` beside
+``experiment.toml``; ``.<OUT>.lock`` beside an NWB export's OUT) is locked with ``flock``: the
+kernel releases the lock when the holding process exits or is killed, so a lock left by a dead
+process is taken over without any guessing about pids. The file names its holder (pid, host, start
+time, command), which the refusal quotes; a lock file whose holder died is reported in the log
+when it is taken over.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ rig agent, before it accepts a bundle) never holds half a bundle.
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from closedloop.core.files import atomic_path
+from closedloop.core.files import write_bytes
 from closedloop.core.validation import check_array, check_file, check_integer, check_integer_array
 from closedloop.data.event_codes import MAX_STIMULUS_CODE
 
@@ -141,7 +142,8 @@ def _as_hdf5_attr(key: str, value):
 
 def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict | None = None,
                  rsvp: dict[str, np.ndarray] | None = None) -> str:
-    """Write the rig bundle atomically; return the sha256 hex digest of ``pixels``.
+    """Write the rig bundle atomically (built in memory, then written in one go); return the sha256
+    hex digest of ``pixels``.
 
     ``pixels``: uint8 ``(n, 224, 224, 3)``; ``stimulus_ids``: integers ``(n,)`` (≥ 0, unique);
     ``codes``: event codes ``(n,)`` in 1..65279, unique; ``attrs``: extra root attributes
@@ -161,7 +163,8 @@ def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict |
     rsvp = None if rsvp is None else _check_rsvp(rsvp, stimulus_ids, codes)
     digest = compute_bundle_digest(pixels)
 
-    with atomic_path(path) as temporary, h5py.File(temporary, "w") as handle:
+    built = io.BytesIO()  # HDF5 never writes to a disk that may fill: a failed close crashed the process at exit
+    with h5py.File(built, "w") as handle:
         handle.create_dataset(
             "pixels", data=pixels, chunks=(1, *FRAME_SHAPE) if n else None, compression="gzip" if n else None
         )
@@ -174,6 +177,7 @@ def write_bundle(path: str | Path, pixels, stimulus_ids, codes, *, attrs: dict |
             handle.attrs[key] = value
         for name, values in (rsvp or {}).items():
             handle.create_dataset(f"rsvp/{name}", data=values)
+    write_bytes(path, built.getbuffer())
     return digest
 
 

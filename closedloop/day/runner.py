@@ -41,7 +41,14 @@ from closedloop.config import (
     resolve_paths,
 )
 from closedloop.core.distributed import ProcessGroup
-from closedloop.core.files import compute_file_digest, read_json, remove_temporaries, write_json, write_text
+from closedloop.core.files import (
+    compute_file_digest,
+    read_json,
+    remove_temporaries,
+    reporting_full_disk,
+    write_json,
+    write_text,
+)
 from closedloop.core.lock import hold_lock
 from closedloop.core.logs import logger
 from closedloop.core.provenance import compute_provenance
@@ -241,7 +248,7 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
         return _assist_day(Path(experiment), day, group)
     try:
         check_dir("experiment", experiment)  # before the lock file is made beside its days
-        with hold_lock(layout.day_lock_path(experiment, day)):
+        with reporting_full_disk(layout.day_folder(experiment, day)), hold_lock(layout.day_lock_path(experiment, day)):
             results = _run_day(experiment, day, force=force, until=until, rig=rig, group=group)
     except Exception as error:
         _release_ranks(group, error)

@@ -165,3 +165,46 @@ def test_a_second_process_on_the_same_day_is_refused(tmp_path):
     _finish(_fit_day(experiment))
     ids = zarr.open_group(str(experiment / "day_000/store.zarr"), mode="r")["presentations/id"][:]
     assert len(np.unique(ids)) == len(ids)
+
+
+def _disk_bytes(folder: Path) -> int:
+    """What a folder's files take on a disk: whole blocks, as a file system counts them."""
+    return sum(path.stat().st_blocks * 512 for path in folder.rglob("*") if path.is_file())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_full_disk_stops_the_day_in_one_line_and_it_resumes_to_the_same_day(tmp_path, reference_day):
+    """The day on a real small file system (tmpfs) that fills up: every run stops at the write that no
+    longer fits, with one line naming the place and exit status 1, leaves no temporary behind, and once
+    the file system has grown the day finishes as the uninterrupted one did."""
+    step = _disk_bytes(reference_day) // 6
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={step}", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
+    try:
+        experiment = _experiment(disk / "full")
+        stopped_at = []
+        for size in range(2 * step, 40 * step, step):
+            process = _fit_day(experiment)
+            code, printed = process.wait(timeout=600), process.stderr.read().decode()
+            if code == 0:
+                break
+            assert "Traceback" not in printed, printed[-3000:]
+            last = printed.strip().splitlines()[-1]
+            if "the rig refused" in last:  # the simulated rig keeps its session on this disk too (day_000/rig_sim)
+                assert code == 2 and f"no space left on the rig's disk holding {disk}/full/" in last, printed[-3000:]
+            else:
+                assert code == 1 and last.startswith(f"error: no space left on the device holding {disk}/full/"), printed[-3000:]
+                assert "MB free" in last and "run the same command again" in last
+            assert not list(experiment.rglob(".*.tmp")), "a temporary was left behind"
+            stopped_at.append(last.split(" holding ")[1].split(" ")[0])
+            subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+        assert code == 0, printed[-3000:]
+        assert len(stopped_at) >= 3, stopped_at
+        print(f"the day stopped {len(stopped_at)} times for want of space, at: {stopped_at}")
+        _check_same_day(reference_day, experiment / "day_000")
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
