@@ -3,17 +3,17 @@
 import os
 from pathlib import Path
 
-# The same numbers on every machine CI runs on: torch's CPU kernels (ATen's, oneDNN's, MKL's) as on an
-# AVX2 processor, also where AVX-512 is there. Read when torch loads, so set before any test imports it
-# (subprocesses inherit them). With AVX-512 kernels the embedded networks train to other weights, and the
-# calibration test's crossing moved from inside the paper's range to 6.33 (issue 25 owns those numbers).
-for _name, _value in {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}.items():
-    os.environ.setdefault(_name, _value)
-
 import numpy as np
 import pytest
 
 from tests.tiny_experiment import TINY
+
+# The same numbers on every machine CI runs on: torch's CPU kernels (ATen's, oneDNN's, MKL's) as on an
+# AVX2 processor, also where AVX-512 is there. Read when torch loads, so set before any test imports it
+# (nothing above imports torch; subprocesses inherit them). With AVX-512 kernels the embedded networks train to other weights, and the
+# calibration test's crossing moved from inside the paper's range to 6.33 (issue 25 owns those numbers).
+for _name, _value in {"ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}.items():
+    os.environ.setdefault(_name, _value)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
