@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlparse
 
 from closedloop.behavior.sessions import read_behavior_build
-from closedloop.core.files import read_json, write_json
+from closedloop.core.files import DiskFullError, describe_disk_full, read_json, write_json
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_integer
 
@@ -117,6 +117,10 @@ class _Handler(SimpleHTTPRequestHandler):
         except (ValueError, KeyError) as error:
             logger.warning("refused a result: %s", error)
             self.send_error(HTTPStatus.BAD_REQUEST, str(error)[:200])
+            return
+        except DiskFullError as error:  # nothing was written; the page offers the participant a download
+            logger.error("could not save a result: %s", describe_disk_full(error))
+            self.send_error(HTTPStatus.INSUFFICIENT_STORAGE, "the server's disk is full")
             return
         logger.info("saved %s", path.name)
         body = json.dumps({"saved": path.stem.split("-", 1)[1]}).encode()

@@ -27,6 +27,9 @@ from closedloop.core.logs import logger
 __all__ = ["LockedError", "hold_lock"]
 
 
+_HELD: dict[str, int] = {}  # the lock files this process holds with nested=True (real paths), and how many holds
+
+
 class LockedError(RuntimeError):
     """Another live process holds the lock (of a day, a campaign, an export)."""
 
@@ -37,19 +40,34 @@ def _describe(holder: dict) -> str:
 
 
 @contextmanager
-def hold_lock(path: str | Path, *, what: str | None = None, remove: bool = False) -> Iterator[None]:
+def hold_lock(path: str | Path, *, what: str | None = None, remove: bool = False,
+              nested: bool = False) -> Iterator[None]:
     """Hold the lock file ``path`` for the duration; ``LockedError`` naming the holder (pid, host,
     start time, command) if a live process holds it.
 
     ``what``: what the lock guards, as the refusal names it ("day_000", "the export to
     nwb/day_003.nwb"; default: the lock file's name without its suffix). ``remove``: delete the
     lock file on release (for a lock beside a user's files) rather than leave it empty; a process
-    that locked the file just before it was deleted notices and locks the new one.
+    that locked the file just before it was deleted notices and locks the new one. ``nested``: a
+    process that holds ``path`` already (taken with ``nested`` too) takes it again at once, e.g. a
+    validation campaign that holds its experiment's lock runs its days, which take it too; the
+    hold belongs to the process, not to a thread. Without ``nested`` a second hold in the same
+    process is refused like another process's.
     """
     path = Path(path)
     if path.is_dir():
         raise FileExistsError(f"{str(path)!r} is a folder, not a lock file; remove it and run the command again")
+    key = os.path.realpath(path)
+    if nested and _HELD.get(key):  # this process holds it already: nothing more to take
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
     descriptor = _acquire(path, what)
+    if nested:
+        _HELD[key] = 1
     try:
         earlier = _read_holder(descriptor)
         if earlier:
@@ -66,6 +84,8 @@ def hold_lock(path: str | Path, *, what: str | None = None, remove: bool = False
             os.ftruncate(descriptor, 0)  # an empty file: released cleanly (a killed holder leaves its name)
             fcntl.flock(descriptor, fcntl.LOCK_UN)
     finally:
+        if nested:
+            del _HELD[key]
         os.close(descriptor)
 
 

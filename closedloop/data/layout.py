@@ -41,7 +41,7 @@ from closedloop.core.validation import check_integer
 __all__ = [
     "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RSVP_LIST", "RECORDING", "TRIAL_LOG",
     "SENSITIVITY", "MODEL", "REPORT", "RIG_STATE", "SYNTHESIS_PARTS", "SITE_SELECTION", "SITE_SELECTION_LOCK",
-    "day_folder", "day_lock_path",
+    "day_folder", "day_lock_path", "experiment_lock_path",
     "find_day_folders", "marker_path", "compute_base_seed",
 ]
 
@@ -70,6 +70,13 @@ _DAY_NAME = re.compile(r"day_(\d{3})")
 def day_folder(experiment: str | Path, day: int) -> Path:
     """``<experiment>/day_NNN`` for day ``day`` (0..999)."""
     return Path(experiment) / f"day_{check_integer('day', day, minimum=0, maximum=999):03d}"
+
+
+def experiment_lock_path(experiment: str | Path) -> Path:
+    """``<experiment>.lock`` beside the experiment folder: held by the process running a day or a
+    validation campaign in it (one at a time)."""
+    folder = Path(experiment).absolute()
+    return folder.with_name(folder.name + ".lock")
 
 
 def day_lock_path(experiment: str | Path, day: int) -> Path:

@@ -247,9 +247,15 @@ def run_day(experiment: str | Path, day: int, *, force: bool = False, until: str
     if group.rank != 0:
         return _assist_day(Path(experiment), day, group)
     try:
-        check_dir("experiment", experiment)  # before the lock file is made beside its days
-        with reporting_full_disk(layout.day_folder(experiment, day)), hold_lock(layout.day_lock_path(experiment, day)):
-            results = _run_day(experiment, day, force=force, until=until, rig=rig, group=group)
+        experiment_lock = layout.experiment_lock_path(experiment)
+        if not experiment_lock.parent.is_dir():  # no folder to hold the lock file: the experiment is not there either
+            check_dir("experiment", experiment)
+        # the experiment's lock first: a validation campaign holds it before its folder exists
+        with (reporting_full_disk(layout.day_folder(experiment, day)),
+              hold_lock(experiment_lock, what=f"the experiment {experiment}", remove=True, nested=True)):
+            check_dir("experiment", experiment)  # before the day's lock file is made beside its days
+            with hold_lock(layout.day_lock_path(experiment, day)):
+                results = _run_day(experiment, day, force=force, until=until, rig=rig, group=group)
     except Exception as error:
         _release_ranks(group, error)
         raise

@@ -193,8 +193,9 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
     objective); ``cache``: folder of the embedded networks (default: ``cache`` beside ``out``).
     ``resume``: continue the campaign already in ``out`` (its finished stages are kept; refused,
     naming the keys, when its settings differ) instead of starting over. One process at a time
-    runs a campaign in ``out`` (``OUT.lock`` beside it; a second is refused with
-    :class:`~closedloop.core.lock.LockedError` naming the holder, before anything is touched).
+    runs a campaign or a day in ``out`` (``OUT.lock`` beside it, which ``fit-day`` takes too; a second
+    campaign, or a ``fit-day`` in ``out``, is refused with :class:`~closedloop.core.lock.LockedError`
+    naming the holder, before anything is touched).
     The summary holds ``targets`` (:func:`compute_validation_targets`), the loop summary
     (``by_day``, ``growth``, …), ``figures`` (PNG paths), ``report`` and ``seconds``: ``days`` (each
     day's stages, from their markers, so a resumed campaign counts every day), ``analysis`` (report
@@ -208,7 +209,7 @@ def run_validation(out: str | Path = "daily_runs/validate", *, n_days: int = 6, 
     start = time.monotonic()
     out.parent.mkdir(parents=True, exist_ok=True)
     # one campaign per folder: a second one would delete this one's days (or analyse them twice)
-    with hold_lock(out.parent / f"{out.name}.lock"):
+    with hold_lock(layout.experiment_lock_path(out), what=f"the experiment {out}", remove=True, nested=True):
         standard = _prepare(out, Path(cache) if cache is not None else out.parent / "cache", changes, resume=resume)
         for day in range(n_days):
             logger.info("validate: day %d of %d", day, n_days - 1)

@@ -1,6 +1,7 @@
 """closedloop behavior build / serve: session composition, balance, the results server over real HTTP."""
 
 import json
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -142,6 +143,37 @@ def test_server_serves_pages_redirects_to_least_used_session_and_saves_anonymous
     assert all("ip" not in t and "worker_id" not in t for t in results[0]["trials"])
     for path in (out / "results").glob("*.json"):
         path.unlink()
+
+
+def test_a_full_disk_refuses_a_result_with_507_and_keeps_no_part_of_it(built, tmp_path):
+    """The results folder on a real small file system, filled up: the result does not fit, the participant's
+    page gets 507 (and offers the download), nothing is left half-written; with room, the same result is saved."""
+    out, _ = built
+    results = out / "results"
+    results.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(results)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
+    server = make_behavior_server(out, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    post = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/results", headers={"Content-Type": "application/json"},
+                                  data=json.dumps(_answers(_sessions(out, "categorization")[0])).encode())
+    filler = results / ".filler"
+    try:
+        with filler.open("wb", buffering=0) as stream, pytest.raises(OSError, match="No space left"):
+            while True:
+                stream.write(b"x" * 1024)
+                stream.flush()
+        with pytest.raises(urllib.error.HTTPError, match="507"):
+            urllib.request.urlopen(post)
+        assert [path.name for path in results.iterdir()] == [".filler"]
+        filler.unlink()
+        saved = json.loads(urllib.request.urlopen(post).read())["saved"]
+        assert [r["anonymous_id"] for r in read_behavior_results(out)] == [saved]
+    finally:
+        server.shutdown()
+        server.server_close()
+        subprocess.run(["umount", "-l", str(results)])
 
 
 @pytest.mark.parametrize(("change", "message"), [

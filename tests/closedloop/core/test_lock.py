@@ -46,3 +46,20 @@ def test_a_lock_that_removes_its_file_still_excludes_and_leaves_nothing(tmp_path
     with hold_lock(path, remove=True):  # taken again after its release
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nested_holds_of_one_process_nest_and_a_plain_second_hold_is_refused(tmp_path):
+    """A validation campaign holds its experiment's lock and runs its days, which take it too."""
+    path = tmp_path / "exp.lock"
+    with hold_lock(path, nested=True):
+        with hold_lock(path, nested=True):
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+        assert json.loads(path.read_text())["pid"] == os.getpid()  # the inner release kept the outer hold
+        with pytest.raises(LockedError, match=r"exp is being run by another process"):
+            with hold_lock(path):
+                pass
+    assert path.read_text() == ""
+    with hold_lock(path):  # released: anyone may take it
+        with pytest.raises(LockedError):
+            with hold_lock(path, nested=True):  # not taken nested: a nested hold does not slip in
+                pass

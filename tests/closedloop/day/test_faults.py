@@ -208,3 +208,51 @@ def test_a_full_disk_stops_the_day_in_one_line_and_it_resumes_to_the_same_day(tm
         _check_same_day(reference_day, experiment / "day_000")
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def _closedloop(*arguments: str) -> subprocess.Popen:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "closedloop", *arguments], env=environment,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+
+
+def _wait_for_holder(lock: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 120
+    while not (lock.exists() and lock.read_text()):
+        assert time.monotonic() < deadline and process.poll() is None, "the first process never took the lock"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_validate_and_fit_day_on_one_experiment_refuse_each_other_and_lose_nothing(tmp_path):
+    """`closedloop validate --out X` (which starts X afresh without --resume) and `fit-day` in X share
+    one lock, X.lock beside the folder: whichever comes second stops at once naming the first."""
+    from closedloop.data.layout import experiment_lock_path
+
+    experiment = tmp_path / "days"
+    experiment.mkdir()
+    (experiment / "experiment.toml").write_text(TINY.format(time_scale=1.0))  # a day of about a minute
+    day = _fit_day(experiment)
+    _wait_for_holder(experiment_lock_path(experiment), day)
+    campaigns = [_closedloop("validate", "--out", str(experiment), "--days", "2", "--sites", "2", *resume)
+                 for resume in ((), ("--resume",))]
+    for campaign in campaigns:
+        assert campaign.wait(timeout=300) == 2
+        message = campaign.stderr.read().decode()
+        assert f"pid {day.pid}" in message and "is being run by another process" in message, message
+    assert day.poll() is None, "the day ended before both campaigns were refused: make it longer"
+    _finish(day)
+    assert (experiment / "day_000" / "stages" / "report.json").exists()  # the day went on, untouched
+
+    out = tmp_path / "campaign"  # validate makes it, once it has trained its networks: a fit-day before is refused too
+    campaign = _closedloop("validate", "--out", str(out), "--days", "2", "--sites", "2")
+    try:
+        _wait_for_holder(experiment_lock_path(out), campaign)
+        second = _fit_day(out)
+        assert second.wait(timeout=300) == 2
+        message = second.stderr.read().decode()
+        assert f"pid {campaign.pid}" in message and "is being run by another process" in message, message
+    finally:
+        campaign.kill()
+        campaign.wait()

@@ -1,5 +1,10 @@
 """The validation campaign's four targets, checked on planted sensitivity records."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from closedloop.core.files import write_json
@@ -119,16 +124,25 @@ def test_a_second_campaign_on_the_same_folder_is_refused_and_deletes_nothing(tmp
     """Two `closedloop validate --out X` at once: without --resume the second would start afresh,
     deleting the running campaign's days. It is refused at once, naming the holder, before any
     training, and the folder is left as it was."""
-    from closedloop.core.lock import LockedError, hold_lock
+    from closedloop.core.lock import LockedError
     from closedloop.demos.validate import run_validation
 
     out = tmp_path / "validate"
     (out / "day_000").mkdir(parents=True)
     (out / "experiment.toml").write_text("")
     (out / "day_000" / "sensitivity.json").write_text("[]")
-    with hold_lock(tmp_path / "validate.lock"):
+    # the running campaign: another process holding the folder's lock (this process's own holds nest)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from closedloop.core.lock import hold_lock\n"
+                               "with hold_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)",
+                               str(tmp_path / "validate.lock")], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])})
+    try:
+        assert holder.stdout.readline() == "held\n"
         for resume in (False, True):
-            with pytest.raises(LockedError, match="validate is being run by another process"):
+            with pytest.raises(LockedError, match=f"is being run by another process \\(pid {holder.pid} "):
                 run_validation(out, resume=resume, cache=tmp_path / "empty-cache")
+    finally:
+        holder.kill()
+        holder.wait()
     assert (out / "day_000" / "sensitivity.json").read_text() == "[]"
     assert not (tmp_path / "empty-cache").exists()
