@@ -20,24 +20,26 @@ One file per day holds what the day folder holds, in NWB's places (see ``docs/nw
 - ``notes``: the model checkpoint's sha256 and the store digest (JSON); ``data_collection``: the
   day's provenance (JSON).
 
-Large datasets are gzip-compressed (``H5DataIO``). The file is written under a temporary name
-without ``.nwb`` in it (``.<OUT's stem>.<random>.partial``) and renamed when complete, with the
+Large datasets are gzip-compressed (``H5DataIO``). The file is built in memory (HDF5 never writes
+to a disk that may fill up: on a full disk its failed close crashed the process at exit), then
+written in one go under a temporary name without ``.nwb`` in it (``.<OUT's stem>.<random>.partial``) and renamed when complete, with the
 mode the umask gives; one export at a time writes an OUT (the lock ``.<stem>.lock``), which first
 removes the partial files that killed exports of that OUT left.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
-import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import h5py
 import numpy as np
 from hdmf.backends.hdf5 import H5DataIO
 from hdmf.common import DynamicTable, VectorData
@@ -473,10 +475,11 @@ def _write(day: _Day, out: Path, started: float) -> dict:
     images = _add_templates(nwbfile, stimuli)
     n_presentations = _add_presentations(nwbfile, day, stimuli, images)
     _add_sensitivity(nwbfile, day)
-    with atomic_path(out, suffix=_PARTIAL, extension=False) as temporary, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The file path provided: .* does not end in '.nwb'")  # on purpose
-        with NWBHDF5IO(str(temporary), mode="w") as io:
-            io.write(nwbfile)
+    built = io.BytesIO()  # HDF5 never writes to a disk that may fill: a failed close crashed the process at exit
+    with h5py.File(built, "w") as file, NWBHDF5IO(file=file, mode="w") as writer:
+        writer.write(nwbfile)
+    with atomic_path(out, suffix=_PARTIAL, extension=False) as temporary:
+        temporary.write_bytes(built.getbuffer())
     seconds = time.perf_counter() - started
     logger.info("exported day %d to %s (%.1f MB, %.1f s)", day.number, out, out.stat().st_size / 1e6, seconds)
     return {"day": day.number, "path": str(out), "identifier": identifier,

@@ -9,8 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 from nwbinspector import Importance, inspect_all, inspect_nwbfile, load_config
 from pynwb import NWBHDF5IO
 
+import closedloop.data.nwb as nwb_module
 from closedloop.cli import main
 from closedloop.core.files import compute_folder_digest, read_json
 from closedloop.data.nev import read_nev
@@ -287,13 +288,15 @@ def test_a_partial_file_is_no_nwb_and_stale_partials_of_out_are_removed(experime
     for path in (*stale, other):
         path.write_bytes(b"half an HDF5 file")
     written = []
-    write = NWBHDF5IO.write
+    atomic = nwb_module.atomic_path
 
-    def record(self, *args, **kwargs):
-        written.append(Path(self.source))
-        write(self, *args, **kwargs)
+    @contextmanager
+    def record(*args, **kwargs):
+        with atomic(*args, **kwargs) as temporary:
+            written.append(temporary)
+            yield temporary
 
-    monkeypatch.setattr(NWBHDF5IO, "write", record)
+    monkeypatch.setattr(nwb_module, "atomic_path", record)
     write_day_nwb(experiment, 0, out / "d.nwb")
     assert len(written) == 1 and written[0].parent == out and ".nwb" not in written[0].name, written
     assert written[0].name.startswith(".d.") and written[0].name.endswith(".partial")
@@ -378,16 +381,51 @@ def test_a_killed_export_leaves_nothing_an_nwb_tool_reads_and_the_next_export_cl
     root = Path(__file__).resolve().parents[3]
     command = [sys.executable, "-m", "closedloop", "-q", "export-nwb", "--experiment", str(experiment), "--day", "0",
                str(out / "d.nwb")]
-    process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, cwd=root,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not list(out.glob(".d.*.partial")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=60)
-    assert process.returncode == -signal.SIGKILL  # killed while writing, not finished
+    # killed by an audit hook at its first audited step after the partial file was opened (the file is built in
+    # memory and written in one go: a timer would rarely catch it)
+    hook = ("import os, signal, sys\narmed, killing = [], []\ndef hook(event, args):\n"
+            "    if armed and not killing:\n        killing.append(1)  # os.kill is audited too\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    if event == 'open' and str(args[0]).endswith('.partial') and args[1] not in (None, 'r', 'rb'): armed.append(1)\n"
+            "sys.addaudithook(hook)\nfrom closedloop.cli import main\nmain(sys.argv[1:])")
+    process = subprocess.run([sys.executable, "-c", hook, *command[3:]], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert process.returncode == -signal.SIGKILL, process.stderr[-3000:]  # killed while writing, not finished
     left = sorted(p.name for p in out.iterdir())
     assert len(left) == 2 and ".d.lock" in left and all(name.endswith((".lock", ".partial")) for name in left), left
     assert not list(inspect_all(path=out, progress_bar=False))
     summary = write_day_nwb(experiment, 0, out / "d.nwb")
     assert _no_files(out) == ["d.nwb"] and summary["n_presentations"] == 65
+
+
+def test_a_full_disk_is_one_error_line_leaves_no_partial_and_the_export_goes_through_with_room(experiment, tmp_path):
+    """`closedloop export-nwb` into a real small file system, filled up: exit 1 with one line naming OUT
+    (no crash: HDF5 never writes to that disk), nothing but the filler left; with room, the export is whole."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(out)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
+    root = Path(__file__).resolve().parents[3]
+    command = [sys.executable, "-m", "closedloop", "-q", "export-nwb", "--experiment", str(experiment), "--day", "0",
+               str(out / "d.nwb")]
+    filler = out / "filler"
+    try:
+        with filler.open("wb", buffering=0) as stream, pytest.raises(OSError, match="No space left"):
+            while True:
+                stream.write(b"x" * 4096)
+        filler.unlink()
+        with filler.open("wb") as stream:  # leave 64 kB: the lock fits, the file (3 MB) does not
+            stream.write(b"x" * (8192 - 64) * 1024)
+        failed = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, cwd=root,
+                                capture_output=True, text=True, timeout=300)
+        assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+        assert failed.stderr.strip().splitlines()[-1].startswith(f"error: no space left on the device holding {out}/")
+        assert sorted(p.name for p in out.iterdir()) == ["filler"]
+        filler.unlink()
+        summary = write_day_nwb(experiment, 0, out / "d.nwb")
+        assert sorted(p.name for p in out.iterdir()) == ["d.nwb"] and summary["n_presentations"] == 65
+        with NWBHDF5IO(str(out / "d.nwb"), mode="r") as reader:
+            assert reader.read().identifier == summary["identifier"]
+    finally:
+        subprocess.run(["umount", "-l", str(out)])
