@@ -22,9 +22,9 @@ One file per day holds what the day folder holds, in NWB's places (see ``docs/nw
 
 Large datasets are gzip-compressed (``H5DataIO``). The file is built in memory (HDF5 never writes
 to a disk that may fill up: on a full disk its failed close crashed the process at exit), then
-written in one go under a temporary name without ``.nwb`` in it (``.<OUT's stem>.<random>.partial``) and renamed when complete, with the
-mode the umask gives; one export at a time writes an OUT (the lock ``.<stem>.lock``), which first
-removes the partial files that killed exports of that OUT left.
+written in one go under a temporary name without ``.nwb`` in it (``.<OUT's stem>.<random>.partial``)
+and renamed when complete, with the mode the umask gives; one export at a time writes an OUT (the
+lock ``.<stem>.lock``), which first removes the partial files that killed exports of that OUT left.
 """
 
 from __future__ import annotations

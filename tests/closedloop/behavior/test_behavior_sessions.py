@@ -1,7 +1,6 @@
 """closedloop behavior build / serve: session composition, balance, the results server over real HTTP."""
 
 import json
-import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -16,6 +15,7 @@ from hypothesis import strategies as st
 from closedloop.behavior.server import make_behavior_server, read_behavior_results, write_behavior_result
 from closedloop.behavior.sessions import _assign, read_behavior_build, write_behavior_sessions
 from closedloop.core.files import read_json
+from tests.small_disk import fill_disk, mount_small_disk
 
 SMALL = dict(n_warmup=3, n_test=10, n_reference=4, n_catch=5, detection_budgets=[30.0], n_detection_items=5)
 
@@ -150,30 +150,23 @@ def test_a_full_disk_refuses_a_result_with_507_and_keeps_no_part_of_it(built, tm
     page gets 507 (and offers the download), nothing is left half-written; with room, the same result is saved."""
     out, _ = built
     results = out / "results"
-    results.mkdir(exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(results)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
-    server = make_behavior_server(out, port=0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    post = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/results", headers={"Content-Type": "application/json"},
-                                  data=json.dumps(_answers(_sessions(out, "categorization")[0])).encode())
-    filler = results / ".filler"
-    try:
-        with filler.open("wb", buffering=0) as stream, pytest.raises(OSError, match="No space left"):
-            while True:
-                stream.write(b"x" * 1024)
-                stream.flush()
-        with pytest.raises(urllib.error.HTTPError, match="507"):
-            urllib.request.urlopen(post)
-        assert [path.name for path in results.iterdir()] == [".filler"]
-        filler.unlink()
-        saved = json.loads(urllib.request.urlopen(post).read())["saved"]
-        assert [r["anonymous_id"] for r in read_behavior_results(out)] == [saved]
-    finally:
-        server.shutdown()
-        server.server_close()
-        subprocess.run(["umount", "-l", str(results)])
+    with mount_small_disk(results, 64 << 10):
+        server = make_behavior_server(out, port=0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        post = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}/results",
+                                      data=json.dumps(_answers(_sessions(out, "categorization")[0])).encode(),
+                                      headers={"Content-Type": "application/json"})
+        filler = fill_disk(results)
+        try:
+            with pytest.raises(urllib.error.HTTPError, match="507"):
+                urllib.request.urlopen(post)
+            assert [path.name for path in results.iterdir()] == [".filler"]
+            filler.unlink()
+            saved = json.loads(urllib.request.urlopen(post).read())["saved"]
+            assert [r["anonymous_id"] for r in read_behavior_results(out)] == [saved]
+        finally:
+            server.shutdown()
+            server.server_close()
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -29,6 +29,7 @@ from closedloop.data.nwb import write_day_nwb, write_experiment_nwb
 from closedloop.data.store import open_store
 from closedloop.day.runner import run_day
 from rigs.launch import RigLauncher
+from tests.small_disk import fill_disk, mount_small_disk
 from tests.tiny_experiment import TINY
 
 NWB = """
@@ -402,30 +403,18 @@ def test_a_full_disk_is_one_error_line_leaves_no_partial_and_the_export_goes_thr
     """`closedloop export-nwb` into a real small file system, filled up: exit 1 with one line naming OUT
     (no crash: HDF5 never writes to that disk), nothing but the filler left; with room, the export is whole."""
     out = tmp_path / "out"
-    out.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(out)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
     root = Path(__file__).resolve().parents[3]
     command = [sys.executable, "-m", "closedloop", "-q", "export-nwb", "--experiment", str(experiment), "--day", "0",
                str(out / "d.nwb")]
-    filler = out / "filler"
-    try:
-        with filler.open("wb", buffering=0) as stream, pytest.raises(OSError, match="No space left"):
-            while True:
-                stream.write(b"x" * 4096)
-        filler.unlink()
-        with filler.open("wb") as stream:  # leave 64 kB: the lock fits, the file (3 MB) does not
-            stream.write(b"x" * (8192 - 64) * 1024)
+    with mount_small_disk(out, 8 << 20):
+        filler = fill_disk(out, leave_bytes=64 << 10)  # the lock fits, the file (3 MB) does not
         failed = subprocess.run(command, env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}, cwd=root,
                                 capture_output=True, text=True, timeout=300)
         assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
         assert failed.stderr.strip().splitlines()[-1].startswith(f"error: no space left on the device holding {out}/")
-        assert sorted(p.name for p in out.iterdir()) == ["filler"]
+        assert sorted(p.name for p in out.iterdir()) == [".filler"]
         filler.unlink()
         summary = write_day_nwb(experiment, 0, out / "d.nwb")
         assert sorted(p.name for p in out.iterdir()) == ["d.nwb"] and summary["n_presentations"] == 65
         with NWBHDF5IO(str(out / "d.nwb"), mode="r") as reader:
             assert reader.read().identifier == summary["identifier"]
-    finally:
-        subprocess.run(["umount", "-l", str(out)])

@@ -23,6 +23,7 @@ import pytest
 import zarr
 
 from closedloop.core.files import read_json
+from tests.small_disk import mount_small_disk, resize_small_disk
 from tests.tiny_experiment import TINY
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -180,11 +181,7 @@ def test_a_full_disk_stops_the_day_in_one_line_and_it_resumes_to_the_same_day(tm
     the file system has grown the day finishes as the uninterrupted one did."""
     step = _disk_bytes(reference_day) // 6
     disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={step}", "tmpfs", str(disk)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
-    try:
+    with mount_small_disk(disk, step):
         experiment = _experiment(disk / "full")
         stopped_at = []
         for size in range(2 * step, 40 * step, step):
@@ -201,13 +198,11 @@ def test_a_full_disk_stops_the_day_in_one_line_and_it_resumes_to_the_same_day(tm
                 assert "MB free" in last and "run the same command again" in last
             assert not list(experiment.rglob(".*.tmp")), "a temporary was left behind"
             stopped_at.append(last.split(" holding ")[1].split(" ")[0])
-            subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+            resize_small_disk(disk, size)
         assert code == 0, printed[-3000:]
         assert len(stopped_at) >= 3, stopped_at
         print(f"the day stopped {len(stopped_at)} times for want of space, at: {stopped_at}")
         _check_same_day(reference_day, experiment / "day_000")
-    finally:
-        subprocess.run(["umount", "-l", str(disk)])
 
 
 def _closedloop(*arguments: str) -> subprocess.Popen:
