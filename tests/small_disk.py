@@ -15,10 +15,12 @@ import pytest
 
 
 @contextmanager
-def mount_small_disk(folder: Path, size_bytes: int) -> Iterator[Path]:
-    """Mount a tmpfs of ``size_bytes`` (whole 4 kB pages) on ``folder`` (made if missing) for the block."""
+def mount_small_disk(folder: Path, size_bytes: int, *, n_files: int | None = None) -> Iterator[Path]:
+    """Mount a tmpfs of ``size_bytes`` (whole 4 kB pages; ``n_files``: at most so many files and folders)
+    on ``folder`` (made if missing) for the block."""
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(folder)], capture_output=True)
+    options = f"size={size_bytes}" + (f",nr_inodes={n_files}" if n_files else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
     if mounted.returncode != 0:
         pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
     try:

@@ -41,20 +41,18 @@ def _is_disk_full(error: BaseException) -> bool:
 
 
 @contextmanager
-def reporting_full_disk(path: str | Path) -> Iterator[None]:
+def reporting_full_disk(path: str | Path, *, name_path: bool = False) -> Iterator[None]:
     """Turn a write in the block that runs out of disk space into :class:`DiskFullError` naming where.
 
-    The name is the failing call's own file when it gives one, else ``path`` (the file or folder
-    the block writes to). Every other error passes unchanged.
+    The name is the failing call's own file when it gives one (unless ``name_path``), else ``path``
+    (the file or folder the block writes to). Every other error passes unchanged.
     """
     try:
         yield
-    except DiskFullError:
-        raise
     except Exception as error:
         if not _is_disk_full(error):
             raise
-        where = getattr(error, "filename", None) or str(path)
+        where = (not name_path and getattr(error, "filename", None)) or str(path)
         raise DiskFullError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where)) from error
 
 
@@ -82,7 +80,7 @@ def atomic_path(path: str | Path, *, suffix: str = ".tmp", extension: bool = Tru
     for files that tools find by a pattern such as ``*.nwb*``.
     """
     path = Path(path).expanduser()
-    with reporting_full_disk(path):
+    with reporting_full_disk(path, name_path=True):  # the file the user knows, not its temporary
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = _create_temporary(path, suffix, extension)
         try:

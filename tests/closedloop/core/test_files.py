@@ -55,3 +55,19 @@ def test_temporaries_of_one_file_are_removed_and_no_other_file_s(tmp_path):
     assert remove_temporaries_of(out, suffix=".partial", extension=False) == left
     assert all(path.exists() for path in kept) and not any(path.exists() for path in left)
     assert remove_temporaries_of(out, suffix=".partial") == [tmp_path / ".d.nwb.k1ll3d00.partial"]
+
+
+def test_a_write_on_a_full_disk_names_the_file_not_its_temporary_and_leaves_nothing(tmp_path):
+    from closedloop.core.files import DiskFullError, write_text
+    from tests.small_disk import fill_disk, mount_small_disk
+
+    with mount_small_disk(tmp_path / "disk", 64 << 10, n_files=2) as disk:  # the root and the filler
+        fill_disk(disk)
+        for text in ("x" * 100_000, "x"):  # no room for its bytes; no room even for its (empty) temporary
+            if text == "x":
+                (disk / ".filler").unlink()
+                (disk / ".filler").mkdir()  # the last file slot taken, the space free
+            with pytest.raises(DiskFullError) as raised:
+                write_text(disk / "report.html", text)
+            assert raised.value.filename == str(disk / "report.html")
+            assert [path.name for path in disk.iterdir()] == [".filler"]
