@@ -285,10 +285,15 @@ def test_a_day_streamed_from_fit_day_to_rig_serve_with_the_psychopy_presenter(tm
     assert clock["n_pairs"] == len(journal)
     onsets = np.array([t - nsp_zero for t, c in nsp.words if is_stimulus_code(c)])
     assert np.abs(ingest["onset"] - onsets).max() < 1e-4  # the .nev's onset times, in log order
+    tick_s = 1 / 30_000  # the .nev's clock: spike and onset times are written rounded to its ticks
     for row, onset in enumerate(onsets):  # recount independently from the simulated spikes
         inside = (spikes["times_s"] >= onset + 0.07) & (spikes["times_s"] < onset + 0.17)
         expected_counts = np.bincount(spikes["electrodes"][inside] - 1, minlength=2)
-        assert np.abs(ingest["counts"][row].astype(int) - expected_counts).max() <= 1  # tick rounding at the edges
+        # a spike within two ticks of a window edge may cross it by rounding: at most those may differ (with the
+        # fast flips of a virtual display the windows of several presentations overlap, and such spikes are many)
+        at_edge = np.minimum(np.abs(spikes["times_s"] - onset - 0.07), np.abs(spikes["times_s"] - onset - 0.17)) <= 2 * tick_s
+        allowed = np.bincount(spikes["electrodes"][at_edge] - 1, minlength=2)
+        assert (np.abs(ingest["counts"][row].astype(int) - expected_counts) <= allowed).all(), (row, allowed)
     assert read_json(folder / "stages/estimate.json")["summary"]["source"] == "nev"
     assert (folder / "model.safetensors").exists() and (folder / "report.html").exists()
     print(f"clock fit over {clock['n_pairs']} pairs: at the first onset the NSP is {mapped[0] - display_onsets[0]:.4f} s "
