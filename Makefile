@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 
 WEB_BUNDLE := closedloop/behavior/_web/task.js
 
-.PHONY: setup web browser xvfb demo test bench clean
+.PHONY: setup web browser xvfb demo validate test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,8 +38,15 @@ xvfb:
 
 setup: $(STAMP) web browser xvfb
 
+# The demo and the campaign with torch's CPU kernels pinned to AVX2, as the suite runs
+# (tests/conftest.py): their printed numbers are then the same on AVX2 and AVX-512 machines.
+PORTABLE_KERNELS = ATEN_CPU_CAPABILITY=avx2 DNNL_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2
+
 demo: setup
-	$(BIN)/closedloop demo
+	$(PORTABLE_KERNELS) $(BIN)/closedloop demo
+
+validate: setup
+	$(PORTABLE_KERNELS) $(BIN)/closedloop validate
 
 test: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist loadfile --durations=15

@@ -58,6 +58,7 @@ _BATCH = 32
 _GAIN_STREAM = 0x5E1EC7  # the random stream of compute_site_gains, apart from every other draw
 _CALIBRATION_PER_PHOTO = 4  # crops per embedded photograph that standardise the drive and set the gains
 _NONROBUST_SEED_OFFSET = 1_000_003  # the non-robust network's weights: a stream apart from the base model's
+_MIN_CEILING_HZ = 450.0  # above the highest preferred rate (400 Hz) plus the highest baseline (30 Hz)
 
 
 class HiddenSites(nn.Module):
@@ -93,12 +94,14 @@ class HiddenSites(nn.Module):
 
     def __init__(self, n_sites: int, seed: int, *, backbone: str = "resnet_tiny", layer: str = "layer4.0",
                  base_seed: int = 0, weight_noise: float = 0.0, nonrobust_backbone: str = "resnet_tiny",
-                 nonrobust_fraction: float = 0.07, nonrobust_input_size: int = 56, threshold: float = 1.0,
-                 trust: bool = False, driven_fraction: float = 1.0, undriven_gain: float = 0.03) -> None:
+                 nonrobust_fraction: float = 0.02, nonrobust_input_size: int = 56, threshold: float = 1.0,
+                 max_rate_hz: float = 500.0, trust: bool = False, driven_fraction: float = 1.0,
+                 undriven_gain: float = 0.03) -> None:
 
         super().__init__()
         self.nonrobust_fraction = check_number("nonrobust_fraction", nonrobust_fraction, minimum=0.0, maximum=1.0)
         self.threshold = check_number("threshold", threshold, minimum=-10.0, maximum=10.0)
+        self.max_rate_hz = check_number("max_rate_hz", max_rate_hz, minimum=_MIN_CEILING_HZ)
         if self.nonrobust_fraction > 0 and not nonrobust_backbone:
             raise ValueError(f"'nonrobust_fraction' = {nonrobust_fraction} needs a 'nonrobust_backbone' (a backbone name or "
                              "checkpoint path); give one, or set nonrobust_fraction = 0.")
@@ -121,6 +124,7 @@ class HiddenSites(nn.Module):
         preferred = 216.0 + 60.0 * torch.randn(n_sites, generator=generator)
         self.register_buffer("preferred_hz", preferred.clamp(100.0, 400.0))
         self.register_buffer("gain_hz", torch.ones(n_sites))
+        self.register_buffer("ceiling_hz", self.max_rate_hz - self.baseline_hz)
         self.register_buffer("mean", torch.zeros(n_sites))
         self.register_buffer("std", torch.ones(n_sites))
         self.register_buffer("gain", torch.from_numpy(compute_site_gains(n_sites, seed, driven_fraction, undriven_gain)))
@@ -135,9 +139,10 @@ class HiddenSites(nn.Module):
             self.std.copy_(z.std(0).clamp_min(1e-6))
             rectified = F.softplus(self._standardised(images) - self.threshold)
             categories = torch.as_tensor(calibration.categories)
-            by_category = torch.stack([rectified[categories == c].mean(0) for c in categories.unique()])
-            preferred_rectified = by_category.max(dim=0).values.clamp_min(1e-6)
-            self.gain_hz.copy_((self.preferred_hz - self.baseline_hz) / preferred_rectified)
+            names = categories.unique()
+            preferred = names[torch.stack([rectified[categories == c].mean(0) for c in names]).argmax(dim=0)]
+            of_preferred = (categories[:, None] == preferred[None]).to(rectified.dtype)  # (n_images, n_sites)
+            self.gain_hz.copy_(_solve_gain(rectified, of_preferred, self.preferred_hz - self.baseline_hz, self.ceiling_hz))
 
     def _mixed(self, images: torch.Tensor, base_share_only: bool = False) -> torch.Tensor:
         z = self.readouts[0](images)
@@ -156,7 +161,30 @@ class HiddenSites(nn.Module):
         its mean over natural images (0), leaving what the loop's model class can represent exactly
         (validation only: :func:`rigs.truth.compute_class_ceiling`)."""
         drive = self._standardised(images, base_share_only)
-        return self.baseline_hz + self.gain * self.gain_hz * F.softplus(drive - self.threshold)
+        return self.baseline_hz + self.gain * _saturate(self.gain_hz * F.softplus(drive - self.threshold), self.ceiling_hz)
+
+
+def _saturate(rate: torch.Tensor, ceiling: torch.Tensor) -> torch.Tensor:
+    """The stimulus-driven rate with its ceiling, Hz: the hyperbolic ratio (Naka–Rushton, exponent 1)
+    ceiling · rate / (rate + ceiling) of cortical response functions; ≈ rate well below the ceiling."""
+    return ceiling * rate / (rate + ceiling)
+
+
+def _solve_gain(rectified: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, ceiling: torch.Tensor) -> torch.Tensor:
+    """Per site the gain g, Hz, whose saturated rate _saturate(g · rectified) has the weighted mean ``target``.
+
+    ``rectified``, ``weights``: (n_images, n_sites), ≥ 0 (the weights: 1 for the images of the site's
+    preferred category, else 0); ``target``, ``ceiling``: (n_sites,) with target < ceiling.
+    Bisection on log g (the mean rises with g), 60 halvings of [e⁻¹⁰, e²⁰].
+    """
+    low = torch.full_like(target, -10.0)
+    high = torch.full_like(target, 20.0)
+    weights = weights / weights.sum(0)
+    for _ in range(60):
+        middle = (low + high) / 2
+        below = (weights * _saturate(middle.exp() * rectified, ceiling)).sum(0) < target
+        low, high = torch.where(below, middle, low), torch.where(below, high, middle)
+    return ((low + high) / 2).exp()
 
 
 def load_nonrobust_backbone(source: str, layer: str, *, input_size: int = 0, trust: bool = False,
@@ -266,7 +294,8 @@ def compute_hidden_site_options(config) -> dict:
     return {"backbone": model.backbone, "layer": model.layer, "base_seed": compute_base_seed(config),
             "weight_noise": sim.weight_noise, "nonrobust_backbone": sim.nonrobust_backbone,
             "nonrobust_fraction": sim.nonrobust_fraction, "nonrobust_input_size": sim.nonrobust_input_size,
-            "threshold": sim.threshold, "trust": model.trust_checkpoint, "driven_fraction": sim.driven_fraction,
+            "threshold": sim.threshold, "max_rate_hz": sim.max_rate_hz, "trust": model.trust_checkpoint,
+            "driven_fraction": sim.driven_fraction,
             "undriven_gain": sim.undriven_gain}
 
 

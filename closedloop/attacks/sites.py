@@ -28,6 +28,7 @@ from closedloop.core.validation import (
     check_indices,
     check_integer,
     check_number,
+    check_option,
     check_uint8_images,
 )
 from closedloop.images import to_tensor
@@ -35,6 +36,7 @@ from closedloop.images import to_tensor
 __all__ = ["SITE_TARGET", "SiteAttacks", "make_site_attacks"]
 
 SITE_TARGET = 1000.0  # Guo et al.: minimise MSE(f_i(x + δ), ±1000)
+_DIRECTIONS = ["both", "increase", "decrease"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ def make_site_attacks(
     precision: str = "auto",
     channels_last: bool = True,
     compile_model: bool = False,
+    directions: str = "both",
 ) -> SiteAttacks:
     """Increase/decrease attacks on single sites of an IT model, all jobs packed into large batches.
 
@@ -96,6 +99,8 @@ def make_site_attacks(
     natively, else float32), ``"fp32"`` or ``"bf16"``; the steps run a BatchNorm-folded copy of
     ``model``, in channels-last memory format unless ``channels_last`` is False
     (:func:`~closedloop.attacks.engine.make_run_settings`); ``compile_model``: torch.compile it.
+    ``directions``: ``"both"`` (the loop's attacks, as above), or only ``"increase"`` or
+    ``"decrease"`` (half the work; e.g. the calibration's class reference pushes sites up).
     Rounding, budgets and every reported prediction are float32 on ``model`` itself.
     Random starts come from ``seed`` (results also depend on ``batch_size`` and the precision).
     """
@@ -104,6 +109,7 @@ def make_site_attacks(
     step_ratio = check_number("step_ratio", step_ratio, minimum=0.0, inclusive=False)
     batch_size = check_integer("batch_size", batch_size, minimum=0)
     seed = check_integer("seed", seed, minimum=0)
+    signs = {"both": [1, -1], "increase": [1], "decrease": [-1]}[check_option("directions", directions, _DIRECTIONS)]
     image_index, site, eps = np.broadcast_arrays(np.asarray(image_index), np.asarray(site), np.asarray(eps))
     if image_index.ndim != 1:
         raise ValueError(
@@ -131,22 +137,25 @@ def make_site_attacks(
     direction = np.empty(n_jobs, np.int8)
     predicted = np.empty((n_jobs, clean_predicted.shape[1]), np.float32)
     generator = torch.Generator().manual_seed(seed)
-    jobs_per_batch = max(1, batch_size // 2)
+    jobs_per_batch = max(1, batch_size // len(signs))
     batches = [np.arange(b, min(b + jobs_per_batch, n_jobs)) for b in range(0, n_jobs, jobs_per_batch)]
     for jobs in progress(batches, description="site attacks"):
-        pairs = np.repeat(jobs, 2)  # (job, +1), (job, −1), ...
-        signs = np.tile(np.array([1, -1], np.int8), len(jobs))
+        pairs = np.repeat(jobs, len(signs))  # (job, +1), (job, −1), ... or one row per job
+        sign = np.tile(np.array(signs, np.int8), len(jobs))
         site_tensor = torch.as_tensor(site[pairs], device=device)
-        target = torch.as_tensor(signs * SITE_TARGET, dtype=torch.float32, device=device)
+        target = torch.as_tensor(sign * SITE_TARGET, dtype=torch.float32, device=device)
         attacked = make_attack_pixels(
             runner, clean_uint8[image_index[pairs]], eps=eps[pairs], step_size=eps[pairs] * step_ratio, n_steps=n_steps,
             objective=_site_objective(site_tensor, target), device=device, settings=settings,
             random_start=random_start, n_restarts=n_restarts, generator=generator,
         )
         outputs = compute_predictions(model, attacked, batch_size=len(attacked), device=device)
-        change = np.abs(outputs[np.arange(len(pairs)), site[pairs]] - clean_predicted[image_index[pairs], site[pairs]])
-        keep = 2 * np.arange(len(jobs)) + (change[1::2] > change[0::2])
-        pixels[jobs], direction[jobs], predicted[jobs] = attacked[keep], signs[keep], outputs[keep]
+        if len(signs) == 2:
+            change = np.abs(outputs[np.arange(len(pairs)), site[pairs]] - clean_predicted[image_index[pairs], site[pairs]])
+            keep = 2 * np.arange(len(jobs)) + (change[1::2] > change[0::2])
+        else:
+            keep = np.arange(len(jobs))
+        pixels[jobs], direction[jobs], predicted[jobs] = attacked[keep], sign[keep], outputs[keep]
     return SiteAttacks(
         pixels=pixels,
         direction=direction,

@@ -68,6 +68,7 @@ _GZIP = {"compression": "gzip", "compression_opts": 4}
 SENSITIVITY_COLUMNS = {  # sensitivity.json key -> (dtype, description)
     "site": (np.int64, "site index (electrodes table row)"),
     "eps": (np.float64, "L2 budget of the perturbations, [0, 1] pixel units over 3 x 224 x 224 values"),
+    "eps_paper": (np.float64, "the budget in paper-equivalent units: eps / [attack] paper_scale (NaN: days before it)"),
     "kind": (str, "attack (model-guided), gaussian or interpolation (model-free baselines)"),
     "n_images": (np.int64, "perturbed images averaged over"),
     "estimate": (np.float64, "biased-down lower bound on the site's sensitivity, spikes per response window"),

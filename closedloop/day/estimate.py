@@ -16,7 +16,8 @@ __all__ = ["run_stage"]
 
 
 def run_stage(day) -> dict:
-    """Write ``sensitivity.json`` (one record per site, budget and kind)."""
+    """Write ``sensitivity.json`` (one record per site, budget and kind; ``eps`` in pixel units and
+    ``eps_paper`` = ``eps`` ÷ ``[attack] paper_scale``, the paper-equivalent budget)."""
     store = day.path(layout.STORE)
     responses = read_day_responses(store)
     stimuli = responses.stimuli
@@ -26,5 +27,7 @@ def run_stage(day) -> dict:
         stimuli["parent"], stimuli["site"], stimuli["eps"], stimuli["kind"], stimuli["predicted"], responses.means,
         truth=sensitivity, expected=expected,
     )
+    scale = day.config.attack.paper_scale
+    records = [record | {"eps_paper": round(record["eps"] / scale, 9)} for record in records]  # 9 digits: 3k/k is 3
     write_json(day.path(layout.SENSITIVITY), records)
     return {"n_records": len(records), "source": responses.source}

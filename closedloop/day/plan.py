@@ -20,7 +20,8 @@ class Plan:
 
     ``clean``: indices into the image pool of the day's clean images (n_clean,);
     ``clean_ids``: their ids; ``attack_parents``: the subset of ``clean`` that is attacked
-    (every site in ``sites`` at every budget in ``budgets``, ε in [0,1] pixel units);
+    (every site in ``sites`` at every budget in ``budgets``: ε in [0,1] pixel units, ``[attack] budgets`` ×
+    ``paper_scale``);
     ``repetitions``: valid presentations required per stimulus; ``seed``: the stage seed.
     """
 
@@ -85,7 +86,7 @@ def make_plan(config: ExperimentConfig, images: ImageSet, day: int, *, used_ids:
         clean_ids=tuple(images.ids[i] for i in clean),
         attack_parents=tuple(int(i) for i in attacked),
         sites=sites,
-        budgets=tuple(config.attack.budgets),
+        budgets=tuple(b * config.attack.paper_scale for b in config.attack.budgets),
         repetitions=config.rsvp.repetitions,
         seed=seed,
         image_pool=images.digest(),

@@ -47,6 +47,14 @@ from rigs.truth import compute_day_class_ceiling
 
 __all__ = ["run_demo", "compute_demo_summary", "compute_ceiling_summary", "format_ceiling"]
 
+_MOST_ABOVE_TRUTH = 0.05  # at most this fraction of the estimates may lie above truth + 2 s.e.
+_CLAIMS = {
+    "attacks_beat_baselines": "attacks beyond 2 s.e. above both baselines at every budget (days 1.. pooled)",
+    "smallest_budget_above_zero": "the smallest budget's bound on the last day more than 2 s.e. above zero",
+    "noise_free_bound_grows": "the noise-free bound growing from the first refitted day to the last at every budget",
+    "valid_bound": "no more than 5% of the estimates above truth + 2 s.e.",
+}
+
 
 def _prepare(out: Path, cache: Path) -> None:
 
@@ -93,7 +101,12 @@ def compute_demo_summary(experiment: str | Path, n_days: int) -> dict:
       baseline's (``attack_beats_all``) and by more than 2 s.e. (``significant``);
     - ``smallest_last_day``: the attack bound at the smallest ε on the last day, its s.e., how
       many s.e. above zero and whether more than 2;
-    - ``lower_bound``: site × ε × day attack records: total, ≤ truth, > truth + 2 s.e.
+    - ``lower_bound``: site × ε × day attack records: total, ≤ truth, > truth + 2 s.e.;
+    - ``claims``: the issue's four, each True or False: ``attacks_beat_baselines`` (beyond 2 s.e.
+      at every ε), ``smallest_budget_above_zero``, ``noise_free_bound_grows`` (first to last day at
+      every ε) and ``valid_bound`` (at most 5% of the records above truth + 2 s.e.);
+    - ``eps_paper``: per ε key (pixel units) the paper-equivalent budget of its records
+      (ε ÷ ``[attack] paper_scale``; ε itself for records written before that key existed).
     """
     by_day, records_all = {}, []
     for day in range(n_days):
@@ -130,14 +143,25 @@ def compute_demo_summary(experiment: str | Path, n_days: int) -> dict:
     above_zero = cell["estimate"] / cell["sem"] if cell["sem"] else None
     attacks = [r for r in records_all if r["kind"] == "attack" and r["truth"] is not None]
     over = [r for r in attacks if r["estimate"] > r["truth"] + 2 * (r["sem"] or 0.0)]
+    for g in growth.values():
+        g["noise_free_grows"] = None if g["first"]["expected"] is None else g["last"]["expected"] > g["first"]["expected"]
+    lower_bound = {"n_records": len(attacks), "n_at_or_below_truth": sum(r["estimate"] <= r["truth"] for r in attacks),
+                   "n_above_truth_beyond_2_se": len(over)}
+    smallest_last = {"eps": float(smallest), "day": n_days - 1, "estimate": cell["estimate"], "sem": cell["sem"],
+                     "above_zero_in_se": above_zero, "significant": above_zero is not None and above_zero > 2}
     return {
+        "eps_paper": {str(r["eps"]): r.get("eps_paper", r["eps"]) for r in records_all},
         "by_day": by_day,
         "growth": growth,
         "attack_beats_baselines": beats,
-        "smallest_last_day": {"eps": float(smallest), "day": n_days - 1, "estimate": cell["estimate"], "sem": cell["sem"],
-                              "above_zero_in_se": above_zero, "significant": above_zero is not None and above_zero > 2},
-        "lower_bound": {"n_records": len(attacks), "n_at_or_below_truth": sum(r["estimate"] <= r["truth"] for r in attacks),
-                        "n_above_truth_beyond_2_se": len(over)},
+        "smallest_last_day": smallest_last,
+        "lower_bound": lower_bound,
+        "claims": {
+            "attacks_beat_baselines": all(b["significant"] for b in beats.values()),
+            "smallest_budget_above_zero": smallest_last["significant"],
+            "noise_free_bound_grows": all(g["noise_free_grows"] for g in growth.values()),
+            "valid_bound": bool(attacks) and len(over) <= _MOST_ABOVE_TRUTH * len(attacks),
+        },
     }
 
 
@@ -193,7 +217,8 @@ def _render(summary: dict, seconds: float, out: Path) -> str:
     budgets = list(summary["by_day"][0]["attack"])
     lines = [f"closedloop demo: {out} ({seconds:.0f} s, torch threads: {summary['threads']})", "",
              "Lower bound on the sites' sensitivity, mean over sites (± s.e.), spikes per response window",
-             f"{'day':>4}  {'':<16}" + "".join(f"{'eps=' + b:>15}" for b in budgets)]
+             f"{'day':>4}  {'':<16}" + "".join(f"{'eps=' + format(float(b), 'g'):>15}" for b in budgets),
+             f"{'':>4}  {'':<16}" + "".join(f"{'eps_paper=' + format(summary['eps_paper'][b], 'g'):>15}" for b in budgets)]
     for day, table in summary["by_day"].items():
         rows = [(kind, {b: _cell(c["estimate"], c["sem"]) for b, c in table[kind].items()})
                 for kind in ("attack", "gaussian", "interpolation")]
@@ -205,7 +230,8 @@ def _render(summary: dict, seconds: float, out: Path) -> str:
         for i, (label, cells) in enumerate(rows):
             lines.append(f"{day if i == 0 else '':>4}  {label:<16}" + "".join(cells.get(b, _cell(None)) for b in budgets))
     lines += ["", "attack: model-guided attacks; noise-free: the same estimator on the simulated sites' expected counts;",
-              "right direction: attacks whose predicted direction was the true one; truth: white-box sensitivity.", ""]
+              "right direction: attacks whose predicted direction was the true one; truth: white-box sensitivity;",
+              "eps: L2 budget in [0, 1] pixel units; eps_paper = eps / [attack] paper_scale, the paper's equivalent.", ""]
     right = {day: [c["direction_right"] for c in table["attack"].values() if c.get("direction_right") is not None]
              for day, table in summary["by_day"].items()}
     if all(right.values()):
@@ -232,6 +258,8 @@ def _render(summary: dict, seconds: float, out: Path) -> str:
     b = summary["lower_bound"]
     lines.append(f"lower bound: {b['n_at_or_below_truth']}/{b['n_records']} site x eps x day estimates <= truth; "
                  f"{b['n_above_truth_beyond_2_se']} above truth by more than 2 s.e.")
+    claims = summary["claims"]
+    lines += ["claims:"] + [f"  {_CLAIMS[name]}: {'met' if met else 'NOT MET'}" for name, met in claims.items()]
     if summary["probe_seconds"]:
         lines.append("probes for the report: " + ", ".join(f"{k} {v:.0f} s" for k, v in summary["probe_seconds"].items()))
     lines.append(f"report: {summary['report']} (and {out}/day_NNN/report.html per day)")

@@ -101,7 +101,7 @@ def test_missing_keys_take_defaults(tmp_path):
     [
         ("[attack]\nsteps = 0\n", r"'attack.steps' = 0: Input should be greater than or equal to 1"),
         ("[attack]\nbudgets = [1.0, -2.0]\n", r"'attack.budgets' = \[1.0, -2.0\]: every budget must be a finite number > 0"),
-        ("[attack]\nstep = 3\n", r"unknown key 'attack.step'; allowed keys here are: budgets, steps, step_ratio"),
+        ("[attack]\nstep = 3\n", r"unknown key 'attack.step'; allowed keys here are: budgets, paper_scale, steps, step_ratio"),
         ("[atack]\nsteps = 3\n", r"unknown key 'atack'; allowed keys here are: experiment, images, model"),
         ("[fit]\nloss = 'l2'\n", r"'fit.loss' = 'l2': Input should be 'poisson' or 'mse'"),
         ("[attack]\nprecision = 'fp16'\n", r"'attack.precision' = 'fp16': Input should be 'auto', 'fp32' or 'bf16'"),

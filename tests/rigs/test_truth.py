@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from closedloop.attacks.sites import make_site_attacks
 from closedloop.attacks.whitebox import compute_unit_sensitivity
 from closedloop.config import build_config
+from closedloop.data.bundle import make_event_codes
+from closedloop.data.store import create_store
 from closedloop.images import make_embedded_image_set
 from rigs.sim import ExpectedCounts, compute_hidden_site_options, make_hidden_sites
-from rigs.truth import compute_class_ceiling
+from rigs.truth import compute_class_ceiling, compute_sim_truth
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,3 +71,26 @@ def test_a_nonrobust_share_puts_the_truth_beyond_the_ceiling():
     sites = make_hidden_sites(2, config.sim.seed, **compute_hidden_site_options(config))
     truth = compute_unit_sensitivity(ExpectedCounts(sites, **_WINDOW), clean, 2.0, n_starts=1, n_steps=12).sensitivity
     assert ceiling.mean() < 0.5 * truth.mean(), (ceiling.mean(), truth.mean())
+
+
+def test_the_truth_is_never_below_the_attack_shown(tmp_path):
+    """A weak white-box solver (1 start, 2 steps) must not put the truth under the change that the
+    shown attack image (a point of the same ε-ball, here a 20-step attack) made."""
+    config = _config(nonrobust_fraction=0.0, truth_starts=1, truth_steps=2)
+    clean = _photographs(2)
+    sites = make_hidden_sites(2, config.sim.seed, **compute_hidden_site_options(config))
+    expected = ExpectedCounts(sites, window_s=config.response.window_s, on_s=config.rsvp.on_s)
+    image_index, site = (a.ravel() for a in np.meshgrid(np.arange(2), np.arange(2), indexing="ij"))
+    attacks = make_site_attacks(expected, clean, image_index, site, 2.0, n_steps=20, seed=0, directions="increase")
+    store = create_store(tmp_path / "store.zarr", sites=2)
+    store.append_stimuli(clean, parent=-1, site=-1, eps=0.0, direction=0, kind="clean", predicted=np.zeros((2, 2)),
+                         code=make_event_codes(6)[:2])
+    store.append_stimuli(attacks.pixels, parent=image_index, site=site, eps=2.0, direction=1, kind="attack",
+                         predicted=attacks.predicted, code=make_event_codes(6)[2:])
+    truth = compute_sim_truth(config, tmp_path / "store.zarr", seed=0)
+    shown = np.abs(truth.expected_counts[2:][np.arange(4), site] - truth.expected_counts[image_index, site])
+    solver = compute_unit_sensitivity(expected, clean, 2.0, n_starts=1, n_steps=2, seed=0).sensitivity
+    for s in range(2):
+        mine = site == s
+        assert truth.sensitivity(s, 2.0) == pytest.approx(np.fmax(solver[image_index[mine], s], shown[mine]).mean())
+        assert truth.sensitivity(s, 2.0) >= shown[mine].mean() > solver[:, s].mean(), (shown[mine], solver[:, s])

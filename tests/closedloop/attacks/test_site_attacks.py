@@ -51,6 +51,20 @@ def test_site_attacks_both_directions_work():
     assert (np.sign(change) == attacks.direction).all() and (np.abs(change) > 0.05).all()
 
 
+@pytest.mark.parametrize(("directions", "sign"), [("increase", 1), ("decrease", -1)])
+def test_site_attacks_in_one_direction_push_every_site_that_way(directions, sign):
+    """The calibration's class reference attacks upwards only: every job moves its site in the
+    asked direction, even where the other direction would have moved it more."""
+    model = TinyNet(3)
+    clean = make_images(3, seed=7)
+    image_index, site = np.array([0, 1, 2, 0, 1, 2]), np.array([0, 0, 1, 1, 2, 2])
+    attacks = make_site_attacks(model, clean, image_index, site, 1.0, n_steps=10, seed=2, directions=directions)
+    rows = np.arange(len(site))
+    change = attacks.predicted[rows, site] - attacks.predicted_clean[rows, site]
+    assert (attacks.direction == sign).all() and (np.sign(change) == sign).all()
+    check_budget(attacks.pixels, clean[image_index], np.ones(len(site)))
+
+
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
@@ -63,6 +77,7 @@ def test_site_attacks_both_directions_work():
         ({"clean_uint8": np.zeros((2, SIZE, SIZE, 3), np.float32)}, TypeError, "must be a uint8 numpy array"),
         ({"site": [[0, 1], [1, 0]]}, ValueError, r"broadcast to one dimension \(n_jobs,\)"),
         ({"device": "tpu"}, ValueError, "allowed values are 'cpu', 'cuda'"),
+        ({"directions": "up"}, ValueError, "'directions': allowed values are 'both', 'increase', 'decrease', but got 'up'"),
     ],
 )
 def test_site_attacks_bad_input(change, error, message):

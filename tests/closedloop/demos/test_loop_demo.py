@@ -7,7 +7,7 @@ from closedloop.demos.loop import _render, compute_demo_summary
 
 
 def _record(site, eps, kind, estimate, sem, truth=None, expected=None, right=None):
-    return {"site": site, "eps": eps, "kind": kind, "n_images": 4, "estimate": estimate, "sem": sem, "sigma": 3.0,
+    return {"site": site, "eps": eps, "eps_paper": eps / 4, "kind": kind, "n_images": 4, "estimate": estimate, "sem": sem, "sigma": 3.0,
             "normalized": estimate / 3.0, "truth": truth, "expected": expected, "direction_right": right}
 
 
@@ -47,7 +47,14 @@ def test_demo_summary_averages_over_sites_with_their_standard_errors(tmp_path):
                                             "significant": True}
     # site 1 on day 2: 3.5 > 2.5 + 2 × 0.4 → the one estimate above its truth beyond 2 s.e.
     assert summary["lower_bound"] == {"n_records": 6, "n_at_or_below_truth": 5, "n_above_truth_beyond_2_se": 1}
+    # the claims: the interpolation ties the attack; noise-free 0.7 -> 2.2 grows; 1 of 6 records is 17% > 5%
+    assert summary["claims"] == {"attacks_beat_baselines": False, "smallest_budget_above_zero": True,
+                                 "noise_free_bound_grows": True, "valid_bound": False}
+    assert summary["eps_paper"] == {"1.0": 0.25}
     text = _render(summary | {"report": "r.html", "threads": 2, "probe_seconds": {"evolve": 3.0}}, 12.0, tmp_path)
+    assert "eps=1" in text and "eps_paper=0.25" in text
+    assert "  the noise-free bound growing from the first refitted day to the last at every budget: met" in text
+    assert "  no more than 5% of the estimates above truth + 2 s.e.: NOT MET" in text
     assert "right direction" in text and "62%" in text and "torch threads: 2" in text
     assert "attack 1.50 ± 0.18, gaussian 0.00 ± 0.10, interpolation 1.50 ± 0.10 -> attack above gaussian by 7.4 s.e., " \
            "interpolation by 0.0 s.e.; beyond 2 s.e.: NO" in text
