@@ -320,6 +320,12 @@ class SimSection(ConfigSection):
         description="Validation only: random starts per direction of the white-box solver giving each site's true sensitivity.",
     )
     truth_steps: int = Field(60, ge=2, description="Validation only: steps of that solver.")
+    truth_images: int = Field(
+        0, ge=0,
+        description="Validation only: solve the truth on at most this many of each budget's attacked clean images, a "
+        "seeded random subsample shared by the sites (0: all). Unbiased for the mean over images, at that fraction of "
+        "the cost; the validation campaign uses 14 of its 42 (docs/validate.md).",
+    )
 
     @model_validator(mode="after")
     def _fraction_needs_network(self) -> SimSection:

@@ -43,7 +43,9 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
 
     ``sensitivity(site, eps) -> float | None``: the site's true mean sensitivity (spikes per window)
     at ``eps``, averaged over the clean parents of that site's attacks at that budget (None for a
-    site not attacked at ``eps``, e.g. one left out of ``[sites] targets``). Per parent it is the
+    site not attacked at ``eps``, e.g. one left out of ``[sites] targets``), or with ``[sim]
+    truth_images`` = n > 0 over n of them drawn at random with ``seed`` (the same for every site
+    and budget when they share their parents, as a plan's attacks do; an unbiased estimate of that mean at a fraction of the cost). Per parent it is the
     best of the white-box solver (``[sim] truth_starts`` random starts per direction,
     ``[sim] truth_steps`` steps) and of the attack image shown (the site's change there): both are
     points of the ε-ball, so the larger is the better estimate of the maximum, and a solver that
@@ -65,6 +67,9 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
     for eps in np.unique(stimuli["eps"][attack]):
         chosen = attack & (stimuli["eps"] == eps)
         parents = np.unique(stimuli["parent"][chosen])
+        if 0 < config.sim.truth_images < len(parents):
+            parents = np.sort(np.random.default_rng(seed).choice(parents, config.sim.truth_images, replace=False))
+            chosen &= np.isin(stimuli["parent"], parents)
         targeted = np.unique(stimuli["site"][chosen])
         solved = compute_unit_sensitivity(
             expected, store.read_pixels(parents), float(eps), units=targeted, n_starts=config.sim.truth_starts,

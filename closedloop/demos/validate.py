@@ -17,7 +17,7 @@ saves those figures as PNGs, and checks the four targets of the issue on what wa
 3. ``attacks_beat_baselines``: on the last day, the mean attack bound ≥ 3 × each baseline's at
    every ε (and above 0);
 4. ``super_stimuli``: on the last day, increase attacks on non-preferred images exceed the
-   preferred-category mean at ε = 10 for most (> half) of the sites.
+   preferred-category mean at the largest ε (the paper's 10) for most (> half) of the sites.
 
 Nothing here changes the estimator or the twin; the numbers are what the run measured.
 """
@@ -63,6 +63,8 @@ VALIDATE_SETTINGS = {
     "sites": {"n_sites": 21},
     "attack": {"budgets": [1.0, 2.0, 4.0, 6.0, 10.0]},
     "rsvp": {"repetitions": 2},
+    # the truth (validation only) on a third of each day's 42 attacked images: docs/validate.md
+    "sim": {"truth_images": 14},
 }
 SUMMARY_NAME = "validation.json"
 
@@ -142,8 +144,9 @@ def compute_validation_targets(summary: dict, categories: dict, records_by_day: 
                       "met": cell["estimate"] > 0 and all(cell["estimate"] >= 3 * max(v, 0.0) for v in baselines.values()),
                       "ratios": ratios}
     crossing = categories["crossing"]
-    n_super = sum(r["super_stimulus"] for r in crossing if r["max_eps"] == 10.0)
-    super_stimuli = {"n_sites": len(crossing), "n_super_stimulus_at_eps10": int(n_super),
+    largest = max(float(eps) for eps in last_day["attack"])
+    n_super = sum(r["super_stimulus"] for r in crossing if r["max_eps"] == largest)
+    super_stimuli = {"eps": largest, "n_sites": len(crossing), "n_super_stimulus": int(n_super),
                      "met": bool(crossing) and n_super > len(crossing) / 2, **categories["summary"][0]}
     return {"lower_bound": lower_bound, "growth": growth,
             "attacks_beat_baselines": {"by_eps": beats, "met": all(b["met"] for b in beats.values())},
@@ -263,7 +266,7 @@ def format_validation(result: dict) -> str:
         f"{g['last']:.2f} ± {g['last_sem']:.2f} spikes/window ({fold}, difference "
         f"{g['difference_in_se'] or 0:.1f} s.e.; target >= 2x beyond 2 s.e.) -> {mark[g['met']]}",
         f"attacks >= 3x baselines on the last day: {by_eps} -> {mark[t['attacks_beat_baselines']['met']]}",
-        f"super-stimuli at eps=10 on the last day: {s['n_super_stimulus_at_eps10']} of {s['n_sites']} sites -> {mark[s['met']]}",
+        f"super-stimuli at eps={s['eps']:g} on the last day: {s['n_super_stimulus']} of {s['n_sites']} sites -> {mark[s['met']]}",
         *([format_ceiling(result["class_ceiling"], g["last_day"])] if result.get("class_ceiling") else []),
         f"figures: {', '.join(result['figures'].values())}",
         f"report: {result['report']}",

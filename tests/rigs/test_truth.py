@@ -73,10 +73,10 @@ def test_a_nonrobust_share_puts_the_truth_beyond_the_ceiling():
     assert ceiling.mean() < 0.5 * truth.mean(), (ceiling.mean(), truth.mean())
 
 
-def test_the_truth_is_never_below_the_attack_shown(tmp_path):
-    """A weak white-box solver (1 start, 2 steps) must not put the truth under the change that the
-    shown attack image (a point of the same ε-ball, here a 20-step attack) made."""
-    config = _config(nonrobust_fraction=0.0, truth_starts=1, truth_steps=2)
+def _attacked_store(tmp_path, truth_images: int):
+    """A day store of 2 clean photographs and a 20-step increase attack of each for each of 2 sites
+    at ε = 2, and the config of a weak truth solver (1 start, 2 steps)."""
+    config = _config(nonrobust_fraction=0.0, truth_starts=1, truth_steps=2, truth_images=truth_images)
     clean = _photographs(2)
     sites = make_hidden_sites(2, config.sim.seed, **compute_hidden_site_options(config))
     expected = ExpectedCounts(sites, window_s=config.response.window_s, on_s=config.rsvp.on_s)
@@ -87,6 +87,13 @@ def test_the_truth_is_never_below_the_attack_shown(tmp_path):
                          code=make_event_codes(6)[:2])
     store.append_stimuli(attacks.pixels, parent=image_index, site=site, eps=2.0, direction=1, kind="attack",
                          predicted=attacks.predicted, code=make_event_codes(6)[2:])
+    return config, expected, clean, image_index, site
+
+
+def test_the_truth_is_never_below_the_attack_shown(tmp_path):
+    """A weak white-box solver (1 start, 2 steps) must not put the truth under the change that the
+    shown attack image (a point of the same ε-ball, here a 20-step attack) made."""
+    config, expected, clean, image_index, site = _attacked_store(tmp_path, truth_images=0)
     truth = compute_sim_truth(config, tmp_path / "store.zarr", seed=0)
     shown = np.abs(truth.expected_counts[2:][np.arange(4), site] - truth.expected_counts[image_index, site])
     solver = compute_unit_sensitivity(expected, clean, 2.0, n_starts=1, n_steps=2, seed=0).sensitivity
@@ -94,3 +101,19 @@ def test_the_truth_is_never_below_the_attack_shown(tmp_path):
         mine = site == s
         assert truth.sensitivity(s, 2.0) == pytest.approx(np.fmax(solver[image_index[mine], s], shown[mine]).mean())
         assert truth.sensitivity(s, 2.0) >= shown[mine].mean() > solver[:, s].mean(), (shown[mine], solver[:, s])
+
+
+def test_a_truth_subsample_solves_one_shared_parent_for_every_site(tmp_path):
+    """``[sim] truth_images`` = 1 of 2: each site's truth is its value on one parent, the same parent
+    for both sites, solved as on the whole day (the subsample changes the images, not the solver)."""
+    config, expected, clean, image_index, site = _attacked_store(tmp_path, truth_images=1)
+    truth = compute_sim_truth(config, tmp_path / "store.zarr", seed=3)
+    shown = np.abs(truth.expected_counts[2:][np.arange(4), site] - truth.expected_counts[image_index, site])
+    candidates = {}
+    for parent in (0, 1):
+        solver = compute_unit_sensitivity(expected, clean[[parent]], 2.0, units=[0, 1], n_starts=1, n_steps=2,
+                                          batch_size=256, seed=3).sensitivity[0]
+        candidates[parent] = [max(solver[s], shown[(image_index == parent) & (site == s)][0]) for s in (0, 1)]
+    values = [truth.sensitivity(s, 2.0) for s in (0, 1)]
+    assert any(values == pytest.approx(candidate) for candidate in candidates.values()), (values, candidates)
+    assert candidates[0] != pytest.approx(candidates[1])  # the two parents differ, so the test can tell them apart
