@@ -1,8 +1,9 @@
 """How many PGD steps the loop's site attacks need: mean predicted |Δr| after n steps ÷ after 100.
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_attack_steps.py BASE_CHECKPOINT`` (the day-0 model:
-the base backbone + a random 21-site readout; 7 embedded images × 4 sites; ε = 1, 4, 10; one
-torch thread). Results: docs/validate.md.
+Usage: ``PYTHONPATH=. python benchmarks/bench_attack_steps.py BASE_CHECKPOINT [EPS ...]`` (the
+day-0 model: the base backbone + a random 21-site readout; 7 embedded images × 4 sites; pixel
+ε = 1, 4, 10 unless given, e.g. 6.3 25.2 63 for the demo preset's paper ε = 1, 4, 10 at k = 6.3;
+one torch thread). Results: docs/validate.md.
 """
 
 import sys
@@ -18,13 +19,13 @@ from models import make_it_model
 STEPS = (10, 20, 50, 100)
 
 
-def main(base: str) -> None:
+def main(base: str, budgets: list[float]) -> None:
     torch.set_num_threads(1)
     model = make_it_model(base, "layer4.0", 21, seed=0)
     clean = make_embedded_image_set(per_photo=1, seed=5).read(np.arange(0, 14, 2))
     index, site = (a.ravel() for a in np.meshgrid(np.arange(len(clean)), np.array([0, 5, 10, 15]), indexing="ij"))
     rows = np.arange(len(index))
-    for eps in (1.0, 4.0, 10.0):
+    for eps in budgets:
         change = {}
         for steps in STEPS:
             began = time.monotonic()
@@ -35,4 +36,4 @@ def main(base: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], [float(value) for value in sys.argv[2:]] or [1.0, 4.0, 10.0])

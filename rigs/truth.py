@@ -45,11 +45,12 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
     at ``eps``, averaged over the clean parents of that site's attacks at that budget (None for a
     site not attacked at ``eps``, e.g. one left out of ``[sites] targets``), or with ``[sim]
     truth_images`` = n > 0 over n of them drawn at random with ``seed`` (the same for every site
-    and budget when they share their parents, as a plan's attacks do; an unbiased estimate of that mean at a fraction of the cost). Per parent it is the
-    best of the white-box solver (``[sim] truth_starts`` random starts per direction,
-    ``[sim] truth_steps`` steps) and of the attack image shown (the site's change there): both are
-    points of the ε-ball, so the larger is the better estimate of the maximum, and a solver that
-    falls short of the loop's own attack can never put the truth below the bound.
+    and budget when they share their parents, as a plan's attacks do; an unbiased estimate of
+    that mean at a fraction of the cost). Per parent it is the best of the white-box solver
+    (``[sim] truth_starts`` random starts per direction, ``[sim] truth_steps`` steps) and of the
+    attack image shown (the site's change there): both are points of the ε-ball, so the larger
+    is the better estimate of the maximum, and a solver that falls short of the loop's own
+    attack can never put the truth below the bound.
     ``expected_counts``: (n_stimuli, n_sites) float64 noise-free expected spike counts per
     response window of every stimulus (the 8-bit images shown), in store order.
     """

@@ -153,16 +153,16 @@ def compute_validation_targets(summary: dict, categories: dict, records_by_day: 
             "super_stimuli": super_stimuli}
 
 
-def _write_figures(out: Path, days, networks: NetworkOptions, ceiling: dict, categories: dict, *,
-                   device: str) -> dict[str, str]:
+def _write_figures(out: Path, days, data: NetworkData | None, sensitivity: dict, ceiling: dict,
+                   categories: dict) -> dict[str, str]:
     """Fig. 1A (bound vs class ceiling vs truth vs network units, last day), Fig. 5 (progress), Fig. 2C
-    (super-stimuli) as PNGs; ``ceiling``: :func:`closedloop.demos.loop.compute_ceiling_summary` and
-    ``categories``: :func:`analysis.categories.compute_category_preference` of the last day."""
+    (super-stimuli) as PNGs; ``data``: the network units (:func:`analysis.report_sections.compute_networks`),
+    ``sensitivity``: :func:`analysis.report_sections.compute_sensitivity` of the last day,
+    ``ceiling``: :func:`closedloop.demos.loop.compute_ceiling_summary` and ``categories``:
+    :func:`analysis.categories.compute_category_preference` of the last day."""
     folder = out / "validation_figures"
     folder.mkdir(exist_ok=True)
     last = days[-1]
-    sensitivity = compute_sensitivity(last)
-    data: NetworkData | None = compute_networks(out, days, networks, seed=0, device=device)
     truth = _normalised_truth(last.records)
     normalised_ceiling = [{"eps": float(eps), "mean": c["ceiling_normalized"]} for eps, c in ceiling.items()
                           if c["ceiling_normalized"] is not None]
@@ -177,6 +177,31 @@ def _write_figures(out: Path, days, networks: NetworkOptions, ceiling: dict, cat
         paths[name] = str(folder / f"{name}.png")
         figure.savefig(paths[name], dpi=90, bbox_inches="tight")
     return paths
+
+
+def compute_fig1a_position(bound: list[dict], units: list[dict], robust: str, standard: str) -> dict:
+    """Where the sites' bound lies between two networks' units (the paper's Fig. 1A: between
+    AT-ResNet-50 and ResNet-50 units, nearer the former).
+
+    ``bound``: the last day's mean normalised bound per ε (rows of ``eps``, ``mean``); ``units``:
+    rows of ``network``, ``eps``, ``mean`` (mean normalised white-box sensitivity of its units,
+    :func:`analysis.network_units.compute_network_sensitivity`, the same pixel budgets);
+    ``robust`` / ``standard``: the two networks' labels. Per ε the log-scale position
+    log(bound / robust) / log(standard / robust): 0 at the robust units, 1 at the standard ones;
+    undefined (None) where a value is ≤ 0 or the two networks are equal. Returns ``by_eps``,
+    ``position`` (mean over the defined ε) and ``met`` (0 ≤ position ≤ 0.5).
+    """
+    value = {(row["network"], float(row["eps"])): row["mean"] for row in units}
+    by_eps = {}
+    for row in bound:
+        eps = float(row["eps"])
+        b, r, v = row["mean"], value.get((robust, eps)), value.get((standard, eps))
+        defined = None not in (b, r, v) and min(b, r, v) > 0 and v != r
+        by_eps[format(eps, "g")] = {"bound": b, "robust": r, "standard": v,
+                                    "position": float(np.log(b / r) / np.log(v / r)) if defined else None}
+    positions = [c["position"] for c in by_eps.values() if c["position"] is not None]
+    position = float(np.mean(positions)) if positions else None
+    return {"by_eps": by_eps, "position": position, "met": position is not None and 0.0 <= position <= 0.5}
 
 
 def _normalised_truth(records: list[dict]) -> list[dict]:
@@ -241,7 +266,11 @@ def analyse_validation(out: str | Path, n_days: int, standard: str | Path, *, de
                               n_starts=1, n_steps=20)
     ceiling = compute_ceiling_summary(out, last.day, device=device)
     report = write_report(out, networks=networks, device=device)
-    figures = _write_figures(out, days, networks, ceiling, categories, device=device)
+    sensitivity = compute_sensitivity(last)
+    data = compute_networks(out, days, networks, seed=0, device=device)
+    robust, standard_label = list(data.sources)
+    targets["fig1a"] = compute_fig1a_position(sensitivity["curves"]["mean"], data.result["mean"], robust, standard_label)
+    figures = _write_figures(out, days, data, sensitivity, ceiling, categories)
     result = {"targets": targets, **summary, "class_ceiling": ceiling, "report": report["html"], "figures": figures,
               "seconds": {"days": day_seconds, "analysis": time.monotonic() - analysis_start}}
     result["seconds"]["total"] = sum(day_seconds) + result["seconds"]["analysis"]
@@ -249,26 +278,41 @@ def analyse_validation(out: str | Path, n_days: int, standard: str | Path, *, de
 
 
 def format_validation(result: dict) -> str:
-    """The targets of :func:`run_validation`'s result, one line each, with the measured values."""
+    """The targets of :func:`run_validation`'s result, one line each, with the measured values; every
+    ε as the attacks' pixel ε and the paper's (``eps_paper``)."""
     t, seconds = result["targets"], result["seconds"]
     b, g, s = t["lower_bound"], t["growth"], t["super_stimuli"]
+    paper = result.get("eps_paper", {})
+
+    def eps(value) -> str:
+        shown = paper.get(str(float(value)))
+        return f"eps={float(value):g}" + ("" if shown is None else f" (paper {shown:g})")
+
     fold = "-" if g["fold_change"] is None else f"{g['fold_change']:.2f}x"
     by_eps = "; ".join(
-        f"eps={eps}: {c['attack']:.2f} vs gaussian {c.get('gaussian', float('nan')):.2f}, "
-        f"interpolation {c.get('interpolation', float('nan')):.2f}" for eps, c in t["attacks_beat_baselines"]["by_eps"].items())
+        f"{eps(e)}: {c['attack']:.2f} vs gaussian {c.get('gaussian', float('nan')):.2f}, "
+        f"interpolation {c.get('interpolation', float('nan')):.2f}" for e, c in t["attacks_beat_baselines"]["by_eps"].items())
     mark = {True: "met", False: "NOT met"}
     lines = [
         f"closedloop validate: {len(seconds['days'])} days in {seconds['total']:.0f} s "
         f"({', '.join(f'{d:.0f}' for d in seconds['days'])} s per day)",
         f"lower bound: {b['n_noise_free_above_truth']} of {b['n_records']} noise-free bounds above truth; "
         f"{b['n_measured_above_truth_beyond_2_se']} measured above truth by > 2 s.e. -> {mark[b['met']]}",
-        f"growth at eps={g['eps']:g}: day {g['first_day']} {g['first']:.2f} ± {g['first_sem']:.2f} -> day {g['last_day']} "
+        f"growth at {eps(g['eps'])}: day {g['first_day']} {g['first']:.2f} ± {g['first_sem']:.2f} -> day {g['last_day']} "
         f"{g['last']:.2f} ± {g['last_sem']:.2f} spikes/window ({fold}, difference "
         f"{g['difference_in_se'] or 0:.1f} s.e.; target >= 2x beyond 2 s.e.) -> {mark[g['met']]}",
         f"attacks >= 3x baselines on the last day: {by_eps} -> {mark[t['attacks_beat_baselines']['met']]}",
-        f"super-stimuli at eps={s['eps']:g} on the last day: {s['n_super_stimulus']} of {s['n_sites']} sites -> {mark[s['met']]}",
-        *([format_ceiling(result["class_ceiling"], g["last_day"])] if result.get("class_ceiling") else []),
-        f"figures: {', '.join(result['figures'].values())}",
-        f"report: {result['report']}",
+        f"super-stimuli at {eps(s['eps'])} on the last day: {s['n_super_stimulus']} of {s['n_sites']} sites -> "
+        f"{mark[s['met']]}",
     ]
+    if "fig1a" in t:
+        f = t["fig1a"]
+        cells = ", ".join(f"{eps(e)}: {'-' if c['position'] is None else format(c['position'], '.2f')}"
+                          for e, c in f["by_eps"].items())
+        shown = "-" if f["position"] is None else f"{f['position']:.2f}"
+        lines.append(f"Fig. 1A: the last day's bound between the robust (0) and vanilla (1) units: position {shown} "
+                     f"({cells}; target 0-0.5, nearer the robust) -> {mark[f['met']]}")
+    lines += [*([format_ceiling(result["class_ceiling"], g["last_day"])] if result.get("class_ceiling") else []),
+              f"figures: {', '.join(result['figures'].values())}",
+              f"report: {result['report']}"]
     return "\n".join(lines)

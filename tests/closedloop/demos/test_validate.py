@@ -5,16 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from closedloop.core.files import write_json
 from closedloop.data.layout import day_folder
 from closedloop.demos.loop import compute_demo_summary
-from closedloop.demos.validate import compute_validation_targets, format_validation
+from closedloop.demos.validate import compute_fig1a_position, compute_validation_targets, format_validation
 
 
 def _record(site, eps, kind, estimate, sem, truth=None, expected=None):
-    return {"site": site, "eps": eps, "kind": kind, "n_images": 42, "estimate": estimate, "sem": sem, "sigma": 2.0,
+    return {"site": site, "eps": eps, "eps_paper": eps / 2, "kind": kind, "n_images": 42, "estimate": estimate, "sem": sem, "sigma": 2.0,
             "normalized": estimate / 2.0, "truth": truth, "expected": expected, "direction_right": 0.9}
 
 
@@ -53,11 +54,16 @@ def test_every_target_met_on_a_run_that_meets_them(tmp_path):
     assert growth["difference_in_se"] == pytest.approx(0.7 / (0.1 / 2**0.5 * 2**0.5)) and growth["met"]
     assert targets["attacks_beat_baselines"]["met"] and targets["attacks_beat_baselines"]["by_eps"]["1.0"]["ratios"] == {
         "gaussian": pytest.approx(12.0), "interpolation": pytest.approx(12.0)}
-    assert targets["super_stimuli"]["n_super_stimulus_at_eps10"] == 2 and targets["super_stimuli"]["met"]
-    result = {"targets": targets, "figures": {"fig1a": "f.png"}, "report": "r.html",
+    assert targets["super_stimuli"]["n_super_stimulus"] == 2 and targets["super_stimuli"]["met"]
+    assert targets["super_stimuli"]["eps"] == 10.0  # the largest budget
+    targets["fig1a"] = compute_fig1a_position([{"eps": 1.0, "mean": 0.2}], [
+        {"network": "robust", "eps": 1.0, "mean": 0.1}, {"network": "vanilla", "eps": 1.0, "mean": 1.0}], "robust", "vanilla")
+    result = {"targets": targets, "figures": {"fig1a": "f.png"}, "report": "r.html", "eps_paper": summary["eps_paper"],
               "seconds": {"total": 10.0, "days": [4.0, 6.0]}}
     text = format_validation(result)
-    assert "growth at eps=1: day 1 0.50 ± 0.07 -> day 3 1.20 ± 0.07" in text and "NOT met" not in text
+    assert "growth at eps=1 (paper 0.5): day 1 0.50 ± 0.07 -> day 3 1.20 ± 0.07" in text and "NOT met" not in text
+    assert "super-stimuli at eps=10 (paper 5) on the last day: 2 of 3 sites -> met" in text
+    assert "Fig. 1A: the last day's bound between the robust (0) and vanilla (1) units: position 0.30" in text
 
 
 def test_each_target_fails_when_its_condition_fails(tmp_path):
@@ -69,8 +75,22 @@ def test_each_target_fails_when_its_condition_fails(tmp_path):
     assert not targets["attacks_beat_baselines"]["by_eps"]["1.0"]["met"]  # 0.7 < 3 × 0.3
     assert targets["attacks_beat_baselines"]["by_eps"]["10.0"]["met"]  # 2.8 ≥ 0.9
     assert not targets["attacks_beat_baselines"]["met"] and not targets["super_stimuli"]["met"]
+    targets["fig1a"] = compute_fig1a_position([{"eps": 1.0, "mean": 0.9}], [
+        {"network": "robust", "eps": 1.0, "mean": 0.1}, {"network": "vanilla", "eps": 1.0, "mean": 1.0}], "robust", "vanilla")
     text = format_validation({"targets": targets, "figures": {}, "report": "r.html", "seconds": {"total": 1.0, "days": [1.0]}})
-    assert text.count("NOT met") == 4
+    assert text.count("NOT met") == 5
+
+
+def test_fig1a_position_is_log_scale_between_the_networks_and_undefined_where_they_agree():
+    units = [{"network": "at", "eps": 1.0, "mean": 0.1}, {"network": "std", "eps": 1.0, "mean": 1.0},
+             {"network": "at", "eps": 4.0, "mean": 0.4}, {"network": "std", "eps": 4.0, "mean": 0.4}]
+    result = compute_fig1a_position([{"eps": 1.0, "mean": 10 ** -0.5}, {"eps": 4.0, "mean": 0.5}], units, "at", "std")
+    assert result["by_eps"]["1"]["position"] == pytest.approx(0.5) and result["by_eps"]["4"]["position"] is None
+    assert result["position"] == pytest.approx(0.5) and result["met"]
+    below = compute_fig1a_position([{"eps": 1.0, "mean": 0.05}], units, "at", "std")  # less sensitive than the AT units
+    assert below["position"] == pytest.approx(-np.log10(2)) and not below["met"]
+    assert compute_fig1a_position([{"eps": 4.0, "mean": 0.5}], units, "at", "std") == {
+        "by_eps": {"4": {"bound": 0.5, "robust": 0.4, "standard": 0.4, "position": None}}, "position": None, "met": False}
 
 
 def test_resume_refuses_another_campaign_naming_each_key(tmp_path):
