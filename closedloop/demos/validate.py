@@ -268,8 +268,8 @@ def analyse_validation(out: str | Path, n_days: int, standard: str | Path, *, de
     report = write_report(out, networks=networks, device=device)
     sensitivity = compute_sensitivity(last)
     data = compute_networks(out, days, networks, seed=0, device=device)
-    robust, standard_label = list(data.sources)
-    targets["fig1a"] = compute_fig1a_position(sensitivity["curves"]["mean"], data.result["mean"], robust, standard_label)
+    labels = list(data.sources)  # the base model's, then the standard's (one label when both are the same network)
+    targets["fig1a"] = compute_fig1a_position(sensitivity["curves"]["mean"], data.result["mean"], labels[0], labels[-1])
     figures = _write_figures(out, days, data, sensitivity, ceiling, categories)
     result = {"targets": targets, **summary, "class_ceiling": ceiling, "report": report["html"], "figures": figures,
               "seconds": {"days": day_seconds, "analysis": time.monotonic() - analysis_start}}
