@@ -89,11 +89,16 @@ def make_it_model(
     return ITModel(backbone, readout).eval()
 
 
+OWN_KEYS = ("backbone", "readout", "n_sites", "history")
+"""The entries of :attr:`ITModel.metadata` that describe the model itself; no caller replaces them."""
+
+
 def write_it_model(model: ITModel, path: str | Path, *, metadata: dict | None = None) -> Path:
     """Write ``model`` to ``path`` (.safetensors) and its metadata to ``path.with_suffix(".json")``.
 
     ``metadata``: extra JSON-able entries stored next to ``model.metadata`` (e.g. the day, the
-    config); they cannot replace the model's own entries.
+    config); they replace the same entries carried over from an earlier write (a refitted model
+    read from day N−1 is written with day N's), but not the model's own ones (:data:`OWN_KEYS`).
     Both files are written under temporary names and renamed into place, the weights
     last; the JSON records the weights' sha256 so a mismatched pair is detected on reading
     (:func:`models.checkpoints.write_checkpoint`). Returns ``path``.
@@ -101,7 +106,8 @@ def write_it_model(model: ITModel, path: str | Path, *, metadata: dict | None = 
     if not isinstance(model, ITModel):
         raise TypeError(f"'model' must be a models.ITModel, but got {type(model).__name__}.")
     return write_checkpoint(
-        model.state_dict(), path, dict(metadata or {}) | model.metadata, format_name=FORMAT, format_version=FORMAT_VERSION
+        model.state_dict(), path, model.metadata | dict(metadata or {}) | {key: model.metadata[key] for key in OWN_KEYS},
+        format_name=FORMAT, format_version=FORMAT_VERSION,
     )
 
 

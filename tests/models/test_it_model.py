@@ -48,6 +48,19 @@ def test_write_read_round_trip_gives_identical_outputs(tmp_path, model):
     assert not again.training
 
 
+def test_a_refitted_model_is_written_with_the_new_days_entries(tmp_path, model):
+    # Day N's refit reads day N-1's model (whose metadata holds day N-1's entries) and writes it
+    # with day N's: the new day, not the old one, must reach model.json.
+    first = write_it_model(model, tmp_path / "day0" / "model.safetensors", metadata={"day": 0, "n_stimuli": 10})
+    refitted = read_it_model(first)
+    refitted.metadata["history"].append({"day": 1})
+    second = write_it_model(refitted, tmp_path / "day1" / "model.safetensors", metadata={"day": 1, "n_stimuli": 20})
+    document = json.loads(second.with_suffix(".json").read_text())
+    assert (document["day"], document["n_stimuli"], document["history"]) == (1, 20, [{"day": 1}])
+    with_own_key = write_it_model(refitted, tmp_path / "day2" / "model.safetensors", metadata={"n_sites": 99})
+    assert json.loads(with_own_key.with_suffix(".json").read_text())["n_sites"] == refitted.readout.n_sites
+
+
 def test_written_model_rebuilds_its_backbone_without_the_original_checkpoint(tmp_path, model):
     path = write_it_model(model, tmp_path / "model.safetensors")
     images = torch.rand(2, 3, SIZE, SIZE)
