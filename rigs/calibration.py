@@ -184,7 +184,8 @@ def _class_reference_counts(config: ExperimentConfig, sites, expected: ExpectedC
     reached = {}
     for eps in BUDGETS:
         attacks = make_site_attacks(share, clean, image_index, site, eps * config.attack.paper_scale,
-                                    n_steps=config.attack.steps, step_ratio=config.attack.step_ratio, seed=seed,
+                                    n_steps=config.attack.steps, step_ratio=config.attack.step_ratio,
+                                    step_rule=config.attack.step_rule, seed=seed,
                                     device=device, precision="fp32", directions="increase")
         shown = compute_predictions(expected, attacks.pixels, device=device).astype(np.float64)
         reached[eps] = shown[np.arange(len(site)), site].reshape(n_images, n_sites)

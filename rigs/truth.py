@@ -119,7 +119,8 @@ def compute_class_ceiling(config: ExperimentConfig, clean_uint8: np.ndarray, ima
     share = ExpectedCounts(sites, **window, base_share_only=True).to(device)
     counts = ExpectedCounts(sites, **window).to(device)
     attacks = make_site_attacks(share, clean_uint8, image_index, site, eps, n_steps=config.attack.steps,
-                                step_ratio=config.attack.step_ratio, seed=seed, device=device, precision="fp32")
+                                step_ratio=config.attack.step_ratio, step_rule=config.attack.step_rule, seed=seed,
+                                device=device, precision="fp32")
     jobs = np.arange(len(site))
     clean_counts = compute_predictions(counts, clean_uint8, device=device).astype(np.float64)
     shown_counts = np.concatenate([

@@ -55,7 +55,9 @@ __all__ = [
     "resolve_precision",
     "make_run_settings",
     "fold_batch_norm",
+    "STEP_RULES",
     "compute_pgd",
+    "compute_apgd_checkpoints",
     "compute_step_schedule",
     "compute_realised_eps",
     "compute_predictions",
@@ -79,6 +81,9 @@ _SCHEDULE = (
 _CPU_BATCH = 32  # images per batch on CPU when batch_size=0 (fastest of 16, 32, 64 on 2 cores)
 _MAX_GPU_BATCH = 1024
 _TINY = 1e-12
+_APGD_MOMENTUM = 0.75  # APGD's weight of the new point against the previous iterate (Croce & Hein 2020)
+_APGD_RHO = 0.75  # APGD halves the step when fewer than this share of the steps since a checkpoint lowered the loss
+STEP_RULES = ("pgd", "apgd")
 _MARGIN = 1e-9  # relative safety margin of the 8-bit budget against float rounding
 PRECISIONS = ("auto", "fp32", "bf16")
 _FOLD_TOLERANCE = 1e-4  # largest relative output change a BatchNorm fold may make (float32 gives ~1e-6)
@@ -265,6 +270,68 @@ def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, st
     return best_x, torch.where(improved, loss, best_loss), start_loss
 
 
+def compute_apgd_checkpoints(n_steps: int) -> list[int]:
+    """The iterations at which APGD checks its progress (Croce & Hein 2020): ⌈p_j · n_steps⌉ for
+    p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), p_j ≤ 1; the first
+    (0) dropped. E.g. 20 steps → [5, 9, 12, 14, 16, 18, 19, 20]."""
+    fractions = [0.0, 0.22]
+    while fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06) <= 1.0:
+        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+    return sorted({math.ceil(round(p * n_steps, 9)) for p in fractions[1:]} - {0})
+
+
+def _descend_apgd(model, objective, clean, start, eps, n_steps, settings, *, momentum=_APGD_MOMENTUM, rho=_APGD_RHO):
+    """One APGD-L2 run from ``start`` (Croce & Hein 2020; overwrites it); returns (best images, best
+    loss, start loss).
+
+    The step starts at 2ε and is halved at a checkpoint (:func:`compute_apgd_checkpoints`) when fewer
+    than ``rho`` of the steps since the last checkpoint lowered the loss, or when neither the step
+    nor the best loss changed since it; a halving restarts that image from its best iterate. Each
+    step is a normalised-gradient step z = P(x − η g/‖g‖) followed by the heavy-ball mix
+    x' = P(x + m(z − x) + (1 − m)(x − x_previous)), m = ``momentum``; P projects onto the ε-ball and
+    [0, 1]. Image-sized state lives in buffers that are rotated and updated in place.
+    """
+    view = (-1,) + (1,) * (clean.dim() - 1)
+    checkpoints = set(compute_apgd_checkpoints(n_steps))
+    x, scratch = start, torch.empty_like(start)
+    loss, gradient = _loss(model, objective, x, settings, grad=True)
+    start_loss, previous_loss = loss, loss
+    best_loss, best_x, best_gradient = loss.clone(), x.clone(), gradient.clone()
+    step = 2.0 * eps
+    step_at_check, best_at_check = step.clone(), best_loss.clone()
+    lowered, since_check = torch.zeros_like(loss), 0
+    x_next = _project(torch.addcmul(x, gradient, -(step / _norm(gradient).clamp_min(_TINY)).view(view)), clean, eps,
+                      scratch=scratch)
+    x_previous = torch.empty_like(x)
+    for iteration in range(1, n_steps):
+        x_previous, x, x_next = x, x_next, x_previous  # x_next's buffer is free: the old previous iterate
+        loss, gradient = _loss(model, objective, x, settings, grad=True)
+        lowered += (loss < previous_loss).float()
+        previous_loss = loss
+        improved = loss < best_loss
+        best_loss = torch.where(improved, loss, best_loss)
+        torch.where(improved.view(view), x, best_x, out=best_x)
+        torch.where(improved.view(view), gradient, best_gradient, out=best_gradient)
+        since_check += 1
+        if iteration in checkpoints:
+            stalled = (lowered < rho * since_check) | ((step == step_at_check) & (best_loss == best_at_check))
+            step = torch.where(stalled, step / 2, step)
+            torch.where(stalled.view(view), best_x, x, out=x)
+            gradient = torch.where(stalled.view(view), best_gradient, gradient)
+            lowered.zero_()
+            since_check = 0
+            step_at_check, best_at_check = step.clone(), best_loss.clone()
+        z = _project(torch.addcmul(x, gradient, -(step / _norm(gradient).clamp_min(_TINY)).view(view), out=x_next),
+                     clean, eps, scratch=scratch)
+        # x + m(z − x) + (1 − m)(x − x_previous) = m z + 2(1 − m) x − (1 − m) x_previous, built in z's buffer
+        z.mul_(momentum).add_(x, alpha=2 * (1 - momentum)).sub_(x_previous, alpha=1 - momentum)
+        x_next = _project(z, clean, eps, scratch=scratch)
+    loss, _ = _loss(model, objective, x_next, settings, grad=False)
+    improved = loss < best_loss
+    torch.where(improved.view(view), x_next, best_x, out=best_x)
+    return best_x, torch.where(improved, loss, best_loss), start_loss
+
+
 def compute_pgd(
     model: Callable[[torch.Tensor], torch.Tensor],
     clean: torch.Tensor,
@@ -279,6 +346,7 @@ def compute_pgd(
     start: torch.Tensor | None = None,
     step_shrink: float = 1.0,
     n_step_resets: int = 0,
+    step_rule: str = "pgd",
     autocast: bool = False,
     channels_last: bool = False,
 ) -> PGDResult:
@@ -293,8 +361,10 @@ def compute_pgd(
     or at ``start``, projected into the ball). ``n_restarts``: independent random starts, the best
     kept per image. ``generator``: torch CPU generator or seed for the random starts.
     ``step_shrink`` / ``n_step_resets``: adaptive step (see the white-box solver); 1.0 / 0 is plain
-    PGD. ``autocast``: bf16 autocast of the model; ``channels_last``: channels-last images (the
-    attacks choose both with :func:`make_run_settings`).
+    PGD. ``step_rule``: ``"pgd"`` (the above) or ``"apgd"`` (APGD's step schedule with momentum,
+    Croce & Hein 2020: starts at a 2ε step and ignores ``step_size``, ``step_shrink`` and
+    ``n_step_resets``; :func:`_descend_apgd`). ``autocast``: bf16 autocast of the model;
+    ``channels_last``: channels-last images (the attacks choose both with :func:`make_run_settings`).
 
     Returns a :class:`PGDResult`; the loss at the result is never worse than at the start.
     """
@@ -303,6 +373,7 @@ def compute_pgd(
     n_restarts = check_integer("n_restarts", n_restarts, minimum=1)
     n_step_resets = check_integer("n_step_resets", n_step_resets, minimum=0)
     step_shrink = check_number("step_shrink", step_shrink, minimum=0.0, maximum=1.0, inclusive=True)
+    step_rule = check_option("step_rule", step_rule, STEP_RULES)
     if n_restarts > 1 and not random_start:
         raise ValueError(f"'n_restarts' = {n_restarts} needs random_start=True: restarts from the same point are identical.")
     if start is not None and tuple(start.shape) != tuple(clean.shape):
@@ -321,10 +392,13 @@ def compute_pgd(
                 first = _random_start(clean, eps, generator, settings)
             else:
                 first = _project((clean if start is None else settings.prepare(start.detach())).clone(), clean, eps)
-            images, loss, start_loss = _descend(
-                model, objective, clean, first, eps, step, n_steps, settings,
-                step_shrink=step_shrink, n_step_resets=n_step_resets,
-            )
+            if step_rule == "apgd":
+                images, loss, start_loss = _descend_apgd(model, objective, clean, first, eps, n_steps, settings)
+            else:
+                images, loss, start_loss = _descend(
+                    model, objective, clean, first, eps, step, n_steps, settings,
+                    step_shrink=step_shrink, n_step_resets=n_step_resets,
+                )
             if best is None:
                 best = PGDResult(images=images, loss=loss, start_loss=start_loss)
                 continue

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from closedloop.attacks.engine import (
+    STEP_RULES,
     compute_batch_size,
     compute_predictions,
     compute_realised_eps,
@@ -75,6 +76,7 @@ def make_site_attacks(
     *,
     n_steps: int = 100,
     step_ratio: float = 1 / 3,
+    step_rule: str = "pgd",
     random_start: bool = True,
     n_restarts: int = 1,
     batch_size: int = 0,
@@ -93,7 +95,9 @@ def make_site_attacks(
     three broadcast to (n_jobs,). For each job both directions are solved — minimise
     MSE(f_site(x + δ), +1000) and MSE(f_site(x + δ), −1000) — with step ``step_ratio`` × ε,
     ``n_steps`` steps and random starts; the direction with the larger predicted
-    |f_site(x + δ) − f_site(x)| on the final 8-bit image is kept. ``batch_size``: images (job ×
+    |f_site(x + δ) − f_site(x)| on the final 8-bit image is kept. ``step_rule``: ``"pgd"`` (the
+    paper's fixed step) or ``"apgd"`` (APGD's step schedule with momentum, which ignores
+    ``step_ratio``; :func:`~closedloop.attacks.engine.compute_pgd`). ``batch_size``: images (job ×
     direction pairs) per batch; 0 sizes it to the device memory (CUDA) or uses 32 (CPU).
     ``precision``: ``"auto"`` (bf16 autocast in the attack steps where the device runs bf16
     natively, else float32), ``"fp32"`` or ``"bf16"``; the steps run a BatchNorm-folded copy of
@@ -107,6 +111,7 @@ def make_site_attacks(
     check_uint8_images("clean_uint8", clean_uint8)
     n_steps = check_integer("n_steps", n_steps, minimum=1)
     step_ratio = check_number("step_ratio", step_ratio, minimum=0.0, inclusive=False)
+    step_rule = check_option("step_rule", step_rule, STEP_RULES)
     batch_size = check_integer("batch_size", batch_size, minimum=0)
     seed = check_integer("seed", seed, minimum=0)
     signs = {"both": [1, -1], "increase": [1], "decrease": [-1]}[check_option("directions", directions, _DIRECTIONS)]
@@ -147,7 +152,7 @@ def make_site_attacks(
         attacked = make_attack_pixels(
             runner, clean_uint8[image_index[pairs]], eps=eps[pairs], step_size=eps[pairs] * step_ratio, n_steps=n_steps,
             objective=_site_objective(site_tensor, target), device=device, settings=settings,
-            random_start=random_start, n_restarts=n_restarts, generator=generator,
+            random_start=random_start, n_restarts=n_restarts, generator=generator, step_rule=step_rule,
         )
         outputs = compute_predictions(model, attacked, batch_size=len(attacked), device=device)
         if len(signs) == 2:

@@ -11,13 +11,14 @@ from closedloop.attacks.sites import make_site_attacks
 from tests.closedloop.attacks.conftest import SIZE, TinyNet, check_budget, make_images
 
 
-def test_site_attacks_move_the_targeted_site_within_budget():
+@pytest.mark.parametrize("step_rule", ["pgd", "apgd"])
+def test_site_attacks_move_the_targeted_site_within_budget(step_rule):
     model = TinyNet(5)
     clean = make_images(4, seed=5)
     image_index = np.array([0, 1, 2, 3, 0, 1])
     site = np.array([0, 1, 2, 3, 4, 4])
     eps = np.array([0.5, 0.5, 1.0, 1.0, 2.0, 0.05])
-    attacks = make_site_attacks(model, clean, image_index, site, eps, n_steps=12, batch_size=4, seed=1)
+    attacks = make_site_attacks(model, clean, image_index, site, eps, n_steps=12, batch_size=4, seed=1, step_rule=step_rule)
     rows = np.arange(len(site))
     change = attacks.predicted[rows, site] - attacks.predicted_clean[rows, site]
     assert set(attacks.direction.tolist()) <= {1, -1} and attacks.direction.dtype == np.int8
@@ -78,6 +79,7 @@ def test_site_attacks_in_one_direction_push_every_site_that_way(directions, sign
         ({"site": [[0, 1], [1, 0]]}, ValueError, r"broadcast to one dimension \(n_jobs,\)"),
         ({"device": "tpu"}, ValueError, "allowed values are 'cpu', 'cuda'"),
         ({"directions": "up"}, ValueError, "'directions': allowed values are 'both', 'increase', 'decrease', but got 'up'"),
+        ({"step_rule": "fgsm"}, ValueError, "'step_rule': allowed values are 'pgd', 'apgd', but got 'fgsm'"),
     ],
 )
 def test_site_attacks_bad_input(change, error, message):

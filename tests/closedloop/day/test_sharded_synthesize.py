@@ -125,3 +125,23 @@ def test_make_day_stimuli_runs_on_rank_0_only(tmp_path):
     with pytest.raises(ValueError, match="make_day_stimuli runs on rank 0 only, but this process is rank 1; "
                                          "the other ranks run run_shard"):
         make_day_stimuli(None, None, None, None, None, seed=0, parts_dir=tmp_path, group=ProcessGroup(rank=1, world_size=2))
+
+
+def test_the_attack_step_rule_reaches_the_days_attacks(tmp_path):
+    """[attack] step_rule is frozen with the day and changes its attacks, not its clean images or baselines."""
+    made = {}
+    for rule in ("pgd", "apgd"):
+        experiment = tmp_path / rule
+        experiment.mkdir()
+        (experiment / "experiment.toml").write_text(SHARDED.replace("steps = 3", f"steps = 3\nstep_rule = \"{rule}\""))
+        with _one_thread():
+            run_day(experiment, 0, until="synthesize")
+        folder = layout.day_folder(experiment, 0)
+        assert f'step_rule = "{rule}"' in (folder / layout.CONFIG).read_text()
+        store = zarr.open_group(str(folder / layout.STORE), mode="r")
+        made[rule] = {name: store[f"stimuli/{name}"][:] for name in ("pixels", "kind")}
+    kind = made["pgd"]["kind"]
+    assert np.array_equal(kind, made["apgd"]["kind"])
+    attack = kind == "attack"
+    assert not np.array_equal(made["pgd"]["pixels"][attack], made["apgd"]["pixels"][attack])
+    assert np.array_equal(made["pgd"]["pixels"][~attack], made["apgd"]["pixels"][~attack])
