@@ -1,12 +1,13 @@
 """How many steps the loop's site attacks need, per step rule: predicted |Δr| after n steps ÷ after 100 PGD steps.
 
-Usage: ``PYTHONPATH=. python benchmarks/bench_attack_steps.py BASE_CHECKPOINT [EPS ...]`` (the
-day-0 model: the base backbone + a random 21-site readout; 7 embedded images × 4 sites, both
+Usage: ``PYTHONPATH=. python benchmarks/bench_attack_steps.py BASE_CHECKPOINT [EPS ...] [--figure PNG]``
+(the day-0 model: the base backbone + a random 21-site readout; 7 embedded images × 4 sites, both
 directions, the larger kept, as the day's attacks; pixel ε = 1, 4, 10 unless given, e.g. 6.3 25.2 63
 for the demo preset's paper ε = 1, 4, 10 at k = 6.3; one torch thread). For each budget and step
-rule (``[attack] step_rule``: ``pgd``, the paper's fixed ε/3 step; ``apgd``) and 10, 20, 50 steps it
+rule (``[attack] step_rule``: ``pgd``, the paper's fixed ε/3 step; ``apgd``) and 5 to 100 steps it
 prints the mean over attacks of the change ÷ the mean after 100 PGD steps, the smallest per-attack
-ratio and the seconds. Results: docs/attacks.md and docs/validate.md.
+ratio and the seconds; ``--figure`` draws that share against the seconds, one panel per budget.
+Results: docs/attacks.md and docs/validate.md.
 """
 
 import sys
@@ -19,31 +20,67 @@ from closedloop.attacks.sites import make_site_attacks
 from closedloop.images import make_embedded_image_set
 from models import make_it_model
 
-STEPS = (10, 20, 50)
+STEPS = (5, 10, 20, 50, 100)
+RULES = ("pgd", "apgd")
 
 
-def main(base: str, budgets: list[float]) -> None:
+def measure(base: str, budgets: list[float]) -> dict:
+    """{eps: {rule: [(steps, seconds, mean share, smallest share), ...]}}, shares of the 100-step PGD mean."""
     torch.set_num_threads(1)
     model = make_it_model(base, "layer4.0", 21, seed=0)
     clean = make_embedded_image_set(per_photo=1, seed=5).read(np.arange(0, 14, 2))
     index, site = (a.ravel() for a in np.meshgrid(np.arange(len(clean)), np.array([0, 5, 10, 15]), indexing="ij"))
     rows = np.arange(len(index))
-
-    def change(eps: float, steps: int, rule: str) -> tuple[np.ndarray, float]:
-        began = time.monotonic()
-        attacks = make_site_attacks(model, clean, index, site, eps, n_steps=steps, step_rule=rule, seed=0)
-        return np.abs(attacks.predicted[rows, site] - attacks.predicted_clean[rows, site]), time.monotonic() - began
-
+    results = {}
     for eps in budgets:
-        reference, seconds = change(eps, 100, "pgd")
-        print(f"eps={eps:g}: 100 PGD steps, mean predicted |change| {reference.mean():.4f} ({seconds:.1f} s)")
-        for rule in ("pgd", "apgd"):
+        runs = {}
+        for rule in RULES:
             for steps in STEPS:
-                got, seconds = change(eps, steps, rule)
-                ratio = got / np.maximum(reference, 1e-9)
-                print(f"  {rule:4s} {steps:3d} steps: {got.mean() / reference.mean():.3f} of it, smallest attack "
-                      f"{ratio.min():.3f} ({seconds:.1f} s)", flush=True)
+                began = time.monotonic()
+                attacks = make_site_attacks(model, clean, index, site, eps, n_steps=steps, step_rule=rule, seed=0)
+                change = np.abs(attacks.predicted[rows, site] - attacks.predicted_clean[rows, site])
+                runs[rule, steps] = (change, time.monotonic() - began)
+        reference = runs["pgd", 100][0]
+        results[eps] = {rule: [(steps, runs[rule, steps][1], runs[rule, steps][0].mean() / reference.mean(),
+                                (runs[rule, steps][0] / np.maximum(reference, 1e-9)).min()) for steps in STEPS]
+                        for rule in RULES}
+        print(f"eps={eps:g}: 100 PGD steps, mean predicted |change| {reference.mean():.4f}")
+        for rule in RULES:
+            for steps, seconds, share, smallest in results[eps][rule]:
+                print(f"  {rule:4s} {steps:3d} steps: {share:.3f} of it, smallest attack {smallest:.3f} ({seconds:.1f} s)",
+                      flush=True)
+    return results
+
+
+def draw(results: dict, path: str) -> None:
+    """Mean share of the 100-step PGD objective against seconds, one panel per budget, one line per rule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for ax, (eps, by_rule) in zip(axes[0], results.items()):
+        for rule, marker in zip(RULES, "os"):
+            points = by_rule[rule]
+            ax.plot([p[1] for p in points], [p[2] for p in points], marker=marker, label=rule)
+            for steps, seconds, share, _ in points:
+                ax.annotate(str(steps), (seconds, share), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.axhline(1.0, color="k", ls=":", lw=1)
+        ax.set(title=f"pixel eps = {eps:g}", xlabel="seconds (28 attacks x 2 directions, 1 thread)",
+               ylabel="share of the 100-step PGD objective")
+        ax.legend(title="step rule (steps marked)", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [float(value) for value in sys.argv[2:]] or [1.0, 4.0, 10.0])
+    arguments = sys.argv[1:]
+    figure_path = None
+    if "--figure" in arguments:
+        at = arguments.index("--figure")
+        figure_path = arguments[at + 1]
+        del arguments[at:at + 2]
+    measured = measure(arguments[0], [float(value) for value in arguments[1:]] or [1.0, 4.0, 10.0])
+    if figure_path:
+        draw(measured, figure_path)
