@@ -326,6 +326,12 @@ class SimSection(ConfigSection):
         description="Validation only: random starts per direction of the white-box solver giving each site's true sensitivity.",
     )
     truth_steps: int = Field(60, ge=2, description="Validation only: steps of that solver.")
+    truth_step_rule: Literal["pgd", "apgd"] = Field(
+        "pgd",
+        description='Validation only: that solver\'s step rule, "pgd" (the paper\'s adaptive step for network units) or '
+        '"apgd" (APGD\'s schedule with momentum: at 30 steps 98% of a 100-step solve where "pgd" reaches 94%, at the '
+        "same cost; docs/attacks.md).",
+    )
     truth_images: int = Field(
         0, ge=0,
         description="Validation only: solve the truth on at most this many of each budget's attacked clean images, a "

@@ -130,6 +130,7 @@ def compute_twin_calibration(
     attacked = np.concatenate([np.flatnonzero(categories == c)[:n_attacked] for c in names])
     clean_attacked = counts[attacked]
     solved = {eps: compute_unit_sensitivity(expected, clean[attacked], eps * scale, n_starts=n_starts, n_steps=n_steps,
+                                            step_rule=config.sim.truth_step_rule,
                                             directions="both" if curves else "increase", seed=seed, device=device)
               for eps in BUDGETS}
     class_made = _class_reference_counts(config, sites, expected, clean[attacked], seed=seed, device=device)

@@ -47,7 +47,8 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
     truth_images`` = n > 0 over n of them drawn at random with ``seed`` (the same for every site
     and budget when they share their parents, as a plan's attacks do; an unbiased estimate of
     that mean at a fraction of the cost). Per parent it is the best of the white-box solver
-    (``[sim] truth_starts`` random starts per direction, ``[sim] truth_steps`` steps) and of the
+    (``[sim] truth_starts`` random starts per direction, ``[sim] truth_steps`` steps, ``[sim]
+    truth_step_rule``) and of the
     attack image shown (the site's change there): both are points of the ε-ball, so the larger
     is the better estimate of the maximum, and a solver that falls short of the loop's own
     attack can never put the truth below the bound.
@@ -74,7 +75,8 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
         targeted = np.unique(stimuli["site"][chosen])
         solved = compute_unit_sensitivity(
             expected, store.read_pixels(parents), float(eps), units=targeted, n_starts=config.sim.truth_starts,
-            n_steps=config.sim.truth_steps, batch_size=256, seed=seed, device=device,
+            n_steps=config.sim.truth_steps, step_rule=config.sim.truth_step_rule, batch_size=256, seed=seed,
+            device=device,
         )
         row = {parent: i for i, parent in enumerate(parents)}
         for column, site in enumerate(targeted):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from closedloop.attacks.engine import compute_pgd, compute_predictions
+from closedloop.attacks.engine import STEP_RULES, compute_pgd, compute_predictions
 from closedloop.core.logs import progress
 from closedloop.core.validation import (
     check_device,
@@ -64,6 +64,7 @@ def compute_unit_sensitivity(
     n_steps: int = 250,
     step_shrink: float = 0.9,
     n_step_resets: int = 4,
+    step_rule: str = "pgd",
     batch_size: int = 0,
     directions: str = "both",
     seed: int = 0,
@@ -77,6 +78,8 @@ def compute_unit_sensitivity(
     flattened output (default all). Each (image, unit, direction) is solved from ``n_starts``
     random starts (on the 2ε sphere) for ``n_steps`` steps in total, half in the 2ε ball and half
     in the ε ball. ``step_shrink`` / ``n_step_resets``: the adaptive step (paper: 0.9 / 4).
+    ``step_rule``: ``"pgd"`` (that adaptive step, the paper's) or ``"apgd"`` (APGD's step schedule
+    with momentum in both phases, which ignores the two; :func:`closedloop.attacks.engine.compute_pgd`).
     ``batch_size``: problems per batch (0: 16). ``directions``: "both" (s_i), or only
     "increase" or "decrease" (half the work; the other direction and s_i are NaN). Returns
     :class:`UnitSensitivity`.
@@ -90,6 +93,7 @@ def compute_unit_sensitivity(
     n_starts = check_integer("n_starts", n_starts, minimum=1)
     n_steps = check_integer("n_steps", n_steps, minimum=2)
     check_option("directions", directions, ["both", "increase", "decrease"])
+    step_rule = check_option("step_rule", step_rule, STEP_RULES)
     solved = {"both": (0, 1), "increase": (0,), "decrease": (1,)}[directions]
     batch_size = check_integer("batch_size", batch_size, minimum=0) or _CPU_BATCH
     device = check_device("device", device)
@@ -110,7 +114,8 @@ def compute_unit_sensitivity(
         images = to_tensor(clean_uint8[image_of[rows]], device)
         sign = torch.as_tensor(sign_of[rows], dtype=torch.float32, device=device)
         objective = _unit_objective(torch.as_tensor(units[unit_of[rows]], device=device), sign)
-        adaptive = dict(objective=objective, step_size=eps, step_shrink=step_shrink, n_step_resets=n_step_resets)
+        adaptive = dict(objective=objective, step_size=eps, step_shrink=step_shrink, n_step_resets=n_step_resets,
+                        step_rule=step_rule)
         wide = compute_pgd(unit_fn, images, eps=2 * eps, n_steps=first_steps, random_start=True, generator=generator, **adaptive)
         final = compute_pgd(unit_fn, images, eps=eps, n_steps=n_steps - first_steps, start=wide.images, **adaptive)
         reached[rows] = (final.loss * sign).cpu().numpy()  # h_i(x + δ)

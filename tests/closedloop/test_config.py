@@ -106,6 +106,7 @@ def test_missing_keys_take_defaults(tmp_path):
         ("[fit]\nloss = 'l2'\n", r"'fit.loss' = 'l2': Input should be 'poisson' or 'mse'"),
         ("[attack]\nprecision = 'fp16'\n", r"'attack.precision' = 'fp16': Input should be 'auto', 'fp32' or 'bf16'"),
         ("[attack]\nstep_rule = 'adam'\n", r"'attack.step_rule' = 'adam': Input should be 'pgd' or 'apgd'"),
+        ("[sim]\ntruth_step_rule = 'adam'\n", r"'sim.truth_step_rule' = 'adam': Input should be 'pgd' or 'apgd'"),
         ("[response]\nwindow_s = [0.17, 0.07]\n", r"'response.window_s' = \[0.17, 0.07\]: need 0 <= start < stop"),
         ("[sites]\nn_sites = 3\ntargets = [0, 5]\n", r"sites \[5\] do not exist; allowed are 0..2"),
         ("[rsvp]\nrepetitions = 'two'\n", r"'rsvp.repetitions' = 'two': Input should be a valid integer"),

@@ -117,3 +117,18 @@ def test_a_truth_subsample_solves_one_shared_parent_for_every_site(tmp_path):
     values = [truth.sensitivity(s, 2.0) for s in (0, 1)]
     assert any(values == pytest.approx(candidate) for candidate in candidates.values()), (values, candidates)
     assert candidates[0] != pytest.approx(candidates[1])  # the two parents differ, so the test can tell them apart
+
+
+def test_the_truth_solver_follows_the_configured_step_rule(tmp_path):
+    """``[sim] truth_step_rule`` = "apgd": the truth is the APGD solver's (or the shown attack's), not the paper rule's."""
+    config, expected, clean, image_index, site = _attacked_store(tmp_path, truth_images=0)
+    config = config.model_copy(update={"sim": config.sim.model_copy(update={"truth_step_rule": "apgd", "truth_steps": 20})})
+    truth = compute_sim_truth(config, tmp_path / "store.zarr", seed=0)
+    shown = np.abs(truth.expected_counts[2:][np.arange(4), site] - truth.expected_counts[image_index, site])
+    solved = {rule: compute_unit_sensitivity(expected, clean, 2.0, n_starts=1, n_steps=20, step_rule=rule,
+                                             batch_size=256, seed=0).sensitivity for rule in ("pgd", "apgd")}
+    # at 20 steps APGD beats the shown attack and the paper rule does not, so the truth tells the rules apart
+    assert (solved["apgd"][image_index, site] > shown).all() and (solved["pgd"][image_index, site] < shown).any()
+    for s in range(2):
+        mine = site == s
+        assert truth.sensitivity(s, 2.0) == pytest.approx(np.fmax(solved["apgd"][image_index[mine], s], shown[mine]).mean())

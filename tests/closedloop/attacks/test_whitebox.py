@@ -19,12 +19,13 @@ def _net(seed=0):
     )
 
 
-def test_linear_units_reach_the_exact_sensitivity():
+@pytest.mark.parametrize("step_rule", ["pgd", "apgd"])
+def test_linear_units_reach_the_exact_sensitivity(step_rule):
     torch.manual_seed(1)
     linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 3))
     clean = np.full((2, SIZE, SIZE, 3), 128, np.uint8)
     eps = 0.5  # far from the [0, 1] walls: the optimum is δ = ±ε w/‖w‖
-    result = compute_unit_sensitivity(linear, clean, eps, n_starts=2, n_steps=30)
+    result = compute_unit_sensitivity(linear, clean, eps, n_starts=2, n_steps=30, step_rule=step_rule)
     exact = eps * linear[1].weight.detach().norm(dim=1).numpy()
     np.testing.assert_allclose(result.increase, np.broadcast_to(exact, (2, 3)), rtol=1e-3)
     np.testing.assert_allclose(result.decrease, np.broadcast_to(exact, (2, 3)), rtol=1e-3)
@@ -74,3 +75,5 @@ def test_whitebox_bad_input():
         compute_unit_sensitivity(lambda x: x, clean, 1.0)
     with pytest.raises(ValueError, match=r"'n_steps' must lie in \[2, inf\]"):
         compute_unit_sensitivity(_net(), clean, 1.0, n_steps=1)
+    with pytest.raises(ValueError, match="'step_rule': allowed values are 'pgd', 'apgd', but got 'sgd'"):
+        compute_unit_sensitivity(_net(), clean, 1.0, step_rule="sgd")
