@@ -77,3 +77,21 @@ def test_a_moved_experiment_folder_resumes(tmp_path):
     results = run_day(moved, 0, until="plan", rig=RigLauncher())
     assert results["plan"]["skipped"]
     assert (moved / "day_000" / "config.toml").read_text() == frozen
+
+
+def test_a_day_frozen_before_the_step_rules_existed_resumes_and_a_new_rule_is_refused(tmp_path):
+    """An operator upgrading mid-day: a frozen config.toml without [attack] step_rule and [sim]
+    truth_step_rule reads as the paper's rules (what made the day), so the day resumes; switching
+    the attacks to APGD after they were made is refused like any other change to finished work."""
+    experiment = _experiment(tmp_path / "exp")
+    run_day(experiment, 0, until="plan", rig=RigLauncher())
+    frozen = experiment / "day_000" / "config.toml"
+    lines = frozen.read_text().splitlines()
+    assert any(line.startswith("step_rule") for line in lines) and any(line.startswith("truth_step_rule") for line in lines)
+    frozen.write_text("\n".join(line for line in lines if not line.startswith(("step_rule", "truth_step_rule"))) + "\n")
+    results = run_day(experiment, 0, until="plan", rig=RigLauncher())
+    assert results["plan"]["skipped"]
+    assert "config_changes" not in read_json(experiment / "day_000" / "provenance.json")
+    _edit(experiment, "steps = 3", 'steps = 3\nstep_rule = "apgd"')
+    with pytest.raises(ValueError, match=r"attack.step_rule 'pgd' -> 'apgd'\); plan already used these settings"):
+        run_day(experiment, 0, until="plan", rig=RigLauncher())
