@@ -229,6 +229,12 @@ def _loss(model, objective, x: torch.Tensor, settings: RunSettings, *, grad: boo
     return loss.detach(), gradient
 
 
+def _step_along(base: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor, *, out: torch.Tensor | None = None):
+    """base − step · gradient / ‖gradient‖ per image (step: (N,)), written into ``out`` when given."""
+    scale = -(step / _norm(gradient).clamp_min(_TINY)).view((-1,) + (1,) * (base.dim() - 1))
+    return torch.addcmul(base, gradient, scale, out=out)
+
+
 def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, step_shrink, n_step_resets):
     """One PGD run from ``start`` (which it overwrites); returns (best images, best loss, start loss).
 
@@ -262,8 +268,7 @@ def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, st
             reset = (step < 0.01 * initial_step) & (resets_left > 0)
             step = torch.where(reset, initial_step, step)
             resets_left = resets_left - reset.float()
-        scale = -(step / _norm(gradient).clamp_min(_TINY)).view(view)
-        _project(torch.addcmul(base, gradient, scale, out=x), clean, eps, scratch=scratch)
+        _project(_step_along(base, gradient, step, out=x), clean, eps, scratch=scratch)
     loss, _ = _loss(model, objective, x, settings, grad=False)
     improved = loss < best_loss
     torch.where(improved.view(view), x, best_x, out=best_x)
@@ -275,8 +280,8 @@ def compute_apgd_checkpoints(n_steps: int) -> list[int]:
     p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), p_j ≤ 1; the first
     (0) dropped. E.g. 20 steps → [5, 9, 12, 14, 16, 18, 19, 20]."""
     fractions = [0.0, 0.22]
-    while fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06) <= 1.0:
-        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+    while (following := fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06)) <= 1.0:
+        fractions.append(following)
     return sorted({math.ceil(round(p * n_steps, 9)) for p in fractions[1:]} - {0})
 
 
@@ -300,8 +305,7 @@ def _descend_apgd(model, objective, clean, start, eps, n_steps, settings, *, mom
     step = 2.0 * eps
     step_at_check, best_at_check = step.clone(), best_loss.clone()
     lowered, since_check = torch.zeros_like(loss), 0
-    x_next = _project(torch.addcmul(x, gradient, -(step / _norm(gradient).clamp_min(_TINY)).view(view)), clean, eps,
-                      scratch=scratch)
+    x_next = _project(_step_along(x, gradient, step), clean, eps, scratch=scratch)
     x_previous = torch.empty_like(x)
     for iteration in range(1, n_steps):
         x_previous, x, x_next = x, x_next, x_previous  # x_next's buffer is free: the old previous iterate
@@ -321,8 +325,7 @@ def _descend_apgd(model, objective, clean, start, eps, n_steps, settings, *, mom
             lowered.zero_()
             since_check = 0
             step_at_check, best_at_check = step.clone(), best_loss.clone()
-        z = _project(torch.addcmul(x, gradient, -(step / _norm(gradient).clamp_min(_TINY)).view(view), out=x_next),
-                     clean, eps, scratch=scratch)
+        z = _project(_step_along(x, gradient, step, out=x_next), clean, eps, scratch=scratch)
         # x + m(z − x) + (1 − m)(x − x_previous) = m z + 2(1 − m) x − (1 − m) x_previous, built in z's buffer
         z.mul_(momentum).add_(x, alpha=2 * (1 - momentum)).sub_(x_previous, alpha=1 - momentum)
         x_next = _project(z, clean, eps, scratch=scratch)
