@@ -6,7 +6,8 @@ threads). Solves the sites' white-box sensitivity (:func:`closedloop.attacks.whi
 on the day's hidden sites, every site, one random start as the campaign's ``[sim] truth_starts``)
 on the first N attacked clean images at the paper's ε = 1 and 10 (pixel: × the day's
 ``[attack] paper_scale``), with the paper's rule (``[sim] truth_step_rule = "pgd"``) at 30 and 100
-steps and with APGD at 10, 20 and 30, and prints each mean as a share of the 100-step paper-rule
+steps and with APGD at 10, 20 and 30 (and at 16, 20 and 30 with the direction chosen after 2 to 4
+steps, ``choose_direction_at``), and prints each mean as a share of the 100-step paper-rule
 solve, the smallest per (image, site) share, and the seconds. Results: docs/attacks.md.
 """
 
@@ -23,7 +24,9 @@ from closedloop.data import layout
 from closedloop.data.store import open_store
 from rigs.sim import ExpectedCounts, compute_hidden_site_options, make_hidden_sites
 
-RUNS = (("pgd", 30), ("pgd", 100), ("apgd", 10), ("apgd", 20), ("apgd", 30))
+# (step rule, steps, choose_direction_at: 0 = both directions to the end)
+RUNS = (("pgd", 30, 0), ("pgd", 100, 0), ("apgd", 10, 0), ("apgd", 20, 0), ("apgd", 30, 0), ("apgd", 16, 2),
+        ("apgd", 20, 2), ("apgd", 20, 3), ("apgd", 30, 4))
 
 
 def main(folder: Path, n_images: int) -> None:
@@ -38,16 +41,19 @@ def main(folder: Path, n_images: int) -> None:
     for eps_paper in (1.0, 10.0):
         eps = eps_paper * config.attack.paper_scale
         solved = {}
-        for rule, steps in RUNS:
+        for rule, steps, at in RUNS:
             began = time.monotonic()
             sensitivity = compute_unit_sensitivity(expected, pixels, eps, n_starts=1, n_steps=steps, step_rule=rule,
-                                                   batch_size=256, seed=0).sensitivity
-            solved[rule, steps] = (sensitivity, time.monotonic() - began)
-        reference = solved["pgd", 100][0]
-        for (rule, steps), (sensitivity, seconds) in solved.items():
-            print(f"eps={eps:g} (paper {eps_paper:g}) {rule:4s} {steps:3d} steps: mean {sensitivity.mean():.3f} spikes/window, "
+                                                   choose_direction_at=at, batch_size=256, seed=0).sensitivity
+            solved[rule, steps, at] = (sensitivity, time.monotonic() - began)
+        reference = solved["pgd", 100, 0][0]
+        for (rule, steps, at), (sensitivity, seconds) in solved.items():
+            chosen = f", direction chosen at step {at}" if at else ""
+            print(f"eps={eps:g} (paper {eps_paper:g}) {rule:4s} {steps:3d} steps{chosen}: "
+                  f"mean {sensitivity.mean():.3f} spikes/window, "
                   f"{sensitivity.mean() / reference.mean():.3f} of the 100-step paper rule, smallest "
-                  f"{(sensitivity / np.maximum(reference, 1e-9)).min():.3f} ({seconds:.0f} s)", flush=True)
+                  f"{(sensitivity / np.maximum(reference, 1e-9)).min():.3f} ({seconds:.1f} s, "
+                  f"{seconds / solved['pgd', 30, 0][1]:.2f} of the 30-step paper rule's)", flush=True)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ after a warm-up, with the thread count left as it is, as medians over repeats:
   × 100 steps image-steps at the measured engine speed.
 
 ``closedloop bench --peers`` (:func:`compute_peer_bench`) times the day's site attacks end to end
-against torchattacks' PGDL2 doing the same work on the same model, images, ε, steps and step size.
+against torchattacks' PGDL2 doing the same work on the same model, images, ε, steps and step size,
+and the time each of torchattacks' PGDL2 and APGD needs for its objective against the time the
+site attacks need to reach that same objective.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from closedloop.attacks.engine import (
+    STEP_RULES,
     compute_pgd,
     compute_predictions,
     compute_realised_eps,
@@ -37,7 +40,7 @@ from closedloop.attacks.engine import (
 )
 from closedloop.attacks.sites import SITE_TARGET, make_site_attacks
 from closedloop.core.logs import logger
-from closedloop.core.validation import check_device, check_integer, check_number
+from closedloop.core.validation import check_device, check_integer, check_number, check_option
 from closedloop.images import from_tensor, to_tensor
 
 __all__ = ["PAPER_DAY", "TORCHATTACKS_INSTALL", "compute_bench", "compute_peer_bench"]
@@ -213,24 +216,27 @@ def compute_bench(
 
 
 class _SiteLogits(torch.nn.Module):
-    """What the peer attacks: two logits [s, −s] per image, s the prediction of that image's site.
+    """What the peer attacks: two logits [C + d·s, 0] per image, s the prediction of that image's
+    site, d = ±1 its direction, C = SITE_TARGET.
 
-    Untargeted PGD raises the cross-entropy of the label: label 1 (the −s logit) pushes s up,
-    label 0 pushes it down, so the peer's ascent goes the same way as the site attack's descent
-    of (s − (±1000))². ``site``: (N,) site index per image of the next batch. Made in eval mode:
-    torchattacks puts a model it found in train mode back into train mode after each attack, and
-    a BatchNorm in train mode would change the model's running statistics on its next forward.
+    Untargeted attacks raise the cross-entropy of label 1, softplus(C + d·s) = C + d·s to float
+    precision, so the peer's ascent follows d ∇s as the site attack's descent of (s − d·1000)² does,
+    with a gradient that never vanishes (a logit pair [s, −s] would saturate the cross-entropy of
+    the decrease direction once s passes ~8). ``site``, ``direction``: (N,) of the next batch. Made
+    in eval mode: torchattacks puts a model it found in train mode back into train mode after each
+    attack, and a BatchNorm in train mode would change the model's running statistics.
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
         self.site = torch.zeros(0, dtype=torch.long)
+        self.direction = torch.zeros(0)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         s = self.model(images)[torch.arange(len(images), device=images.device), self.site]
-        return torch.stack([s, -s], dim=1)
+        return torch.stack([SITE_TARGET + self.direction * s, torch.zeros_like(s)], dim=1)
 
 
 def _import_torchattacks():
@@ -245,35 +251,65 @@ def _import_torchattacks():
     return torchattacks
 
 
-def _torchattacks_site_attacks(model, pixels, image_index, site, eps, n_steps, batch_size, seed, device):
-    """The site attacks made with torchattacks' PGDL2, end to end as :func:`make_site_attacks` does:
-    clean predictions, both directions per job, the project's exact 8-bit rounding, predictions on
-    the 8-bit images, the direction with the larger predicted change kept. Returns that change
-    per job, |Δ f_site| (n_jobs,), spikes per window, and the realised ε of the kept images (n_jobs,)."""
+PEERS = ("pgd", "apgd")
+
+
+def _torchattacks_site_attacks(model, pixels, image_index, site, eps, n_steps, batch_size, seed, device, peer="pgd"):
+    """The site attacks made with torchattacks (``peer``: ``"pgd"``, its PGDL2 with step ε/3 from a
+    random start; ``"apgd"``, its APGD-L2 with the cross-entropy loss, one restart, the best-loss
+    iterate kept), end to end as :func:`make_site_attacks` does: clean predictions, both directions
+    per job, the project's exact 8-bit rounding, predictions on the 8-bit images, the direction
+    with the larger predicted change kept. Returns that change per job, |Δ f_site| (n_jobs,),
+    spikes per window, and the realised ε of the kept images (n_jobs,)."""
     torchattacks = _import_torchattacks()
     used = np.unique(image_index)
     predicted_used = compute_predictions(model, pixels[used], batch_size=batch_size, device=device)
     clean_predicted = np.zeros((len(pixels), predicted_used.shape[1]), np.float32)
     clean_predicted[used] = predicted_used
     view = _SiteLogits(model)
-    attack = torchattacks.PGDL2(view, eps=eps, alpha=eps / 3, steps=n_steps, random_start=True)
+    if peer == "apgd":
+        attack = torchattacks.APGD(view, norm="L2", eps=eps, steps=n_steps, n_restarts=1, loss="ce", seed=seed)
+        run = lambda images, labels: attack.perturb(images, labels, best_loss=True)[1]  # noqa: E731
+    else:
+        run = torchattacks.PGDL2(view, eps=eps, alpha=eps / 3, steps=n_steps, random_start=True)
     n_jobs, jobs_per_batch = len(image_index), max(1, batch_size // 2)
     change, realised = np.empty(n_jobs), np.empty(n_jobs)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # PGDL2 draws from the global generator
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # both draw from the global generator
         torch.manual_seed(seed)
         for begin in range(0, n_jobs, jobs_per_batch):
             jobs = np.arange(begin, min(begin + jobs_per_batch, n_jobs))
-            pairs, signs = np.repeat(jobs, 2), np.tile([1, -1], len(jobs))
+            pairs, signs = np.repeat(jobs, 2), np.tile([1.0, -1.0], len(jobs))
             view.site = torch.as_tensor(site[pairs], device=device)
+            view.direction = torch.as_tensor(signs, dtype=torch.float32, device=device)
             clean = pixels[image_index[pairs]]
-            adversarial = attack(to_tensor(clean, device), torch.as_tensor(signs > 0, dtype=torch.long, device=device))
-            attacked = quantize_within_budget(from_tensor(adversarial), clean, eps)
+            adversarial = run(to_tensor(clean, device), torch.ones(len(pairs), dtype=torch.long, device=device))
+            attacked = quantize_within_budget(from_tensor(adversarial.detach()), clean, eps)
             outputs = compute_predictions(model, attacked, batch_size=len(attacked), device=device)
             pair_change = np.abs(outputs[np.arange(len(pairs)), site[pairs]] - clean_predicted[image_index[pairs], site[pairs]])
             keep = 2 * np.arange(len(jobs)) + (pair_change[1::2] > pair_change[0::2])
             change[jobs] = pair_change[keep]
             realised[jobs] = compute_realised_eps(attacked[keep], clean[keep])
     return change, realised
+
+
+# Our step counts tried, in order, for the fewest that reach a peer's objective (time to objective).
+_STEP_LADDER = (5, 10, 15, 20, 25, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300)
+
+
+def _steps_to_reach(target: float, attack: Callable[[int], np.ndarray], most: int) -> tuple[int | None, float]:
+    """The fewest steps of the ladder (up to ``most``) whose mean objective ``attack(steps)`` reaches
+    ``target``, and that objective; (None, the objective at ``most``) when none does."""
+    reached = 0.0
+    for steps in [s for s in _STEP_LADDER if s < most] + [most]:
+        reached = float(attack(steps).mean())
+        if reached >= target:
+            return steps, reached
+    return None, reached
+
+
+def _quartiles(ratios: np.ndarray) -> dict:
+    return {"median": float(np.median(ratios)), "quartiles": np.quantile(ratios, [0.25, 0.75]).tolist(),
+            "min": float(ratios.min()), "max": float(ratios.max())}
 
 
 def compute_peer_bench(
@@ -287,27 +323,39 @@ def compute_peer_bench(
     image_size: int = 224,
     device="cpu",
     precision: str = "auto",
+    step_rule: str = "apgd",
     seed: int = 0,
 ) -> dict:
-    """The day's site attacks against torchattacks' PGDL2 on the same work, end to end.
+    """The day's site attacks against torchattacks on the same work, end to end.
 
-    ``model``: float images (N, 3, H, W) in [0, 1] → (N, n_sites). Both make ``n_jobs`` (image,
-    site) attacks on seeded random 8-bit images of ``image_size`` px, both directions each, within
-    L2 budget ``eps`` ([0, 1] pixel units), ``n_steps`` steps of ``eps / 3`` from a random start,
-    ``batch_size`` images per batch; both outputs get the project's exact 8-bit rounding (so both
-    keep ‖δ‖ ≤ ε on the shown image) and predictions on it. :func:`make_site_attacks` runs with
-    ``precision`` (its default: "auto"); torchattacks runs the model as given, float32. Timed runs
-    alternate ``n_repeats`` times, together with a bare float32 forward+backward of one batch.
-    Returns a JSON-ready dict (keys in docs/attacks.md): ``speedup_vs_torchattacks`` (median of
-    the paired time ratios; spread as min/max and quartiles), ``site_attack_over_fwd_bwd``, the
-    achieved objective of both (mean predicted |Δ f_site| of the kept direction on the 8-bit
-    image, spikes per window) and the load average of the machine.
+    ``model``: float images (N, 3, H, W) in [0, 1] → (N, n_sites). All contenders make ``n_jobs``
+    (image, site) attacks on seeded random 8-bit images of ``image_size`` px, both directions each,
+    within L2 budget ``eps`` ([0, 1] pixel units) from a random start, ``batch_size`` images per
+    batch; every output gets the project's exact 8-bit rounding (so all keep ‖δ‖ ≤ ε on the shown
+    image) and predictions on it. :func:`make_site_attacks` runs with ``precision`` (its default:
+    "auto"); torchattacks runs the model as given, float32.
+
+    Two comparisons, timed in one interleaved series of ``n_repeats`` runs (with a bare float32
+    forward+backward of one batch):
+
+    - at equal steps: :func:`make_site_attacks` (the paper's rule, ``n_steps`` steps of ε/3)
+      against torchattacks' PGDL2 with the same steps and step size (``speedup_vs_torchattacks``);
+    - time to objective: torchattacks' PGDL2 and APGD-L2 at ``n_steps`` (the day's step count)
+      each reach a mean objective; :func:`make_site_attacks` with ``step_rule`` takes the fewest
+      steps of a ladder (5, 10, 15, …, up to 3 × ``n_steps``) that reach the same, and the ratio
+      of the peer's time to ours is ``time_to_objective_vs_torchattacks`` /
+      ``time_to_objective_vs_apgd`` (medians of the paired ratios; quartiles, min and max under
+      ``time_to_objective``).
+
+    The objective is the mean over jobs of the predicted |Δ f_site| of the kept direction on the
+    8-bit image (spikes per window). Returns a JSON-ready dict (keys in docs/attacks.md).
     """
     torchattacks = _import_torchattacks()
     for name, value, low in (("n_jobs", n_jobs, 1), ("n_steps", n_steps, 1), ("n_repeats", n_repeats, 1),
                              ("batch_size", batch_size, 2), ("image_size", image_size, 16), ("seed", seed, 0)):
         check_integer(name, value, minimum=low)
     eps = check_number("eps", eps, minimum=0.0, inclusive=False)
+    step_rule = check_option("step_rule", step_rule, STEP_RULES)
     device = check_device("device", device)
     resolved = resolve_precision(precision, device)
     _prepare(model, device)
@@ -320,27 +368,52 @@ def compute_peer_bench(
     objective = _site_objective(batch_size, n_sites, device)
     outcome = {}
 
-    def ours() -> None:
-        outcome["ours"] = make_site_attacks(model, pixels, image_index, site, eps, n_steps=n_steps, batch_size=batch_size,
-                                            seed=seed, device=device, precision=precision)
+    def ours(steps: int, rule: str, key: str) -> np.ndarray:
+        made = make_site_attacks(model, pixels, image_index, site, eps, n_steps=steps, step_rule=rule,
+                                 batch_size=batch_size, seed=seed, device=device, precision=precision)
+        outcome[key] = made
+        return np.abs(made.predicted - made.predicted_clean)[np.arange(n_jobs), site]
 
-    def peer() -> None:
-        outcome["peer"] = _torchattacks_site_attacks(model, pixels, image_index, site, eps, n_steps, batch_size, seed, device)
+    def peer(name: str) -> None:
+        outcome[name] = _torchattacks_site_attacks(model, pixels, image_index, site, eps, n_steps, batch_size, seed,
+                                                   device, peer=name)
 
+    logger.info("bench --peers: %d jobs × 2 directions, %d steps: the peers' objectives, then ours to reach them",
+                n_jobs, n_steps)
+    to_objective = {}
+    for name in PEERS:
+        peer(name)
+        target = float(outcome[name][0].mean())
+        steps, reached = _steps_to_reach(target, lambda k, n=name: ours(k, step_rule, f"ours_{n}"), 3 * n_steps)
+        to_objective[name] = {"peer_objective": target, "steps": steps, "objective": reached}
     load_before = os.getloadavg()[0]
-    logger.info("bench --peers: %d jobs × 2 directions, %d steps, %d repeats", n_jobs, n_steps, n_repeats)
-    times = _interleaved_seconds({
-        "site_attacks": ours, "torchattacks": peer,
+    logger.info("bench --peers: %d timed repeats", n_repeats)
+    works = {
+        "site_attacks": lambda: ours(n_steps, "pgd", "ours"),
+        "torchattacks": lambda: peer("pgd"),
+        "torchattacks_apgd": lambda: peer("apgd"),
         "fwd_bwd": lambda: _fwd_bwd(model, images, objective, 1, autocast=False),
-    }, n_repeats, device)
+    }
+    for name in PEERS:
+        if to_objective[name]["steps"] is not None:
+            works[f"to_objective_{name}"] = lambda k=to_objective[name]["steps"], n=name: ours(k, step_rule, f"ours_{n}")
+    times = _interleaved_seconds(works, n_repeats, device)
     ratios = times["torchattacks"] / times["site_attacks"]
+    for name, peer_key in zip(PEERS, ("torchattacks", "torchattacks_apgd")):
+        entry = to_objective[name]
+        entry["peer_s"] = float(np.median(times[peer_key]))
+        if entry["steps"] is None:
+            entry["ours_s"], entry["ratio"] = None, None
+            continue
+        entry["ours_s"] = float(np.median(times[f"to_objective_{name}"]))
+        entry["ratio"] = _quartiles(times[peer_key] / times[f"to_objective_{name}"])
     made = outcome["ours"]
     ours_change = np.abs(made.predicted - made.predicted_clean)[np.arange(n_jobs), site]
-    peer_change, peer_realised = outcome["peer"]
+    peer_change, peer_realised = outcome["pgd"]
     image_steps = 2 * n_jobs * n_steps
     fwd_bwd_per_image = float(np.median(times["fwd_bwd"])) / batch_size
     return {
-        "peer": f"torchattacks {torchattacks.__version__} PGDL2",
+        "peer": f"torchattacks {torchattacks.__version__} PGDL2 and APGD (L2, cross-entropy)",
         "device": str(device),
         "threads": torch.get_num_threads(),
         "load_average": [load_before, os.getloadavg()[0]],
@@ -354,7 +427,7 @@ def compute_peer_bench(
         "eps": eps,
         "step_size": eps / 3,
         "n_repeats": n_repeats,
-        "rounding": "the project's exact 8-bit rounding on both outputs (both keep ||delta|| <= eps when shown)",
+        "rounding": "the project's exact 8-bit rounding on every output (all keep ||delta|| <= eps when shown)",
         "site_attacks_s": float(np.median(times["site_attacks"])),
         "torchattacks_s": float(np.median(times["torchattacks"])),
         "speedup_vs_torchattacks": float(np.median(ratios)),
@@ -369,4 +442,12 @@ def compute_peer_bench(
         "objective_ratio": float(ours_change.mean() / peer_change.mean()),
         "realised_eps_max_site_attacks": float(made.realised_eps.max()),
         "realised_eps_max_torchattacks": float(peer_realised.max()),
+        "time_to_objective_step_rule": step_rule,
+        "time_to_objective": to_objective,
+        "time_to_objective_vs_torchattacks": _median_or_none(to_objective["pgd"]),
+        "time_to_objective_vs_apgd": _median_or_none(to_objective["apgd"]),
     }
+
+
+def _median_or_none(entry: dict) -> float | None:
+    return None if entry["ratio"] is None else entry["ratio"]["median"]

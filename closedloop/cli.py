@@ -112,12 +112,17 @@ def check_model(experiment: Path, n_images: int, as_json: bool) -> None:
               "(needs torchattacks: pip install --no-deps torchattacks==3.5.1).")
 @click.option("--n-jobs", type=click.IntRange(1), default=16, show_default=True,
               help="With --peers: (image, site) attack jobs, both directions each.")
+@click.option("--eps", type=click.FloatRange(0.0, min_open=True), default=1.0, show_default=True,
+              help="With --peers: L2 budget in [0, 1] pixel units (the embedded family's paper eps 1 is 6.3).")
+@click.option("--step-rule", type=click.Choice(["pgd", "apgd"]), default="apgd", show_default=True,
+              help="With --peers: the step rule with which the site attacks race to the peers' objectives.")
 @click.option("--ingest", is_flag=True, help="Measure .nev ingest instead: speed and memory against a memmap pass.")
 @click.option("--ingest-mb", type=(click.FloatRange(0.01), click.FloatRange(0.01)), default=(100, 400),
               show_default=True, metavar="SMALL LARGE", help="With --ingest: the two synthetic files' sizes, MB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int, repeats: int, image_size: int,
-          device: str, precision: str, channels_last: bool, compile_model: bool, peers: bool, n_jobs: int, ingest: bool,
+          device: str, precision: str, channels_last: bool, compile_model: bool, peers: bool, n_jobs: int, eps: float,
+          step_rule: str, ingest: bool,
           ingest_mb: tuple, as_json: bool) -> None:
     """Measure attack speed here: bare fwd+bwd, the engine, batching, a paper-size day (--peers: against
     torchattacks; --ingest: .nev ingest)."""
@@ -139,7 +144,8 @@ def bench(backbone: str, layer: str, n_sites: int, batch_size: int, n_steps: int
     if peers:
         try:
             result |= compute_peer_bench(model, n_jobs=n_jobs, n_steps=n_steps, n_repeats=repeats, batch_size=batch_size,
-                                         image_size=image_size, device=device, precision=precision)
+                                         eps=eps, image_size=image_size, device=device, precision=precision,
+                                         step_rule=step_rule)
         except ModuleNotFoundError as error:
             raise click.ClickException(str(error)) from None
     else:

@@ -172,6 +172,12 @@ class AttackSection(ConfigSection):
         "(Croce & Hein 2020; starts at 2 eps, halves on stalls, ignores step_ratio), which reaches the 100-step PGD "
         "objective in fewer steps at large budgets (docs/attacks.md).",
     )
+    choose_direction_at: int = Field(
+        0, ge=0,
+        description="After this many steps each job keeps only the direction (increase or decrease) that has moved its "
+        "site more so far and stops the other (2 <= it < steps; about half the work); 0: both directions to the end, "
+        "the paper's. Early choices can be wrong at large budgets (docs/attacks.md).",
+    )
     random_start: bool = Field(True, description="Start each attack from a random point in the eps-ball.")
     restarts: int = Field(1, ge=1, description="Random restarts per attack; the best is kept.")
     baselines: list[Literal["gaussian", "interpolation"]] = Field(
@@ -197,6 +203,13 @@ class AttackSection(ConfigSection):
         if bad:
             raise ValueError(f"every budget must be a finite number > 0; bad values: {bad}")
         return sorted(set(budgets))
+
+    @model_validator(mode="after")
+    def _choice_inside_the_steps(self) -> AttackSection:
+        if self.choose_direction_at and not 2 <= self.choose_direction_at < self.steps:
+            raise _KeyValueError("choose_direction_at", self.choose_direction_at,
+                                 f"must lie in [2, steps - 1] = [2, {self.steps - 1}], or be 0 (no early choice)")
+        return self
 
 
 class RSVPSection(ConfigSection):
@@ -338,6 +351,20 @@ class SimSection(ConfigSection):
         "seeded random subsample shared by the sites (0: all). Unbiased for the mean over images, at that fraction of "
         "the cost; the validation campaign uses 14 of its 42 (docs/validate.md).",
     )
+    truth_choose_direction_at: int = Field(
+        0, ge=0,
+        description="Validation only: after this many steps of the solver's first phase each (image, site) keeps only "
+        "the direction that has moved it more and stops the other (2 <= it < truth_steps // 2); 0: both to the end. "
+        'With truth_step_rule = "apgd", 20 steps and 3: the 30-step paper rule\'s strength in half its time '
+        "(docs/attacks.md).",
+    )
+
+    @model_validator(mode="after")
+    def _choice_inside_the_first_phase(self) -> SimSection:
+        if self.truth_choose_direction_at and not 2 <= self.truth_choose_direction_at < self.truth_steps // 2:
+            raise _KeyValueError("truth_choose_direction_at", self.truth_choose_direction_at,
+                                 f"must lie in [2, truth_steps // 2 - 1] = [2, {self.truth_steps // 2 - 1}], or be 0")
+        return self
 
     @model_validator(mode="after")
     def _fraction_needs_network(self) -> SimSection:

@@ -48,7 +48,7 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
     and budget when they share their parents, as a plan's attacks do; an unbiased estimate of
     that mean at a fraction of the cost). Per parent it is the best of the white-box solver
     (``[sim] truth_starts`` random starts per direction, ``[sim] truth_steps`` steps, ``[sim]
-    truth_step_rule``) and of the
+    truth_step_rule``, ``[sim] truth_choose_direction_at``) and of the
     attack image shown (the site's change there): both are points of the ε-ball, so the larger
     is the better estimate of the maximum, and a solver that falls short of the loop's own
     attack can never put the truth below the bound.
@@ -75,7 +75,8 @@ def compute_sim_truth(config: ExperimentConfig, store_path: str | Path, *, seed:
         targeted = np.unique(stimuli["site"][chosen])
         solved = compute_unit_sensitivity(
             expected, store.read_pixels(parents), float(eps), units=targeted, n_starts=config.sim.truth_starts,
-            n_steps=config.sim.truth_steps, step_rule=config.sim.truth_step_rule, batch_size=256, seed=seed,
+            n_steps=config.sim.truth_steps, step_rule=config.sim.truth_step_rule,
+            choose_direction_at=config.sim.truth_choose_direction_at, batch_size=256, seed=seed,
             device=device,
         )
         row = {parent: i for i, parent in enumerate(parents)}
@@ -121,8 +122,9 @@ def compute_class_ceiling(config: ExperimentConfig, clean_uint8: np.ndarray, ima
     share = ExpectedCounts(sites, **window, base_share_only=True).to(device)
     counts = ExpectedCounts(sites, **window).to(device)
     attacks = make_site_attacks(share, clean_uint8, image_index, site, eps, n_steps=config.attack.steps,
-                                step_ratio=config.attack.step_ratio, step_rule=config.attack.step_rule, seed=seed,
-                                device=device, precision="fp32")
+                                step_ratio=config.attack.step_ratio, step_rule=config.attack.step_rule,
+                                choose_direction_at=config.attack.choose_direction_at, seed=seed, device=device,
+                                precision="fp32")
     jobs = np.arange(len(site))
     clean_counts = compute_predictions(counts, clean_uint8, device=device).astype(np.float64)
     shown_counts = np.concatenate([

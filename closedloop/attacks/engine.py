@@ -50,6 +50,7 @@ from closedloop.images import to_tensor
 __all__ = [
     "PRECISIONS",
     "PGDResult",
+    "RowSelection",
     "RunSettings",
     "has_native_bf16",
     "resolve_precision",
@@ -94,12 +95,74 @@ class PGDResult:
     """Output of :func:`compute_pgd`.
 
     ``images``: best iterate per image, float32 (N, 3, H, W) in [0, 1] with ‖images − clean‖₂ ≤ ε;
-    ``loss``: objective at ``images``, (N,); ``start_loss``: objective at the first start point, (N,).
+    ``loss``: objective at ``images``, (N,); ``start_loss``: objective at the first start point, (N,);
+    ``steps``: int64 (N,), forward/backward passes each image took in its last restart (``n_steps``
+    unless a :class:`RowSelection` stopped it earlier).
     """
 
     images: torch.Tensor
     loss: torch.Tensor
     start_loss: torch.Tensor
+    steps: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RowSelection:
+    """Rows of a batch that stop part-way: after ``at`` steps (2 ≤ ``at`` < ``n_steps``) the engine
+    asks ``keep(best_loss, rows)`` (best loss so far, (M,); the rows' indices in the batch as given,
+    int64 (M,)) → bool (M,), and only the rows it keeps take the remaining steps, in a compacted
+    batch; a row that stops keeps its best iterate so far. The objective must then offer
+    ``take(index)``: the same objective for the rows at ``index`` (int64 (K,)) of its batch.
+    E.g. the site attacks drop the weaker direction of each job early (:mod:`closedloop.attacks.sites`).
+    """
+
+    at: int
+    keep: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _Rows:
+    """Which rows of a batch are still stepping, and the best images, losses and step counts of those
+    that stopped, by their index in the batch as given."""
+
+    def __init__(self, clean: torch.Tensor) -> None:
+        n = clean.shape[0]
+        self.clean, self.active, self.images = clean, torch.arange(n, device=clean.device), None
+        self.loss, self.steps = torch.empty(n, device=clean.device), torch.empty(n, dtype=torch.int64, device=clean.device)
+
+    def select(self, selection: RowSelection | None, done: int, best_x: torch.Tensor, best_loss: torch.Tensor):
+        """None when every row goes on after ``done`` steps, else the kept positions (K,) in the
+        current batch; the stopped rows' results are stored."""
+        if selection is None or done != selection.at:
+            return None
+        keep = selection.keep(best_loss, self.active).to(torch.bool)
+        if keep.shape != best_loss.shape:
+            raise ValueError(f"RowSelection.keep must return one flag per row, shape {tuple(best_loss.shape)}, "
+                             f"but returned shape {tuple(keep.shape)}.")
+        if bool(keep.all()):
+            return None
+        if self.images is None:
+            self.images = torch.empty_like(self.clean)
+        stopped = self.active[~keep]
+        self.images[stopped], self.loss[stopped], self.steps[stopped] = best_x[~keep], best_loss[~keep], done
+        self.active = self.active[keep]
+        return keep.nonzero().squeeze(1)
+
+    def finish(self, best_x: torch.Tensor, best_loss: torch.Tensor, start_loss: torch.Tensor, n_steps: int):
+        """(images (N, ...), loss (N,), start loss (N,), steps (N,)) of the whole batch, the active
+        rows after ``n_steps``."""
+        if self.images is None:
+            return best_x, best_loss, start_loss, torch.full_like(self.steps, n_steps)
+        self.images[self.active], self.loss[self.active], self.steps[self.active] = best_x, best_loss, n_steps
+        return self.images, self.loss, start_loss, self.steps
+
+
+def _take(objective, index: torch.Tensor):
+    """``objective`` for the rows at ``index`` of its batch (see :class:`RowSelection`)."""
+    take = getattr(objective, "take", None)
+    if take is None:
+        raise TypeError(f"a RowSelection needs an objective with take(index) for the rows it keeps; "
+                        f"{type(objective).__name__} has none.")
+    return take(index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,14 +298,16 @@ def _step_along(base: torch.Tensor, gradient: torch.Tensor, step: torch.Tensor, 
     return torch.addcmul(base, gradient, scale, out=out)
 
 
-def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, step_shrink, n_step_resets):
-    """One PGD run from ``start`` (which it overwrites); returns (best images, best loss, start loss).
+def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, step_shrink, n_step_resets, selection=None):
+    """One PGD run from ``start`` (which it overwrites); returns (best images, best loss, start loss,
+    steps per image).
 
     Plain mode (``step_shrink == 1``): step from the current iterate. Adaptive mode: always step from
     the best iterate along its gradient; a step that brings no progress shrinks the step by
     ``step_shrink``; when the step falls below 1% of its initial value it is reset (at most
-    ``n_step_resets`` times). Image-sized state lives in buffers updated in place, so the loop
-    allocates nothing but the model's own activations and gradient.
+    ``n_step_resets`` times). ``selection``: a :class:`RowSelection`, whose stopped rows leave the
+    batch. Image-sized state lives in buffers updated in place, so the loop allocates nothing but
+    the model's own activations and gradient (and one compacted copy at a selection).
     """
     view = (-1,) + (1,) * (clean.dim() - 1)
     adaptive = step_shrink != 1.0
@@ -250,8 +315,8 @@ def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, st
     best_gradient = torch.zeros_like(start) if adaptive else None
     best_loss = torch.full(clean.shape[:1], math.inf, device=clean.device)
     initial_step, resets_left = step, torch.full_like(step, float(n_step_resets))
-    start_loss = None
-    for _ in range(n_steps):
+    start_loss, rows = None, _Rows(clean)
+    for done in range(1, n_steps + 1):
         loss, gradient = _loss(model, objective, x, settings, grad=True)
         start_loss = loss if start_loss is None else start_loss
         improved = loss < best_loss
@@ -261,18 +326,24 @@ def _descend(model, objective, clean, start, eps, step, n_steps, settings, *, st
             best_x, x = x, best_x
         else:
             torch.where(improved.view(view), x, best_x, out=best_x)
-        base = best_x if all_improved or adaptive else x  # the step overwrites x, never its base
         if adaptive:
             gradient = torch.where(improved.view(view), gradient, best_gradient, out=best_gradient)
             step = torch.where(improved, step, step * step_shrink)
             reset = (step < 0.01 * initial_step) & (resets_left > 0)
             step = torch.where(reset, initial_step, step)
             resets_left = resets_left - reset.float()
+        if (kept := rows.select(selection, done, best_x, best_loss)) is not None:
+            if len(kept) == 0:
+                return rows.finish(best_x[kept], best_loss[kept], start_loss, done)
+            x, best_x, gradient, best_loss, step, initial_step, resets_left, clean, eps = (
+                t[kept] for t in (x, best_x, gradient, best_loss, step, initial_step, resets_left, clean, eps))
+            best_gradient, scratch, objective = gradient if adaptive else None, torch.empty_like(x), _take(objective, kept)
+        base = best_x if all_improved or adaptive else x  # the step overwrites x, never its base
         _project(_step_along(base, gradient, step, out=x), clean, eps, scratch=scratch)
     loss, _ = _loss(model, objective, x, settings, grad=False)
     improved = loss < best_loss
     torch.where(improved.view(view), x, best_x, out=best_x)
-    return best_x, torch.where(improved, loss, best_loss), start_loss
+    return rows.finish(best_x, torch.where(improved, loss, best_loss), start_loss, n_steps)
 
 
 def compute_apgd_checkpoints(n_steps: int) -> list[int]:
@@ -285,20 +356,22 @@ def compute_apgd_checkpoints(n_steps: int) -> list[int]:
     return sorted({math.ceil(round(p * n_steps, 9)) for p in fractions[1:]} - {0})
 
 
-def _descend_apgd(model, objective, clean, start, eps, n_steps, settings, *, momentum=_APGD_MOMENTUM, rho=_APGD_RHO):
+def _descend_apgd(model, objective, clean, start, eps, n_steps, settings, *, selection=None,
+                  momentum=_APGD_MOMENTUM, rho=_APGD_RHO):
     """One APGD-L2 run from ``start`` (Croce & Hein 2020; overwrites it); returns (best images, best
-    loss, start loss).
+    loss, start loss, steps per image).
 
     The step starts at 2ε and is halved at a checkpoint (:func:`compute_apgd_checkpoints`) when fewer
     than ``rho`` of the steps since the last checkpoint lowered the loss, or when neither the step
     nor the best loss changed since it; a halving restarts that image from its best iterate. Each
     step is a normalised-gradient step z = P(x − η g/‖g‖) followed by the heavy-ball mix
     x' = P(x + m(z − x) + (1 − m)(x − x_previous)), m = ``momentum``; P projects onto the ε-ball and
-    [0, 1]. Image-sized state lives in buffers that are rotated and updated in place.
+    [0, 1]. ``selection``: a :class:`RowSelection`, whose stopped rows leave the batch. Image-sized
+    state lives in buffers that are rotated and updated in place.
     """
     view = (-1,) + (1,) * (clean.dim() - 1)
     checkpoints = set(compute_apgd_checkpoints(n_steps))
-    x, scratch = start, torch.empty_like(start)
+    x, scratch, rows = start, torch.empty_like(start), _Rows(clean)
     loss, gradient = _loss(model, objective, x, settings, grad=True)
     start_loss, previous_loss = loss, loss
     best_loss, best_x, best_gradient = loss.clone(), x.clone(), gradient.clone()
@@ -316,6 +389,14 @@ def _descend_apgd(model, objective, clean, start, eps, n_steps, settings, *, mom
         best_loss = torch.where(improved, loss, best_loss)
         torch.where(improved.view(view), x, best_x, out=best_x)
         torch.where(improved.view(view), gradient, best_gradient, out=best_gradient)
+        if (kept := rows.select(selection, iteration + 1, best_x, best_loss)) is not None:
+            if len(kept) == 0:
+                return rows.finish(best_x[kept], best_loss[kept], start_loss, iteration + 1)
+            (x, x_previous, loss, gradient, previous_loss, best_loss, best_x, best_gradient, step, step_at_check,
+             best_at_check, lowered, clean, eps) = (t[kept] for t in (
+                x, x_previous, loss, gradient, previous_loss, best_loss, best_x, best_gradient, step, step_at_check,
+                best_at_check, lowered, clean, eps))
+            x_next, scratch, objective = torch.empty_like(x), torch.empty_like(x), _take(objective, kept)
         since_check += 1
         if iteration in checkpoints:
             stalled = (lowered < rho * since_check) | ((step == step_at_check) & (best_loss == best_at_check))
@@ -332,7 +413,7 @@ def _descend_apgd(model, objective, clean, start, eps, n_steps, settings, *, mom
     loss, _ = _loss(model, objective, x_next, settings, grad=False)
     improved = loss < best_loss
     torch.where(improved.view(view), x_next, best_x, out=best_x)
-    return best_x, torch.where(improved, loss, best_loss), start_loss
+    return rows.finish(best_x, torch.where(improved, loss, best_loss), start_loss, n_steps)
 
 
 def compute_pgd(
@@ -350,6 +431,7 @@ def compute_pgd(
     step_shrink: float = 1.0,
     n_step_resets: int = 0,
     step_rule: str = "pgd",
+    selection: RowSelection | None = None,
     autocast: bool = False,
     channels_last: bool = False,
 ) -> PGDResult:
@@ -366,7 +448,9 @@ def compute_pgd(
     ``step_shrink`` / ``n_step_resets``: adaptive step (see the white-box solver); 1.0 / 0 is plain
     PGD. ``step_rule``: ``"pgd"`` (the above) or ``"apgd"`` (APGD's step schedule with momentum,
     Croce & Hein 2020: starts at a 2ε step and ignores ``step_size``, ``step_shrink`` and
-    ``n_step_resets``; :func:`_descend_apgd`). ``autocast``: bf16 autocast of the model;
+    ``n_step_resets``; :func:`_descend_apgd`). ``selection``: a :class:`RowSelection` that stops
+    rows part-way (in every restart; ``steps`` of the result says how far each went; the objective
+    must then have ``take``). ``autocast``: bf16 autocast of the model;
     ``channels_last``: channels-last images (the attacks choose both with :func:`make_run_settings`).
 
     Returns a :class:`PGDResult`; the loss at the result is never worse than at the start.
@@ -377,6 +461,10 @@ def compute_pgd(
     n_step_resets = check_integer("n_step_resets", n_step_resets, minimum=0)
     step_shrink = check_number("step_shrink", step_shrink, minimum=0.0, maximum=1.0, inclusive=True)
     step_rule = check_option("step_rule", step_rule, STEP_RULES)
+    if selection is not None:
+        if not isinstance(selection, RowSelection):
+            raise TypeError(f"'selection' must be a RowSelection or None, but got {type(selection).__name__}.")
+        check_integer("selection.at", selection.at, minimum=2, maximum=n_steps - 1)
     if n_restarts > 1 and not random_start:
         raise ValueError(f"'n_restarts' = {n_restarts} needs random_start=True: restarts from the same point are identical.")
     if start is not None and tuple(start.shape) != tuple(clean.shape):
@@ -396,22 +484,24 @@ def compute_pgd(
             else:
                 first = _project((clean if start is None else settings.prepare(start.detach())).clone(), clean, eps)
             if step_rule == "apgd":
-                images, loss, start_loss = _descend_apgd(model, objective, clean, first, eps, n_steps, settings)
+                images, loss, start_loss, steps = _descend_apgd(model, objective, clean, first, eps, n_steps, settings,
+                                                                selection=selection)
             else:
-                images, loss, start_loss = _descend(
+                images, loss, start_loss, steps = _descend(
                     model, objective, clean, first, eps, step, n_steps, settings,
-                    step_shrink=step_shrink, n_step_resets=n_step_resets,
+                    step_shrink=step_shrink, n_step_resets=n_step_resets, selection=selection,
                 )
             if best is None:
-                best = PGDResult(images=images, loss=loss, start_loss=start_loss)
+                best = PGDResult(images=images, loss=loss, start_loss=start_loss, steps=steps)
                 continue
             better = loss < best.loss
             best = PGDResult(
                 images=torch.where(better.view(-1, 1, 1, 1), images, best.images),
                 loss=torch.where(better, loss, best.loss),
                 start_loss=best.start_loss,
+                steps=steps,
             )
-    return PGDResult(images=best.images.contiguous(), loss=best.loss, start_loss=best.start_loss)
+    return PGDResult(images=best.images.contiguous(), loss=best.loss, start_loss=best.start_loss, steps=best.steps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 
 from closedloop.attacks.engine import (
     STEP_RULES,
+    RowSelection,
     compute_batch_size,
     compute_predictions,
     compute_realised_eps,
@@ -57,14 +58,37 @@ class SiteAttacks:
     realised_eps: np.ndarray
 
 
-def _site_objective(site: torch.Tensor, target: torch.Tensor):
-    """The per-image loss to minimise (model output (N, n_sites) → (N,)): (f_site[n] − target[n])²."""
-    rows = torch.arange(len(site), device=site.device)
+class _SiteObjective:
+    """The per-image loss to minimise (model output (N, n_sites) → (N,)): (f_site[n] − target[n])²;
+    ``site``, ``target``: (N,). ``take`` follows a compacted batch (engine's RowSelection)."""
 
-    def objective(predicted: torch.Tensor) -> torch.Tensor:
-        return (predicted[rows, site] - target) ** 2
+    def __init__(self, site: torch.Tensor, target: torch.Tensor) -> None:
+        self.site, self.target, self.rows = site, target, torch.arange(len(site), device=site.device)
 
-    return objective
+    def __call__(self, predicted: torch.Tensor) -> torch.Tensor:
+        return (predicted[self.rows, self.site] - self.target) ** 2
+
+    def take(self, index: torch.Tensor) -> _SiteObjective:
+        return _SiteObjective(self.site[index], self.target[index])
+
+
+def _direction_choice(at: int, clean: torch.Tensor, target: torch.Tensor) -> RowSelection:
+    """After ``at`` steps, each job's direction with the smaller predicted change so far stops.
+
+    Rows come in pairs (increase, decrease) of one job; ``clean``: (N,) the site's clean prediction,
+    ``target``: (N,) ±SITE_TARGET. A row's best loss L = (f − t)² gives its best f = t ∓ √L (f has
+    not passed ±1000), so its change so far is |f − clean| in its own direction.
+    """
+
+    def keep(best_loss: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        sign = torch.sign(target[rows])
+        change = sign * (target[rows] - sign * best_loss.sqrt() - clean[rows])
+        larger = change.view(-1, 2).argmax(dim=1)
+        kept = torch.zeros(len(rows) // 2, 2, dtype=torch.bool, device=rows.device)
+        kept[torch.arange(len(kept), device=rows.device), larger] = True
+        return kept.view(-1)
+
+    return RowSelection(at=at, keep=keep)
 
 
 def make_site_attacks(
@@ -86,6 +110,7 @@ def make_site_attacks(
     channels_last: bool = True,
     compile_model: bool = False,
     directions: str = "both",
+    choose_direction_at: int = 0,
 ) -> SiteAttacks:
     """Increase/decrease attacks on single sites of an IT model, all jobs packed into large batches.
 
@@ -105,6 +130,9 @@ def make_site_attacks(
     (:func:`~closedloop.attacks.engine.make_run_settings`); ``compile_model``: torch.compile it.
     ``directions``: ``"both"`` (the loop's attacks, as above), or only ``"increase"`` or
     ``"decrease"`` (half the work; e.g. the calibration's class reference pushes sites up).
+    ``choose_direction_at``: with both directions, after this many steps (2 ≤ it < ``n_steps``) each
+    job keeps only the direction with the larger predicted change so far and the other stops (its
+    best image so far still competes at the end); 0: both go to the end, as the paper.
     Rounding, budgets and every reported prediction are float32 on ``model`` itself.
     Random starts come from ``seed`` (results also depend on ``batch_size`` and the precision).
     """
@@ -115,6 +143,10 @@ def make_site_attacks(
     batch_size = check_integer("batch_size", batch_size, minimum=0)
     seed = check_integer("seed", seed, minimum=0)
     signs = {"both": [1, -1], "increase": [1], "decrease": [-1]}[check_option("directions", directions, _DIRECTIONS)]
+    choose_direction_at = check_integer("choose_direction_at", choose_direction_at, minimum=0)
+    if choose_direction_at and not (len(signs) == 2 and 2 <= choose_direction_at < n_steps):
+        raise ValueError(f"'choose_direction_at' = {choose_direction_at} needs directions='both' and 2 <= it < n_steps "
+                         f"(= {n_steps}); 0 runs both directions to the end.")
     image_index, site, eps = np.broadcast_arrays(np.asarray(image_index), np.asarray(site), np.asarray(eps))
     if image_index.ndim != 1:
         raise ValueError(
@@ -149,10 +181,15 @@ def make_site_attacks(
         sign = np.tile(np.array(signs, np.int8), len(jobs))
         site_tensor = torch.as_tensor(site[pairs], device=device)
         target = torch.as_tensor(sign * SITE_TARGET, dtype=torch.float32, device=device)
+        selection = None
+        if choose_direction_at:
+            clean_site = torch.as_tensor(clean_predicted[image_index[pairs], site[pairs]], device=device)
+            selection = _direction_choice(choose_direction_at, clean_site, target)
         attacked = make_attack_pixels(
             runner, clean_uint8[image_index[pairs]], eps=eps[pairs], step_size=eps[pairs] * step_ratio, n_steps=n_steps,
-            objective=_site_objective(site_tensor, target), device=device, settings=settings,
+            objective=_SiteObjective(site_tensor, target), device=device, settings=settings,
             random_start=random_start, n_restarts=n_restarts, generator=generator, step_rule=step_rule,
+            selection=selection,
         )
         outputs = compute_predictions(model, attacked, batch_size=len(attacked), device=device)
         if len(signs) == 2:

@@ -101,7 +101,7 @@ def _make_part(model, clean, jobs, part: int, settings: AttackSection, *, seed, 
         made = make_site_attacks(
             model, clean, image[chosen], site[chosen], eps[chosen],
             n_steps=settings.steps, step_ratio=settings.step_ratio, step_rule=settings.step_rule,
-            random_start=settings.random_start,
+            choose_direction_at=settings.choose_direction_at, random_start=settings.random_start,
             n_restarts=settings.restarts, batch_size=settings.batch_size,
             seed=derive_seed(seed, "attack-part", part), device=device, precision=settings.precision,
         )

@@ -58,16 +58,24 @@ def test_bench_command_bad_backbone_is_one_line_exit_2(capsys, tmp_path):
     assert exit_info.value.code == 2 and error.startswith("error: ") and error.strip().count("\n") == 0
 
 
-def test_the_peer_pushes_each_site_the_way_its_label_says():
-    """torchattacks' untargeted PGDL2 through the two-logit view [s, −s]: label 1 raises s, label 0 lowers it."""
+@pytest.mark.parametrize("peer", ["pgd", "apgd"])
+def test_the_peers_push_each_site_the_way_its_direction_says(peer):
+    """torchattacks' untargeted PGDL2 and APGD through the view [1000 + d·s, 0], label 1: d = +1 raises s,
+    d = −1 lowers it, even where s is large (a view [s, −s] saturates the cross-entropy there)."""
     import torchattacks
 
     model = _model().eval()
+    with torch.no_grad():  # large outputs: the regime in which a saturating view would give no gradient
+        model[-1].bias.add_(50.0)
     images = to_tensor(np.random.default_rng(1).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
     view = _SiteLogits(model)
-    view.site = torch.tensor([0, 0, 3, 3])
+    view.site, view.direction = torch.tensor([0, 0, 3, 3]), torch.tensor([1.0, -1.0, 1.0, -1.0])
+    labels = torch.ones(4, dtype=torch.long)
     torch.manual_seed(0)
-    adversarial = torchattacks.PGDL2(view, eps=1.0, alpha=0.3, steps=5, random_start=False)(images, torch.tensor([1, 0, 1, 0]))
+    if peer == "pgd":
+        adversarial = torchattacks.PGDL2(view, eps=1.0, alpha=0.3, steps=5, random_start=False)(images, labels)
+    else:
+        adversarial = torchattacks.APGD(view, norm="L2", eps=1.0, steps=5, loss="ce").perturb(images, labels, best_loss=True)[1]
     with torch.no_grad():
         change = (model(adversarial) - model(images))[torch.arange(4), view.site]
     assert change[0] > 0 and change[1] < 0 and change[2] > 0 and change[3] < 0
@@ -89,6 +97,16 @@ def test_peer_bench_reports_every_figure_and_leaves_the_model_as_it_was():
     assert result["objective_site_attacks"] > 0 and result["objective_torchattacks"] > 0
     assert result["objective_ratio"] == pytest.approx(result["objective_site_attacks"] / result["objective_torchattacks"])
     assert result["realised_eps_max_site_attacks"] <= 1.0 and result["realised_eps_max_torchattacks"] <= 1.0
+    for name, key in (("pgd", "time_to_objective_vs_torchattacks"), ("apgd", "time_to_objective_vs_apgd")):
+        entry = result["time_to_objective"][name]
+        assert entry["peer_objective"] > 0 and entry["peer_s"] > 0
+        if entry["steps"] is None:  # not reached within 3 x n_steps: said so, no ratio
+            assert result[key] is None and entry["objective"] < entry["peer_objective"]
+        else:
+            assert entry["objective"] >= entry["peer_objective"] and 5 <= entry["steps"] <= 9
+            ratio = entry["ratio"]
+            assert ratio["min"] <= ratio["quartiles"][0] <= ratio["median"] <= ratio["quartiles"][1] <= ratio["max"]
+            assert result[key] == ratio["median"] == pytest.approx(ratio["median"])
 
 
 def test_peer_bench_without_torchattacks_says_how_to_install_it(capsys, monkeypatch):

@@ -132,3 +132,30 @@ def test_the_truth_solver_follows_the_configured_step_rule(tmp_path):
     for s in range(2):
         mine = site == s
         assert truth.sensitivity(s, 2.0) == pytest.approx(np.fmax(solved["apgd"][image_index[mine], s], shown[mine]).mean())
+
+
+def test_the_truth_solver_chooses_the_direction_early_when_configured(tmp_path, monkeypatch):
+    """``[sim] truth_choose_direction_at`` = 3: the truth is the solver's with each (image, site)'s
+    weaker direction stopped after 3 steps, the same solve as compute_unit_sensitivity's with that choice.
+    (A right choice gives the same numbers as no choice, so the solver's calls are also recorded.)"""
+    import rigs.truth
+
+    config, expected, clean, image_index, site = _attacked_store(tmp_path, truth_images=0)
+    chosen = {"truth_step_rule": "apgd", "truth_steps": 20, "truth_choose_direction_at": 3}
+    config = config.model_copy(update={"sim": config.sim.model_copy(update=chosen)})
+    calls = []
+
+    def recorded(*arguments, **options):
+        calls.append(options)
+        return compute_unit_sensitivity(*arguments, **options)
+
+    monkeypatch.setattr(rigs.truth, "compute_unit_sensitivity", recorded)
+    truth = compute_sim_truth(config, tmp_path / "store.zarr", seed=0)
+    assert calls and all(call["choose_direction_at"] == 3 and call["step_rule"] == "apgd" for call in calls)
+    shown = np.abs(truth.expected_counts[2:][np.arange(4), site] - truth.expected_counts[image_index, site])
+    solved = compute_unit_sensitivity(expected, clean, 2.0, n_starts=1, n_steps=20, step_rule="apgd", choose_direction_at=3,
+                                      batch_size=256, seed=0)
+    assert (np.isnan(solved.increase) ^ np.isnan(solved.decrease)).all()  # one direction per (image, site) was solved
+    for s in range(2):
+        mine = site == s
+        assert truth.sensitivity(s, 2.0) == pytest.approx(np.fmax(solved.sensitivity[image_index[mine], s], shown[mine]).mean())

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from closedloop.attacks.engine import (
+    RowSelection,
     RunSettings,
     compute_apgd_checkpoints,
     compute_batch_size,
@@ -97,6 +98,71 @@ def test_apgd_reaches_further_than_pgd_in_the_same_steps():
                               step_rule=rule, random_start=True, generator=1) for rule in ("pgd", "apgd")}
     assert runs["apgd"].loss.mean() < runs["pgd"].loss.mean() < 0
     assert (_norms(runs["apgd"].images, clean) <= 3.0 * (1 + 1e-5)).all()
+
+
+class _Column:
+    """−out[:, column] per image, with take() so that a RowSelection can compact the batch."""
+
+    def __init__(self, column: torch.Tensor) -> None:
+        self.column = column
+
+    def __call__(self, out: torch.Tensor) -> torch.Tensor:
+        return -out[torch.arange(len(self.column)), self.column]
+
+    def take(self, index: torch.Tensor) -> "_Column":
+        return _Column(self.column[index])
+
+
+@pytest.mark.parametrize("step_rule", ["pgd", "apgd"])
+def test_a_row_selection_stops_rows_and_the_rest_go_on_as_if_alone(step_rule):
+    model = TinyNet(3)
+    clean = to_tensor(make_images(6, seed=2))
+    column = torch.tensor([0, 1, 2, 0, 1, 2])
+    asked = []
+
+    def keep(best_loss, rows):
+        asked.append(rows.clone())
+        return rows % 2 == 0  # rows 1, 3, 5 stop
+
+    common = dict(eps=2.0, step_size=0.7, objective=_Column(column), step_rule=step_rule, random_start=True)
+    full = compute_pgd(model, clean, n_steps=8, generator=5, **common)
+    selected = compute_pgd(model, clean, n_steps=8, generator=5, selection=RowSelection(at=4, keep=keep), **common)
+    assert len(asked) == 1 and asked[0].tolist() == list(range(6))  # asked once, with the rows of the batch as given
+    assert selected.steps.tolist() == [8, 4, 8, 4, 8, 4] and full.steps.tolist() == [8] * 6
+    kept = torch.tensor([0, 2, 4])  # they go on exactly as in a batch without the others
+    torch.testing.assert_close(selected.images[kept], full.images[kept], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(selected.loss[kept], full.loss[kept], rtol=1e-5, atol=1e-5)
+    stopped = torch.tensor([1, 3, 5])
+    assert (selected.loss[stopped] >= full.loss[stopped] - 1e-6).all()  # stopped early: never better than going on
+    assert (_norms(selected.images, clean) <= 2.0 * (1 + 1e-5)).all()
+    with torch.no_grad():
+        model.eval()
+        torch.testing.assert_close(_Column(column)(model(selected.images)), selected.loss, rtol=1e-4, atol=1e-4)
+    if step_rule == "pgd":  # a stopped row holds the best of its first `at` iterates: a run of at − 1 steps
+        short = compute_pgd(model, clean, n_steps=3, generator=5, **common)
+        torch.testing.assert_close(selected.loss[stopped], short.loss[stopped], rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_selection_that_stops_every_row_ends_the_run():
+    clean = to_tensor(make_images(3, seed=3))
+    result = compute_pgd(TinyNet(3), clean, eps=1.0, step_size=0.3, n_steps=6, objective=_Column(torch.tensor([0, 1, 2])),
+                         selection=RowSelection(at=2, keep=lambda loss, rows: torch.zeros_like(rows, dtype=torch.bool)))
+    assert result.steps.tolist() == [2, 2, 2] and torch.isfinite(result.loss).all()
+
+
+def test_a_row_selection_needs_an_objective_that_can_follow_the_rows_and_a_step_inside_the_run():
+    arguments = dict(eps=1.0, step_size=0.3, n_steps=5)
+    drop_first = RowSelection(at=2, keep=lambda loss, rows: rows > 0)
+    with pytest.raises(TypeError, match=r"needs an objective with take\(index\)"):
+        compute_pgd(TinyNet(2), to_tensor(make_images(3)), objective=lambda out: out[:, 0], selection=drop_first,
+                    **arguments)
+    for at in (1, 5):
+        with pytest.raises(ValueError, match=r"'selection.at' must lie in \[2, 4\]"):
+            compute_pgd(TinyNet(2), to_tensor(make_images(3)), objective=_Column(torch.zeros(3, dtype=torch.long)),
+                        selection=RowSelection(at=at, keep=drop_first.keep), **arguments)
+    with pytest.raises(ValueError, match="one flag per row"):
+        compute_pgd(TinyNet(2), to_tensor(make_images(3)), objective=_Column(torch.zeros(3, dtype=torch.long)),
+                    selection=RowSelection(at=2, keep=lambda loss, rows: torch.ones(2, dtype=torch.bool)), **arguments)
 
 
 @pytest.mark.parametrize(

@@ -66,6 +66,35 @@ def test_site_attacks_in_one_direction_push_every_site_that_way(directions, sign
     check_budget(attacks.pixels, clean[image_index], np.ones(len(site)))
 
 
+def test_choosing_the_direction_early_keeps_the_one_that_moves_the_site_more():
+    """A model whose site 0 is exp(3u) and site 1 is −exp(3u) of one unit u: whatever moves u by ±Δ
+    raises site 0 more than it can lower it (exp is convex), so raising wins for site 0 and
+    lowering for site 1. After the choice only the winner goes on; the result is the one of
+    running both directions to the end, where the same directions win."""
+    model = TinyNet(2)
+
+    class Skewed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, images):
+            out = torch.exp(3.0 * self.inner(images)[:, :1])
+            return torch.cat([out, -out], dim=1)
+
+    clean = make_images(3, seed=8)
+    image_index, site = np.array([0, 1, 2, 0, 1, 2]), np.array([0, 0, 0, 1, 1, 1])
+    both = make_site_attacks(Skewed(), clean, image_index, site, 1.0, n_steps=12, seed=3, step_rule="apgd")
+    chosen = make_site_attacks(Skewed(), clean, image_index, site, 1.0, n_steps=12, seed=3, step_rule="apgd",
+                               choose_direction_at=3)
+    np.testing.assert_array_equal(both.direction, [1, 1, 1, -1, -1, -1])
+    np.testing.assert_array_equal(chosen.direction, both.direction)
+    rows = np.arange(len(site))
+    change = np.abs(chosen.predicted[rows, site] - chosen.predicted_clean[rows, site])
+    np.testing.assert_allclose(change, np.abs(both.predicted[rows, site] - both.predicted_clean[rows, site]), rtol=1e-3)
+    check_budget(chosen.pixels, clean[image_index], np.ones(len(site)))
+
+
 @pytest.mark.parametrize(
     ("change", "error", "message"),
     [
@@ -80,13 +109,16 @@ def test_site_attacks_in_one_direction_push_every_site_that_way(directions, sign
         ({"device": "tpu"}, ValueError, "allowed values are 'cpu', 'cuda'"),
         ({"directions": "up"}, ValueError, "'directions': allowed values are 'both', 'increase', 'decrease', but got 'up'"),
         ({"step_rule": "fgsm"}, ValueError, "'step_rule': allowed values are 'pgd', 'apgd', but got 'fgsm'"),
+        ({"choose_direction_at": 1}, ValueError, r"'choose_direction_at' = 1 needs directions='both' and 2 <= it < n_steps"),
+        ({"choose_direction_at": 2, "directions": "increase"}, ValueError, "needs directions='both'"),
+        ({"choose_direction_at": -1}, ValueError, r"'choose_direction_at' must lie in \[0, inf\]"),
     ],
 )
 def test_site_attacks_bad_input(change, error, message):
     arguments = dict(clean_uint8=make_images(2), image_index=[0, 1], site=[0, 1], eps=[1.0, 1.0])
     arguments.update(change)
     with pytest.raises(error, match=message):
-        make_site_attacks(TinyNet(5), n_steps=1, **arguments)
+        make_site_attacks(TinyNet(5), n_steps=4, **arguments)
 
 
 def test_bf16_attacks_reach_the_fp32_objective_within_1_percent_and_keep_the_budget():

@@ -65,6 +65,35 @@ def test_whitebox_finds_at_least_what_plain_pgd_finds():
     np.testing.assert_array_equal(result.units, units)
 
 
+class _Convex(nn.Module):
+    """Units exp(3 u) and −exp(3 u) of linear units u: whatever moves u by ±Δ raises the first more
+    than it can lower it (exp is convex), and lowers the second more than it can raise it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.linear = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 2))
+
+    def forward(self, images):
+        grown = torch.exp(3.0 * self.linear(images))
+        return torch.cat([grown, -grown], dim=1)
+
+
+def test_choosing_the_direction_early_solves_one_direction_per_image_and_unit():
+    """The choice keeps raising for the exp units and lowering for the −exp units, which is what the
+    full solve finds larger, at the same sensitivity; the other direction is NaN."""
+    clean = np.random.default_rng(4).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
+    options = dict(n_starts=2, n_steps=40, seed=1, step_rule="apgd")
+    full = compute_unit_sensitivity(_Convex(), clean, 0.5, **options)
+    chosen = compute_unit_sensitivity(_Convex(), clean, 0.5, choose_direction_at=4, batch_size=7, **options)  # 7 → 4 rows
+    assert (full.increase[:, :2] > full.decrease[:, :2]).all() and (full.increase[:, 2:] < full.decrease[:, 2:]).all()
+    assert np.isnan(chosen.decrease[:, :2]).all() and np.isnan(chosen.increase[:, 2:]).all()
+    assert np.isfinite(chosen.increase[:, :2]).all() and np.isfinite(chosen.decrease[:, 2:]).all()
+    np.testing.assert_allclose(chosen.sensitivity, full.sensitivity, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"'choose_direction_at' = 20 needs directions='both' and 2 <= it < n_steps // 2"):
+        compute_unit_sensitivity(_Convex(), clean, 0.5, n_steps=40, choose_direction_at=20)
+
+
 def test_whitebox_bad_input():
     clean = np.zeros((1, SIZE, SIZE, 3), np.uint8)
     with pytest.raises(ValueError, match=r"'eps' must lie in \(0, inf\)"):

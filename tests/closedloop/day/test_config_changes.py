@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import zarr
 
 from closedloop.core.files import read_json
 from closedloop.day.runner import run_day
@@ -95,3 +96,25 @@ def test_a_day_frozen_before_the_step_rules_existed_resumes_and_a_new_rule_is_re
     _edit(experiment, "steps = 3", 'steps = 3\nstep_rule = "apgd"')
     with pytest.raises(ValueError, match=r"attack.step_rule 'pgd' -> 'apgd'\); plan already used these settings"):
         run_day(experiment, 0, until="plan", rig=RigLauncher())
+
+
+def test_the_attack_settings_reach_the_days_site_attacks(tmp_path, tiny_sim_experiment, monkeypatch):
+    """``[attack] step_rule`` and ``choose_direction_at`` go to every part's make_site_attacks, and the
+    stored attacks are still one per job with a direction each (the call is recorded, then made)."""
+    import closedloop.day.synthesize as synthesize
+
+    experiment = tiny_sim_experiment(tmp_path / "experiment")
+    _edit(experiment, "steps = 3", 'steps = 6\nstep_rule = "apgd"\nchoose_direction_at = 2')
+    calls = []
+
+    def recorded(*arguments, **options):
+        calls.append(options)
+        return make_site_attacks(*arguments, **options)
+
+    make_site_attacks = synthesize.make_site_attacks
+    monkeypatch.setattr(synthesize, "make_site_attacks", recorded)
+    run_day(experiment, 0, until="synthesize")
+    assert calls and all(c["step_rule"] == "apgd" and c["choose_direction_at"] == 2 and c["n_steps"] == 6 for c in calls)
+    stimuli = zarr.open_group(str(experiment / "day_000" / "store.zarr"), mode="r")["stimuli"]
+    attack = stimuli["kind"][:] == "attack"
+    assert attack.sum() == 2 * 2 * 2 and set(stimuli["direction"][:][attack].tolist()) <= {1, -1}
