@@ -22,7 +22,7 @@ from closedloop.attacks.sites import make_site_attacks
 from closedloop.images import make_embedded_image_set
 from models import make_it_model
 
-STEPS = (5, 10, 20, 50, 100)
+STEPS = (5, 10, 20, 30, 40, 50, 100)
 CONTENDERS = {"pgd": {"step_rule": "pgd"}, "apgd": {"step_rule": "apgd"}, "apgd+choice": {"step_rule": "apgd", "choice": 0.2}}
 
 
