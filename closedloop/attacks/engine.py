@@ -134,7 +134,10 @@ class _Rows:
         current batch; the stopped rows' results are stored."""
         if selection is None or done != selection.at:
             return None
-        keep = selection.keep(best_loss, self.active).to(torch.bool)
+        keep = selection.keep(best_loss, self.active)
+        if not isinstance(keep, torch.Tensor):
+            raise TypeError(f"RowSelection.keep must return a torch tensor of flags, but returned {type(keep).__name__}.")
+        keep = keep.to(torch.bool)
         if keep.shape != best_loss.shape:
             raise ValueError(f"RowSelection.keep must return one flag per row, shape {tuple(best_loss.shape)}, "
                              f"but returned shape {tuple(keep.shape)}.")

@@ -160,6 +160,9 @@ def test_a_row_selection_needs_an_objective_that_can_follow_the_rows_and_a_step_
         with pytest.raises(ValueError, match=r"'selection.at' must lie in \[2, 4\]"):
             compute_pgd(TinyNet(2), to_tensor(make_images(3)), objective=_Column(torch.zeros(3, dtype=torch.long)),
                         selection=RowSelection(at=at, keep=drop_first.keep), **arguments)
+    with pytest.raises(TypeError, match=r"RowSelection.keep must return a torch tensor of flags, but returned ndarray"):
+        compute_pgd(TinyNet(2), to_tensor(make_images(3)), objective=_Column(torch.zeros(3, dtype=torch.long)),
+                    selection=RowSelection(at=2, keep=lambda loss, rows: np.ones(3, bool)), **arguments)
     with pytest.raises(ValueError, match="one flag per row"):
         compute_pgd(TinyNet(2), to_tensor(make_images(3)), objective=_Column(torch.zeros(3, dtype=torch.long)),
                     selection=RowSelection(at=2, keep=lambda loss, rows: torch.ones(2, dtype=torch.bool)), **arguments)
