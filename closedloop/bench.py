@@ -368,10 +368,12 @@ def compute_peer_bench(
     objective = _site_objective(batch_size, n_sites, device)
     outcome = {}
 
-    def ours(steps: int, rule: str, key: str) -> np.ndarray:
-        made = make_site_attacks(model, pixels, image_index, site, eps, n_steps=steps, step_rule=rule,
+    def ours(steps: int, rule: str):
+        return make_site_attacks(model, pixels, image_index, site, eps, n_steps=steps, step_rule=rule,
                                  batch_size=batch_size, seed=seed, device=device, precision=precision)
-        outcome[key] = made
+
+    def change(made) -> np.ndarray:
+        """Predicted |Δ f_site| of each job's kept direction, (n_jobs,)."""
         return np.abs(made.predicted - made.predicted_clean)[np.arange(n_jobs), site]
 
     def peer(name: str) -> None:
@@ -384,19 +386,19 @@ def compute_peer_bench(
     for name in PEERS:
         peer(name)
         target = float(outcome[name][0].mean())
-        steps, reached = _steps_to_reach(target, lambda k, n=name: ours(k, step_rule, f"ours_{n}"), 3 * n_steps)
+        steps, reached = _steps_to_reach(target, lambda k: change(ours(k, step_rule)), 3 * n_steps)
         to_objective[name] = {"peer_objective": target, "steps": steps, "objective": reached}
     load_before = os.getloadavg()[0]
     logger.info("bench --peers: %d timed repeats", n_repeats)
     works = {
-        "site_attacks": lambda: ours(n_steps, "pgd", "ours"),
+        "site_attacks": lambda: outcome.update(ours=ours(n_steps, "pgd")),
         "torchattacks": lambda: peer("pgd"),
         "torchattacks_apgd": lambda: peer("apgd"),
         "fwd_bwd": lambda: _fwd_bwd(model, images, objective, 1, autocast=False),
     }
     for name in PEERS:
         if to_objective[name]["steps"] is not None:
-            works[f"to_objective_{name}"] = lambda k=to_objective[name]["steps"], n=name: ours(k, step_rule, f"ours_{n}")
+            works[f"to_objective_{name}"] = lambda k=to_objective[name]["steps"]: ours(k, step_rule)
     times = _interleaved_seconds(works, n_repeats, device)
     ratios = times["torchattacks"] / times["site_attacks"]
     for name, peer_key in zip(PEERS, ("torchattacks", "torchattacks_apgd")):
@@ -408,7 +410,7 @@ def compute_peer_bench(
         entry["ours_s"] = float(np.median(times[f"to_objective_{name}"]))
         entry["ratio"] = _quartiles(times[peer_key] / times[f"to_objective_{name}"])
     made = outcome["ours"]
-    ours_change = np.abs(made.predicted - made.predicted_clean)[np.arange(n_jobs), site]
+    ours_change = change(made)
     peer_change, peer_realised = outcome["pgd"]
     image_steps = 2 * n_jobs * n_steps
     fwd_bwd_per_image = float(np.median(times["fwd_bwd"])) / batch_size
