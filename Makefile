@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # The behavioural web task: jsPsych from npm (web/package-lock.json), bundled by esbuild into
 # closedloop/behavior/_web/ (git-ignored), which `closedloop behavior build` copies into each build.
-$(WEB_BUNDLE): web/package.json web/package-lock.json web/src/task.js web/src/task.css
+$(WEB_BUNDLE): web/package.json web/package-lock.json web/src/task.js web/src/task.css web/src/dashboard.js web/src/dashboard.css
 	command -v npm >/dev/null || (apt-get update && apt-get install -y nodejs npm)
 	cd web && npm ci --no-audit --no-fund && npm run build
 

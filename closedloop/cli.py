@@ -518,6 +518,31 @@ def status(experiment: Path, as_json: bool) -> None:
 
 
 @cli.command()
+@_experiment_option
+@click.option("--host", default=None, help="Address to listen on [default: [dashboard] host, 127.0.0.1]; any other "
+              "than loopback requires the access token printed at start.")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port [default: [dashboard] port, 8050]; 0: any free one.")
+def dashboard(experiment: Path, host: str | None, port: int | None) -> None:
+    """A live, read-only web page of the experiment: the day's stages, the session, the sites, alarms, earlier days."""
+    from closedloop.config import read_config
+    from closedloop.core.validation import check_dir
+    from closedloop.dashboard.server import serve_dashboard
+
+    thresholds = read_config(check_dir("--experiment", experiment), check_paths=False).dashboard
+    host = host if host is not None else thresholds.host
+    port = port if port is not None else thresholds.port
+    try:
+        serve_dashboard(experiment, thresholds, host=host, port=port,
+                        announce=lambda text: click.echo(f"{text}\nread-only; Ctrl-C stops"))
+    except KeyboardInterrupt:
+        pass
+    except OSError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo("dashboard stopped")
+
+
+@cli.command()
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("daily_runs/demo"),
               show_default=True, help="Experiment folder to create (an earlier demo there is replaced).")
 @click.option("--days", type=click.IntRange(1, 20), default=4, show_default=True, help="Days to run (day_000 ...).")

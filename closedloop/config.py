@@ -329,6 +329,12 @@ class SimSection(ConfigSection):
     fixation_break_rate: float = Field(
         0.05, ge=0.0, le=0.9, description="Probability that a presentation ends in a fixation break."
     )
+    silent_sites: list[int] = Field(
+        [],
+        description="Sites (0-based) whose electrode dies part-way through each session: from presentation "
+        "silent_after on they record no spikes at all (to try the dashboard's silent-site alarm; docs/dashboard.md).",
+    )
+    silent_after: int = Field(0, ge=0, description="The presentation id from which the silent_sites record nothing.")
     live_counts: bool = Field(
         True,
         description="Stream spike counts with each outcome; false: outcomes only, like a real presenter, and the day "
@@ -359,6 +365,13 @@ class SimSection(ConfigSection):
         "(docs/attacks.md).",
     )
 
+    @field_validator("silent_sites")
+    @classmethod
+    def _distinct_sites(cls, sites: list[int]) -> list[int]:
+        if any(site < 0 for site in sites) or len(set(sites)) != len(sites):
+            raise ValueError("must list distinct site indices >= 0, e.g. [3] or [0, 5]")
+        return sites
+
     @model_validator(mode="after")
     def _choice_inside_the_first_phase(self) -> SimSection:
         if self.truth_choose_direction_at and not 2 <= self.truth_choose_direction_at < self.truth_steps // 2:
@@ -374,6 +387,38 @@ class SimSection(ConfigSection):
                 "needs nonrobust_backbone (a backbone name or checkpoint path); set one, or nonrobust_fraction = 0",
             )
         return self
+
+
+class DashboardSection(ConfigSection):
+    """[dashboard]: `closedloop dashboard` and the present stage's alarms (docs/dashboard.md)."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="Address the dashboard binds to; any other than loopback "
+                      "requires the access token printed at start on every request.")
+    port: int = Field(8050, ge=1, le=65535, description="Port of the dashboard.")
+    window_s: float = Field(60.0, gt=0.0, le=3600.0, description="Sliding window of the live rates (presentations per "
+                            "minute, valid fraction, fixation-break rate), s.")
+    silent_presentations: int = Field(
+        50, ge=5, le=100_000,
+        description="A site with no spike in its last this many valid presentations raises the silent-site alarm; at "
+        "baseline, the site-at-baseline alarm (see baseline_fraction).",
+    )
+    baseline_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0,
+        description="A site whose mean rate over its last silent_presentations valid presentations has fallen below this "
+        "fraction of its rate over the day's first silent_presentations is at baseline (an electrode losing its unit).",
+    )
+    min_reference_rate_hz: float = Field(
+        5.0, ge=0.0, description="Sites whose rate over the day's first presentations is below this, Hz, raise no "
+        "at-baseline alarm (they never were above it).",
+    )
+    max_fixation_break_rate: float = Field(
+        0.3, gt=0.0, le=1.0,
+        description="Fixation-break rate over the window above which the monkey is taken to have stopped working.",
+    )
+    rig_silent_s: float = Field(10.0, gt=0.0, le=3600.0, description="Seconds without a word from the rig that raise "
+                                "the rig-silent alarm.")
+    min_free_gb: float = Field(5.0, ge=0.0, description="Free space on the experiment's disk below which the "
+                               "disk-low alarm is raised, GB (10^9 bytes).")
 
 
 class FitSection(ConfigSection):
@@ -535,11 +580,22 @@ class ExperimentConfig(ConfigSection):
     sim: SimSection = SimSection()
     fit: FitSection = FitSection()
     nwb: NwbSection = NwbSection()
+    dashboard: DashboardSection = DashboardSection()
+
+    @model_validator(mode="after")
+    def _silent_sites_exist(self) -> ExperimentConfig:
+        bad = [site for site in self.sim.silent_sites if site >= self.sites.n_sites]
+        if bad:
+            n = self.sites.n_sites
+            raise _KeyValueError("sim.silent_sites", self.sim.silent_sites,
+                                 f"sites {bad} do not exist; allowed are 0..{n - 1} (n_sites = {n})")
+        return self
 
 
-# Sections that describe the experiment for export, not how a day runs: left out of a day's
-# frozen config.toml, so that filling them in later never makes a day look reconfigured.
-DAY_INDEPENDENT_SECTIONS = ("nwb",)
+# Sections that do not change what a day makes, left out of a day's frozen config.toml so that
+# changing them later never makes a day look reconfigured: [nwb] describes the experiment for
+# export, [dashboard] holds the operator's alarm thresholds (they may change while a day runs).
+DAY_INDEPENDENT_SECTIONS = ("nwb", "dashboard")
 
 # k of the embedded robust resnet_tiny (the demo's base): the class reference's crossing budget
 # is the paper's 4.0 at pixel eps = 4.0 k (`closedloop rig-sim --calibration`, docs/riglink.md).

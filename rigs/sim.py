@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from closedloop.core.logs import logger
-from closedloop.core.validation import check_integer, check_number
+from closedloop.core.validation import check_integer, check_integer_array, check_number
 from closedloop.data.bundle import read_bundle
 from closedloop.data.event_codes import FIXATION_BREAK, OFFSET, VALID
 from closedloop.data.layout import compute_base_seed
@@ -320,7 +320,8 @@ def compute_sim_rig_options(config, *, address: str, state_dir: str | Path, seed
         time_scale=sim.time_scale if time_scale is None else time_scale,
         on_s=config.rsvp.on_s, off_s=config.rsvp.off_s,
         fixation_break_rate=sim.fixation_break_rate if fixation_break_rate is None else fixation_break_rate,
-        live_counts=sim.live_counts, faults=faults, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
+        live_counts=sim.live_counts, silent_sites=tuple(sim.silent_sites), silent_after=sim.silent_after,
+        faults=faults, security=rig.security, keys_dir=rig.keys_dir, heartbeat_s=rig.heartbeat_s,
         timeout_s=rig.timeout_s, hidden=compute_hidden_site_options(config),
     )
 
@@ -330,6 +331,8 @@ class SimulatedPresenter:
 
     ``recording_path``: where ``finish`` writes the ``.nev``. Times in s; ``time_scale`` >= 0;
     ``live_counts``: whether outcomes carry the spike counts (False: like a real presenter).
+    ``silent_sites``: sites (0-based) whose electrode dies: from presentation id ``silent_after``
+    on they record no spike at all.
     """
 
     def __init__(
@@ -344,6 +347,8 @@ class SimulatedPresenter:
         latency_s: float = DEFAULT_LATENCY_S,
         fixation_break_rate: float = 0.05,
         live_counts: bool = True,
+        silent_sites: tuple[int, ...] = (),
+        silent_after: int = 0,
     ) -> None:
         self.site_function = site_function
         self.live_counts = bool(live_counts)
@@ -356,6 +361,8 @@ class SimulatedPresenter:
         self.fixation_break_rate = check_number("fixation_break_rate", fixation_break_rate, minimum=0.0, maximum=1.0)
         n_sites = len(site_function.baseline_hz)
         self.sites = tuple(f"sim{site:03d}" for site in range(n_sites))
+        self.silent_sites = check_integer_array("silent_sites", list(silent_sites), shape=(None,), minimum=0, maximum=n_sites - 1)
+        self.silent_after = check_integer("silent_after", silent_after, minimum=0)
         self._rates: dict[int, np.ndarray] = {}
         self._codes: dict[int, int] = {}
         self._next_tick = 0
@@ -400,6 +407,8 @@ class SimulatedPresenter:
             if high <= low:
                 continue
             n_spikes = rng.poisson(rate * (high - low) / NSP_CLOCK_HZ)
+            if presentation_id >= self.silent_after:
+                n_spikes[self.silent_sites] = 0
             sites.append(np.repeat(np.arange(len(rate)), n_spikes))
             ticks.append(onset + rng.integers(low, high, size=int(n_spikes.sum())))
         sites, ticks = np.concatenate(sites), np.concatenate(ticks)
@@ -443,6 +452,8 @@ def make_sim_agent(
     off_s: float = 0.1,
     fixation_break_rate: float = 0.05,
     live_counts: bool = True,
+    silent_sites: tuple[int, ...] = (),
+    silent_after: int = 0,
     faults: StreamFaults | None = None,
     security: str = "curve",
     keys_dir: str | Path | None = None,
@@ -460,6 +471,7 @@ def make_sim_agent(
     presenter = SimulatedPresenter(
         make_hidden_sites(n_sites, seed, **(hidden or {})), recording_path=state_dir / "recording.nev", seed=seed,
         time_scale=time_scale, on_s=on_s, off_s=off_s, fixation_break_rate=fixation_break_rate, live_counts=live_counts,
+        silent_sites=silent_sites, silent_after=silent_after,
     )
     return RigAgent(presenter, address=address, state_dir=state_dir, rig_id=f"sim-{seed}", security=security,
                     keys_dir=keys_dir, heartbeat_s=heartbeat_s, timeout_s=timeout_s, faults=faults)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from closedloop.core.logs import logger
 
-__all__ = ["LockedError", "hold_lock"]
+__all__ = ["LockedError", "hold_lock", "read_lock_holder"]
 
 
 _HELD: dict[str, int] = {}  # the lock files this process holds with nested=True (real paths), and how many holds
@@ -109,6 +109,36 @@ def _acquire(path: Path, what: str | None) -> int:
         except FileNotFoundError:
             pass
         os.close(descriptor)
+
+
+def read_lock_holder(path: str | Path) -> dict | None:
+    """Who holds the lock file ``path``, read without taking it (for a read-only view such as
+    ``closedloop dashboard``): None when no process holds it (no file, an empty file, or a holder
+    on this host that is gone), else the holder (pid, host, started_utc, command), with ``alive``
+    True for a live process on this host and None for a process on another host (not checkable).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    try:
+        holder = json.loads(text) if text.strip() else None
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(holder, dict):
+        return None
+    if holder.get("host") != socket.gethostname():
+        return {**holder, "alive": None}
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: is it there? (nothing is sent)
+    except (ProcessLookupError, OverflowError):
+        return None
+    except PermissionError:
+        pass  # another user's live process
+    return {**holder, "alive": True}
 
 
 def _read_holder(descriptor: int) -> dict:

@@ -6,13 +6,14 @@ An experiment folder holds ``experiment.toml`` and one ``day_NNN/`` folder per d
 | --- | --- | --- |
 | ``config.toml`` | the runner | the resolved configuration the day runs with (frozen) |
 | ``provenance.json`` | the runner | versions, git commit, seeds, input hashes |
-| ``log.jsonl`` | the runner | one JSON line per stage start / end |
+| ``log.jsonl`` | the runner, present | one JSON line per stage start / end, warning and alarm (docs/dashboard.md) |
 | ``stages/<stage>.json`` | the runner | a stage's marker (timing, summary), written after its artifact |
 | ``plan.json`` | plan | clean images, attacked images, sites, budgets |
 | ``synthesis_parts/`` | synthesize (every torchrun rank) | attack parts as they are made; removed once the store is written |
 | ``store.zarr`` | synthesize, present, ingest | the day store (stimuli, presentations, counts) |
 | ``stimuli.h5`` | bundle | the rig bundle (with ``rsvp/``, the RSVP list, for ``[rig] kind = "files"``) |
 | ``rsvp.csv`` | bundle (``[rig] kind = "files"``) | the RSVP list for a rig that runs its own software |
+| ``live.json`` | present | the session as it runs, rewritten every second, for ``closedloop dashboard`` |
 | ``recording.nev`` | present (simulated rig) or the operator | the Blackrock recording |
 | ``trial_log.csv`` | the operator (optional, files hand-off) | the rig's outcome of every presentation |
 | ``sensitivity.json`` | estimate | the lower bounds per site, budget and kind |
@@ -39,7 +40,7 @@ from closedloop.core.provenance import derive_seed
 from closedloop.core.validation import check_integer
 
 __all__ = [
-    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RSVP_LIST", "RECORDING", "TRIAL_LOG",
+    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RSVP_LIST", "RECORDING", "TRIAL_LOG", "LIVE",
     "SENSITIVITY", "MODEL", "REPORT", "RIG_STATE", "SYNTHESIS_PARTS", "SITE_SELECTION", "SITE_SELECTION_LOCK",
     "day_folder", "day_lock_path", "experiment_lock_path",
     "find_day_folders", "marker_path", "compute_base_seed",
@@ -55,6 +56,7 @@ STORE = "store.zarr"
 BUNDLE = "stimuli.h5"
 RSVP_LIST = "rsvp.csv"
 RECORDING = "recording.nev"
+LIVE = "live.json"
 TRIAL_LOG = "trial_log.csv"
 SENSITIVITY = "sensitivity.json"
 MODEL = "model.safetensors"

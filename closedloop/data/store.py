@@ -38,7 +38,7 @@ import numpy as np
 import zarr
 
 from closedloop.core.logs import logger
-from closedloop.core.validation import check_array, check_dir, check_integer_array, check_option
+from closedloop.core.validation import check_array, check_dir, check_integer, check_integer_array, check_option
 from closedloop.data.sites import SiteTable, make_default_sites
 
 __all__ = ["DayStore", "create_store", "open_store", "SCHEMA_VERSION", "KINDS"]
@@ -163,11 +163,14 @@ class DayStore:
         indices = check_integer_array("indices", indices, shape=(None,), minimum=0, maximum=self.n_stimuli - 1)
         return self._root["stimuli/pixels"].get_orthogonal_selection((indices, slice(None), slice(None), slice(None)))
 
-    def read_presentations(self) -> dict[str, np.ndarray]:
-        """Committed presentations: ``id``, ``stimulus``, ``onset`` (s), ``valid`` ``(n_pres,)`` and
-        ``counts`` uint16 ``(n_pres, n_sites)`` (live stream)."""
+    def read_presentations(self, start: int = 0) -> dict[str, np.ndarray]:
+        """Committed presentations from row ``start`` on (0: all): ``id``, ``stimulus``, ``onset`` (s),
+        ``valid`` ``(n,)`` and ``counts`` uint16 ``(n, n_sites)`` (live stream). A reader that
+        follows a recording day asks only for the rows after those it has read."""
+        start = check_integer("start", start, minimum=0)
         names = [name for name in _array_specs(self.n_sites) if _group_of(name) == _PRESENTATIONS]
-        return {name.split("/")[-1]: self._read(name) for name in names}
+        n = int(self._root[_PRESENTATIONS].attrs[COMMITTED])  # one commit for every column
+        return {name.split("/")[-1]: self._read(name, slice(min(start, n), n)) for name in names}
 
     def read_ingest(self) -> dict | None:
         """The ``.nev`` ingest result, or None when the day was not ingested yet.

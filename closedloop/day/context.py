@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +23,8 @@ from models.devices import resolve_device
 
 __all__ = ["DayContext", "make_site_table"]
 
+_LOG_LOCK = threading.Lock()  # the stage runner and the present stage's live thread both append
+
 
 @dataclass
 class DayContext:
@@ -36,6 +41,14 @@ class DayContext:
     def path(self, name: str) -> Path:
         """A file of the day folder (a name from :mod:`closedloop.data.layout`)."""
         return self.folder / name
+
+    def log_event(self, **event) -> None:
+        """Append one event to the day's ``log.jsonl``: a JSON line with ``time_utc`` and ``day`` first
+        (stage start and end, warnings, alarms; docs/dashboard.md lists them)."""
+        event = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "day": self.number, **event}
+        line = json.dumps(event) + "\n"
+        with _LOG_LOCK, self.path(layout.LOG).open("a", encoding="utf-8") as stream:
+            stream.write(line)
 
     def seed(self, stage: str) -> int:
         """The seed of ``stage`` on this day, derived from the experiment's master seed."""

@@ -20,83 +20,154 @@ and plain log lines otherwise.
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import shutil
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from collections import deque
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 import numpy as np
 from rich.live import Live
 from rich.table import Table
 
 from closedloop.config import ExperimentConfig
-from closedloop.core.files import compute_file_digest, read_json
+from closedloop.core.files import compute_file_digest, read_json, write_bytes
 from closedloop.core.logs import logger
 from closedloop.data import layout
 from closedloop.data.bundle import read_bundle
 from closedloop.data.handoff import make_rsvp_list, read_recorded_presentations
 from closedloop.data.store import open_store
+from closedloop.day.alarms import AlarmLog, SessionWatch
+from closedloop.day.context import make_site_table
 from closedloop.day.waiting import make_waiting_error
 from closedloop.link.presentations import run_presentations
 
-__all__ = ["SessionMonitor", "compute_lacking_valid", "run_stage"]
+__all__ = ["LIVE_FORMAT", "SessionMonitor", "compute_lacking_valid", "run_stage"]
+
+LIVE_FORMAT = "closedloop.present_live"
 
 
 class SessionMonitor:
-    """What the operator watches during ``present``; ``update`` per outcome, ``render`` for display.
+    """What the operator watches during ``present``: :meth:`update` per outcome, :meth:`facts` for display.
 
     ``n_target``: valid presentations needed (n_stimuli × repetitions); ``window_s``: response
-    window length, s (to turn counts into rates, Hz). Outcomes without counts (a real presenter)
-    leave the rates out.
+    window length, s (to turn counts into rates, Hz); ``rates_window_s``: the sliding window of the
+    presentation rate, valid fraction and fixation-break rate, s. Outcomes without counts (a real
+    presenter) leave the per-site rates out. The link facts come from the client handed to
+    :meth:`attach`. Thread-safe: the live view reads it while the session updates it.
     """
 
-    def __init__(self, n_target: int, n_sites: int, window_s: float, *, n_valid: int = 0, n_done: int = 0) -> None:
-        self.n_target, self.window_s = n_target, window_s
+    def __init__(self, n_target: int, n_sites: int, window_s: float, *, n_valid: int = 0, n_done: int = 0,
+                 rates_window_s: float = 60.0) -> None:
+        self.n_target, self.window_s, self.rates_window_s = n_target, window_s, rates_window_s
         self.n_done, self.n_valid, self.n_new, self.n_valid_before = n_done, n_valid, 0, n_valid
         self.rate_sum = np.zeros(n_sites)
         self.started = time.monotonic()
-        self.link_s = 0.0
         self.n_counted = 0
+        self.client = None
+        self._recent: deque[tuple[float, bool]] = deque()
+        self._lock = threading.Lock()
+
+    def attach(self, client) -> None:
+        """Read the link's health (heartbeat age, queue depth, reconnects, re-queues) from ``client``."""
+        self.client = client
 
     def update(self, outcome: dict) -> None:
-        self.n_done += 1
-        self.n_new += 1
-        if outcome["valid"]:
-            self.n_valid += 1
-            if outcome.get("counts") is not None:
-                self.n_counted += 1
-                self.rate_sum += np.asarray(outcome["counts"], dtype=float) / self.window_s
+        now = time.monotonic()
+        with self._lock:
+            self.n_done += 1
+            self.n_new += 1
+            self._recent.append((now, bool(outcome["valid"])))
+            if outcome["valid"]:
+                self.n_valid += 1
+                if outcome.get("counts") is not None:
+                    self.n_counted += 1
+                    self.rate_sum += np.asarray(outcome["counts"], dtype=float) / self.window_s
 
     def facts(self) -> dict:
-        elapsed = time.monotonic() - self.started
-        per_valid = elapsed / max(self.n_valid - self.n_valid_before, 1)
-        remaining = max(self.n_target - self.n_valid, 0)
-        return {
-            "presentations": self.n_done,
-            "valid": self.n_valid,
-            "target_valid": self.n_target,
-            "valid_rate": self.n_valid / self.n_done if self.n_done else float("nan"),
-            "fixation_break_rate": 1 - self.n_valid / self.n_done if self.n_done else float("nan"),
-            "eta_s": remaining * per_valid if self.n_new else float("nan"),
-            "link_silent_s": self.link_s,
-            "mean_rate_hz": (self.rate_sum / self.n_counted).round(1).tolist() if self.n_counted else None,
-        }
+        """The session so far: counts, rates over the sliding window (``window_*``), ETA (s), link health."""
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - self.rates_window_s:
+                self._recent.popleft()
+            n_window = len(self._recent)
+            n_window_valid = sum(valid for _, valid in self._recent)
+            span = min(now - self.started, self.rates_window_s)
+            per_valid = (now - self.started) / max(self.n_valid - self.n_valid_before, 1)
+            remaining = max(self.n_target - self.n_valid, 0)
+            facts = {
+                "presentations": self.n_done,
+                "valid": self.n_valid,
+                "target_valid": self.n_target,
+                "valid_rate": self.n_valid / self.n_done if self.n_done else float("nan"),
+                "fixation_break_rate": 1 - self.n_valid / self.n_done if self.n_done else float("nan"),
+                "eta_s": remaining * per_valid if self.n_new else float("nan"),
+                "window_s": self.rates_window_s,
+                "window_presentations": n_window,
+                "window_per_min": 60.0 * n_window / span if span > 0 else float("nan"),
+                "window_valid_fraction": n_window_valid / n_window if n_window else float("nan"),
+                "window_fixation_break_rate": 1 - n_window_valid / n_window if n_window else float("nan"),
+                "mean_rate_hz": (self.rate_sum / self.n_counted).round(1).tolist() if self.n_counted else None,
+            }
+        client = self.client
+        facts["link_silent_s"] = client.seconds_since_heard if client is not None else float("nan")
+        facts["queue_depth"] = len(client.outstanding) if client is not None else 0
+        facts["reconnects"] = client.n_reconnects if client is not None else 0
+        facts["requeued"] = client.n_requeued if client is not None else 0
+        return facts
 
     def render(self):
-
         facts = self.facts()
         table = Table(title="present", show_header=False)
         table.add_row("presentations", f"{facts['presentations']} ({facts['valid']}/{facts['target_valid']} valid)")
         table.add_row("valid / fixation breaks", f"{facts['valid_rate']:.0%} / {facts['fixation_break_rate']:.0%}")
         table.add_row("ETA", f"{facts['eta_s']:.0f} s" if np.isfinite(facts["eta_s"]) else "…")
         health = "ok" if facts["link_silent_s"] < 2.0 else f"silent {facts['link_silent_s']:.1f} s"
-        table.add_row("rig link", health)
+        table.add_row("rig link", f"{health}, {facts['queue_depth']} queued, {facts['reconnects']} reconnects")
         rates = facts["mean_rate_hz"]
         if rates is None:
             table.add_row("mean rate per site (Hz)", "no live counts (the .nev has them)")
         else:
             table.add_row("mean rate per site (Hz)", " ".join(f"{r:.0f}" for r in rates[:24]) + (" …" if len(rates) > 24 else ""))
         return table
+
+
+class _LiveFile:
+    """The present stage's ``live.json``, rewritten every second for ``closedloop dashboard``.
+
+    It holds the monitor's facts, the link's health and a history of the sliding-window rates
+    (one sample every ``sample_s``, the last ``n_samples``); ``live`` is false once the stage has
+    ended. Written by rename (a reader sees the old file or the new one) and without fsync: it is
+    a view, rewritten a second later, not a record.
+    """
+
+    def __init__(self, path: Path, *, sample_s: float = 2.0, n_samples: int = 900) -> None:
+        self.path, self.sample_s = path, sample_s
+        self.history: deque[list] = deque(maxlen=n_samples)
+        self._sampled = 0.0
+
+    def write(self, facts: dict, *, live: bool) -> None:
+        now = time.time()
+        if now - self._sampled >= self.sample_s:
+            self._sampled = now
+            self.history.append([round(now, 1), *(_finite(facts[key]) for key in
+                                 ("window_per_min", "window_valid_fraction", "window_fixation_break_rate"))])
+        payload = {"format": LIVE_FORMAT, "pid": os.getpid(), "updated_unix": round(now, 3), "live": live,
+                   **{key: _finite(value) for key, value in facts.items() if key != "mean_rate_hz"},
+                   "history": list(self.history)}
+        write_bytes(self.path, json.dumps(payload, allow_nan=False).encode())
+
+
+def _finite(value):
+    """A number as JSON takes it: None for NaN and infinity, 4 significant decimals for floats."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    return value
 
 
 class _OutcomeWriter:
@@ -131,13 +202,14 @@ class _OutcomeWriter:
         )
 
 
-def _run(client, monitor: SessionMonitor, store, n_stimuli: int, config: ExperimentConfig, seed: int) -> dict:
+def _run(client, monitor: SessionMonitor, watch: SessionWatch, store, n_stimuli: int, config: ExperimentConfig,
+         seed: int) -> dict:
     writer = _OutcomeWriter(store)
 
     def on_result(outcome: dict) -> None:
         writer.add(outcome)
         monitor.update(outcome)
-        monitor.link_s = client.seconds_since_heard
+        watch.add(outcome)
 
     recorded = store.read_presentations()
     try:
@@ -150,22 +222,39 @@ def _run(client, monitor: SessionMonitor, store, n_stimuli: int, config: Experim
 
 
 @contextmanager
-def _display(monitor: SessionMonitor, every_s: float = 0.5, log_every_s: float = 10.0):
-    """Show ``monitor`` while the block runs: a live table on a terminal, else a log line now and then."""
+def _display(day, monitor: SessionMonitor, watch: SessionWatch, every_s: float = 0.5, log_every_s: float = 10.0):
+    """Show ``monitor`` while the block runs and keep the operator informed.
 
-
+    A live table on a terminal (else a log line every ``log_every_s``); every second, the alarms
+    of ``watch`` (raised and cleared in the day's log) and the day's ``live.json`` for
+    ``closedloop dashboard``. When the block ends the alarms are cleared and ``live.json`` says
+    the stage is no longer live.
+    """
     done = threading.Event()
-    if sys.stderr.isatty():
-        live = Live(monitor.render(), refresh_per_second=2, console=None)
+    live = Live(monitor.render(), refresh_per_second=2, console=None) if sys.stderr.isatty() else None
+    live_file = _LiveFile(day.path(layout.LIVE))
+    alarms = AlarmLog(day.log_event)
 
-        def refresh() -> None:
-            while not done.wait(every_s):
+    def inform() -> None:
+        facts = monitor.facts()
+        alarms.update(watch.check(break_rate=facts["window_fixation_break_rate"], n_in_window=facts["window_presentations"],
+                                  link_silent_s=facts["link_silent_s"], free_bytes=shutil.disk_usage(day.folder).free))
+        live_file.write(facts, live=True)
+
+    def refresh() -> None:
+        last_inform = last_log = time.monotonic()
+        while not done.wait(every_s):
+            now = time.monotonic()
+            if live:
                 live.update(monitor.render())
-    else:
-        live = None
-
-        def refresh() -> None:
-            while not done.wait(log_every_s):
+            if now - last_inform >= 1.0:
+                last_inform = now
+                try:
+                    inform()
+                except OSError as error:  # a full disk: the session goes on, the view waits
+                    logger.warning("present: cannot write the live view: %s", error)
+            if not live and now - last_log >= log_every_s:
+                last_log = now
                 facts = monitor.facts()
                 logger.info("present: %d presentations, %d/%d valid, %.0f%% fixation breaks, ETA %.0f s, link silent %.1f s",
                             facts["presentations"], facts["valid"], facts["target_valid"],
@@ -182,6 +271,9 @@ def _display(monitor: SessionMonitor, every_s: float = 0.5, log_every_s: float =
         if live:
             live.update(monitor.render())
             live.stop()
+        alarms.update([])
+        with suppress(OSError):
+            live_file.write(monitor.facts(), live=False)
 
 
 def _check_bundle(day) -> None:
@@ -271,12 +363,15 @@ def _present(day, store) -> dict:
     recorded = store.read_presentations()
     window = config.response.window_s
     monitor = SessionMonitor(store.n_stimuli * config.rsvp.repetitions, store.n_sites, window[1] - window[0],
-                             n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]))
+                             n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]),
+                             rates_window_s=config.dashboard.window_s)
+    watch = SessionWatch(config.dashboard, list(make_site_table(config).label), window[1] - window[0])
     with day.rig.connect(config, day.folder, n_sites=config.sites.n_sites) as client:
         if _session_over(client, day.path(layout.BUNDLE)):
             logger.warning("present: the rig's session of this day was already stopped; collecting its recording")
             return {"recording": None}
         client.load_bundle(day.path(layout.BUNDLE))
-        with _display(monitor):
-            _run(client, monitor, store, store.n_stimuli, config, day.seed("present"))
+        monitor.attach(client)
+        with _display(day, monitor, watch):
+            _run(client, monitor, watch, store, store.n_stimuli, config, day.seed("present"))
         return client.stop()

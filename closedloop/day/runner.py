@@ -27,9 +27,11 @@ synthesize stage's attack parts (:func:`closedloop.day.synthesize.run_shard`; do
 from __future__ import annotations
 
 import json
+import logging
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from closedloop.config import (
@@ -100,10 +102,31 @@ _LINK_KEYS = frozenset({"rig.address", "rig.security", "rig.keys_dir", "rig.hear
 
 
 # -- the runner -------------------------------------------------------------------------------
-def _log(day: DayContext, **event) -> None:
-    event = {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "day": day.number, **event}
-    with day.path(layout.LOG).open("a", encoding="utf-8") as stream:
-        stream.write(json.dumps(event) + "\n")
+class _WarningsToLog(logging.Handler):
+    """Copies the package's warnings into the day's ``log.jsonl`` (``event: "warning"``), where the
+    dashboard shows them; the alarms write their own events (:mod:`closedloop.day.alarms`)."""
+
+    def __init__(self, day: DayContext) -> None:
+        super().__init__(logging.WARNING)
+        self.day = day
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "alarm", False):
+            return
+        try:
+            self.day.log_event(event="warning", message=record.getMessage()[:2000])
+        except Exception:  # noqa: BLE001 - a full disk must not turn a warning into a crash
+            self.handleError(record)
+
+
+@contextmanager
+def _warnings_logged(day: DayContext) -> Iterator[None]:
+    handler = _WarningsToLog(day)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
 
 
 def _freeze_config(day: DayContext, force: bool) -> dict[str, dict]:
@@ -310,6 +333,12 @@ def _run_day(experiment: str | Path, day: int, *, force: bool, until: str | None
     for leftover in remove_temporaries(state.folder):  # half-written by a process killed mid-write
         logger.info("day %d: removed %s, left by an interrupted write", day, leftover.relative_to(state.folder))
     ingest.check_ingest_source(state)  # finished stages too may rest on the counts of another file
+    with _warnings_logged(state):
+        return _run_stages(state, until)
+
+
+def _run_stages(state: DayContext, until: str | None) -> dict:
+    day = state.number
     results = {}
     for stage in STAGES:
         marker = layout.marker_path(state.folder, stage)
@@ -318,12 +347,12 @@ def _run_day(experiment: str | Path, day: int, *, force: bool, until: str | None
             logger.info("day %d: %s already done", day, stage)
         else:
             logger.info("day %d: %s ...", day, stage)
-            _log(state, stage=stage, event="start")
+            state.log_event(stage=stage, event="start")
             start = time.monotonic()
             summary = _STAGE_FUNCTIONS[stage](state)
             seconds = round(time.monotonic() - start, 3)
             write_json(marker, {"stage": stage, "seconds": seconds, "summary": summary})
-            _log(state, stage=stage, event="done", seconds=seconds)
+            state.log_event(stage=stage, event="done", seconds=seconds)
             logger.info("day %d: %s done in %.1f s", day, stage, seconds)
             results[stage] = {"skipped": False, "seconds": seconds, "summary": summary}
         if stage == until:

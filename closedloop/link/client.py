@@ -113,6 +113,8 @@ class RigClient:
         self._gap_since: float | None = None
         self._awaiting: dict[str, dict | None] = {}
         self._last_heard = self._last_beat = 0.0
+        self._n_sessions = 0
+        self.n_requeued = 0  # presentations queued again because the rig no longer held them (link health)
 
     # ----- public commands ---------------------------------------------------------------------
 
@@ -120,6 +122,11 @@ class RigClient:
     def seconds_since_heard(self) -> float:
         """Seconds since the last message from the rig (link health for the operator display)."""
         return time.monotonic() - self._last_heard if self._last_heard else float("inf")
+
+    @property
+    def n_reconnects(self) -> int:
+        """Sessions begun again with the rig after the first (link health for the operator display)."""
+        return max(self._n_sessions - 1, 0)
 
     def connect(self) -> dict:
         """Say hello and reconcile with the rig; returns the rig's hello data (rig_id, sites, ...).
@@ -268,6 +275,7 @@ class RigClient:
                 self.rig = self._request("hello", client=self.name, window_s=list(self.window_s),
                                          stream_from=self._next_seq, **timing)
                 self._in_session = True
+                self._n_sessions += 1
                 self._reconcile()
                 return
             except _LinkDown:
@@ -312,6 +320,7 @@ class RigClient:
         self.outstanding.update(pending)
         if lost and not status["stopped"]:
             logger.warning("re-queueing %d presentations the rig no longer holds", len(lost))
+            self.n_requeued += len(lost)
             self._request("queue", presentations=lost)
 
     # ----- messages -----------------------------------------------------------------------------

@@ -1,0 +1,95 @@
+"""The present stage's alarms: which hold for which outcomes, and the events they leave in the log."""
+
+import pytest
+
+from closedloop.config import DashboardSection
+from closedloop.day.alarms import AlarmLog, SessionWatch
+
+WINDOW_S = 0.1  # response window, s: 1 spike = 10 Hz
+PLENTY = 100 * 10**9  # free bytes
+
+
+def _watch(**thresholds) -> SessionWatch:
+    return SessionWatch(DashboardSection(**{"silent_presentations": 10, **thresholds}), ["e1", "e2", "e3"], WINDOW_S)
+
+
+def _kinds(alarms) -> set:
+    return {(alarm.kind, alarm.site) for alarm in alarms}
+
+
+def _check(watch, **facts):
+    return watch.check(**{"break_rate": 0.0, "n_in_window": 100, "link_silent_s": 0.1, "free_bytes": PLENTY, **facts})
+
+
+def test_a_site_that_stops_firing_raises_silent_and_one_that_falls_to_baseline_raises_at_baseline():
+    watch = _watch()
+    for _ in range(10):
+        watch.add({"valid": True, "counts": [8, 8, 8]})  # 80 Hz each at the start of the day
+    assert _check(watch) == []
+    for _ in range(9):
+        watch.add({"valid": True, "counts": [8, 0, 1]})
+    assert _kinds(_check(watch)) == {("site_at_baseline", 1), ("site_at_baseline", 2)}, "one spiking presentation left"
+    watch.add({"valid": True, "counts": [8, 0, 1]})
+    alarms = _check(watch)
+    assert _kinds(alarms) == {("silent_site", 1), ("site_at_baseline", 2)}
+    assert "site 1 (e2)" in next(a.message for a in alarms if a.kind == "silent_site")
+    assert "10.0 Hz" in next(a.message for a in alarms if a.kind == "site_at_baseline")
+    for _ in range(10):  # the unit comes back
+        watch.add({"valid": True, "counts": [8, 8, 8]})
+    assert _check(watch) == []
+
+
+def test_fixation_breaks_and_presentations_without_counts_do_not_count_towards_the_site_alarms():
+    watch = _watch()
+    for _ in range(10):
+        watch.add({"valid": True, "counts": [8, 8, 8]})
+    for _ in range(30):
+        watch.add({"valid": False, "counts": [0, 0, 0]})
+        watch.add({"valid": True, "counts": None})
+    assert _check(watch) == []
+
+
+def test_a_site_weak_from_the_start_raises_no_baseline_alarm():
+    watch = _watch(min_reference_rate_hz=20.0)
+    for _ in range(10):
+        watch.add({"valid": True, "counts": [8, 1, 8]})  # site 1 at 10 Hz from the start
+    for k in range(10):
+        watch.add({"valid": True, "counts": [8, int(k == 0), 1]})  # site 1 at 1 Hz, site 2 from 80 to 10 Hz
+    assert _kinds(_check(watch)) == {("site_at_baseline", 2)}
+
+
+@pytest.mark.parametrize(("facts", "kind"), [
+    ({"break_rate": 0.5, "n_in_window": 40}, "fixation_breaks"),
+    ({"link_silent_s": 11.0}, "rig_silent"),
+    ({"free_bytes": 4 * 10**9}, "disk_low"),
+])
+def test_the_session_alarms_hold_beyond_their_thresholds(facts, kind):
+    watch = _watch(max_fixation_break_rate=0.3, rig_silent_s=10.0, min_free_gb=5.0)
+    assert _kinds(_check(watch, **facts)) == {(kind, None)}
+
+
+def test_a_break_rate_over_too_few_presentations_raises_nothing():
+    assert _check(_watch(), break_rate=0.9, n_in_window=19) == []
+
+
+def test_the_log_gets_one_raised_and_one_cleared_event_per_alarm():
+    events = []
+    log = AlarmLog(lambda **event: events.append(event))
+    watch = _watch()
+    log.update(_check(watch, link_silent_s=30.0))
+    log.update(_check(watch, link_silent_s=40.0))  # still silent: nothing new
+    assert [(e["state"], e["kind"]) for e in events] == [("raised", "rig_silent")]
+    assert "40 s" in log.active[("rig_silent", None)].message
+    log.update(_check(watch, free_bytes=1))
+    assert [(e["state"], e["kind"]) for e in events] == [("raised", "rig_silent"), ("cleared", "rig_silent"),
+                                                         ("raised", "disk_low")]
+    log.update([])
+    assert events[-1]["state"] == "cleared" and not log.active
+    assert all(e["event"] == "alarm" for e in events)
+
+
+@pytest.mark.parametrize(("key", "value"), [("silent_presentations", 2), ("baseline_fraction", 1.0),
+                                            ("max_fixation_break_rate", 0.0), ("port", 70000)])
+def test_bad_thresholds_are_refused_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=key):
+        DashboardSection(**{key: value})
