@@ -27,6 +27,7 @@ import contextlib
 import ipaddress
 import json
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from http.cookies import SimpleCookie
 from importlib import resources
@@ -85,8 +86,8 @@ def read_assets() -> dict[str, bytes]:
 class _Snapshots:
     """The latest state, serialised once, and a way for every open page to wait for the next one."""
 
-    def __init__(self, view: ExperimentView, interval_s: float) -> None:
-        self.view, self.interval_s = view, interval_s
+    def __init__(self, view: ExperimentView, interval_s: float, stop: threading.Event) -> None:
+        self.view, self.interval_s, self.stop = view, interval_s, stop
         self.text = "{}"
         self.version = 0
         self._changed = asyncio.Event()
@@ -105,9 +106,10 @@ class _Snapshots:
             await asyncio.sleep(self.interval_s)
 
     async def follow(self) -> AsyncIterator[str]:
-        """Server-sent events: the latest state at once, then each new one; a comment line as a keep-alive."""
+        """Server-sent events: the latest state at once, then each new one; a comment line as a keep-alive.
+        Ends when the server stops (the stream's connection can then close)."""
         seen = 0
-        while True:
+        while not self.stop.is_set():
             if self.version != seen:
                 seen = self.version
                 yield f"data: {self.text}\n\n"
@@ -173,15 +175,17 @@ class _Guard:
 
 
 def make_dashboard_app(view: ExperimentView, *, token: str | None = None, hosts: set[str] | None = None,
-                       interval_s: float = 1.0, assets: dict[str, bytes] | None = None):
+                       interval_s: float = 1.0, assets: dict[str, bytes] | None = None,
+                       stop: threading.Event | None = None):
     """The dashboard as an ASGI app.
 
     ``view``: what it shows; ``token``: required on every request when given (bound beyond
     loopback); ``hosts``: the ``Host`` values accepted (bound to loopback), None for any;
-    ``interval_s``: seconds between snapshots; ``assets``: from :func:`read_assets` (read by default).
+    ``interval_s``: seconds between snapshots; ``assets``: from :func:`read_assets` (read by
+    default); ``stop``: once set, the event streams end (within ``interval_s``).
     """
     assets = assets if assets is not None else read_assets()
-    snapshots = _Snapshots(view, interval_s)
+    snapshots = _Snapshots(view, interval_s, stop or threading.Event())
 
     async def page(request) -> Response:
         return HTMLResponse(assets["page.html"])
@@ -243,8 +247,15 @@ def serve_dashboard(experiment: str | Path, thresholds, *, host: str, port: int,
     shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
     token = None if loopback else secrets.token_urlsafe(24)
     hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", shown)} if loopback else None
+    stop = threading.Event()
     app = make_dashboard_app(ExperimentView(experiment, thresholds), token=token, hosts=hosts, interval_s=interval_s,
-                             assets=assets)
+                             assets=assets, stop=stop)
     announce(f"dashboard of {Path(experiment).absolute()}: http://{shown}:{port}/" + (f"?token={token}" if token else ""))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            stop.set()  # Ctrl-C: the open event streams end, so that their connections close
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])

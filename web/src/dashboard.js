@@ -137,7 +137,7 @@ function renderStages(state) {
       }),
     );
   }
-  setText("eta", eta(current && current.eta_s));
+  setText("eta", current && current.state === "finished" ? "day finished" : eta(current && current.eta_s));
 
   const days = $("days");
   const known = arr(state.days).filter((d) => obj(d));
@@ -167,7 +167,7 @@ function renderPresent(state) {
   setText("rate", isNum(p.presentations_per_min) ? `${p.presentations_per_min.toFixed(1)} /min` : DASH);
   setText("valid-fraction", percent(p.valid_fraction));
   setText("fixation-breaks", percent(p.fixation_break_rate));
-  setText("present-eta", eta(p.eta_s));
+  setText("present-eta", present && !p.live && !p.stale ? DASH : eta(p.eta_s));
   setText("present-window", isNum(p.window_s) ? `rates over the last ${duration(p.window_s)}` : "");
 
   let text;

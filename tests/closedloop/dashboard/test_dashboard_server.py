@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -182,3 +183,20 @@ def test_starting_serving_and_stopping_it_changes_nothing_in_the_experiment(expe
         read_events(port, 2)
         request(port, "GET", "/")
     assert listing() == before
+
+
+def test_ctrl_c_stops_it_promptly_with_pages_still_open(experiment):
+    process = subprocess.Popen([sys.executable, "-m", "closedloop", "dashboard", "--experiment", str(experiment), "--port", "0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    port = int(re.search(r":(\d+)/", process.stdout.readline())[1])
+    streams = []
+    for _ in range(3):  # open pages: their event streams never end by themselves
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("GET", "/events", headers={"Host": f"127.0.0.1:{port}"})
+        streams.append(connection.getresponse())
+    streams[0].fp.readline()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 0 and "dashboard stopped" in out
+    assert "Traceback" not in err and "ERROR" not in err

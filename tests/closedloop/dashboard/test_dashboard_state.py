@@ -4,6 +4,7 @@ days give states, never errors."""
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,29 @@ def test_a_day_started_over_under_the_same_name_is_read_afresh(begun_day):
     snapshot = view.snapshot()
     assert _stages(snapshot) == {"plan": "interrupted", **dict.fromkeys(layout.STAGES[1:], "pending")}
     assert snapshot["days"] == [{"day": 0, "state": "stopped"}]
+
+
+def test_a_fit_day_killed_in_present_and_run_again_is_stopped_then_running_with_a_fresh_session(begun_day):
+    folder = layout.day_folder(begun_day, 0)
+    for stage in ("synthesize", "bundle"):
+        write_json(layout.marker_path(folder, stage), {"stage": stage, "seconds": 2.0, "summary": {}})
+    with (folder / layout.LOG).open("a") as log:
+        log.write("\n" + _event("present", event="start")
+                  + _event(event="alarm", state="raised", kind="rig_silent", site=None, message="rig silent"))
+    write_json(folder / layout.LIVE, {"format": "closedloop.present_live", "live": True, "updated_unix": 1.0,
+                                      "presentations": 40, "valid": 30, "target_valid": 60})
+    _hold(begun_day, 2**22 + 12345)  # killed: its lock names a process that is gone
+    view = ExperimentView(begun_day, THRESHOLDS)
+    snapshot = view.snapshot()
+    assert snapshot["current"]["state"] == "stopped" and _stages(snapshot)["present"] == "interrupted"
+    assert snapshot["present"]["stale"] is True and snapshot["present"]["live"] is False
+    assert snapshot["alarms"] == [], "the alarms of a session that is gone are not shown"
+    _hold(begun_day, os.getpid())  # run again: a new process holds the day and begins present anew
+    with (folder / layout.LOG).open("a") as log:
+        log.write(_event("present", event="start"))
+    write_json(folder / layout.LIVE, {"format": "closedloop.present_live", "live": True, "updated_unix": time.time(),
+                                      "presentations": 41, "valid": 31, "target_valid": 60})
+    snapshot = view.snapshot()
+    assert snapshot["current"]["state"] == "running" and _stages(snapshot)["present"] == "running"
+    assert snapshot["present"]["live"] is True and snapshot["present"]["presentations"] == 41
+    assert snapshot["alarms"] == []
