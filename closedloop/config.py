@@ -408,8 +408,8 @@ class DashboardSection(ConfigSection):
         "fraction of its rate over the day's first silent_presentations is at baseline (an electrode losing its unit).",
     )
     min_reference_rate_hz: float = Field(
-        5.0, ge=0.0, description="Sites whose rate over the day's first presentations is below this, Hz, raise no "
-        "at-baseline alarm (they never were above it).",
+        5.0, ge=0.0, description="Sites whose rate over the day's first presentations is below this, Hz, raise neither "
+        "site alarm (a channel dead from the start is not dying).",
     )
     max_fixation_break_rate: float = Field(
         0.3, gt=0.0, le=1.0,
@@ -419,6 +419,8 @@ class DashboardSection(ConfigSection):
                                 "the rig-silent alarm.")
     min_free_gb: float = Field(5.0, ge=0.0, description="Free space on the experiment's disk below which the "
                                "disk-low alarm is raised, GB (10^9 bytes).")
+    alarm_hold_s: float = Field(10.0, ge=0.0, le=3600.0, description="An alarm is cleared only once its condition has "
+                                "not held for this long, s (one that flickers at its threshold stays one alarm).")
 
 
 class FitSection(ConfigSection):

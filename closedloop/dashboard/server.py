@@ -26,16 +26,17 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import re
 import secrets
 import threading
 from collections.abc import AsyncIterator
-from http.cookies import SimpleCookie
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import anyio
 from starlette.applications import Starlette
+from starlette.requests import cookie_parser
 from starlette.responses import HTMLResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -45,7 +46,9 @@ from closedloop.dashboard.state import ExperimentView
 __all__ = ["ASSETS", "TOKEN_COOKIE", "is_loopback", "make_dashboard_app", "read_assets", "serve_dashboard"]
 
 ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css", "uPlot.min.css": "text/css"}
-TOKEN_COOKIE = "closedloop_dashboard_token"
+TOKEN_COOKIE = "closedloop_dashboard_token"  # + "_<port>": two dashboards on one computer keep their own
+_LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+_MAX_CONNECTIONS = 200  # beyond: 503 (a flood of connections must not take the file descriptors)
 _KEEPALIVE_S = 15.0
 _HEADERS = {
     "Content-Security-Policy":
@@ -121,40 +124,44 @@ class _Snapshots:
             yield ": keep-alive\n\n"
 
 
-def _token_of(scope: dict) -> tuple[str | None, bool]:
+def _token_of(scope: dict, cookie_name: str) -> tuple[str | None, bool]:
     """The token a request carries and whether it came in the query (the page's URL)."""
     query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
     if query.get("token"):
         return query["token"][0], True
     headers = dict(scope.get("headers", []))
-    authorization = headers.get(b"authorization", b"").decode("latin-1")
-    if authorization.startswith("Bearer "):
-        return authorization[len("Bearer "):].strip(), False
-    cookie = SimpleCookie()
-    with contextlib.suppress(Exception):
-        cookie.load(headers.get(b"cookie", b"").decode("latin-1"))
-    morsel = cookie.get(TOKEN_COOKIE)
-    return (morsel.value if morsel else None), False
+    scheme, _, value = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip(), False
+    # starlette's parser, as browsers do: a malformed cookie of another site on this host hides nothing
+    return cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(cookie_name), False
+
+
+def _host_name(host: str) -> str:
+    """The name of a ``Host`` header without its port: ``[::1]:8050`` → ``[::1]``, ``localhost`` →
+    ``localhost``; anything else than NAME or NAME:PORT comes back whole (and is refused)."""
+    found = re.fullmatch(r"(\[[0-9A-Fa-f:.]*\]|[^:\[\]]*)(?::\d{1,5})?", host)
+    return found[1] if found else host
 
 
 class _Guard:
     """ASGI middleware: the ``Host`` check on loopback, the token elsewhere, the security headers."""
 
-    def __init__(self, app, *, token: str | None, hosts: set[str] | None) -> None:
-        self.app, self.token, self.hosts = app, token, hosts
+    def __init__(self, app, *, token: str | None, hosts: set[str] | None, cookie_name: str) -> None:
+        self.app, self.token, self.hosts, self.cookie_name = app, token, hosts, cookie_name
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
-        if self.hosts is not None and host not in self.hosts:
+        if self.hosts is not None and _host_name(host).lower() not in self.hosts:
             await PlainTextResponse(f"refused: Host {host!r} is not this dashboard's address", 421, headers=_HEADERS)(
                 scope, receive, send)
             return
         from_query = False
         if self.token is not None:
-            given, from_query = _token_of(scope)
+            given, from_query = _token_of(scope, self.cookie_name)
             if given is None or not secrets.compare_digest(given.encode(), self.token.encode()):
                 await PlainTextResponse(
                     "refused: this dashboard needs its access token; open the URL that `closedloop dashboard` printed "
@@ -167,7 +174,8 @@ class _Guard:
                 headers += [(k.lower().encode(), v.encode()) for k, v in _HEADERS.items()
                             if k.lower().encode() not in {name for name, _ in headers}]
                 if from_query:
-                    headers.append((b"set-cookie", f"{TOKEN_COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict".encode()))
+                    cookie = f"{self.cookie_name}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                    headers.append((b"set-cookie", cookie.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -176,11 +184,12 @@ class _Guard:
 
 def make_dashboard_app(view: ExperimentView, *, token: str | None = None, hosts: set[str] | None = None,
                        interval_s: float = 1.0, assets: dict[str, bytes] | None = None,
-                       stop: threading.Event | None = None):
+                       stop: threading.Event | None = None, cookie_name: str = TOKEN_COOKIE):
     """The dashboard as an ASGI app.
 
     ``view``: what it shows; ``token``: required on every request when given (bound beyond
-    loopback); ``hosts``: the ``Host`` values accepted (bound to loopback), None for any;
+    loopback), and carried by the cookie ``cookie_name`` once given in the URL; ``hosts``: the
+    ``Host`` names accepted, any port (bound to loopback: its names), None for any;
     ``interval_s``: seconds between snapshots; ``assets``: from :func:`read_assets` (read by
     default); ``stop``: once set, the event streams end (within ``interval_s``).
     """
@@ -216,7 +225,8 @@ def make_dashboard_app(view: ExperimentView, *, token: str | None = None, hosts:
     routes = [Route("/", page, methods=["GET"]), Route("/assets/{name}", asset, methods=["GET"]),
               Route("/events", events, methods=["GET"]), Route("/api/state", state, methods=["GET"])]
     app = Starlette(routes=routes, lifespan=lifespan)
-    return _Guard(app, token=token, hosts=hosts)
+    app.router.redirect_slashes = False  # /events/ is not found, not redirected
+    return _Guard(app, token=token, hosts=hosts, cookie_name=cookie_name)
 
 
 def serve_dashboard(experiment: str | Path, thresholds, *, host: str, port: int, interval_s: float = 1.0,
@@ -232,6 +242,8 @@ def serve_dashboard(experiment: str | Path, thresholds, *, host: str, port: int,
     import uvicorn
 
     assets = read_assets()
+    if host.startswith("[") != host.endswith("]"):
+        raise OSError(f"cannot serve the dashboard on {host!r}: unbalanced brackets; give an IPv6 address as ::1 or [::1]")
     loopback = is_loopback(host)
     family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -246,10 +258,10 @@ def serve_dashboard(experiment: str | Path, thresholds, *, host: str, port: int,
     port = sock.getsockname()[1]
     shown = f"[{host.strip('[]')}]" if family == socket.AF_INET6 else host
     token = None if loopback else secrets.token_urlsafe(24)
-    hosts = {f"{name}:{port}" for name in ("127.0.0.1", "localhost", "[::1]", shown)} if loopback else None
     stop = threading.Event()
+    hosts = {*_LOOPBACK_NAMES, shown.lower()} if loopback else None  # any port: an SSH tunnel may forward another
     app = make_dashboard_app(ExperimentView(experiment, thresholds), token=token, hosts=hosts, interval_s=interval_s,
-                             assets=assets, stop=stop)
+                             assets=assets, stop=stop, cookie_name=f"{TOKEN_COOKIE}_{port}")
     announce(f"dashboard of {Path(experiment).absolute()}: http://{shown}:{port}/" + (f"?token={token}" if token else ""))
 
     class Server(uvicorn.Server):
@@ -257,5 +269,19 @@ def serve_dashboard(experiment: str | Path, thresholds, *, host: str, port: int,
             stop.set()  # Ctrl-C: the open event streams end, so that their connections close
             super().handle_exit(sig, frame)
 
-    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5))
+    _raise_open_files_limit()
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                                   limit_concurrency=_MAX_CONNECTIONS, timeout_keep_alive=5))
     server.run(sockets=[sock])
+
+
+def _raise_open_files_limit() -> None:
+    """Let the process open as many files as the system allows (a soft limit of 1024 is a few
+    hundred idle connections away); a host that refuses keeps its limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

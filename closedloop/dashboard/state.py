@@ -47,11 +47,22 @@ def _parse_utc(text: str) -> float | None:
 
 
 def _number(value, digits: int = 3):
-    """A JSON-ready number: None for None, NaN and infinity."""
-    if value is None:
+    """A JSON-ready number: None for anything else than a finite number (None, NaN, text, a list)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         return None
     value = float(value)
     return round(value, digits) if np.isfinite(value) else None
+
+
+def _clean(value):
+    """``value`` as strict JSON takes it: non-finite floats (a file may hold NaN) become None."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(key): _clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    return value
 
 
 class _DayLog:
@@ -75,10 +86,18 @@ class _DayLog:
         for line in lines:
             try:
                 event = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+            except (ValueError, RecursionError):
+                continue  # a line cut short by a crash, NUL bytes left by a power cut, not UTF-8, absurdly nested
             if isinstance(event, dict):
                 self._take(event)
+
+    @property
+    def shrank(self) -> bool:
+        """The file is shorter than what was read: it is another file now (a day started over)."""
+        try:
+            return self.path.stat().st_size < self.offset
+        except OSError:
+            return self.offset > 0
 
     def _take(self, event: dict) -> None:
         kind, stage = event.get("event"), event.get("stage")
@@ -165,13 +184,22 @@ class _Day:
         self.live_mtime = None
         self.markers: dict[str, dict] = {}
 
+    @property
+    def replaced(self) -> bool:
+        """The folder is no longer the one read (a day started over; the same inode may come back)."""
+        return (self.inode != _inode(self.folder) or self.log.shrank
+                or any(not layout.marker_path(self.folder, stage).exists() for stage in self.markers))
+
     def read_markers(self) -> None:
         for stage in STAGES:
             if stage in self.markers:
                 continue
             path = layout.marker_path(self.folder, stage)
             if path.exists():
-                self.markers[stage] = read_json(path)
+                marker = read_json(path)
+                if not isinstance(marker, dict):
+                    raise ValueError(f"{path} is not a stage marker (a JSON object)")
+                self.markers[stage] = marker
 
     def read_live(self) -> None:
         path = self.folder / layout.LIVE
@@ -181,9 +209,13 @@ class _Day:
             self.live = None
             return
         if mtime != self.live_mtime:
-            self.live, self.live_mtime = read_json(path), mtime
+            live = read_json(path)
+            if not isinstance(live, dict) or live.get("format") != "closedloop.present_live":
+                raise ValueError(f"{path} is not the present stage's live view")
+            self.live, self.live_mtime = live, mtime
 
     def read_config(self):
+        """The day's frozen config, or None before it is written (raises on a config it cannot read)."""
         if self.config is None and (self.folder / layout.CONFIG).exists():
             self.config = read_config(self.folder / layout.CONFIG, check_paths=False)
         return self.config
@@ -201,7 +233,7 @@ class ExperimentView:
         self.experiment = Path(experiment).absolute()
         self.thresholds, self.n_strip = thresholds, n_strip
         self._days: dict[int, _Day] = {}
-        self._curves: dict[int, tuple[int, dict | None]] = {}  # day -> (mtime of sensitivity.json, curve)
+        self._curves: dict[int, tuple] = {}  # day -> (mtime of sensitivity.json, curve or None, problem or None)
         self._reliability: tuple[int, list | None] | None = None
 
     def snapshot(self) -> dict:
@@ -214,26 +246,27 @@ class ExperimentView:
                  "history": [], "problems": []}
         folders = layout.find_day_folders(self.experiment) if self.experiment.is_dir() else {}
         if not self.experiment.is_dir():
-            state["problems"].append(f"{self.experiment} does not exist (yet)")
+            state["problems"].append(f"{self.experiment} is not a folder" if self.experiment.exists()
+                                     else f"{self.experiment} does not exist (yet)")
         for number, folder in folders.items():
-            if number not in self._days or self._days[number].inode != _inode(folder):
+            if number not in self._days or self._days[number].replaced:
                 self._days[number] = _Day(folder, n_recent=self.thresholds.silent_presentations, n_strip=self.n_strip)
                 self._curves.pop(number, None)
         for number in folders:
             day = self._days[number]
             self._guard(state, f"day {number}: stage markers", day.read_markers)
             self._guard(state, f"day {number}: log.jsonl", day.log.read)
-            state["days"].append({"day": number, "state": self._day_state(number, day, now)[0]})
+            state["days"].append({"day": number, "state": self._day_state(number, day)[0]})
         if folders:
-            self._current(state, max(folders), now)
-        state["history"] = self._history(state, folders)
-        return state
+            self._guard(state, f"day {max(folders)}", lambda: self._current(state, max(folders), now))
+        state["history"] = self._guard(state, "the finished days' curves", lambda: self._history(state, folders)) or []
+        return _clean(state)
 
     # -- the current day ----------------------------------------------------------------------
     def _current(self, state: dict, number: int, now: float) -> None:
         day = self._days[number]
         self._guard(state, f"day {number}: live.json", day.read_live)
-        day_state, running = self._day_state(number, day, now)
+        day_state, running = self._day_state(number, day)
         stages = []
         for stage in STAGES:
             if stage in day.markers:
@@ -248,8 +281,8 @@ class ExperimentView:
                             "eta_s": self._eta(number, day, stages)}
         state["present"] = self._present(day, now, running == "present")
         config = self._guard(state, f"day {number}: config.toml", day.read_config)
-        if (day.folder / layout.STORE).exists() and "synthesize" in day.markers:
-            if self._guard(state, f"day {number}: store.zarr", day.store.read, quiet=True) is not False and config is not None:
+        if config is not None and (day.folder / layout.STORE).exists() and "synthesize" in day.markers:
+            if self._guard(state, f"day {number}: store.zarr", lambda: day.store.read() or True):
                 window = config.response.window_s
                 state["sites"] = day.store.sites(window[1] - window[0], self._day0_reliability(state))
                 if "present" in day.log.started or "present" in day.markers:
@@ -257,7 +290,7 @@ class ExperimentView:
         state["alarms"] = list(day.log.alarms.values()) if running == "present" else []
         state["warnings"] = list(reversed(day.log.warnings))
 
-    def _day_state(self, number: int, day: _Day, now: float) -> tuple[str, str | None]:
+    def _day_state(self, number: int, day: _Day) -> tuple[str, str | None]:
         """The day's state ("finished", "running", "waiting for recording", "stopped", "not started")
         and its running stage (or None)."""
         if all(stage in day.markers for stage in STAGES):
@@ -266,7 +299,7 @@ class ExperimentView:
         pending = self._first_pending(day)
         if holder is not None:
             return "running", pending
-        if pending == "present" and compute_waiting(day.folder) is not None:
+        if pending in ("present", "ingest") and compute_waiting(day.folder) is not None:
             return "waiting for recording", None
         return ("stopped" if day.markers or day.log.started else "not started"), None
 
@@ -281,8 +314,9 @@ class ExperimentView:
         for entry in stages:
             if entry["state"] == "done":
                 continue
-            if entry["name"] == "present" and entry["state"] == "running" and day.live and day.live.get("eta_s") is not None:
-                total += day.live["eta_s"]
+            live_eta = _number(day.live.get("eta_s")) if day.live else None
+            if entry["name"] == "present" and entry["state"] == "running" and live_eta is not None:
+                total += live_eta
                 continue
             before = self._earlier_seconds(number, entry["name"])
             if before is None:
@@ -293,15 +327,15 @@ class ExperimentView:
     def _earlier_seconds(self, number: int, stage: str) -> float | None:
         for earlier in sorted((n for n in self._days if n < number), reverse=True):
             marker = self._days[earlier].markers.get(stage)
-            if marker is not None and not marker.get("skipped"):
-                return float(marker.get("seconds", 0.0))
+            if marker is not None and _number(marker.get("seconds")) is not None:
+                return _number(marker.get("seconds"))
         return None
 
     def _present(self, day: _Day, now: float, running: bool) -> dict | None:
         live = day.live
-        if not live or live.get("format") != "closedloop.present_live":
+        if not live:
             return None
-        age = now - float(live.get("updated_unix", 0.0))
+        age = now - (_number(live.get("updated_unix")) or 0.0)
         stale = bool(live.get("live")) and age > _STALE_S
         return {
             "updated_s_ago": _number(age, 1), "stale": stale, "live": bool(live.get("live")) and not stale and running,
@@ -311,7 +345,8 @@ class ExperimentView:
             "eta_s": live.get("eta_s"),
             "link": {"heartbeat_age_s": live.get("link_silent_s"), "queue_depth": live.get("queue_depth"),
                      "reconnects": live.get("reconnects"), "requeued": live.get("requeued")},
-            "history": live.get("history", []),
+            "history": [row for row in live.get("history", []) if isinstance(row, list) and len(row) == 4
+                        and all(value is None or _number(value) is not None for value in row)],
         }
 
     def _day0_reliability(self, state: dict) -> list | None:
@@ -319,7 +354,7 @@ class ExperimentView:
         path = layout.marker_path(layout.day_folder(self.experiment, 0), "refit")
         try:
             mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
+        except OSError:
             return None
         if self._reliability is None or self._reliability[0] != mtime:
             summary = self._guard(state, "day 0: refit marker", lambda: read_json(path)["summary"])
@@ -337,21 +372,26 @@ class ExperimentView:
                 continue
             mtime = path.stat().st_mtime_ns if path.exists() else None
             if number not in self._curves or self._curves[number][0] != mtime:
-                self._curves[number] = (mtime, self._guard(state, f"day {number}: sensitivity.json", lambda p=path: _curve(p)))
-            curve = self._curves[number][1]
+                try:
+                    self._curves[number] = (mtime, _curve(path), None)
+                except Exception as error:  # noqa: BLE001 - any damage: a problem on the page, read again when it changes
+                    self._curves[number] = (mtime, None, f"day {number}: sensitivity.json: {str(error)[:200]}")
+            _, curve, problem = self._curves[number]
+            if problem:
+                state["problems"].append(problem)
             if curve:
                 history.append({"day": number, **curve})
         return history
 
     @staticmethod
-    def _guard(state: dict, what: str, read, *, quiet: bool = False):
-        """Run ``read``; a file missing, half-written or being replaced becomes a problem on the page."""
+    def _guard(state: dict, what: str, read):
+        """``read()``, or None when it fails: a file missing, half-written, damaged or being replaced
+        becomes a problem on the page, never an error of the snapshot (the next one reads it again)."""
         try:
             return read()
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            if not quiet:
-                state["problems"].append(f"{what}: {str(error)[:200]} (read again in a moment)")
-            return False
+        except Exception as error:  # noqa: BLE001 - whatever a file holds, the page must go on
+            state["problems"].append(f"{what}: {type(error).__name__}: {str(error)[:200]} (read again in a moment)")
+            return None
 
 
 def _inode(folder: Path) -> int | None:
@@ -364,9 +404,11 @@ def _inode(folder: Path) -> int | None:
 def _curve(path: Path) -> dict | None:
     """A day's mean normalised bound per budget and kind, from its ``sensitivity.json``."""
     records = read_json(path)
-    if not isinstance(records, list) or not records:
+    if not isinstance(records, list):
+        raise ValueError("not a list of sensitivity records")
+    if not records:
         return None
-    scale = {r["eps"]: r.get("eps_paper", r["eps"]) for r in records}
+    scale = {r["eps"]: _number(r.get("eps_paper", r["eps"]), 9) for r in records}
     curves = {kind: {row["eps"]: row["mean"] for row in compute_sensitivity_curves(records, kind=kind)["mean"]}
               for kind in KINDS}
     budgets = sorted(scale)

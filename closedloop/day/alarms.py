@@ -9,7 +9,9 @@ dashboard is open (``closedloop dashboard`` shows them; docs/dashboard.md). The 
 
 The kinds, and while each holds:
 
-- ``silent_site``: a site has had no spike in its last ``silent_presentations`` valid presentations;
+- ``silent_site``: a site has had no spike in its last ``silent_presentations`` valid
+  presentations, though it fired at least ``min_reference_rate_hz`` over the day's first
+  ``silent_presentations`` (a channel dead from the start is not "dying");
 - ``site_at_baseline``: a site's mean rate over its last ``silent_presentations`` valid
   presentations is below ``baseline_fraction`` × its rate over the day's first
   ``silent_presentations`` (which was at least ``min_reference_rate_hz``);
@@ -18,11 +20,14 @@ The kinds, and while each holds:
 - ``rig_silent``: nothing heard from the rig for ``rig_silent_s``;
 - ``disk_low``: the experiment's disk has less than ``min_free_gb`` GB free.
 
-The site alarms need live counts (a simulated rig, or a presenter that streams them).
+An alarm raised is cleared only once its condition has not held for ``alarm_hold_s``, so a
+rate that hovers at its threshold raises it once rather than every other second. The site
+alarms need live counts (a simulated rig, or a presenter that streams them).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,10 +106,12 @@ class SessionWatch:
         alarms = []
         for site, (now, before) in enumerate(zip(recent, reference)):
             name = f"site {site} ({self.labels[site]})"
+            if before < self.thresholds.min_reference_rate_hz:
+                continue  # never above it: nothing to lose
             if now == 0:
                 alarms.append(Alarm("silent_site", f"{name} silent for its last {n} valid presentations "
                                     f"(it fired {before:.0f} Hz at the start of the day): is the electrode dying?", site))
-            elif before >= self.thresholds.min_reference_rate_hz and now < self.thresholds.baseline_fraction * before:
+            elif now < self.thresholds.baseline_fraction * before:
                 alarms.append(Alarm("site_at_baseline", f"{name} at {now:.1f} Hz over its last {n} valid presentations, "
                                     f"down from {before:.0f} Hz at the start of the day: is the electrode losing its unit?",
                                     site))
@@ -114,22 +121,39 @@ class SessionWatch:
 class AlarmLog:
     """Writes each change of the alarms that hold: ``log_event(event="alarm", state="raised" |
     "cleared", kind=..., site=..., message=...)`` into the day's log, and a log warning when one is
-    raised. :attr:`active` holds the alarms raised and not cleared, in the order raised."""
+    raised. :attr:`active` holds the alarms raised and not cleared, in the order raised.
 
-    def __init__(self, log_event: Callable[..., None]) -> None:
-        self.log_event = log_event
+    ``hold_s``: an alarm is cleared once it has not held for this long, s (a condition that
+    flickers at its threshold stays one alarm); ``clock``: seconds, monotonic.
+    """
+
+    def __init__(self, log_event: Callable[..., None], *, hold_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.log_event, self.hold_s, self.clock = log_event, hold_s, clock
         self.active: dict[tuple, Alarm] = {}
+        self._last_held: dict[tuple, float] = {}
 
     def update(self, alarms: list[Alarm]) -> None:
-        """Record the alarms that hold now: raise the new ones, clear those that no longer hold."""
-        now = {alarm.key: alarm for alarm in alarms}
-        for key in [key for key in self.active if key not in now]:
-            alarm = self.active.pop(key)
-            self.log_event(event="alarm", state="cleared", kind=alarm.kind, site=alarm.site, message=alarm.message)
-        for key, alarm in now.items():
+        """Record the alarms that hold now: raise the new ones, clear those that have not held for ``hold_s``."""
+        now, held = self.clock(), {alarm.key: alarm for alarm in alarms}
+        superseded = {("site_at_baseline", site) for kind, site in held if kind == "silent_site"}  # one alarm per site
+        for key in [key for key in self.active
+                    if key not in held and (now - self._last_held[key] >= self.hold_s or key in superseded)]:
+            self._clear(key)
+        for key, alarm in held.items():
+            self._last_held[key] = now
             if key not in self.active:
                 self.active[key] = alarm
                 self.log_event(event="alarm", state="raised", kind=alarm.kind, site=alarm.site, message=alarm.message)
                 logger.warning("ALARM %s", alarm.message, extra={"alarm": True})
             else:
                 self.active[key] = alarm  # the same alarm, its message brought up to date
+
+    def clear_all(self) -> None:
+        """Clear every alarm at once (the session has ended)."""
+        for key in list(self.active):
+            self._clear(key)
+
+    def _clear(self, key: tuple) -> None:
+        alarm = self.active.pop(key)
+        self._last_held.pop(key, None)
+        self.log_event(event="alarm", state="cleared", kind=alarm.kind, site=alarm.site, message=alarm.message)

@@ -233,7 +233,7 @@ def _display(day, monitor: SessionMonitor, watch: SessionWatch, every_s: float =
     done = threading.Event()
     live = Live(monitor.render(), refresh_per_second=2, console=None) if sys.stderr.isatty() else None
     live_file = _LiveFile(day.path(layout.LIVE))
-    alarms = AlarmLog(day.log_event)
+    alarms = AlarmLog(day.log_event, hold_s=day.config.dashboard.alarm_hold_s)
 
     def inform() -> None:
         facts = monitor.facts()
@@ -271,7 +271,7 @@ def _display(day, monitor: SessionMonitor, watch: SessionWatch, every_s: float =
         if live:
             live.update(monitor.render())
             live.stop()
-        alarms.update([])
+        alarms.clear_all()
         with suppress(OSError):
             live_file.write(monitor.facts(), live=False)
 
@@ -366,6 +366,9 @@ def _present(day, store) -> dict:
                              n_valid=int(recorded["valid"].sum()), n_done=len(recorded["id"]),
                              rates_window_s=config.dashboard.window_s)
     watch = SessionWatch(config.dashboard, list(make_site_table(config).label), window[1] - window[0])
+    if store.has_live_counts:  # a session resumed after a crash: the day's start is what was stored first
+        for valid, counts in zip(recorded["valid"], recorded["counts"], strict=True):
+            watch.add({"valid": bool(valid), "counts": counts})
     with day.rig.connect(config, day.folder, n_sites=config.sites.n_sites) as client:
         if _session_over(client, day.path(layout.BUNDLE)):
             logger.warning("present: the rig's session of this day was already stopped; collecting its recording")

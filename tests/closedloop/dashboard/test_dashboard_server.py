@@ -100,7 +100,7 @@ def test_on_loopback_it_serves_the_page_its_assets_and_the_state(experiment):
 @pytest.mark.parametrize("path", [
     "/assets/../../pyproject.toml", "/assets/..%2f..%2fpyproject.toml", "/assets/%2e%2e/%2e%2e/pyproject.toml",
     "/../../../etc/passwd", "//etc/passwd", "/assets/", "/assets/page.html/..", "/day_000/log.jsonl", "/experiment.toml",
-    "/assets/dashboard.js/../../../experiment.toml",
+    "/assets/dashboard.js/../../../experiment.toml", "/events/", "/api/state/",
 ])
 def test_nothing_outside_its_own_assets_is_served(experiment, path, dashboard_on_loopback):
     status, _, body = request(dashboard_on_loopback, "GET", path)
@@ -114,10 +114,18 @@ def test_nothing_can_be_written(method, dashboard_on_loopback):
         assert request(dashboard_on_loopback, method, path)[0] == 405
 
 
-def test_on_loopback_a_request_for_another_host_name_is_refused(dashboard_on_loopback):
+@pytest.mark.parametrize("host", ["attacker.example:80", "attacker.example", "127.0.0.1.attacker.example:8050",
+                                  "127.0.0.2:8050", "localhost.:8050", "[::1].evil:80"])
+def test_on_loopback_a_request_for_another_host_name_is_refused(dashboard_on_loopback, host):
     """A web page that rebinds its own name to 127.0.0.1 cannot read the dashboard."""
-    status, _, body = request(dashboard_on_loopback, "GET", "/api/state", headers={"Host": "attacker.example:80"})
-    assert status == 421 and b"attacker.example" in body
+    status, _, body = request(dashboard_on_loopback, "GET", "/api/state", headers={"Host": host})
+    assert status == 421 and host.encode() in body
+
+
+@pytest.mark.parametrize("host", ["localhost:9999", "127.0.0.1", "LOCALHOST:80", "[::1]:8050"])
+def test_on_loopback_its_names_are_accepted_on_any_port(dashboard_on_loopback, host):
+    """An SSH tunnel may forward another local port; a browser leaves out port 80."""
+    assert request(dashboard_on_loopback, "GET", "/api/state", headers={"Host": host})[0] == 200
 
 
 @pytest.fixture(scope="module")
@@ -132,13 +140,18 @@ def test_beyond_loopback_every_request_needs_the_token_printed_at_start(experime
         for path in ("/", "/api/state", "/events", "/assets/dashboard.js"):
             assert request(port, "GET", path)[0] == 401, path  # from loopback too
             assert request(port, "GET", path + "?token=wrong" + token[5:])[0] == 401, path
-            assert request(port, "GET", path, headers={"Cookie": "closedloop_dashboard_token=nope"})[0] == 401
+            assert request(port, "GET", path, headers={"Cookie": f"closedloop_dashboard_token_{port}=nope"})[0] == 401
         status, headers, body = request(port, "GET", f"/?token={token}")
         assert status == 200 and b'id="alarms"' in body
         cookie = headers["set-cookie"].split(";")[0]
+        assert cookie == f"closedloop_dashboard_token_{port}={token}", "named after the port: two dashboards keep their own"
         assert "HttpOnly" in headers["set-cookie"] and "SameSite=Strict" in headers["set-cookie"]
         assert request(port, "GET", "/assets/dashboard.js", headers={"Cookie": cookie})[0] == 200
-        assert request(port, "GET", "/api/state", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        # another web application's malformed cookies on this host hide nothing
+        odd = f'prefs={{"a":1}}; session[id]=3; a=b c; {cookie}; closedloop_dashboard_token_1=other'
+        assert request(port, "GET", "/assets/dashboard.js", headers={"Cookie": odd})[0] == 200
+        for scheme in ("Bearer", "bearer"):
+            assert request(port, "GET", "/api/state", headers={"Authorization": f"{scheme} {token}"})[0] == 200
         assert read_events(port, 1, headers={"Cookie": cookie})[0]["format"] == "closedloop.dashboard_state"
         assert request(port, "POST", f"/api/state?token={token}")[0] == 405
 

@@ -155,3 +155,57 @@ def test_a_fit_day_killed_in_present_and_run_again_is_stopped_then_running_with_
     assert snapshot["current"]["state"] == "running" and _stages(snapshot)["present"] == "running"
     assert snapshot["present"]["live"] is True and snapshot["present"]["presentations"] == 41
     assert snapshot["alarms"] == []
+
+
+DAMAGE = {
+    "config.toml": ("config.toml", 'n_sites = "two"\n'),
+    "live.json as a list": ("live.json", "[1, 2]"),
+    "live.json with wrong types": ("live.json", '{"format": "closedloop.present_live", "updated_unix": "abc", "live": true, '
+                                                '"presentations": NaN, "history": [[1, 2], "x", [1, 2, "3", null]]}'),
+    "a marker that is a list": ("stages/bundle.json", "[1]"),
+    "a marker with text for seconds": ("stages/bundle.json", '{"stage": "bundle", "seconds": "abc"}'),
+    "sensitivity.json with NaN": ("sensitivity.json", '[{"site": 0, "eps": 2.0, "eps_paper": NaN, "kind": "attack", '
+                                                      '"n_images": 1, "estimate": 1.0, "sem": 0.1, "sigma": 1.0, "normalized": NaN}]'),
+    "sensitivity.json not a list": ("sensitivity.json", '{"a": 1}'),
+    "a log line with NaN, NUL bytes, bad UTF-8 and deep nesting": (
+        "log.jsonl", '{"event": "warning", "message": NaN, "day": 0}\n' + "\0" * 50 + "\n\xff\xfe\n" + "[" * 100_000 + "\n"
+        + '{"event": "warning", "message": "after the damage", "day": 0}\n'),
+    "store.zarr that is not a store": ("store.zarr/zarr.json", "{}"),
+    "a day whose stages folder is a file": (None, None),
+}
+
+
+@pytest.mark.parametrize("what", DAMAGE)
+def test_a_damaged_file_is_a_problem_on_the_page_and_the_rest_is_shown(begun_day, what):
+    folder = layout.day_folder(begun_day, 0)
+    _hold(begun_day, os.getpid())
+    write_json(layout.marker_path(folder, "synthesize"), {"stage": "synthesize", "seconds": 2.0, "summary": {}})
+    write_json(layout.marker_path(folder, "estimate"), {"stage": "estimate", "seconds": 2.0, "summary": {}})
+    write_json(folder / layout.SENSITIVITY, [])
+    (folder / layout.CONFIG).write_text(TINY.format(time_scale=0.0))
+    name, text = DAMAGE[what]
+    if name is None:
+        (begun_day / "day_001").mkdir()
+        (begun_day / "day_001" / "stages").write_text("not a folder")
+    else:
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if name == "log.jsonl":
+            with path.open("ab") as log:
+                log.write(b"\n" + text.encode("latin-1"))
+        else:
+            path.write_text(text, encoding="latin-1")
+    view = ExperimentView(begun_day, THRESHOLDS)
+    for snapshot in (view.snapshot(), view.snapshot()):  # each snapshot reports it again; none fails
+        json.dumps(snapshot, allow_nan=False)
+        assert snapshot["days"][0]["day"] == 0 and snapshot["current"] is not None
+        if name is None:
+            assert snapshot["days"][1] == {"day": 1, "state": "not started"} and snapshot["problems"] == []
+        elif name == "log.jsonl":
+            assert [w["message"] for w in snapshot["warnings"]] == ["after the damage", "nan"]
+        elif "with wrong types" in what:
+            assert snapshot["present"]["presentations"] is None and snapshot["present"]["history"] == []
+        elif "with NaN" in what or "text for seconds" in what:
+            assert snapshot["problems"] == []  # read: the bad numbers shown as unknown
+        else:
+            assert snapshot["problems"], what

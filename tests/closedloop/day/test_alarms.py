@@ -3,7 +3,7 @@
 import pytest
 
 from closedloop.config import DashboardSection
-from closedloop.day.alarms import AlarmLog, SessionWatch
+from closedloop.day.alarms import Alarm, AlarmLog, SessionWatch
 
 WINDOW_S = 0.1  # response window, s: 1 spike = 10 Hz
 PLENTY = 100 * 10**9  # free bytes
@@ -70,6 +70,35 @@ def test_the_session_alarms_hold_beyond_their_thresholds(facts, kind):
 
 def test_a_break_rate_over_too_few_presentations_raises_nothing():
     assert _check(_watch(), break_rate=0.9, n_in_window=19) == []
+
+
+def test_a_site_that_never_fired_raises_no_alarm():
+    watch = _watch()
+    for _ in range(30):
+        watch.add({"valid": True, "counts": [8, 0, 8]})  # site 1: a dead channel from the start
+    assert _check(watch) == []
+
+
+def test_an_alarm_that_flickers_at_its_threshold_is_raised_once_and_cleared_after_the_hold():
+    events, clock = [], [0.0]
+    log = AlarmLog(lambda **event: events.append(event), hold_s=10.0, clock=lambda: clock[0])
+    watch = _watch()
+    for second in range(30):  # the break rate crosses its threshold every other second
+        clock[0] = float(second)
+        log.update(_check(watch, break_rate=0.35 if second % 2 else 0.25))
+    assert [e["state"] for e in events] == ["raised"]
+    clock[0] = 38.0  # last held at 29 s
+    log.update([])
+    assert [e["state"] for e in events] == ["raised"], "9 s without it: held"
+    clock[0] = 39.0
+    log.update([])
+    assert [e["state"] for e in events] == ["raised", "cleared"]
+    log.update([Alarm("site_at_baseline", "e2 low", 1)])
+    log.update([Alarm("silent_site", "e2 silent", 1)])  # worse: the baseline alarm gives way at once
+    assert [(e["state"], e["kind"]) for e in events[-2:]] == [("cleared", "site_at_baseline"), ("raised", "silent_site")]
+    log.clear_all()
+    assert [e["state"] for e in events] == ["raised", "cleared", "raised", "cleared", "raised", "cleared"]
+    assert not log.active
 
 
 def test_the_log_gets_one_raised_and_one_cleared_event_per_alarm():
