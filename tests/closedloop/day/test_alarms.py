@@ -1,9 +1,21 @@
 """The present stage's alarms: which hold for which outcomes, and the events they leave in the log."""
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from closedloop.config import DashboardSection
 from closedloop.day.alarms import Alarm, AlarmLog, SessionWatch
+from tests.tiny_experiment import TINY
+
+ROOT = Path(__file__).resolve().parents[3]
 
 WINDOW_S = 0.1  # response window, s: 1 spike = 10 Hz
 PLENTY = 100 * 10**9  # free bytes
@@ -122,3 +134,32 @@ def test_the_log_gets_one_raised_and_one_cleared_event_per_alarm():
 def test_bad_thresholds_are_refused_naming_the_key(key, value):
     with pytest.raises(ValueError, match=key):
         DashboardSection(**{key: value})
+
+
+@pytest.mark.slow
+def test_a_session_killed_and_resumed_compares_its_sites_with_the_days_first_presentations(tmp_path):
+    """The resumed session's reference is what the store holds first, not its own first presentations:
+    a site that died before the kill is still reported against the rate it had at the start."""
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    (experiment / "experiment.toml").write_text(TINY.format(time_scale=0.5).replace(
+        "fixation_break_rate = 0.2", "fixation_break_rate = 0.2\nsilent_sites = [1]\nsilent_after = 15")
+        + "[dashboard]\nsilent_presentations = 10\n")
+    command = [sys.executable, "-m", "closedloop", "-q", "fit-day", "0", "--experiment", str(experiment)]
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    log = experiment / "day_000" / "log.jsonl"
+    first = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (log.exists() and '"silent_site"' in log.read_text()):  # site 1 died and was reported
+        assert first.poll() is None and time.monotonic() < deadline, "no silent-site alarm before the kill"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = log.read_text().count('"raised"')
+    done = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    raised = [e for e in events if e.get("state") == "raised"][before:]
+    assert [(e["kind"], e["site"]) for e in raised] == [("silent_site", 1)], "raised again, from the stored presentations"
+    fired = float(re.search(r"it fired (\d+) Hz", raised[0]["message"])[1])
+    assert fired > 50, raised[0]["message"]
