@@ -124,7 +124,8 @@ class AlarmLog:
     raised. :attr:`active` holds the alarms raised and not cleared, in the order raised.
 
     ``hold_s``: an alarm is cleared once it has not held for this long, s (a condition that
-    flickers at its threshold stays one alarm); ``clock``: seconds, monotonic.
+    flickers at its threshold stays one alarm); ``clock``: seconds, monotonic. An event that
+    ``log_event`` fails to write (``OSError``, a full disk) is written at the next update instead.
     """
 
     def __init__(self, log_event: Callable[..., None], *, hold_s: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
@@ -142,8 +143,8 @@ class AlarmLog:
         for key, alarm in held.items():
             self._last_held[key] = now
             if key not in self.active:
-                self.active[key] = alarm
                 self.log_event(event="alarm", state="raised", kind=alarm.kind, site=alarm.site, message=alarm.message)
+                self.active[key] = alarm  # once logged: an event that could not be written is tried again
                 logger.warning("ALARM %s", alarm.message, extra={"alarm": True})
             else:
                 self.active[key] = alarm  # the same alarm, its message brought up to date
@@ -154,6 +155,7 @@ class AlarmLog:
             self._clear(key)
 
     def _clear(self, key: tuple) -> None:
-        alarm = self.active.pop(key)
-        self._last_held.pop(key, None)
+        alarm = self.active[key]
         self.log_event(event="alarm", state="cleared", kind=alarm.kind, site=alarm.site, message=alarm.message)
+        del self.active[key]
+        self._last_held.pop(key, None)

@@ -243,6 +243,7 @@ def _display(day, monitor: SessionMonitor, watch: SessionWatch, every_s: float =
 
     def refresh() -> None:
         last_inform = last_log = time.monotonic()
+        failing = False
         while not done.wait(every_s):
             now = time.monotonic()
             if live:
@@ -251,8 +252,12 @@ def _display(day, monitor: SessionMonitor, watch: SessionWatch, every_s: float =
                 last_inform = now
                 try:
                     inform()
-                except OSError as error:  # a full disk: the session goes on, the view waits
-                    logger.warning("present: cannot write the live view: %s", error)
+                    failing = False
+                except OSError as error:  # a full disk: the session goes on, the view and alarms wait
+                    if not failing:
+                        logger.warning("present: cannot write the live view or the alarms (said once until it works "
+                                       "again): %s", error)
+                    failing = True
             if not live and now - last_log >= log_every_s:
                 last_log = now
                 facts = monitor.facts()
@@ -271,7 +276,8 @@ def _display(day, monitor: SessionMonitor, watch: SessionWatch, every_s: float =
         if live:
             live.update(monitor.render())
             live.stop()
-        alarms.clear_all()
+        with suppress(OSError):
+            alarms.clear_all()
         with suppress(OSError):
             live_file.write(monitor.facts(), live=False)
 

@@ -112,7 +112,8 @@ class RigClient:
         self._rig_n_sent = 0
         self._gap_since: float | None = None
         self._awaiting: dict[str, dict | None] = {}
-        self._last_heard = self._last_beat = 0.0
+        self._last_heard = self._last_beat = 0.0  # _last_heard: the timeout's clock, restarted by each new connection
+        self._last_message = 0.0  # when the rig last sent anything (the operator's clock)
         self._n_sessions = 0
         self.n_requeued = 0  # presentations queued again because the rig no longer held them (link health)
 
@@ -121,7 +122,7 @@ class RigClient:
     @property
     def seconds_since_heard(self) -> float:
         """Seconds since the last message from the rig (link health for the operator display)."""
-        return time.monotonic() - self._last_heard if self._last_heard else float("inf")
+        return time.monotonic() - self._last_message if self._last_message else float("inf")
 
     @property
     def n_reconnects(self) -> int:
@@ -407,7 +408,7 @@ class RigClient:
         except ProtocolError as error:
             logger.warning("ignoring a malformed message from the rig: %s", error)
             return
-        self._last_heard = time.monotonic()
+        self._last_heard = self._last_message = time.monotonic()
         if message.type == "reply":
             if message["id"] in self._awaiting:
                 self._awaiting[message["id"]] = message.fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,3 +48,24 @@ def test_a_rig_with_other_sites_is_refused_before_any_bundle_is_sent(tmp_path):
         peer.close()
     finally:
         agent.close()
+
+
+def test_a_live_view_that_cannot_be_written_is_said_once_and_the_alarms_are_retried(tmp_path, caplog):
+    """A full disk: the live view's failure is one warning per spell, not one a second; an alarm whose
+    log line could not be written is raised again at the next check."""
+    events, failures = [], [2]
+
+    def log_event(**event) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise OSError(28, "No space left on device")
+        events.append(event)
+
+    config = build_config({"dashboard": {"min_free_gb": 1e9}})  # the disk is always "low"
+    day = SimpleNamespace(folder=tmp_path, path=lambda name: tmp_path / "gone" / name, log_event=log_event, config=config)
+    monitor = present.SessionMonitor(4, 2, 0.1)
+    watch = present.SessionWatch(config.dashboard, ["e1", "e2"], 0.1)
+    with caplog.at_level("WARNING", logger="closedloop"), present._display(day, monitor, watch, every_s=0.05):
+        time.sleep(4.5)
+    assert sum("cannot write the live view" in r.getMessage() for r in caplog.records) == 1
+    assert [(e["state"], e["kind"]) for e in events] == [("raised", "disk_low"), ("cleared", "disk_low")]

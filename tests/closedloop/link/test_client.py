@@ -302,6 +302,30 @@ def test_dead_rig_noticed_and_the_client_gives_up_in_bounded_time(tmp_path):
     client.close()
 
 
+def test_the_silence_of_a_dead_rig_grows_while_the_client_tries_to_reconnect(tmp_path):
+    """The operator's "last heard" (and the rig-silent alarm) counts from the rig's last message, not
+    from the client's last attempt to reach it."""
+    agent = _agent(tmp_path, CountingPresenter())
+    client = _client(agent, reconnect_s=3.0)
+    client.connect()
+    assert client.seconds_since_heard < 0.5
+    agent.close()
+    silences = []
+
+    def watch() -> None:
+        while len(silences) < 25:
+            silences.append(client.seconds_since_heard)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    with pytest.raises(RigLinkError, match="no answer from the rig"):
+        client.read_outcomes(30.0)
+    watcher.join()
+    client.close()
+    assert silences == sorted(silences) and silences[-1] > 2.0, silences
+
+
 def test_rig_stop_cancels_the_queue_and_refuses_more(tmp_path):
     presenter = CountingPresenter(period_s=0.05)
     agent = _agent(tmp_path, presenter)
