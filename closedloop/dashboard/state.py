@@ -146,10 +146,9 @@ class _StoreTail:
         valid = new["valid"].astype(bool)
         np.add.at(self.valid_per_stimulus, new["stimulus"][valid], 1)
         if self.live_counts:
-            for row in new["counts"][valid].astype(np.float64):
-                self.recent.append(row)
-                if len(self.first) < self.n_recent:
-                    self.first.append(row)
+            rows = new["counts"][valid].astype(np.float64)
+            self.first.extend(rows[:self.n_recent - len(self.first)])
+            self.recent.extend(rows[-self.recent.maxlen:])
 
     def sites(self, window_s: float, reliability) -> dict | None:
         if not self.live_counts or self.labels is None:
@@ -210,7 +209,7 @@ class _Day:
             return
         if mtime != self.live_mtime:
             live = read_json(path)
-            if not isinstance(live, dict) or live.get("format") != "closedloop.present_live":
+            if not isinstance(live, dict) or live.get("format") != layout.LIVE_FORMAT:
                 raise ValueError(f"{path} is not the present stage's live view")
             self.live, self.live_mtime = live, mtime
 
@@ -252,21 +251,24 @@ class ExperimentView:
             if number not in self._days or self._days[number].replaced:
                 self._days[number] = _Day(folder, n_recent=self.thresholds.silent_presentations, n_strip=self.n_strip)
                 self._curves.pop(number, None)
+        states = {}
         for number in folders:
             day = self._days[number]
             self._guard(state, f"day {number}: stage markers", day.read_markers)
             self._guard(state, f"day {number}: log.jsonl", day.log.read)
-            state["days"].append({"day": number, "state": self._day_state(number, day)[0]})
+            states[number] = self._day_state(number, day)
+            state["days"].append({"day": number, "state": states[number][0]})
         if folders:
-            self._guard(state, f"day {max(folders)}", lambda: self._current(state, max(folders), now))
+            last = max(folders)
+            self._guard(state, f"day {last}", lambda: self._current(state, last, states[last], now))
         state["history"] = self._guard(state, "the finished days' curves", lambda: self._history(state, folders)) or []
         return _clean(state)
 
     # -- the current day ----------------------------------------------------------------------
-    def _current(self, state: dict, number: int, now: float) -> None:
+    def _current(self, state: dict, number: int, day_state: tuple[str, str | None], now: float) -> None:
         day = self._days[number]
         self._guard(state, f"day {number}: live.json", day.read_live)
-        day_state, running = self._day_state(number, day)
+        day_state, running = day_state
         stages = []
         for stage in STAGES:
             if stage in day.markers:

@@ -40,7 +40,8 @@ from closedloop.core.provenance import derive_seed
 from closedloop.core.validation import check_integer
 
 __all__ = [
-    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RSVP_LIST", "RECORDING", "TRIAL_LOG", "LIVE",
+    "STAGES", "CONFIG", "PROVENANCE", "LOG", "PLAN", "STORE", "BUNDLE", "RSVP_LIST", "RECORDING", "TRIAL_LOG",
+    "LIVE", "LIVE_FORMAT",
     "SENSITIVITY", "MODEL", "REPORT", "RIG_STATE", "SYNTHESIS_PARTS", "SITE_SELECTION", "SITE_SELECTION_LOCK",
     "day_folder", "day_lock_path", "experiment_lock_path",
     "find_day_folders", "marker_path", "compute_base_seed",
@@ -57,6 +58,7 @@ BUNDLE = "stimuli.h5"
 RSVP_LIST = "rsvp.csv"
 RECORDING = "recording.nev"
 LIVE = "live.json"
+LIVE_FORMAT = "closedloop.present_live"  # the "format" field of live.json (docs/dashboard.md)
 TRIAL_LOG = "trial_log.csv"
 SENSITIVITY = "sensitivity.json"
 MODEL = "model.safetensors"

@@ -47,9 +47,7 @@ from closedloop.day.context import make_site_table
 from closedloop.day.waiting import make_waiting_error
 from closedloop.link.presentations import run_presentations
 
-__all__ = ["LIVE_FORMAT", "SessionMonitor", "compute_lacking_valid", "run_stage"]
-
-LIVE_FORMAT = "closedloop.present_live"
+__all__ = ["SessionMonitor", "compute_lacking_valid", "run_stage"]
 
 
 class SessionMonitor:
@@ -157,7 +155,7 @@ class _LiveFile:
             self._sampled = now
             self.history.append([round(now, 1), *(_finite(facts[key]) for key in
                                  ("window_per_min", "window_valid_fraction", "window_fixation_break_rate"))])
-        payload = {"format": LIVE_FORMAT, "pid": os.getpid(), "updated_unix": round(now, 3), "live": live,
+        payload = {"format": layout.LIVE_FORMAT, "pid": os.getpid(), "updated_unix": round(now, 3), "live": live,
                    **{key: _finite(value) for key, value in facts.items() if key != "mean_rate_hz"},
                    "history": list(self.history)}
         write_bytes(self.path, json.dumps(payload, allow_nan=False).encode())
