@@ -28,6 +28,8 @@ refuses appends.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import shutil
 import warnings
@@ -36,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core import sync as zarr_sync
 
 from closedloop.core.logs import logger
 from closedloop.core.validation import check_array, check_dir, check_integer, check_integer_array, check_option
@@ -75,6 +78,33 @@ def _array_specs(n_sites: int) -> dict[str, tuple]:
         "presentations/valid": (np.bool_, (), ("presentation",), _ROW_CHUNK),
         "counts": (np.uint16, (n_sites,), ("presentation", "site_index"), _ROW_CHUNK),
     }
+
+
+def _settling_zarr_writes(write):
+    """Make ``write`` wait, when it fails, for the chunk writes zarr still runs before it raises.
+
+    zarr writes an array's chunks concurrently on its I/O thread and raises at the first that fails
+    (a full disk), leaving the others running: they would go on writing after the error, and be
+    destroyed half-way when the process exits (asyncio then prints "Task was destroyed but it is
+    pending!" after the one-line error). Waits at most 60 s.
+    """
+    @functools.wraps(write)
+    def settled(*args, **kwargs):
+        try:
+            return write(*args, **kwargs)
+        except BaseException:
+            loop = zarr_sync.loop[0]
+            if loop is not None and loop.is_running():
+                asyncio.run_coroutine_threadsafe(_the_rest(60.0), loop).result(65.0)
+            raise
+    return settled
+
+
+async def _the_rest(timeout_s: float) -> None:
+    """Wait for every other task of the running loop (zarr's) to end, at most ``timeout_s``."""
+    others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    if others:
+        await asyncio.wait(others, timeout=timeout_s)
 
 
 def _group_of(name: str) -> str:
@@ -216,6 +246,7 @@ class DayStore:
                 f"day store {str(self.path)!r} is finished and refuses appends; record further data in a new day."
             )
 
+    @_settling_zarr_writes
     def _append(self, group: str, columns: dict[str, np.ndarray]) -> None:
         """Resize and fill every column, then commit the new length (the two-step append)."""
         start = int(self._root[group].attrs[COMMITTED])
@@ -345,6 +376,7 @@ class DayStore:
         return int(keep.sum())
 
     # -- ingest and finishing -----------------------------------------------------------------
+    @_settling_zarr_writes
     def write_ingest(self, counts, matched, onset, *, attrs: dict) -> None:
         """Store the ``.nev`` ingest: ``counts`` ``(n_pres, n_sites)``, ``matched`` bool and
         ``onset`` (s) ``(n_pres,)`` for the committed presentations, and JSON-ready ``attrs``.
@@ -380,6 +412,7 @@ class DayStore:
         self._root = zarr.open_group(str(self.path), mode="a", use_consolidated=False)
         logger.info("stored the ingest of %d presentations in %s", n, self.path)
 
+    @_settling_zarr_writes
     def finish(self) -> None:
         """Trim every array to its committed length, mark the store finished and consolidate."""
         if self.mode == "r":
@@ -394,6 +427,7 @@ class DayStore:
         _consolidate(self.path)
 
 
+@_settling_zarr_writes
 def create_store(path: str | Path, *, sites: SiteTable | int, overwrite: bool = False) -> DayStore:
     """Create an empty day store at ``path`` (a ``.zarr`` folder) for ``sites``.
 

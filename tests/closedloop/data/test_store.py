@@ -188,3 +188,32 @@ def test_presentations_without_live_counts_wait_for_the_ingest(store):
     responses = read_day_responses(other.path)  # the unmatched presentation has no count: not valid there
     assert responses.valid.tolist() == [True, False, True] and responses.n_valid.tolist() == [2, 0]
     assert responses.source == "nev"
+
+
+def _zarr_tasks_pending() -> int:
+    """How many tasks zarr's I/O thread still runs (it writes chunks there, several at once)."""
+    import asyncio
+
+    from zarr.core import sync
+
+    async def count():
+        return len([task for task in asyncio.all_tasks() if task is not asyncio.current_task()])
+
+    return asyncio.run_coroutine_threadsafe(count(), sync.loop[0]).result(10) if sync.loop[0] else 0
+
+
+def test_an_append_that_fills_the_disk_leaves_no_chunk_write_running(tmp_path):
+    """zarr writes an append's chunks concurrently and gives up at the first that fails, leaving the others
+    running: they went on writing after the error and, when the process exited, asyncio printed 'Task was
+    destroyed but it is pending!' after the one-line error. The store waits for them before it raises."""
+    from tests.small_disk import fill_disk, mount_small_disk
+
+    with mount_small_disk(tmp_path / "disk", 8 << 20) as disk:
+        store = create_store(disk / "store.zarr", sites=N_SITES)
+        fill_disk(disk, leave_bytes=1 << 20)
+        n = 40 * 16  # 40 chunks of 16 frames (2.4 MB each): the first fails while most are still queued
+        with pytest.raises(OSError, match="No space left"):
+            store.append_stimuli(_frames(n), parent=-1, site=-1, eps=0.0, direction=0, kind="clean",
+                                 predicted=np.zeros((n, N_SITES)), code=np.arange(n) + 1)
+        assert _zarr_tasks_pending() == 0
+        assert store.n_stimuli == 0
