@@ -29,6 +29,7 @@ refuses appends.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import shutil
@@ -95,7 +96,8 @@ def _settling_zarr_writes(write):
         except BaseException:
             loop = zarr_sync.loop[0]
             if loop is not None and loop.is_running():
-                asyncio.run_coroutine_threadsafe(_the_rest(60.0), loop).result(65.0)
+                with contextlib.suppress(TimeoutError):  # a hung disk: the write's own error matters more
+                    asyncio.run_coroutine_threadsafe(_the_rest(60.0), loop).result(65.0)
             raise
     return settled
 
