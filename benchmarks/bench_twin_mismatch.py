@@ -30,6 +30,7 @@ from closedloop.data.store import open_store
 from closedloop.day.plan import read_plan
 from closedloop.images import read_image_source, to_tensor
 from models import fit_it_model, make_it_model
+from models.predictivity import compute_pearson
 from rigs.sim import ExpectedCounts, compute_hidden_site_options, make_hidden_sites
 
 NOISE = ("0", "0.05", "0.1", "0.2", "0.3")
@@ -45,11 +46,6 @@ def _predict(model, images: np.ndarray, batch: int = 64) -> np.ndarray:
     model.eval()
     with torch.no_grad():
         return np.concatenate([model(to_tensor(images[i:i + batch])).numpy() for i in range(0, len(images), batch)])
-
-
-def _r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a - a.mean(0), b - b.mean(0)
-    return (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
 
 
 def _setting(text: str) -> dict:
@@ -88,7 +84,7 @@ def main(experiment: Path, settings) -> None:
                      learning_rate=fit.learning_rate, backbone_learning_rate=fit.backbone_learning_rate,
                      batch_size=fit.batch_size, held_out_fraction=fit.held_out_fraction, patience=fit.patience,
                      freeze_backbone=fit.freeze_backbone, l1=config.model.readout_l1, seed=0, device="cpu")
-        r = _r(_predict(model, held_out), _expected(expected, held_out))
+        r = compute_pearson(_predict(model, held_out), _expected(expected, held_out))
         q = np.percentile(r, [25, 50, 75])
         q2 = np.percentile(r ** 2, [25, 50, 75])
         name = ", ".join(f"{knob} {value:g}" for knob, value in setting.items())
